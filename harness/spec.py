@@ -1,0 +1,177 @@
+"""The declarative kernel spec that every module in `pykernels/` exports as `SPEC`.
+
+A spec says everything the harness needs to compile, feed, check and time one Mojo op:
+its symbolic axes (from which Hypothesis strategies are derived), its dtypes, the op name
+it registers, its tensor arguments, its runtime scalar parameters, a plain fp32 PyTorch
+reference, a Triton twin, FLOP and byte formulas and golden edge cases.
+
+Conventions shared by every spec:
+- A *shape* is a dict mapping every axis name (free and derived) to an int.
+- A *params* dict maps every `Param` name to a value; `Param.kernel_arg` params are passed
+  to the Mojo op as scalars, in declaration order, after the tensor inputs.
+- `reference(inputs, params)` is dtype-generic plain math: run on fp32 (or fp64) copies it is
+  the reference, run on the kernel-dtype inputs it is "PyTorch in the kernel's own precision".
+- `triton(inputs, params)` runs the Triton twin on the inputs' device (under
+  TRITON_INTERPRET=1 on CPU) and returns outputs in the kernel dtype.
+- Both return a tuple of tensors in `outputs` order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+
+Shape = dict[str, int]
+Params = dict[str, Any]
+Tensors = dict[str, torch.Tensor]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",
+                 "f16": "float16", "half": "float16"}
+
+
+def canonical_dtype(name: str) -> str:
+    """'bf16' -> 'bfloat16'; raises ValueError on an unknown name."""
+    key = DTYPE_ALIASES.get(name.lower(), name.lower())
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r} (known: {', '.join(DTYPES)})")
+    return key
+
+
+@dataclass(frozen=True)
+class Axis:
+    """A symbolic size. Values are `lo + step*k` up to `hi`, or one of `choices`.
+
+    `edges` are the awkward sizes Hypothesis always tries (1, 127/128/129, primes, ...);
+    `ci_hi` caps the range under the CI profile so a 2-core machine stays fast.
+    """
+
+    name: str
+    lo: int = 1
+    hi: int = 1
+    step: int = 1
+    choices: tuple[int, ...] = ()
+    edges: tuple[int, ...] = ()
+    ci_hi: int | None = None
+    doc: str = ""
+
+    def allowed(self, value: int) -> bool:
+        if self.choices:
+            return value in self.choices
+        return self.lo <= value <= self.hi and (value - self.lo) % self.step == 0
+
+
+@dataclass(frozen=True)
+class Param:
+    """A scalar parameter drawn from `choices`. `kernel_arg` params are passed to the op
+    (as `dtype` scalars); the others only shape the data (e.g. input magnitude)."""
+
+    name: str
+    choices: tuple[Any, ...]
+    dtype: str = "float32"  # float32 | int32
+    kernel_arg: bool = True
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class TensorArg:
+    """A tensor argument. `dims` name axes; `dtype` is 'io' (the kernel's dtype) or a fixed one."""
+
+    name: str
+    dims: tuple[str, ...]
+    dtype: str = "io"
+
+    def concrete_shape(self, shape: Shape) -> tuple[int, ...]:
+        return tuple(shape[d] for d in self.dims)
+
+    def torch_dtype(self, io: torch.dtype) -> torch.dtype:
+        return io if self.dtype == "io" else getattr(torch, self.dtype)
+
+
+@dataclass(frozen=True)
+class Case:
+    """A golden edge case: a full shape plus params; `why` says what it guards against."""
+
+    shape: Shape
+    params: Params
+    why: str
+
+
+@dataclass
+class KernelSpec:
+    name: str
+    op: str
+    summary: str
+    axes: tuple[Axis, ...]
+    derived: Mapping[str, Callable[[Shape], int]]
+    params: tuple[Param, ...]
+    inputs: tuple[TensorArg, ...]
+    outputs: tuple[TensorArg, ...]
+    make_inputs: Callable[[Shape, Params, torch.dtype, torch.device, torch.Generator], Tensors]
+    reference: Callable[[Tensors, Params], tuple[torch.Tensor, ...]]
+    triton: Callable[[Tensors, Params], tuple[torch.Tensor, ...]]
+    flops: Callable[[Shape, Params], float]
+    bytes: Callable[[Shape, Params, torch.dtype], float]
+    golden: tuple[Case, ...] = ()
+    dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")
+    tolerance_k: float = 2.0
+    constraint: Callable[[Shape, Params], bool] | None = None
+    providers: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
+    module: str = ""
+
+    def axis(self, name: str) -> Axis:
+        for a in self.axes:
+            if a.name == name:
+                return a
+        raise KeyError(name)
+
+    def complete(self, free: Mapping[str, int]) -> Shape:
+        """Free axis values -> full shape with the derived axes filled in."""
+        shape = dict(free)
+        for name, fn in self.derived.items():
+            shape[name] = int(fn(shape))
+        return shape
+
+    def validate(self, shape: Mapping[str, int], params: Mapping[str, Any]) -> str | None:
+        """Why a user-given (shape, params) is invalid, or None."""
+        known = {a.name for a in self.axes} | set(self.derived)
+        missing = [a.name for a in self.axes if a.name not in shape]
+        if missing:
+            return f"shape is missing axes {', '.join(missing)} (axes: {', '.join(known)})"
+        unknown = sorted(set(shape) - known)
+        if unknown:
+            return f"unknown axes {', '.join(unknown)} (axes: {', '.join(sorted(known))})"
+        for a in self.axes:
+            v = shape[a.name]
+            if not isinstance(v, int) or isinstance(v, bool) or not a.allowed(v):
+                span = f"one of {a.choices}" if a.choices else f"{a.lo}..{a.hi} step {a.step}"
+                return f"axis {a.name} must be an int in {span}, got {v!r}"
+        full = self.complete({a.name: shape[a.name] for a in self.axes})
+        for name in self.derived:
+            if name in shape and shape[name] != full[name]:
+                return f"axis {name} is derived ({full[name]} for this shape), got {shape[name]}"
+        pnames = {p.name for p in self.params}
+        unknown_p = sorted(set(params) - pnames)
+        if unknown_p:
+            return f"unknown params {', '.join(unknown_p)} (params: {', '.join(sorted(pnames))})"
+        if self.constraint is not None and not self.constraint(full, self.full_params(params)):
+            return f"shape {full} violates the constraints of {self.name}"
+        return None
+
+    def full_params(self, params: Mapping[str, Any]) -> Params:
+        out = {p.name: p.choices[0] for p in self.params}
+        out.update(params)
+        return out
+
+    def kernel_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if p.kernel_arg)
+
+    def numel(self, shape: Shape) -> int:
+        return sum(math.prod(t.concrete_shape(shape)) for t in self.inputs + self.outputs)
