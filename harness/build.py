@@ -1,0 +1,136 @@
+"""Compiling kt's Mojo package through MAX and running one op as a callable.
+
+One MAX graph per (kernel, dtype, device, package): every tensor dim is symbolic (named by
+the spec's axes) and every kernel parameter is a scalar graph input, so one compile serves
+every shape and parameter value Hypothesis draws. MAX caches compiled graphs on disk, so a
+second `kt verify` of an unchanged kernel skips the compile.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from harness.spec import KernelSpec, Params, Tensors
+
+REPO = Path(__file__).resolve().parents[1]
+KERNELS = REPO / "kernels"
+
+_ERROR_LINE = re.compile(r"^(?P<loc>[^\s:][^:]*\.mojo:\d+:\d+): error: (?P<msg>.*)$", re.M)
+
+
+class BuildError(Exception):
+    """A Mojo package that does not compile, or lacks the op; `str()` is one line."""
+
+
+def mojo_error_summary(text: str) -> str:
+    """The first compiler error as 'file:line:col: message', or the text's last line."""
+    match = _ERROR_LINE.search(text)
+    if match:
+        return f"{match['loc']}: {match['msg'].strip()}"
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "unknown Mojo compile error"
+
+
+def resolve_package(path: str | Path | None) -> Path:
+    """The Mojo package directory to build: kt's own, or a user's `--kernels PATH`."""
+    pkg = Path(path).expanduser().resolve() if path else KERNELS
+    if not pkg.exists():
+        raise BuildError(f"kernel package {pkg} does not exist")
+    if pkg.is_dir() and not (pkg / "__init__.mojo").exists():
+        raise BuildError(f"{pkg} is not a Mojo package (no __init__.mojo)")
+    return pkg
+
+
+def max_dtype(dtype: torch.dtype):
+    from max.dtype import DType
+
+    return {
+        torch.float32: DType.float32,
+        torch.bfloat16: DType.bfloat16,
+        torch.float16: DType.float16,
+        torch.int64: DType.int64,
+        torch.int32: DType.int32,
+    }[dtype]
+
+
+@dataclass
+class CompiledOp:
+    """One spec's op compiled for one dtype and device; call it with torch tensors."""
+
+    spec: KernelSpec
+    dtype: torch.dtype
+    device: str
+    package: Path
+    compile_seconds: float
+    _model: Any
+    _max_device: Any
+
+    def __call__(self, inputs: Tensors, params: Params) -> tuple[torch.Tensor, ...]:
+        from max import driver
+
+        args = []
+        for t in self.spec.inputs:
+            x = inputs[t.name]
+            args.append(x if x.is_contiguous() else x.contiguous())
+        for p in self.spec.kernel_params():
+            args.append(np.array(params[p.name], dtype=np.int32 if p.dtype == "int32" else np.float32))
+        if self.device != "cpu":
+            torch.cuda.synchronize()
+        outs = self._model.execute(*args)
+        host = driver.CPU()
+        result = tuple(torch.from_dlpack(o.to(host)) for o in outs)
+        if self.device != "cpu":
+            result = tuple(r.to(self.device) for r in result)
+        return result
+
+
+def compile_op(spec: KernelSpec, dtype: torch.dtype, device: str = "cpu",
+               package: str | Path | None = None) -> CompiledOp:
+    """Build the symbolic-shape graph for `spec` and load it into a MAX session."""
+    from max import driver, engine
+    from max.dtype import DType
+    from max.graph import DeviceRef, Graph, TensorType, ops
+
+    pkg = resolve_package(package)
+    dev_ref = DeviceRef.CPU() if device == "cpu" else DeviceRef.GPU(0)
+    max_device = driver.CPU() if device == "cpu" else driver.Accelerator(0)
+    cpu = DeviceRef.CPU()
+
+    def tensor_type(arg) -> TensorType:
+        return TensorType(max_dtype(arg.torch_dtype(dtype)), shape=list(arg.dims), device=dev_ref)
+
+    input_types = [tensor_type(t) for t in spec.inputs]
+    input_types += [
+        TensorType(DType.int32 if p.dtype == "int32" else DType.float32, shape=[], device=cpu)
+        for p in spec.kernel_params()
+    ]
+    start = time.perf_counter()
+    name = f"kt_{spec.name}_{str(dtype).removeprefix('torch.')}_{device}"
+    try:
+        with Graph(name, input_types=input_types, custom_extensions=[pkg]) as graph:
+            outs = ops.custom(
+                spec.op,
+                device=dev_ref,
+                values=list(graph.inputs),
+                out_types=[tensor_type(t) for t in spec.outputs],
+            )
+            graph.output(*outs)
+        session = engine.InferenceSession(devices=[max_device])
+        model = session.load(graph)
+    except Exception as e:  # MAX raises several types; each becomes one line
+        from mojo.paths import MojoCompilationError
+
+        if isinstance(e, MojoCompilationError) or "Error compiling Mojo" in str(e):
+            raise BuildError(mojo_error_summary(str(e))) from None
+        if "no kernel registered" in str(e):
+            raise BuildError(f"{pkg} does not register op {spec.op!r}") from None
+        first = str(e).strip().splitlines()
+        raise BuildError(f"MAX could not build {spec.op}: {first[0] if first else type(e).__name__}") from None
+    return CompiledOp(spec, dtype, device, pkg, time.perf_counter() - start, model, max_device)

@@ -1,0 +1,114 @@
+"""The numerical verdict: a kernel output against the reference, relative to PyTorch.
+
+The rule (flash-attention's tests, k = 2): the kernel's worst error against the reference
+may be at most k times the worst error of PyTorch running the same math in the kernel's own
+dtype, plus a rounding-noise atol of one ulp of the dtype at the reference's largest
+magnitude. Low-precision kernels are checked against an fp32 reference; fp32 kernels against
+fp64 with fp32 PyTorch as the baseline, which makes their bound tight (a few fp32 ulps).
+NaN/Inf must appear exactly where the reference has them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+def reference_dtype(kernel_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if kernel_dtype == torch.float32 else torch.float32
+
+
+@dataclass
+class Check:
+    """One output tensor's comparison; JSON-ready through `as_dict`."""
+
+    name: str
+    passed: bool
+    max_abs_err: float
+    rel_err: float  # max|out - ref| / max|ref|
+    tolerance: float
+    baseline_err: float
+    atol: float
+    n_bad: int
+    numel: int
+    nan_mismatch: int
+    worst: list[dict] = field(default_factory=list)
+
+    @property
+    def share_bad(self) -> float:
+        return self.n_bad / self.numel if self.numel else 0.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["share_bad"] = self.share_bad
+        return d
+
+
+def _finite_max(x: torch.Tensor) -> float:
+    x = x[torch.isfinite(x)]
+    return float(x.max()) if x.numel() else 0.0
+
+
+def compare(name: str, out: torch.Tensor, ref: torch.Tensor, baseline: torch.Tensor,
+            k: float = 2.0, n_worst: int = 5) -> Check:
+    """Check `out` (kernel dtype) against `ref` given the same-precision `baseline`."""
+    if out.shape != ref.shape:
+        return Check(name, False, math.inf, math.inf, 0.0, 0.0, 0.0, ref.numel(), ref.numel(), 0,
+                     [{"error": f"shape {tuple(out.shape)} != expected {tuple(ref.shape)}"}])
+    eps = torch.finfo(out.dtype).eps
+    o = out.detach().to("cpu", torch.float64)
+    r = ref.detach().to("cpu", torch.float64)
+    b = baseline.detach().to("cpu", torch.float64)
+
+    special = ~torch.isfinite(o) | ~torch.isfinite(r)
+    same_special = (torch.isnan(o) & torch.isnan(r)) | (torch.isinf(o) & torch.isinf(r) & (o.sign() == r.sign()))
+    nan_mismatch = special & ~same_special
+    both_finite = ~special
+
+    err = torch.where(both_finite, (o - r).abs(), torch.zeros_like(o))
+    base_err = torch.where(torch.isfinite(b) & torch.isfinite(r), (b - r).abs(), torch.zeros_like(b))
+    ref_scale = _finite_max(r.abs())
+    atol = eps * max(ref_scale, 1e-30)
+    baseline_err = _finite_max(base_err)
+    tolerance = k * baseline_err + atol
+    bad = (err > tolerance) | nan_mismatch
+    n_bad = int(bad.sum())
+
+    score = torch.where(nan_mismatch, torch.full_like(err, math.inf), err).flatten()
+    top = torch.topk(score, min(n_worst, score.numel())).indices if score.numel() else []
+    worst = []
+    for flat in top:
+        idx = tuple(int(i) for i in torch.unravel_index(flat, o.shape))
+        worst.append({"index": list(idx), "out": float(o[idx]), "ref": float(r[idx]),
+                      "abs_err": float(score[flat])})
+    max_err = _finite_max(err)
+    return Check(
+        name=name,
+        passed=n_bad == 0,
+        max_abs_err=max_err,
+        rel_err=max_err / ref_scale if ref_scale > 0 else (0.0 if max_err == 0 else math.inf),
+        tolerance=tolerance,
+        baseline_err=baseline_err,
+        atol=atol,
+        n_bad=n_bad,
+        numel=o.numel(),
+        nan_mismatch=int(nan_mismatch.sum()),
+        worst=worst,
+    )
+
+
+def inputs_unchanged(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> list[str]:
+    """Names of inputs whose contents changed (bitwise, NaN-aware) while the kernel ran."""
+    changed = []
+    for name, x in before.items():
+        y = after[name]
+        if x.dtype.is_floating_point:
+            same = torch.equal(torch.nan_to_num(x, nan=1.25), torch.nan_to_num(y, nan=1.25)) and \
+                torch.equal(torch.isnan(x), torch.isnan(y))
+        else:
+            same = torch.equal(x, y)
+        if not same:
+            changed.append(name)
+    return changed

@@ -1,0 +1,92 @@
+"""Does an engine with kt's kernels compute what the stock engine computes?
+
+A probe is a few greedy completions with the top-k log-probabilities of every step, taken from a
+running server (`probe`). Two probes agree (`compare`) when, for every prompt:
+
+* the greedy tokens are the same at every step; or
+* they are the same up to a step where the stock engine's top two choices were a near-tie
+  (log-probabilities within `tol`), so float reordering may legitimately flip the choice; and
+* at every step up to the first difference, the log-probabilities of the top-k tokens both
+  engines list differ by at most `tol` (the per-step logits agree, up to the softmax shift).
+
+A planted broken kernel (one that skips the normalization) must fail this comparison: that shows
+the kernel is in the served path.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import urllib.request
+from dataclasses import dataclass, field
+
+DEFAULT_TOL = 1e-2  # nats; kt.rms_norm in fp32 moves logprobs by ~1e-5 on the tiny model
+
+
+def probe_prompts(words: list[str], n: int = 4, length: int = 24, seed: int = 1234) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(words) for _ in range(length)) for _ in range(n)]
+
+
+def probe(base_url: str, model: str, prompts: list[str], max_tokens: int = 16, top_k: int = 5,
+          extra: dict | None = None, timeout_s: float = 300.0) -> list[list[dict[str, float]]]:
+    """For each prompt, the greedy steps as {token: logprob} of the top-k (chosen token first)."""
+    out = []
+    for prompt in prompts:
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                "logprobs": top_k, **(extra or {})}
+        req = urllib.request.Request(base_url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            choice = json.loads(r.read())["choices"][0]
+        steps = []
+        for top in choice["logprobs"]["top_logprobs"]:
+            steps.append(dict(sorted(top.items(), key=lambda kv: -kv[1])))
+        out.append(steps)
+    return out
+
+
+@dataclass
+class Agreement:
+    prompts: int = 0
+    identical: int = 0  # prompts whose greedy tokens all match
+    near_tie_flips: int = 0  # prompts that diverge at a near-tie
+    mismatches: list[str] = field(default_factory=list)  # prompts that diverge without a tie
+    max_logprob_diff: float = 0.0  # over the steps before any divergence
+    steps_compared: int = 0
+    tol: float = DEFAULT_TOL
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches and self.max_logprob_diff <= self.tol
+
+    def summary(self) -> str:
+        verdict = "AGREE" if self.ok else "DISAGREE"
+        return (f"{verdict}: {self.identical}/{self.prompts} prompts token-identical, "
+                f"{self.near_tie_flips} near-tie flips, {len(self.mismatches)} mismatches; "
+                f"max |dlogprob| {self.max_logprob_diff:.2e} over {self.steps_compared} steps (tol {self.tol:g})")
+
+
+def compare(stock: list[list[dict[str, float]]], other: list[list[dict[str, float]]],
+            tol: float = DEFAULT_TOL) -> Agreement:
+    a = Agreement(prompts=len(stock), tol=tol)
+    for i, (s_steps, o_steps) in enumerate(zip(stock, other)):
+        diverged = False
+        for step, (s, o) in enumerate(zip(s_steps, o_steps)):
+            common = set(s) & set(o)
+            if common:
+                a.max_logprob_diff = max(a.max_logprob_diff, max(abs(s[t] - o[t]) for t in common))
+            a.steps_compared += 1
+            s_tok, o_tok = next(iter(s)), next(iter(o))
+            if s_tok != o_tok:
+                diverged = True
+                if o_tok in s and s[s_tok] - s[o_tok] <= tol:
+                    a.near_tie_flips += 1
+                else:
+                    a.mismatches.append(f"prompt {i} step {step}: {s_tok!r} vs {o_tok!r}")
+                break
+        if not diverged and len(s_steps) == len(o_steps):
+            a.identical += 1
+        elif not diverged:
+            a.mismatches.append(f"prompt {i}: {len(s_steps)} vs {len(o_steps)} steps")
+    return a

@@ -1,0 +1,254 @@
+"""Attention with RoPE applied to q and k inside the kernel (prefill after a KV cache, GQA).
+
+    q' = rope(q) at positions Skv-Sq .. Skv-1,   k' = rope(k) at positions 0 .. Skv-1,
+    o = softmax(q' k'^T * scale + mask) v,        scale = 1/sqrt(D) when the param is <= 0.
+
+RoPE is `pykernels.rope` (half rotation, Llama 3 frequency scaling). The queries are the last
+Sq tokens of the sequence, so the causal mask is bottom-right aligned, as in flash-attention
+>= 2.1: query i sees keys j <= Skv - Sq + i. GQA: query head h reads kv head h // (Hq/Hk)
+(Ainslie et al. 2023). Softmax attention as in Vaswani et al. 2017; the Triton twin is the
+online-softmax tiling of FlashAttention-2 (Dao 2023).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from harness.spec import Axis, Case, KernelSpec, Param, Params, Shape, TensorArg, Tensors
+from pykernels.rope import _f32, apply_rope, freq_param_decls, rope_cos_sin, triton_inv_freq
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def softmax_scale(params: Params, head_dim: int) -> float:
+    """The logit scale: the `scale` param, or 1/sqrt(D) when it is <= 0."""
+    scale = _f32(params["scale"])
+    return scale if scale > 0 else 1.0 / math.sqrt(head_dim)
+
+
+def masked_pairs(shape: Shape, causal: bool) -> int:
+    """Unmasked (query, key) pairs per (batch, head): Sq*Skv, or Sq*cache + Sq(Sq+1)/2 causal."""
+    sq, cache = shape["Sq"], shape["cache"]
+    return sq * cache + sq * (sq + 1) // 2 if causal else sq * (sq + cache)
+
+
+# Logit offset of the "huge" regime: far past fp32 exp's overflow at 88.7.
+_HUGE_LOGIT = 150.0
+
+
+def make_inputs(shape: Shape, params: Params, dtype: torch.dtype, device: torch.device,
+                gen: torch.Generator) -> Tensors:
+    """v ~ N(0, 1); q, k ~ s N(0, 1) with s set from the softmax scale so that the logits are
+    ~N(0, 1) ("unit") or ~N(0, 9) ("wide"); "huge" is "unit" with the lowest-frequency RoPE
+    pair (dims D/2-1, D-1) of every q and k set to (a, 0), a^2 * scale = 150. Rotation by m
+    and n leaves that pair's dot product at a^2 cos((n-m) inv_freq[D/2-1]), nearly constant,
+    so every logit is about 150: exp overflows fp32 unless the row max is subtracted, yet the
+    softmax is as spread as in "unit". Large logits made by a large q, k variance instead give
+    one-hot rows whose max error hangs on a single near-tie: with logits ~N(0, 144^2), a
+    correct kernel failed the k = 2 rule in 5-20% of bf16/fp16 examples (fp32 too at ~N(0, 43^2))."""
+    b, sq, skv, d = shape["B"], shape["Sq"], shape["Skv"], shape["D"]
+    regime = params["logits"]
+    std = 3.0 if regime == "wide" else 1.0
+    s = math.sqrt(std / (softmax_scale(params, d) * math.sqrt(d)))
+    q = torch.randn(b, sq, shape["Hq"], d, generator=gen, device=gen.device) * s
+    k = torch.randn(b, skv, shape["Hk"], d, generator=gen, device=gen.device) * s
+    v = torch.randn(b, skv, shape["Hk"], d, generator=gen, device=gen.device)
+    if regime == "huge":
+        a = math.sqrt(_HUGE_LOGIT / softmax_scale(params, d))
+        for x in (q, k):
+            x[..., d // 2 - 1] = a
+            x[..., d - 1] = 0.0
+    return {name: t.to(device=device, dtype=dtype) for name, t in (("q", q), ("k", k), ("v", v))}
+
+
+def reference(inputs: Tensors, params: Params) -> tuple[torch.Tensor]:
+    """RoPE, then masked softmax attention with the kv heads repeated per group, every step in
+    the inputs' dtype (flash-attention's `attention_ref(upcast=False)`)."""
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    b, sq, hq, d = q.shape
+    skv, hk = k.shape[1], k.shape[2]
+    qpos = torch.arange(skv - sq, skv, device=q.device)
+    kpos = torch.arange(skv, device=q.device)
+    q = apply_rope(q, *rope_cos_sin(qpos.expand(b, sq), d, params, q.dtype))
+    k = apply_rope(k, *rope_cos_sin(kpos.expand(b, skv), d, params, k.dtype))
+    k = k.repeat_interleave(hq // hk, dim=2)
+    v = v.repeat_interleave(hq // hk, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q * softmax_scale(params, d), k)
+    if params["causal"]:
+        scores = scores.masked_fill(kpos[None, :] > qpos[:, None], float("-inf"))
+    return (torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v),)
+
+
+@triton.jit
+def _rope_attention_kernel(Q, K, V, O, INV_FREQ, qk_scale, Sq, Skv, Hk, GROUP,
+                           HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                           PRECISION: tl.constexpr):
+    """One tile of BLOCK_M rows of (query, head of the GQA group) against one kv head, so each
+    K/V tile is loaded and rotated once for the whole group. Row r is query r // GROUP, head
+    hk * GROUP + r % GROUP, which for BSHD is flat row (b, q, hk) * GROUP + g of Q.
+    Head vectors are handled as their two halves: q.k = q1.k1 + q2.k2, and the rotation needs
+    no shuffle; D/2 is padded to HALF_P. tl.dot operands are rounded to the input dtype, then
+    widened to DOT_DTYPE (fp32 only for bf16 under TRITON_INTERPRET=1, whose tl.dot multiplies
+    bf16 bit patterns: triton issue #11584). No nested @triton.jit helpers: the interpreter
+    pays about a millisecond per call."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1) // Hk
+    hk = tl.program_id(1) % Hk
+    dtype = Q.dtype.element_ty
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    i = tl.arange(0, HALF_P)
+    inv = tl.load(INV_FREQ + i, mask=i < HALF, other=0.0)
+    q_pos = Skv - Sq + rows // GROUP
+
+    q_row = ((b * Sq + rows // GROUP) * Hk + hk).to(tl.int64) * GROUP + rows % GROUP
+    q_offs = q_row[:, None] * (2 * HALF) + i[None, :]
+    q_mask = (rows[:, None] < Sq * GROUP) & (i[None, :] < HALF)
+    q1 = tl.load(Q + q_offs, mask=q_mask, other=0.0).to(tl.float32)
+    q2 = tl.load(Q + q_offs + HALF, mask=q_mask, other=0.0).to(tl.float32)
+    angle = q_pos.to(tl.float32)[:, None] * inv[None, :]
+    c, s = tl.cos(angle), tl.sin(angle)
+    q1, q2 = (q1 * c - q2 * s).to(dtype).to(DOT_DTYPE), (q2 * c + q1 * s).to(dtype).to(DOT_DTYPE)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, HALF_P], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, HALF_P], tl.float32)
+    hi = Skv
+    if CAUSAL:
+        hi = tl.minimum(Skv, Skv - Sq + ((pid_m + 1) * BLOCK_M - 1) // GROUP + 1)
+    for start in range(0, hi, BLOCK_N):
+        kv = start + offs_n
+        kv_offs = ((b * Skv + kv[:, None]).to(tl.int64) * Hk + hk) * (2 * HALF) + i[None, :]
+        kv_mask = (kv[:, None] < Skv) & (i[None, :] < HALF)
+        k1 = tl.load(K + kv_offs, mask=kv_mask, other=0.0).to(tl.float32)
+        k2 = tl.load(K + kv_offs + HALF, mask=kv_mask, other=0.0).to(tl.float32)
+        k_angle = kv.to(tl.float32)[:, None] * inv[None, :]
+        kc, ks = tl.cos(k_angle), tl.sin(k_angle)
+        k1, k2 = (k1 * kc - k2 * ks).to(dtype).to(DOT_DTYPE), (k2 * kc + k1 * ks).to(dtype).to(DOT_DTYPE)
+        qk = tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
+        qk = tl.dot(q2, tl.trans(k2), qk, input_precision=PRECISION) * qk_scale
+        if CAUSAL:  # also masks keys past Skv for every stored row (q_pos <= Skv - 1)
+            qk = tl.where(kv[None, :] <= q_pos[:, None], qk, float("-inf"))
+        else:
+            qk = tl.where(kv[None, :] < Skv, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = p.to(dtype).to(DOT_DTYPE)
+        v1 = tl.load(V + kv_offs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
+        v2 = tl.load(V + kv_offs + HALF, mask=kv_mask, other=0.0).to(DOT_DTYPE)
+        acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=PRECISION)
+        acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+
+    tl.store(O + q_offs, (acc1 / l_i[:, None]).to(O.dtype.element_ty), mask=q_mask)
+    tl.store(O + q_offs + HALF, (acc2 / l_i[:, None]).to(O.dtype.element_ty), mask=q_mask)
+
+
+def triton_rope_attention(inputs: Tensors, params: Params) -> tuple[torch.Tensor]:
+    q, k, v = (inputs[n].contiguous() for n in ("q", "k", "v"))
+    b, sq, hq, d = q.shape
+    skv, hk = k.shape[1], k.shape[2]
+    group = hq // hk
+    o = torch.empty_like(q)
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    half_p = max(16, triton.next_power_of_2(d // 2))
+    # Under the interpreter every program and every op costs Python overhead: bigger tiles.
+    block_m = min(256 if interpret else 64, max(16, triton.next_power_of_2(sq * group)))
+    block_n = min(256, max(16, triton.next_power_of_2(skv))) if interpret else (
+        64 if half_p <= 64 else 32)
+    upcast = interpret and q.dtype == torch.bfloat16
+    qk_scale = softmax_scale(params, d) * 1.4426950408889634  # log2(e): exp2 in the kernel
+    grid = (triton.cdiv(sq * group, block_m), b * hk)
+    _rope_attention_kernel[grid](
+        q, k, v, o, triton_inv_freq(d, params, q.device), qk_scale, sq, skv, hk, group,
+        HALF=d // 2, HALF_P=half_p, BLOCK_M=block_m, BLOCK_N=block_n,
+        CAUSAL=bool(params["causal"]), DOT_DTYPE=tl.float32 if upcast else _TL_DTYPES[q.dtype],
+        PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32",
+        num_warps=4, num_stages=2)
+    return (o,)
+
+
+def flops(shape: Shape, params: Params) -> float:
+    """4 D per unmasked (query, key) pair and head (q.k and p.v), plus RoPE's 3 per element of
+    q and k; exp and the softmax bookkeeping are not counted."""
+    b, d = shape["B"], shape["D"]
+    attn = 4.0 * b * shape["Hq"] * d * masked_pairs(shape, bool(params["causal"]))
+    rope = 3.0 * b * d * (shape["Sq"] * shape["Hq"] + shape["Skv"] * shape["Hk"])
+    return attn + rope
+
+
+def nbytes(shape: Shape, params: Params, dtype: torch.dtype) -> float:
+    """q, k, v read once, o written once."""
+    b, d = shape["B"], shape["D"]
+    elems = 2 * b * shape["Sq"] * shape["Hq"] * d + 2 * b * shape["Skv"] * shape["Hk"] * d
+    return float(elems * dtype.itemsize)
+
+
+def _case(b, sq, cache, hk, group, d, why, **params) -> Case:
+    shape = {"B": b, "Sq": sq, "cache": cache, "Hk": hk, "group": group, "D": d,
+             "Hq": hk * group, "Skv": sq + cache}
+    full = {"scale": 0.0, "causal": 1, "theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position": 8192.0, "logits": "unit", **params}
+    return Case(shape, full, why)
+
+
+SPEC = KernelSpec(
+    name="fused_rope_attention",
+    op="kt.fused_rope_attention",
+    summary="RoPE on q and k fused into softmax attention (GQA, bottom-right causal mask)",
+    axes=(
+        Axis("B", lo=1, hi=4, edges=(1,), ci_hi=2, doc="batch"),
+        Axis("Sq", lo=1, hi=512, edges=(1, 2, 127, 128, 129), ci_hi=129, doc="new tokens (queries)"),
+        Axis("cache", lo=0, hi=1024, edges=(0, 1, 127, 128), ci_hi=128,
+             doc="tokens already in the KV cache before the queries"),
+        Axis("Hk", lo=1, hi=8, edges=(1,), ci_hi=2, doc="kv heads"),
+        Axis("group", lo=1, hi=8, edges=(1, 3, 4, 8), ci_hi=4, doc="q heads per kv head (GQA)"),
+        Axis("D", choices=(16, 32, 64, 80, 96, 128, 256), doc="head dim"),
+    ),
+    derived={"Hq": lambda s: s["Hk"] * s["group"], "Skv": lambda s: s["Sq"] + s["cache"]},
+    params=(
+        Param("scale", (0.0, 0.3), doc="logit scale; <= 0 means 1/sqrt(D)"),
+        Param("causal", (0, 1), dtype="int32", doc="1: query i sees keys j <= Skv - Sq + i"),
+    ) + freq_param_decls() + (
+        Param("logits", ("unit", "wide", "huge"), kernel_arg=False,
+              doc="unit: logits ~N(0, 1); wide: ~N(0, 9); huge: all about 150, so exp "
+                  "overflows fp32 without max subtraction (see make_inputs)"),
+    ),
+    inputs=(TensorArg("q", ("B", "Sq", "Hq", "D")), TensorArg("k", ("B", "Skv", "Hk", "D")),
+            TensorArg("v", ("B", "Skv", "Hk", "D"))),
+    outputs=(TensorArg("o", ("B", "Sq", "Hq", "D")),),
+    make_inputs=make_inputs,
+    reference=reference,
+    triton=triton_rope_attention,
+    flops=flops,
+    bytes=nbytes,
+    golden=(
+        _case(1, 1, 0, 1, 1, 16, "one query, one key: o = v whatever the logits"),
+        _case(2, 1, 127, 2, 4, 128, "decode step on a 128-token cache, Llama 3 GQA (4 q per kv)"),
+        _case(1, 17, 111, 1, 2, 80, "prefill after a cache: the causal mask is bottom-right "
+              "aligned (top-left would hide most keys); D/2 = 40 is padded"),
+        _case(1, 129, 0, 1, 3, 64, "square causal prefill one past a tile, GQA ratio 3",
+              theta=10000.0, factor=1.0),
+        _case(1, 64, 64, 2, 1, 96, "non-causal attention over cache + queries, D = 96",
+              causal=0, scale=0.3),
+        _case(1, 64, 64, 1, 4, 128, "logits about 150: exp overflows fp32 without the row max "
+              "subtracted", logits="huge"),
+        _case(2, 1, 200, 2, 2, 64, "decode with logits about 150: the same overflow, one query",
+              logits="huge", scale=0.3),
+        _case(1, 48, 80, 2, 2, 96, "peaked rows (logits ~N(0, 9)), explicit scale",
+              logits="wide", scale=0.3),
+        _case(1, 33, 31, 1, 2, 256, "D = 256 (Gemma 2): the largest head, K/V tiles shrink"),
+        _case(2, 5, 3, 1, 8, 16, "8 q heads on one kv head (MQA-like), tiny D", causal=0),
+        _case(1, 1, 128, 2, 2, 32, "decode at position 128: rope of q uses Skv - Sq, not 0",
+              logits="wide", theta=10000.0),
+    ),
+)

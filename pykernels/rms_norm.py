@@ -1,0 +1,121 @@
+"""RMSNorm over the last axis: y = x / sqrt(mean(x^2) + eps) * w.
+
+Zhang & Sennrich, "Root Mean Square Layer Normalization" (NeurIPS 2019), as used by Llama
+(HF transformers `LlamaRMSNorm`). The kernel (`kernels/rms_norm.mojo`) sums squares, scales
+and multiplies by w in fp32 and rounds to the input dtype once, at the end.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from harness.spec import Axis, Case, KernelSpec, Param, Params, Shape, TensorArg, Tensors
+
+
+
+def _block_elems() -> int:
+    """Elements per Triton program (short rows share one, a long row has its own): a GPU
+    tile, or a large one under TRITON_INTERPRET=1, where every program costs Python overhead."""
+    return 1 << 16 if os.environ.get("TRITON_INTERPRET") == "1" else 1 << 12
+
+
+def _f32(x: float) -> float:
+    """x as the kernel sees it: rounded to a float32 scalar."""
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
+def make_inputs(shape: Shape, params: Params, dtype: torch.dtype, device: torch.device,
+                gen: torch.Generator) -> Tensors:
+    """x ~ input_scale * N(0, 1) (input_scale 0 gives all-zero rows, where only eps keeps
+    0/0 away); w ~ N(0, 1), so a weight indexed by the wrong axis shows."""
+    m, n = shape["M"], shape["N"]
+    x = torch.randn(m, n, generator=gen, device=gen.device) * params["input_scale"]
+    w = torch.randn(n, generator=gen, device=gen.device)
+    return {"x": x.to(device=device, dtype=dtype), "w": w.to(device=device, dtype=dtype)}
+
+
+def reference(inputs: Tensors, params: Params) -> tuple[torch.Tensor]:
+    """y = x * rsqrt(mean(x^2, -1) + eps) * w, every step in the inputs' dtype."""
+    x, w = inputs["x"], inputs["w"]
+    ms = x.square().mean(dim=-1, keepdim=True)
+    return (x * torch.rsqrt(ms + _f32(params["eps"])) * w,)
+
+
+@triton.jit
+def _rms_norm_kernel(X, W, Y, M, N, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """BLOCK_M whole rows per program; fp32 sum of squares, one rounding at the store."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+    y = x * rstd[:, None] * w[None, :]
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+def triton_rms_norm(inputs: Tensors, params: Params) -> tuple[torch.Tensor]:
+    x, w = inputs["x"].contiguous(), inputs["w"].contiguous()
+    m, n = x.shape
+    y = torch.empty_like(x)
+    block_n = triton.next_power_of_2(n)
+    block_m = max(1, min(triton.next_power_of_2(m), _block_elems() // block_n))
+    num_warps = 8 if block_m * block_n >= 4096 else 4
+    _rms_norm_kernel[(triton.cdiv(m, block_m),)](
+        x, w, y, m, n, _f32(params["eps"]), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    return (y,)
+
+
+def flops(shape: Shape, params: Params) -> float:
+    """Square, sum, scale by rstd, multiply by w: 4 per element (the per-row rsqrt is noise)."""
+    return 4.0 * shape["M"] * shape["N"]
+
+
+def nbytes(shape: Shape, params: Params, dtype: torch.dtype) -> float:
+    """x and w read once, y written once."""
+    m, n = shape["M"], shape["N"]
+    return float((2 * m * n + n) * dtype.itemsize)
+
+
+SPEC = KernelSpec(
+    name="rms_norm",
+    op="kt.rms_norm",
+    summary="RMSNorm over the last axis (Zhang & Sennrich 2019), fp32 inside, one rounding",
+    axes=(
+        Axis("M", lo=1, hi=512, edges=(1, 2, 127, 128, 129, 509), ci_hi=129, doc="rows (tokens)"),
+        Axis("N", lo=1, hi=8192, edges=(1, 2, 127, 128, 129, 4093, 4096, 8192), ci_hi=4096,
+             doc="normalized size (hidden)"),
+    ),
+    derived={},
+    params=(
+        Param("eps", (1e-5, 1e-6), doc="added to mean(x^2) inside the square root"),
+        Param("input_scale", (1.0, 4.0, 0.01, 0.0), kernel_arg=False,
+              doc="std of x; 0.01 makes eps matter, 0 gives zero rows, 4 keeps fp16 x^2 finite"),
+    ),
+    inputs=(TensorArg("x", ("M", "N")), TensorArg("w", ("N",))),
+    outputs=(TensorArg("y", ("M", "N")),),
+    make_inputs=make_inputs,
+    reference=reference,
+    triton=triton_rms_norm,
+    flops=flops,
+    bytes=nbytes,
+    golden=(
+        Case({"M": 1, "N": 1}, {"eps": 1e-6, "input_scale": 1.0},
+             "one element: y = w * x / sqrt(x^2 + eps), a mean over 1 divides by 1"),
+        Case({"M": 3, "N": 129}, {"eps": 1e-5, "input_scale": 1.0},
+             "N one past a power of two: the masked tail must not enter the sum"),
+        Case({"M": 129, "N": 4096}, {"eps": 1e-5, "input_scale": 1.0},
+             "Llama-3-8B hidden size, rows one past a power of two"),
+        Case({"M": 2, "N": 8192}, {"eps": 1e-5, "input_scale": 4.0},
+             "Llama-3-70B hidden size: a long fp32 reduction"),
+        Case({"M": 7, "N": 127}, {"eps": 1e-5, "input_scale": 0.01},
+             "mean(x^2) ~ 1e-4 is comparable to eps: eps outside the sqrt or dropped shows"),
+        Case({"M": 5, "N": 128}, {"eps": 1e-6, "input_scale": 0.0},
+             "all-zero rows: y must be 0, not 0/0 = NaN"),
+    ),
+)

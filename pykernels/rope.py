@@ -1,0 +1,236 @@
+"""Rotary position embedding (RoPE) on q and k, half-rotation convention, Llama 3 scaling.
+
+Su et al., "RoFormer: Enhanced Transformer with Rotary Position Embedding" (2021), in the
+GPT-NeoX / HF Llama layout (`rotate_half`), not the interleaved pairs of the paper and of
+Meta's Llama code: for i < D/2 the pair (x1, x2) = (x[i], x[i + D/2]) becomes
+
+    out[i] = x1 cos(a) - x2 sin(a),   out[i + D/2] = x2 cos(a) + x1 sin(a),
+    a = pos * inv_freq[i],   inv_freq[i] = theta^(-2i/D),
+
+with inv_freq rescaled as HF transformers `_compute_llama3_parameters` does (Llama 3.1):
+wavelen = 2 pi / inv_freq; wavelen > L/low_freq_factor -> inv_freq / factor;
+wavelen < L/high_freq_factor -> unchanged; in between, with s = (L/wavelen - low) / (high - low),
+(1 - s) inv_freq / factor + s inv_freq (L = original_max_position). factor = 1 is plain RoPE.
+Frequencies and angles are fp32 (fp64 for fp64 inputs), as in HF `LlamaRotaryEmbedding`.
+
+The helpers here (`llama3_inv_freq`, `rope_cos_sin`, `apply_rope`, `triton_inv_freq`) are
+shared with `fused_rope_attention`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from harness.spec import Axis, Case, KernelSpec, Param, Params, Shape, TensorArg, Tensors
+
+FREQ_PARAMS = ("theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position")
+
+# Largest position per `positions` choice: Llama 3's original 8k context and 3.1's 128k.
+_POSITION_MAX = {"random": 8192, "long": 131072}
+
+
+def _block_elems() -> int:
+    """Elements per Triton program: a GPU tile, or a large one under TRITON_INTERPRET=1,
+    where every program instance costs Python overhead."""
+    return 1 << 16 if os.environ.get("TRITON_INTERPRET") == "1" else 1 << 12
+
+
+def _f32(x: float) -> float:
+    """x as the kernel sees it: rounded to a float32 scalar."""
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
+def freq_params(params: Params) -> tuple[float, ...]:
+    """The five frequency params, fp32-rounded, in kernel-argument order."""
+    return tuple(_f32(params[name]) for name in FREQ_PARAMS)
+
+
+def freq_param_decls() -> tuple[Param, ...]:
+    """The frequency params of a RoPE op: two bases (Llama 2, Llama 3), scaling off and on."""
+    return (
+        Param("theta", (10000.0, 500000.0), doc="RoPE base"),
+        Param("factor", (1.0, 8.0), doc="Llama 3 scaling factor; 1 = plain RoPE"),
+        Param("low_freq_factor", (1.0,), doc="Llama 3 low_freq_factor"),
+        Param("high_freq_factor", (4.0,), doc="Llama 3 high_freq_factor"),
+        Param("original_max_position", (8192.0,), doc="Llama 3 original_max_position_embeddings"),
+    )
+
+
+def angle_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Angles are fp32 for every kernel dtype, fp64 only when the inputs are fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def llama3_inv_freq(dim: int, theta: float, factor: float, low_freq_factor: float,
+                    high_freq_factor: float, original_max_position: float,
+                    dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """inv_freq (dim/2,) with Llama 3 scaling, in `dtype` (HF `_compute_llama3_parameters`)."""
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(dtype) / dim
+    inv = 1.0 / theta ** exponent
+    wavelen = 2 * math.pi / inv
+    low_wavelen = original_max_position / low_freq_factor
+    high_wavelen = original_max_position / high_freq_factor
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (original_max_position / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(positions: torch.Tensor, dim: int, params: Params,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (*positions.shape, dim/2) of pos * inv_freq, computed in angle_dtype(dtype)
+    and then cast to `dtype` (as HF casts them to the activations' dtype)."""
+    adt = angle_dtype(dtype)
+    inv = llama3_inv_freq(dim, *freq_params(params), dtype=adt, device=positions.device)
+    angle = positions.to(adt)[..., None] * inv
+    return angle.cos().to(dtype), angle.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-rotation of x (B, S, H, D) by cos/sin (B, S, D/2), in x's dtype."""
+    x1, x2 = x.chunk(2, dim=-1)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+def make_inputs(shape: Shape, params: Params, dtype: torch.dtype, device: torch.device,
+                gen: torch.Generator) -> Tensors:
+    """q, k ~ N(0, 1); positions 0..S-1 per sequence ("arange") or uniform below 8192
+    ("random") or 131072 ("long"), different in every batch row."""
+    b, s, d = shape["B"], shape["S"], shape["D"]
+    q = torch.randn(b, s, shape["Hq"], d, generator=gen, device=gen.device)
+    k = torch.randn(b, s, shape["Hk"], d, generator=gen, device=gen.device)
+    if params["positions"] == "arange":
+        pos = torch.arange(s, device=gen.device).expand(b, s)
+    else:
+        pos = torch.randint(0, _POSITION_MAX[params["positions"]], (b, s), generator=gen,
+                            device=gen.device)
+    return {"q": q.to(device=device, dtype=dtype), "k": k.to(device=device, dtype=dtype),
+            "positions": pos.to(device=device, dtype=torch.int64).contiguous()}
+
+
+def reference(inputs: Tensors, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rope(q), rope(k)); the rotation runs in the inputs' dtype (HF `apply_rotary_pos_emb`)."""
+    q, k = inputs["q"], inputs["k"]
+    cos, sin = rope_cos_sin(inputs["positions"], q.shape[-1], params, q.dtype)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+@triton.jit
+def _rope_kernel(X, OUT, POS, INV_FREQ, T, H, HALF: tl.constexpr, BLOCK_T: tl.constexpr,
+                 BLOCK_H: tl.constexpr, HALF_P: tl.constexpr):
+    """A (BLOCK_T tokens, BLOCK_H heads, HALF_P pairs) tile of a contiguous (T, H, 2*HALF)
+    tensor; cos/sin are computed once per (token, pair) and broadcast over heads."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    i = tl.arange(0, HALF_P)
+    inv = tl.load(INV_FREQ + i, mask=i < HALF, other=0.0)
+    pos = tl.load(POS + t, mask=t < T, other=0).to(tl.float32)
+    angle = pos[:, None] * inv[None, :]
+    c = tl.cos(angle)[:, None, :]
+    s = tl.sin(angle)[:, None, :]
+    offs = (t[:, None, None].to(tl.int64) * H + h[None, :, None]) * (2 * HALF) + i[None, None, :]
+    mask = (t[:, None, None] < T) & (h[None, :, None] < H) & (i[None, None, :] < HALF)
+    x1 = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(X + offs + HALF, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + offs, (x1 * c - x2 * s).to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + offs + HALF, (x2 * c + x1 * s).to(OUT.dtype.element_ty), mask=mask)
+
+
+def triton_inv_freq(dim: int, params: Params, device) -> torch.Tensor:
+    """The fp32 inv_freq table the Triton twins read: `llama3_inv_freq` itself, so their
+    angles are bit-identical to the fp32 reference's. (theta^(-2i/D) recomputed in-kernel as
+    exp2(-(2i/D) log2 theta) differs from torch's powf by an ulp in about a quarter of the
+    pairs, and at positions near 8192 that alone takes the fp32 error past 2x the baseline.)"""
+    return llama3_inv_freq(dim, *freq_params(params), device=device).contiguous()
+
+
+def _rope_launch(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    b, s, h, d = x.shape
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    half = d // 2
+    half_p = triton.next_power_of_2(half)
+    elems = _block_elems()
+    block_h = min(triton.next_power_of_2(h), max(1, elems // half_p))
+    block_t = min(triton.next_power_of_2(b * s), max(1, elems // (block_h * half_p)))
+    grid = (triton.cdiv(b * s, block_t), triton.cdiv(h, block_h))
+    _rope_kernel[grid](x, out, positions, inv_freq, b * s, h, HALF=half, BLOCK_T=block_t,
+                       BLOCK_H=block_h, HALF_P=half_p)
+    return out
+
+
+def triton_rope(inputs: Tensors, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, pos = inputs["q"], inputs["k"], inputs["positions"].contiguous()
+    inv = triton_inv_freq(q.shape[-1], params, q.device)
+    return _rope_launch(q, pos, inv), _rope_launch(k, pos, inv)
+
+
+def flops(shape: Shape, params: Params) -> float:
+    """3 per element of q and k (a pair costs 4 multiplies and 2 adds); the per-(token, pair)
+    angle, sin and cos are not counted."""
+    return 3.0 * shape["B"] * shape["S"] * (shape["Hq"] + shape["Hk"]) * shape["D"]
+
+
+def nbytes(shape: Shape, params: Params, dtype: torch.dtype) -> float:
+    """q, k read and q_out, k_out written once; positions (int64) read once."""
+    b, s = shape["B"], shape["S"]
+    qk = b * s * (shape["Hq"] + shape["Hk"]) * shape["D"]
+    return float(2 * qk * dtype.itemsize + 8 * b * s)
+
+
+def _case(b, s, hk, group, d, why, **params) -> Case:
+    full = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position": 8192.0, **params}
+    return Case({"B": b, "S": s, "Hk": hk, "group": group, "D": d, "Hq": hk * group}, full, why)
+
+
+SPEC = KernelSpec(
+    name="rope",
+    op="kt.rope",
+    summary="RoPE on q and k (half rotation, GPT-NeoX/HF layout) with Llama 3 frequency scaling",
+    axes=(
+        Axis("B", lo=1, hi=4, edges=(1, 3), ci_hi=3, doc="batch"),
+        Axis("S", lo=1, hi=300, edges=(1, 2, 127, 128, 129, 257), ci_hi=129, doc="tokens per sequence"),
+        Axis("Hk", lo=1, hi=8, edges=(1, 8), ci_hi=4, doc="k heads"),
+        Axis("group", lo=1, hi=8, edges=(1, 3, 4), ci_hi=4, doc="q heads per k head (GQA)"),
+        Axis("D", lo=2, hi=256, step=2, edges=(2, 6, 64, 80, 96, 128, 256), doc="head dim, even"),
+    ),
+    derived={"Hq": lambda s: s["Hk"] * s["group"]},
+    params=freq_param_decls() + (
+        Param("positions", ("arange", "random", "long"), kernel_arg=False,
+              doc="arange: 0..S-1; random: uniform < 8192; long: uniform < 131072 (fp32 angle "
+                  "rounding reaches ~4e-3 rad there)"),
+    ),
+    inputs=(TensorArg("q", ("B", "S", "Hq", "D")), TensorArg("k", ("B", "S", "Hk", "D")),
+            TensorArg("positions", ("B", "S"), dtype="int64")),
+    outputs=(TensorArg("q_out", ("B", "S", "Hq", "D")), TensorArg("k_out", ("B", "S", "Hk", "D"))),
+    make_inputs=make_inputs,
+    reference=reference,
+    triton=triton_rope,
+    flops=flops,
+    bytes=nbytes,
+    golden=(
+        _case(1, 1, 1, 1, 2, "one pair, one token at position 0: the identity rotation",
+              positions="arange", theta=10000.0, factor=1.0),
+        _case(2, 5, 1, 1, 2, "one pair (D/2 = 1): inv_freq is 1 and x[i + D/2] is x[1]",
+              positions="random", theta=10000.0, factor=1.0),
+        _case(1, 127, 2, 1, 64, "plain RoPE (Llama 2 base, no scaling), S one below a power of two",
+              positions="arange", theta=10000.0, factor=1.0),
+        _case(1, 129, 8, 4, 128, "Llama 3 8B heads (32 q on 8 k): GQA and all three scaling bands",
+              positions="arange", theta=500000.0, factor=8.0),
+        _case(3, 17, 2, 3, 80, "D/2 = 40 is not a power of two: the pair axis needs masking",
+              positions="random", theta=500000.0, factor=8.0),
+        _case(2, 33, 1, 2, 96, "D = 96 and per-batch positions (indexing positions by s alone fails)",
+              positions="random", theta=10000.0, factor=8.0),
+        _case(1, 64, 2, 2, 256, "D = 256 at positions up to 128k: fp32 angle rounding ~ 4e-3 rad",
+              positions="long", theta=500000.0, factor=8.0),
+        _case(2, 1, 4, 1, 6, "decode step (S = 1) at a random position with 3 pairs",
+              positions="random", theta=10000.0, factor=1.0),
+    ),
+)

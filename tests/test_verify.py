@@ -1,0 +1,91 @@
+"""The Hypothesis driver's strategies, and `kt verify` end to end on the real Mojo kernels."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pykernels
+from harness.verify import PROFILES, case_strategy, make_inputs
+
+SPECS = list(pykernels.discover().values())
+
+
+def test_every_spec_is_discovered_with_a_unique_op():
+    assert {s.name for s in SPECS} >= {"rope", "rms_norm", "fused_rope_attention"}
+    assert len({s.op for s in SPECS}) == len(SPECS)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+@pytest.mark.parametrize("profile", ["ci", "local"])
+def test_drawn_cases_are_valid_for_the_spec(spec, profile):
+    prof = PROFILES[profile]
+
+    @settings(max_examples=60, deadline=None, database=None, derandomize=True)
+    @given(case_strategy(spec, list(spec.dtypes), prof))
+    def check(case):
+        assert spec.validate(case["shape"], case["params"]) is None
+        for a in spec.axes:
+            assert a.allowed(case["shape"][a.name])
+            if prof.capped and a.ci_hi is not None:
+                assert case["shape"][a.name] <= a.ci_hi
+
+    check()
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_edges_are_drawn(spec):
+    """Every axis's awkward sizes show up among drawn cases."""
+    seen = {a.name: set() for a in spec.axes}
+
+    @settings(max_examples=300, deadline=None, database=None, derandomize=True)
+    @given(case_strategy(spec, ["float32"], PROFILES["local"]))
+    def collect(case):
+        for name, v in case["shape"].items():
+            seen[name].add(v)
+
+    collect()
+    for a in spec.axes:
+        edges = {e for e in a.edges if a.allowed(e)}
+        if edges:
+            assert seen[a.name] & edges, f"{spec.name}.{a.name} never drew an edge size"
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_inputs_are_reproducible_from_the_case(spec):
+    case = {"dtype": "bfloat16", "shape": {a.name: g for a, g in zip(spec.axes, [2] * 99)},
+            "params": {}, "layout": "strided", "data_seed": 7}
+    for a in spec.axes:
+        if not a.allowed(case["shape"][a.name]):
+            case["shape"][a.name] = a.choices[0] if a.choices else a.lo
+    if spec.constraint and not spec.constraint(spec.complete(case["shape"]), spec.full_params({})):
+        pytest.skip("default shape violates the spec's constraint")
+    one = make_inputs(spec, case, "cpu")
+    two = make_inputs(spec, case, "cpu")
+    for name in one:
+        assert one[name].equal(two[name]) or one[name].isnan().all()
+    floats = [t for t in one.values() if t.dtype.is_floating_point and t.ndim > 1]
+    assert floats and not floats[0].is_contiguous()
+
+
+@pytest.mark.slow
+def test_verify_every_shipped_kernel_on_cpu(kt):
+    r = kt("verify", "--device", "cpu", "--profile", "ci", json_out=True)
+    assert r.code == 0, r.output
+    results = r.json["results"]
+    assert {res["kernel"] for res in results} == {s.name for s in SPECS}
+    for res in results:
+        assert res["status"] == "ok" and res["failure"] is None, res
+        for dt in res["dtypes"]:
+            assert res["stats"][dt]["examples"] > 0
+            integ = res["integrity"][dt]
+            assert integ["no_stale_state"] and integ["deterministic"]
+            assert any(k.startswith("triton:") for k in res["stats"][dt]["worst"])
+    prov = r.json["provenance"]
+    assert prov["versions"]["max"] == "26.7.0" and prov["versions"]["mojo"] == "1.2.0"
+    assert "PASS" in r.stdout
+
+
+@pytest.mark.gpu
+def test_verify_every_shipped_kernel_on_gpu(kt):
+    r = kt("verify", "--device", "gpu", "--examples", "30", json_out=True)
+    assert r.code == 0, r.output
