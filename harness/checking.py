@@ -2,9 +2,13 @@
 
 The rule (flash-attention's tests, k = 2): the kernel's worst error against the reference
 may be at most k times the worst error of PyTorch running the same math in the kernel's own
-dtype, plus a rounding-noise atol of one ulp of the dtype at the reference's largest
-magnitude. Low-precision kernels are checked against an fp32 reference; fp32 kernels against
-fp64 with fp32 PyTorch as the baseline, which makes their bound tight (a few fp32 ulps).
+dtype, plus a rounding-noise atol. The spec's fp32 reference math is evaluated in fp64 for
+every dtype: torch's fp32 `1 / theta**e` is an ulp off in a quarter of RoPE's frequencies,
+which at position 1e5 moves angles by far more than fp16 rounding, so an fp32 truth would
+fail kernels that compute their frequencies better than torch does. The atol is one ulp of
+the kernel's dtype at the reference's largest magnitude; for fp32, 16 ulps (~2e-6
+relative), because two correct fp32 sums of a few hundred terms taken in different orders
+differ by about that much, and PyTorch's blocked reductions are often the luckier order.
 NaN/Inf must appear exactly where the reference has them.
 """
 
@@ -16,8 +20,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 
+ATOL_ULPS = {torch.float32: 16}
+
+
 def reference_dtype(kernel_dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if kernel_dtype == torch.float32 else torch.float32
+    """The precision the reference is evaluated in (see the module docstring)."""
+    return torch.float64
 
 
 @dataclass
@@ -57,7 +65,7 @@ def compare(name: str, out: torch.Tensor, ref: torch.Tensor, baseline: torch.Ten
     if out.shape != ref.shape:
         return Check(name, False, math.inf, math.inf, 0.0, 0.0, 0.0, ref.numel(), ref.numel(), 0,
                      [{"error": f"shape {tuple(out.shape)} != expected {tuple(ref.shape)}"}])
-    eps = torch.finfo(out.dtype).eps
+    eps = torch.finfo(out.dtype).eps * ATOL_ULPS.get(out.dtype, 1)
     o = out.detach().to("cpu", torch.float64)
     r = ref.detach().to("cpu", torch.float64)
     b = baseline.detach().to("cpu", torch.float64)

@@ -136,6 +136,11 @@ def verify(kernels, device, dtypes, examples, seed, package, json_path, profile,
                     elif ev["event"] == "example":
                         progress.update(task, description=f"{label}: examples", completed=ev["n"],
                                         total=max(ev["n"], progress.tasks[task].total or 0))
+                    if not err.is_terminal:  # plain lines for CI logs, where bars don't draw
+                        if ev["event"] == "compiled":
+                            err.print(f"{label}: compiled {ev['dtype']} in {ev['seconds']:.1f} s")
+                        elif ev["event"] == "example" and ev["n"] % 50 == 0:
+                            err.print(f"{label}: {ev['n']} examples")
 
                 results.append(run_job(job, on_event))
                 progress.update(task, completed=progress.tasks[task].total)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
+import re
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -20,13 +21,15 @@ def _version(dist: str) -> str | None:
 
 def git_sha() -> str | None:
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=REPO,
+                             capture_output=True, text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    return (sha + ("-dirty" if dirty else "")) or None
+    if not re.fullmatch(r"[0-9a-f]{40}", sha):
+        return None
+    return sha + ("-dirty" if dirty else "")
 
 
 def gpu_info() -> dict | None:
@@ -56,6 +59,7 @@ def provenance(devices=None) -> dict:
         "python": platform.python_version(),
         "devices": [d.label for d in devices] if devices else None,
         "gpu": gpu_info(),
-        "versions": {d: _version(d) for d in ("torch", "triton", "max", "mojo", "hypothesis")},
+        "versions": {d: _version(d) for d in ("torch", "triton", "max", "mojo", "mojo-compiler",
+                                                "hypothesis")},
         "git_sha": git_sha(),
     }

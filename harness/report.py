@@ -77,22 +77,25 @@ _STYLE = {"PASS": "green", "FAIL": "red", "CRASH": "red", "ERROR": "red", "SKIP"
 def render(results: list[dict], console: Console, package: str | None = None) -> None:
     table = Table(title="kt verify", header_style="bold")
     for col in ("kernel", "device", "dtype", "verdict", "examples", "mojo max err (rel)",
-                "tolerance", "triton max err (rel)", "compile s"):
-        table.add_column(col, justify="right" if col in ("examples", "compile s") else "left")
+                "tolerance", "triton max err (rel)", "triton ex.", "compile s"):
+        table.add_column(col, justify="right" if col in ("examples", "triton ex.", "compile s") else "left")
     for r in results:
         verdicts = dtype_verdicts(r)
         for dt, verdict in verdicts.items():
             if r["status"] != "ok":
                 table.add_row(r["kernel"], r["device"], dt, f"[{_STYLE[verdict]}]{verdict}", "-",
-                              "-", "-", "-", "-")
+                              "-", "-", "-", "-", "-")
                 continue
             st = r["stats"][dt]
             mojo_err, tol = _worst(st, "mojo")
             tri_err, _ = _worst(st, "triton")
             table.add_row(r["kernel"], r["device"], dt, f"[{_STYLE[verdict]}]{verdict}",
-                          str(st["examples"]), mojo_err, tol, tri_err,
+                          str(st["examples"]), mojo_err, tol, tri_err, str(st["triton_examples"]),
                           f"{r['compile_seconds'].get(dt, 0):.1f}")
     console.print(table)
+    if any(r["status"] == "ok" and r["device"] == "cpu" for r in results):
+        console.print("triton ex.: examples the Triton twin ran; on the CPU it runs in Triton's "
+                      "interpreter, only on examples of at most 3e7 FLOPs", highlight=False)
     for r in results:
         _render_detail(r, console, package)
 

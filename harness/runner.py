@@ -17,7 +17,10 @@ def run_job(job: dict, on_event: Callable[[dict], None]) -> dict:
     """Run one (kernel, device) job; returns {'status': ok|error|crash, ...}."""
     env = dict(os.environ)
     if job["device"] == "cpu":
+        # The Triton twin runs in Triton's interpreter (set before triton is imported);
+        # numpy's BLAS threads fighting torch's on a small CPU make it several times slower.
         env["TRITON_INTERPRET"] = "1"
+        env.setdefault("OPENBLAS_NUM_THREADS", "1")
     env.setdefault("PYTHONUNBUFFERED", "1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "harness.worker", json.dumps(job)],

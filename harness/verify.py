@@ -30,18 +30,25 @@ LAYOUTS = ("dense", "strided")
 
 @dataclass(frozen=True)
 class Profile:
-    """How hard Hypothesis tries. `ci` is derandomized and capped by the axes' `ci_hi`."""
+    """How hard Hypothesis tries. `ci` is derandomized and capped by the axes' `ci_hi`;
+    `max_flops` caps one example's work (by the spec's FLOP formula) so a CPU run stays
+    interactive."""
 
     name: str
     examples: int
     derandomize: bool
     capped: bool
+    max_flops: float
 
 
 PROFILES = {
-    "ci": Profile("ci", examples=25, derandomize=True, capped=True),
-    "local": Profile("local", examples=200, derandomize=False, capped=False),
+    "ci": Profile("ci", examples=25, derandomize=True, capped=True, max_flops=1e8),
+    "local": Profile("local", examples=200, derandomize=False, capped=False, max_flops=5e8),
 }
+
+# Triton's interpreter runs each program instance in numpy: on the CPU the twin only sees
+# examples up to this much work, and the report counts how many it saw.
+INTERPRETER_MAX_FLOPS = 3e7
 
 
 def case_json(case: dict) -> str:
@@ -70,9 +77,14 @@ def case_strategy(spec: KernelSpec, dtypes: list[str], profile: Profile):
         "layout": st.sampled_from(LAYOUTS),
         "data_seed": st.integers(0, 2**31 - 1),
     })
-    if spec.constraint is None:
-        return case
-    return case.filter(lambda c: spec.constraint(spec.complete(c["shape"]), c["params"]))
+    def admissible(c):
+        shape = spec.complete(c["shape"])
+        params = spec.full_params(c["params"])
+        if spec.constraint is not None and not spec.constraint(shape, params):
+            return False
+        return spec.flops(shape, params) <= profile.max_flops
+
+    return case.filter(admissible)
 
 
 def _strided(x: torch.Tensor) -> torch.Tensor:
@@ -174,6 +186,7 @@ class Stats:
     """Worst observed errors per (dtype, implementation) over all examples."""
 
     examples: int = 0
+    triton_examples: int = 0
     worst: dict[str, dict] = field(default_factory=dict)
 
     def add(self, impl: str, checks: list[Check]) -> None:
@@ -212,11 +225,14 @@ def verify_kernel(spec: KernelSpec, dtypes: list[str], device: str, package: str
 
     def execute(case: dict) -> CaseResult:
         emit({"event": "case", "case": case})
-        res = run_case(spec, ops, case, torch_device, triton)
+        twin = triton and (device != "cpu" or spec.flops(
+            spec.complete(case["shape"]), spec.full_params(case["params"])) <= INTERPRETER_MAX_FLOPS)
+        res = run_case(spec, ops, case, torch_device, twin)
         st_ = stats[case["dtype"]]
         st_.examples += 1
         st_.add("mojo", res.mojo)
         if res.triton is not None:
+            st_.triton_examples += 1
             st_.add("triton", res.triton)
         state["count"] += 1
         emit({"event": "example", "n": state["count"], "passed": res.passed})
@@ -283,7 +299,8 @@ def verify_kernel(spec: KernelSpec, dtypes: list[str], device: str, package: str
         "examples": state["count"],
         "compile_seconds": compile_s,
         "run_seconds": round(time.perf_counter() - started, 3),
-        "stats": {dt: {"examples": s.examples, "worst": s.worst} for dt, s in stats.items()},
+        "stats": {dt: {"examples": s.examples, "triton_examples": s.triton_examples, "worst": s.worst}
+                  for dt, s in stats.items()},
         "failure": state["failure"],
         "flaky": state.get("flaky"),
         "integrity": checks,

@@ -16,13 +16,33 @@ from max.gpu import block_idx, thread_idx
 from max.gpu.host import DeviceContext
 from max.gpu.host.info import is_cpu
 from max.gpu.sync import barrier
+from layout import Idx, TileTensor, row_major
+from nn.attention.gpu.mha import flash_attention
+from nn.attention.mha_mask import CausalMask, NullMask
 from std.math import cos, exp, inf, sin, sqrt
 from std.memory import alloc, unsafe_stack_allocation
 
-from .rope import RopeFreqs, rotate_pair
+from .rope import RopeFreqs, _rope_gpu_launch, rotate_pair, sincos_f32_accurate
 
 comptime MAX_HEAD_DIM = 256
 comptime GPU_BLOCK = 128
+
+# Fast GPU path: (q heads, kv heads) pairs and head dims for which the op pre-rotates q
+# and k and runs MAX's tensor-core flash attention. MAX's kernels need the head count
+# and head dim at compile time and every (pair, dim, mask) is one more ~10-20 s kernel
+# instantiation per dtype, so keep these short; other shapes take `_attention_gpu`.
+comptime FAST_HEAD_CONFIGS = 2
+comptime FAST_HEAD_DIMS = 1
+
+
+def _fast_heads(i: Int) -> Tuple[Int, Int]:
+    if i == 0:
+        return (32, 32)
+    return (32, 8)
+
+
+def _fast_head_dim(i: Int) -> Int:
+    return 128
 
 
 def _rotated_row[
@@ -92,11 +112,13 @@ def _attention_gpu[
         var inv = freqs.inv_freq(d, head_dim)
         inv_s[unsafe_offset=d] = inv
         var angle = Float32(q_pos) * inv
+        # Accurate fp32 sin/cos: std.math's lower to sin/cos.approx on NVIDIA GPUs.
+        var sc = sincos_f32_accurate(SIMD[DType.float32, 1](angle))
         var r = rotate_pair(
             q_row[unsafe_offset=d].cast[DType.float32](),
             q_row[unsafe_offset=d + half].cast[DType.float32](),
-            cos(angle),
-            sin(angle),
+            sc[1][0],
+            sc[0][0],
         )
         q_s[unsafe_offset=d] = r[0] * scale
         q_s[unsafe_offset=d + half] = r[1] * scale
@@ -115,11 +137,12 @@ def _attention_gpu[
             var dot = Float32(0)
             for d in range(half):
                 var angle = Float32(j) * inv_s[unsafe_offset=d]
+                var sc = sincos_f32_accurate(SIMD[DType.float32, 1](angle))
                 var r = rotate_pair(
                     k_row[unsafe_offset=d].cast[DType.float32](),
                     k_row[unsafe_offset=d + half].cast[DType.float32](),
-                    cos(angle),
-                    sin(angle),
+                    sc[1][0],
+                    sc[0][0],
                 )
                 dot += q_s[unsafe_offset=d] * r[0] + q_s[unsafe_offset=d + half] * r[1]
             s = dot
@@ -166,6 +189,159 @@ def _attention_gpu[
         o_row[unsafe_offset=tid] = (acc0 / l).cast[dtype]()
     if tid + GPU_BLOCK < head_dim:
         o_row[unsafe_offset=tid + GPU_BLOCK] = (acc1 / l).cast[dtype]()
+
+
+def _flash_attention_static[
+    dtype: DType, hq: Int, hk: Int, depth: Int, causal: Bool
+](
+    o: Pointer[Scalar[dtype], MutAnyOrigin],
+    q: Pointer[Scalar[dtype], MutAnyOrigin],
+    k: Pointer[Scalar[dtype], MutAnyOrigin],
+    v: Pointer[Scalar[dtype], MutAnyOrigin],
+    batch: Int,
+    sq: Int,
+    skv: Int,
+    scale: Float32,
+    ctx: DeviceContext,
+) raises:
+    """MAX's flash attention (FA3 on H100) on BSHD q [batch, sq, hq, depth] and
+    k, v [batch, skv, hk, depth]. With dense inputs MAX puts the queries at the end of
+    the keys (start_pos = skv - sq), so CausalMask is bottom-right aligned."""
+    var ot = TileTensor(o, row_major(batch, sq, Idx[hq], Idx[depth]))
+    var qt = TileTensor(q, row_major(batch, sq, Idx[hq], Idx[depth]))
+    var kt = TileTensor(k, row_major(batch, skv, Idx[hk], Idx[depth]))
+    var vt = TileTensor(v, row_major(batch, skv, Idx[hk], Idx[depth]))
+    comptime if causal:
+        flash_attention(ot, qt.as_imm(), kt.as_imm(), vt.as_imm(), CausalMask(), scale, ctx)
+    else:
+        flash_attention(ot, qt.as_imm(), kt.as_imm(), vt.as_imm(), NullMask(), scale, ctx)
+
+
+def _fast_path_supported[dtype: DType](hq: Int, hk: Int, head_dim: Int) -> Bool:
+    """Whether `_fused_rope_attention_gpu` runs MAX's flash attention for this shape."""
+    # bf16 only: fp32 keeps the exact fp32 kernel, and MAX 26.7's H100 kernel does not
+    # build for fp16 (a wgmma constraint in the P @ V step fails to instantiate).
+    comptime if dtype != DType.bfloat16:
+        return False
+    var heads_ok = False
+    comptime for i in range(FAST_HEAD_CONFIGS):
+        comptime heads = _fast_heads(i)
+        if hq == heads[0] and hk == heads[1]:
+            heads_ok = True
+    var dim_ok = False
+    comptime for i in range(FAST_HEAD_DIMS):
+        if head_dim == _fast_head_dim(i):
+            dim_ok = True
+    return heads_ok and dim_ok
+
+
+def _flash_attention_dispatch[
+    dtype: DType
+](
+    o: Pointer[Scalar[dtype], MutAnyOrigin],
+    q: Pointer[Scalar[dtype], MutAnyOrigin],
+    k: Pointer[Scalar[dtype], MutAnyOrigin],
+    v: Pointer[Scalar[dtype], MutAnyOrigin],
+    batch: Int,
+    sq: Int,
+    skv: Int,
+    hq: Int,
+    hk: Int,
+    head_dim: Int,
+    scale: Float32,
+    causal: Bool,
+    ctx: DeviceContext,
+) raises:
+    """Runs `_flash_attention_static` for the runtime shape; the caller checks
+    `_fast_path_supported` first."""
+    comptime if dtype == DType.bfloat16:
+        comptime for i in range(FAST_HEAD_CONFIGS):
+            comptime HQ = _fast_heads(i)[0]
+            comptime HK = _fast_heads(i)[1]
+            if hq == HQ and hk == HK:
+                comptime for j in range(FAST_HEAD_DIMS):
+                    comptime D = _fast_head_dim(j)
+                    if head_dim == D:
+                        if causal:
+                            _flash_attention_static[dtype, HQ, HK, D, True](
+                                o, q, k, v, batch, sq, skv, scale, ctx
+                            )
+                        else:
+                            _flash_attention_static[dtype, HQ, HK, D, False](
+                                o, q, k, v, batch, sq, skv, scale, ctx
+                            )
+                        return
+    raise Error("kt.fused_rope_attention: no flash-attention kernel for this shape")
+
+
+def _fused_rope_attention_gpu[
+    dtype: DType
+](
+    o: Pointer[Scalar[dtype], _],
+    q: Pointer[Scalar[dtype], _],
+    k: Pointer[Scalar[dtype], _],
+    v: Pointer[Scalar[dtype], _],
+    batch: Int,
+    sq: Int,
+    skv: Int,
+    hq: Int,
+    hk: Int,
+    head_dim: Int,
+    sm_scale: Float32,
+    causal: Int32,
+    freqs: RopeFreqs,
+    ctx: DeviceContext,
+) raises:
+    """The op's GPU branch (arguments already validated, sm_scale resolved).
+
+    Fast path (`_fast_path_supported`: bf16 and a listed (hq, hk, head_dim)):
+    rotate q (positions skv - sq + i) and k (positions j) into scratch buffers of dtype
+    with the vectorized RoPE kernel, then MAX's flash attention on (q_rot, k_rot, v).
+    Otherwise the simple fused kernel `_attention_gpu`.
+    """
+    if batch * sq * hq == 0:
+        return
+    var op = o.unsafe_mut_cast[True]().as_unsafe_any_origin()
+    var vp = v.unsafe_mut_cast[True]().as_unsafe_any_origin()
+    if _fast_path_supported[dtype](hq, hk, head_dim):
+        var q_rot = ctx.enqueue_create_buffer[dtype](batch * sq * hq * head_dim)
+        var k_rot = ctx.enqueue_create_buffer[dtype](batch * skv * hk * head_dim)
+        _rope_gpu_launch[dtype, explicit_positions=False](
+            ctx,
+            q_rot.unsafe_ptr(),
+            k_rot.unsafe_ptr(),
+            q,
+            k,
+            Pointer[Int64, MutAnyOrigin].unsafe_dangling(),
+            batch * sq,
+            batch * skv,
+            sq,
+            skv,
+            skv - sq,
+            0,
+            hq,
+            hk,
+            head_dim,
+            freqs,
+        )
+        _flash_attention_dispatch[dtype](
+            op,
+            q_rot.unsafe_ptr().as_unsafe_any_origin(),
+            k_rot.unsafe_ptr().as_unsafe_any_origin(),
+            vp,
+            batch, sq, skv, hq, hk, head_dim, sm_scale, causal != 0, ctx,
+        )
+        # Frees are stream-ordered: the buffers outlive the kernels that use them.
+        _ = q_rot^
+        _ = k_rot^
+    else:
+        ctx.enqueue_function[_attention_gpu[dtype]](
+            o, q, k, v, Int32(sq), Int32(skv), Int32(hq), Int32(hk), Int32(head_dim),
+            sm_scale, causal,
+            freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
+            freqs.original_max_position,
+            grid_dim=batch * sq * hq, block_dim=GPU_BLOCK,
+        )
 
 
 @extensibility.register("kt.fused_rope_attention")
@@ -265,10 +441,6 @@ struct FusedRopeAttention:
             sync_parallelize(attend_row, batch * sq * hq)
             k_rot.unsafe_free()
         else:
-            if batch * sq * hq > 0:
-                ctx.enqueue_function[_attention_gpu[dtype]](
-                    op, qp, kp, vp, Int32(sq), Int32(skv), Int32(hq), Int32(hk), Int32(head_dim),
-                    sm_scale, causal,
-                    theta, factor, low_freq_factor, high_freq_factor, original_max_position,
-                    grid_dim=batch * sq * hq, block_dim=GPU_BLOCK,
-                )
+            _fused_rope_attention_gpu[dtype](
+                op, qp, kp, vp, batch, sq, skv, hq, hk, head_dim, sm_scale, causal, freqs, ctx
+            )

@@ -14,11 +14,17 @@ from max.gpu import block_idx, thread_idx
 from max.gpu.host import DeviceContext
 from max.gpu.host.info import is_cpu
 from max.gpu.sync import barrier
-from std.math import cos, pi, sin
+from std.math import ceildiv, cos, floor, pi, sin
 from std.memory import alloc, unsafe_stack_allocation
+from std.sys import size_of
+from std.utils import StaticTuple
 
 comptime GPU_BLOCK = 128
 comptime MAX_HALF_DIM = 256
+# Fast GPU kernel: threads per block and (q or k) heads handled by each thread, which
+# computes cos/sin for its pairs once and reuses them for all of its heads.
+comptime FAST_BLOCK = 256
+comptime FAST_HEADS_PER_THREAD = 8
 
 
 @fieldwise_init
@@ -93,7 +99,8 @@ def _rope_gpu[
     original_max_position: Float32,
 ):
     """One block per token: the block fills a cos/sin table in shared memory, then
-    rotates every (head, pair) of q and k for that token."""
+    rotates every (head, pair) of q and k for that token. The original reference design,
+    no longer launched by the op (see `_rope_fast_gpu`)."""
     var hq, hk, head_dim = Int(hq_), Int(hk_), Int(head_dim_)
     var freqs = RopeFreqs(theta, factor, low_freq_factor, high_freq_factor, original_max_position)
     var token = block_idx.x
@@ -104,8 +111,10 @@ def _rope_gpu[
     var pos = Float32(positions[unsafe_offset=token])
     for i in range(tid, half, GPU_BLOCK):
         var angle = pos * freqs.inv_freq(i, head_dim)
-        cos_t[unsafe_offset=i] = cos(angle)
-        sin_t[unsafe_offset=i] = sin(angle)
+        # Accurate fp32 sin/cos: std.math's lower to sin/cos.approx on NVIDIA GPUs.
+        var sc = sincos_f32_accurate(SIMD[DType.float32, 1](angle))
+        cos_t[unsafe_offset=i] = sc[1][0]
+        sin_t[unsafe_offset=i] = sc[0][0]
     barrier()
     for e in range(tid, (hq + hk) * half, GPU_BLOCK):
         var h = e // half
@@ -122,6 +131,212 @@ def _rope_gpu[
         var r = rotate_pair(x1, x2, cos_t[unsafe_offset=i], sin_t[unsafe_offset=i])
         dst[unsafe_offset=row + i] = r[0].cast[dtype]()
         dst[unsafe_offset=row + i + half] = r[1].cast[dtype]()
+
+
+def sincos_f32_accurate[
+    width: SIMDLength, //
+](x: SIMD[DType.float32, width]) -> Tuple[SIMD[DType.float32, width], SIMD[DType.float32, width]]:
+    """(sin(x), cos(x)) rounded to fp32 from an fp64 evaluation, for GPU code.
+
+    On NVIDIA GPUs `std.math.sin`/`cos` of fp32 lower to `sin.approx`/`cos.approx`,
+    whose absolute error grows with |x| (about 1e-3 at 16k rad, i.e. at RoPE
+    positions of 16k), and fp64 `cos` is not available. This reduces x by pi/2 in fp64
+    (Cody-Waite, three-part pi/2 as in fdlibm; exact products for |x| < 2^20 * pi/2)
+    and evaluates fdlibm's sin/cos kernels on [-pi/4, pi/4] in fp64, so the result is
+    the correctly rounded fp32 value except in rare near-ties, like a good libm cosf.
+    """
+    comptime F = SIMD[DType.float64, width]
+    var xd = x.cast[DType.float64]()
+    var kf = floor(xd * 6.36619772367581382433e-01 + 0.5)
+    var r = xd - kf * 1.57079632673412561417e00
+    r = r - kf * 6.07710050630396597660e-11
+    r = r - kf * 2.02226624879595063154e-21
+    var z = r * r
+    var sp = F(1.58969099521155010221e-10)
+    sp = sp * z + -2.50507602534068634195e-08
+    sp = sp * z + 2.75573137070700676789e-06
+    sp = sp * z + -1.98412698298579493134e-04
+    sp = sp * z + 8.33333333332248946124e-03
+    sp = sp * z + -1.66666666666666324348e-01
+    var sin_r = r + r * z * sp
+    var cp = F(-1.13596475577881948265e-11)
+    cp = cp * z + 2.08757232129817482790e-09
+    cp = cp * z + -2.75573143513906633035e-07
+    cp = cp * z + 2.48015872894767294178e-05
+    cp = cp * z + -1.38888888888741095749e-03
+    cp = cp * z + 4.16666666666666019037e-02
+    var cos_r = (1.0 - 0.5 * z) + z * z * cp
+    var q = kf.cast[DType.int64]() & 3
+    var odd = (q & 1).eq(1)
+    var s = odd.select(cos_r, sin_r)
+    var c = odd.select(sin_r, cos_r)
+    s = (q & 2).eq(2).select(-s, s)
+    c = ((q + 1) & 2).eq(2).select(-c, c)
+    return (s.cast[DType.float32](), c.cast[DType.float32]())
+
+
+def _rope_fast_gpu[
+    dtype: DType, width: Int, explicit_positions: Bool
+](
+    q_out: Pointer[Scalar[dtype], MutAnyOrigin],
+    k_out: Pointer[Scalar[dtype], MutAnyOrigin],
+    q: Pointer[Scalar[dtype], MutAnyOrigin],
+    k: Pointer[Scalar[dtype], MutAnyOrigin],
+    positions: Pointer[Int64, MutAnyOrigin],
+    q_tokens_: Int32,
+    k_tokens_: Int32,
+    q_seq_: Int32,
+    k_seq_: Int32,
+    q_pos_offset_: Int32,
+    k_pos_offset_: Int32,
+    hq_: Int32,
+    hk_: Int32,
+    head_dim_: Int32,
+    theta: Float32,
+    factor: Float32,
+    low_freq_factor: Float32,
+    high_freq_factor: Float32,
+    original_max_position: Float32,
+):
+    """Vectorized RoPE of q and k in one launch; memory bound.
+
+    grid = (ceildiv(max(q_tokens, k_tokens) * chunks, FAST_BLOCK), q_groups + k_groups)
+    where chunks = head_dim / 2 / width and a group is FAST_HEADS_PER_THREAD heads:
+    blocks with block_idx.y < q_groups rotate q, the others k. A thread owns `width`
+    consecutive pairs (one `width`-element load from each half of the head, 16 bytes
+    when width = 16 / size_of[dtype]) of one token, computes their cos/sin once and
+    rotates them in every head of its group. The token's position is positions[token]
+    when explicit_positions, else token % seq + pos_offset (the fused attention's
+    query / key positions). Same rounding as the CPU path: angle = Float32(pos) *
+    inv_freq (fp64 schedule rounded once to fp32), fp32 cos/sin and rotation, one
+    rounding to dtype.
+    """
+    var q_tokens, k_tokens = Int(q_tokens_), Int(k_tokens_)
+    var hq, hk, head_dim = Int(hq_), Int(hk_), Int(head_dim_)
+    var freqs = RopeFreqs(theta, factor, low_freq_factor, high_freq_factor, original_max_position)
+    var half = head_dim // 2
+    var chunks = half // width
+    var tid = thread_idx.x
+    var inv_s = unsafe_stack_allocation[MAX_HALF_DIM, Float32, address_space=.SHARED]()
+    for i in range(tid, half, FAST_BLOCK):
+        inv_s[unsafe_offset=i] = freqs.inv_freq(i, head_dim)
+    barrier()
+
+    var q_groups = ceildiv(hq, FAST_HEADS_PER_THREAD)
+    var group = block_idx.y
+    var src = q
+    var dst = q_out
+    var heads = hq
+    var tokens = q_tokens
+    var seq = Int(q_seq_)
+    var pos_offset = Int(q_pos_offset_)
+    if group >= q_groups:
+        group -= q_groups
+        src = k
+        dst = k_out
+        heads = hk
+        tokens = k_tokens
+        seq = Int(k_seq_)
+        pos_offset = Int(k_pos_offset_)
+    var idx = UInt32(block_idx.x * FAST_BLOCK + tid)
+    var token = Int(idx // UInt32(chunks))
+    if token >= tokens:
+        return
+    var i0 = Int(idx % UInt32(chunks)) * width
+    var pos: Int
+    comptime if explicit_positions:
+        pos = Int(positions[unsafe_offset=token])
+    else:
+        pos = Int(UInt32(token) % UInt32(seq)) + pos_offset
+
+    var angle = Float32(pos) * inv_s.unsafe_load[width=width](i0)
+    var sc = sincos_f32_accurate(angle)
+    var s = sc[0]
+    var c = sc[1]
+    var h0 = group * FAST_HEADS_PER_THREAD
+    var base = (token * heads + h0) * head_dim + i0
+    comptime align = width * size_of[dtype]()
+    # Issue every load of the group before the first store: the compiler cannot prove
+    # that src and dst do not alias, so it would not hoist loads above stores itself.
+    var x1s = StaticTuple[SIMD[dtype, width], FAST_HEADS_PER_THREAD](fill=0)
+    var x2s = StaticTuple[SIMD[dtype, width], FAST_HEADS_PER_THREAD](fill=0)
+    comptime for j in range(FAST_HEADS_PER_THREAD):
+        if h0 + j < heads:
+            var row = base + j * head_dim
+            x1s[j] = src.unsafe_load[width=width, alignment=align](row)
+            x2s[j] = src.unsafe_load[width=width, alignment=align](row + half)
+    comptime for j in range(FAST_HEADS_PER_THREAD):
+        if h0 + j < heads:
+            var row = base + j * head_dim
+            var x1 = x1s[j].cast[DType.float32]()
+            var x2 = x2s[j].cast[DType.float32]()
+            dst.unsafe_store[alignment=align](row, (x1 * c - x2 * s).cast[dtype]())
+            dst.unsafe_store[alignment=align](row + half, (x2 * c + x1 * s).cast[dtype]())
+
+
+def _rope_vector_width[dtype: DType]() -> Int:
+    """Elements per 16-byte access."""
+    return max(1, 16 // size_of[dtype]())
+
+
+def _rope_gpu_launch[
+    dtype: DType, explicit_positions: Bool
+](
+    ctx: DeviceContext,
+    q_out: Pointer[Scalar[dtype], _],
+    k_out: Pointer[Scalar[dtype], _],
+    q: Pointer[Scalar[dtype], _],
+    k: Pointer[Scalar[dtype], _],
+    positions: Pointer[Int64, _],
+    q_tokens: Int,
+    k_tokens: Int,
+    q_seq: Int,
+    k_seq: Int,
+    q_pos_offset: Int,
+    k_pos_offset: Int,
+    hq: Int,
+    hk: Int,
+    head_dim: Int,
+    freqs: RopeFreqs,
+) raises:
+    """Enqueues `_rope_fast_gpu` (16-byte accesses when head_dim / 2 is a multiple of
+    the vector width and every pointer is 16-byte aligned, scalar ones otherwise).
+    Tokens are rows of heads * head_dim contiguous elements (BSHD flattened over B, S);
+    k_tokens = 0 or hk = 0 rotates q only. head_dim must be even, at most 2 * MAX_HALF_DIM."""
+    var max_tokens = max(q_tokens if hq > 0 else 0, k_tokens if hk > 0 else 0)
+    if max_tokens == 0 or head_dim == 0:
+        return
+    var half = head_dim // 2
+    comptime W = _rope_vector_width[dtype]()
+    var aligned = (
+        half % W == 0
+        and Int(q_out) % 16 == 0
+        and Int(k_out) % 16 == 0
+        and Int(q) % 16 == 0
+        and Int(k) % 16 == 0
+    )
+    var q_groups = ceildiv(hq, FAST_HEADS_PER_THREAD) if q_tokens > 0 else 0
+    var k_groups = ceildiv(hk, FAST_HEADS_PER_THREAD) if k_tokens > 0 else 0
+    if aligned:
+        ctx.enqueue_function[_rope_fast_gpu[dtype, W, explicit_positions]](
+            q_out, k_out, q, k, positions,
+            Int32(q_tokens), Int32(k_tokens), Int32(max(q_seq, 1)), Int32(max(k_seq, 1)),
+            Int32(q_pos_offset), Int32(k_pos_offset), Int32(hq), Int32(hk), Int32(head_dim),
+            freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
+            freqs.original_max_position,
+            grid_dim=(ceildiv(max_tokens * (half // W), FAST_BLOCK), q_groups + k_groups),
+            block_dim=FAST_BLOCK,
+        )
+    else:
+        ctx.enqueue_function[_rope_fast_gpu[dtype, 1, explicit_positions]](
+            q_out, k_out, q, k, positions,
+            Int32(q_tokens), Int32(k_tokens), Int32(max(q_seq, 1)), Int32(max(k_seq, 1)),
+            Int32(q_pos_offset), Int32(k_pos_offset), Int32(hq), Int32(hk), Int32(head_dim),
+            freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
+            freqs.original_max_position,
+            grid_dim=(ceildiv(max_tokens * half, FAST_BLOCK), q_groups + k_groups),
+            block_dim=FAST_BLOCK,
+        )
 
 
 @extensibility.register("kt.rope")
@@ -180,9 +395,6 @@ struct Rope:
 
             sync_parallelize(token_body, tokens)
         else:
-            if tokens > 0:
-                ctx.enqueue_function[_rope_gpu[dtype]](
-                    qo, ko, qp, kp, pp, Int32(hq), Int32(hk), Int32(head_dim),
-                    theta, factor, low_freq_factor, high_freq_factor, original_max_position,
-                    grid_dim=tokens, block_dim=GPU_BLOCK,
-                )
+            _rope_gpu_launch[dtype, explicit_positions=True](
+                ctx, qo, ko, qp, kp, pp, tokens, tokens, 1, 1, 0, 0, hq, hk, head_dim, freqs
+            )

@@ -20,9 +20,14 @@ import triton
 import triton.language as tl
 
 from harness.spec import Axis, Case, KernelSpec, Param, Params, Shape, TensorArg, Tensors
-from pykernels.rope import _f32, apply_rope, freq_param_decls, rope_cos_sin, triton_inv_freq
+from pykernels.rope import (_f32, apply_rope, bf16_rne, freq_param_decls, rope_cos_sin,
+                            triton_inv_freq)
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+# (HALF_P, fp32) -> (BLOCK_M, BLOCK_N, num_warps) on a GPU.
+_GPU_TILES = {(16, False): (64, 64, 4), (32, False): (64, 64, 4), (64, False): (128, 32, 8),
+              (128, False): (128, 64, 8), (16, True): (64, 64, 4), (32, True): (64, 64, 4),
+              (64, True): (64, 64, 4), (128, True): (64, 32, 4)}
 
 
 def softmax_scale(params: Params, head_dim: int) -> float:
@@ -49,8 +54,9 @@ def make_inputs(shape: Shape, params: Params, dtype: torch.dtype, device: torch.
     and n leaves that pair's dot product at a^2 cos((n-m) inv_freq[D/2-1]), nearly constant,
     so every logit is about 150: exp overflows fp32 unless the row max is subtracted, yet the
     softmax is as spread as in "unit". Large logits made by a large q, k variance instead give
-    one-hot rows whose max error hangs on a single near-tie: with logits ~N(0, 144^2), a
-    correct kernel failed the k = 2 rule in 5-20% of bf16/fp16 examples (fp32 too at ~N(0, 43^2))."""
+    near one-hot rows whose max error hangs on a single near-tie: with logits ~N(0, 144^2) the
+    Triton twin failed the k = 2 rule in several percent of fp16 examples, and in fp32 too
+    with logits ~N(0, 43^2)."""
     b, sq, skv, d = shape["B"], shape["Sq"], shape["Skv"], shape["D"]
     regime = params["logits"]
     std = 3.0 if regime == "wide" else 1.0
@@ -88,15 +94,15 @@ def reference(inputs: Tensors, params: Params) -> tuple[torch.Tensor]:
 def _rope_attention_kernel(Q, K, V, O, INV_FREQ, qk_scale, Sq, Skv, Hk, GROUP,
                            HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                           PRECISION: tl.constexpr):
+                           PRECISION: tl.constexpr, BF16_RNE: tl.constexpr):
     """One tile of BLOCK_M rows of (query, head of the GQA group) against one kv head, so each
     K/V tile is loaded and rotated once for the whole group. Row r is query r // GROUP, head
     hk * GROUP + r % GROUP, which for BSHD is flat row (b, q, hk) * GROUP + g of Q.
     Head vectors are handled as their two halves: q.k = q1.k1 + q2.k2, and the rotation needs
     no shuffle; D/2 is padded to HALF_P. tl.dot operands are rounded to the input dtype, then
     widened to DOT_DTYPE (fp32 only for bf16 under TRITON_INTERPRET=1, whose tl.dot multiplies
-    bf16 bit patterns: triton issue #11584). No nested @triton.jit helpers: the interpreter
-    pays about a millisecond per call."""
+    bf16 bit patterns: triton issue #11584). BF16_RNE: see `pykernels.rope.bf16_rne`. No
+    nested @triton.jit helpers: the interpreter pays about a millisecond per call."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // Hk
     hk = tl.program_id(1) % Hk
@@ -114,7 +120,11 @@ def _rope_attention_kernel(Q, K, V, O, INV_FREQ, qk_scale, Sq, Skv, Hk, GROUP,
     q2 = tl.load(Q + q_offs + HALF, mask=q_mask, other=0.0).to(tl.float32)
     angle = q_pos.to(tl.float32)[:, None] * inv[None, :]
     c, s = tl.cos(angle), tl.sin(angle)
-    q1, q2 = (q1 * c - q2 * s).to(dtype).to(DOT_DTYPE), (q2 * c + q1 * s).to(dtype).to(DOT_DTYPE)
+    q1, q2 = q1 * c - q2 * s, q2 * c + q1 * s
+    if BF16_RNE:  # bf16 values held in fp32, which is what the interpreter's tl.dot gets
+        q1, q2 = q1 * 65537.0 - (q1 * 65537.0 - q1), q2 * 65537.0 - (q2 * 65537.0 - q2)
+    else:
+        q1, q2 = q1.to(dtype).to(DOT_DTYPE), q2.to(dtype).to(DOT_DTYPE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -131,7 +141,11 @@ def _rope_attention_kernel(Q, K, V, O, INV_FREQ, qk_scale, Sq, Skv, Hk, GROUP,
         k2 = tl.load(K + kv_offs + HALF, mask=kv_mask, other=0.0).to(tl.float32)
         k_angle = kv.to(tl.float32)[:, None] * inv[None, :]
         kc, ks = tl.cos(k_angle), tl.sin(k_angle)
-        k1, k2 = (k1 * kc - k2 * ks).to(dtype).to(DOT_DTYPE), (k2 * kc + k1 * ks).to(dtype).to(DOT_DTYPE)
+        k1, k2 = k1 * kc - k2 * ks, k2 * kc + k1 * ks
+        if BF16_RNE:
+            k1, k2 = k1 * 65537.0 - (k1 * 65537.0 - k1), k2 * 65537.0 - (k2 * 65537.0 - k2)
+        else:
+            k1, k2 = k1.to(dtype).to(DOT_DTYPE), k2.to(dtype).to(DOT_DTYPE)
         qk = tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
         qk = tl.dot(q2, tl.trans(k2), qk, input_precision=PRECISION) * qk_scale
         if CAUSAL:  # also masks keys past Skv for every stored row (q_pos <= Skv - 1)
@@ -142,15 +156,21 @@ def _rope_attention_kernel(Q, K, V, O, INV_FREQ, qk_scale, Sq, Skv, Hk, GROUP,
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        p = p.to(dtype).to(DOT_DTYPE)
+        if BF16_RNE:
+            p = p * 65537.0 - (p * 65537.0 - p)
+        else:
+            p = p.to(dtype).to(DOT_DTYPE)
         v1 = tl.load(V + kv_offs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
         v2 = tl.load(V + kv_offs + HALF, mask=kv_mask, other=0.0).to(DOT_DTYPE)
         acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=PRECISION)
         acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
 
-    tl.store(O + q_offs, (acc1 / l_i[:, None]).to(O.dtype.element_ty), mask=q_mask)
-    tl.store(O + q_offs + HALF, (acc2 / l_i[:, None]).to(O.dtype.element_ty), mask=q_mask)
+    o1, o2 = acc1 / l_i[:, None], acc2 / l_i[:, None]
+    if BF16_RNE:
+        o1, o2 = o1 * 65537.0 - (o1 * 65537.0 - o1), o2 * 65537.0 - (o2 * 65537.0 - o2)
+    tl.store(O + q_offs, o1.to(dtype), mask=q_mask)
+    tl.store(O + q_offs + HALF, o2.to(dtype), mask=q_mask)
 
 
 def triton_rope_attention(inputs: Tensors, params: Params) -> tuple[torch.Tensor]:
@@ -161,19 +181,22 @@ def triton_rope_attention(inputs: Tensors, params: Params) -> tuple[torch.Tensor
     o = torch.empty_like(q)
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     half_p = max(16, triton.next_power_of_2(d // 2))
-    # Under the interpreter every program and every op costs Python overhead: bigger tiles.
-    block_m = min(256 if interpret else 64, max(16, triton.next_power_of_2(sq * group)))
-    block_n = min(256, max(16, triton.next_power_of_2(skv))) if interpret else (
-        64 if half_p <= 64 else 32)
-    upcast = interpret and q.dtype == torch.bfloat16
+    if interpret:  # every program and every op costs Python overhead: big tiles
+        block_m, block_n, warps = 256, min(256, max(16, triton.next_power_of_2(skv))), 4
+    else:  # measured on an H100 (Triton 3.6, bf16, causal prefill; fp32 needs the smaller)
+        block_m, block_n, warps = _GPU_TILES[(half_p, q.dtype == torch.float32)]
+    block_m = min(block_m, max(16, triton.next_power_of_2(sq * group)))
+    interpreted_bf16 = bf16_rne(q.dtype)
     qk_scale = softmax_scale(params, d) * 1.4426950408889634  # log2(e): exp2 in the kernel
     grid = (triton.cdiv(sq * group, block_m), b * hk)
     _rope_attention_kernel[grid](
         q, k, v, o, triton_inv_freq(d, params, q.device), qk_scale, sq, skv, hk, group,
         HALF=d // 2, HALF_P=half_p, BLOCK_M=block_m, BLOCK_N=block_n,
-        CAUSAL=bool(params["causal"]), DOT_DTYPE=tl.float32 if upcast else _TL_DTYPES[q.dtype],
-        PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32",
-        num_warps=4, num_stages=2)
+        CAUSAL=bool(params["causal"]),
+        DOT_DTYPE=tl.float32 if interpreted_bf16 else _TL_DTYPES[q.dtype],
+        PRECISION="ieee" if q.dtype == torch.float32 or interpreted_bf16 else "tf32",
+        BF16_RNE=interpreted_bf16,
+        num_warps=warps, num_stages=2)
     return (o,)
 
 
@@ -207,7 +230,8 @@ SPEC = KernelSpec(
     summary="RoPE on q and k fused into softmax attention (GQA, bottom-right causal mask)",
     axes=(
         Axis("B", lo=1, hi=4, edges=(1,), ci_hi=2, doc="batch"),
-        Axis("Sq", lo=1, hi=512, edges=(1, 2, 127, 128, 129), ci_hi=129, doc="new tokens (queries)"),
+        Axis("Sq", lo=1, hi=512, edges=(1, 2, 127, 128, 129), ci_hi=129,
+             doc="new tokens (queries)"),
         Axis("cache", lo=0, hi=1024, edges=(0, 1, 127, 128), ci_hi=128,
              doc="tokens already in the KV cache before the queries"),
         Axis("Hk", lo=1, hi=8, edges=(1,), ci_hi=2, doc="kv heads"),
@@ -250,5 +274,8 @@ SPEC = KernelSpec(
         _case(2, 5, 3, 1, 8, 16, "8 q heads on one kv head (MQA-like), tiny D", causal=0),
         _case(1, 1, 128, 2, 2, 32, "decode at position 128: rope of q uses Skv - Sq, not 0",
               logits="wide", theta=10000.0),
+        _case(1, 40, 88, 8, 4, 128, "Llama 3 8B heads (32 q, 8 kv, D 128): the GPU's "
+              "tensor-core fast path in bf16, prefill after a cache"),
+        _case(1, 1, 300, 8, 4, 128, "Llama 3 8B decode: the fast path's decode kernel", causal=0),
     ),
 )

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from harness.spec import Axis, Case, KernelSpec, Param, Params, Shape, TensorArg, Tensors
+from pykernels.rope import bf16_rne
 
 
 
@@ -46,8 +47,10 @@ def reference(inputs: Tensors, params: Params) -> tuple[torch.Tensor]:
 
 
 @triton.jit
-def _rms_norm_kernel(X, W, Y, M, N, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """BLOCK_M whole rows per program; fp32 sum of squares, one rounding at the store."""
+def _rms_norm_kernel(X, W, Y, M, N, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BF16_RNE: tl.constexpr):
+    """BLOCK_M whole rows per program; fp32 sum of squares, one rounding at the store.
+    BF16_RNE: see `pykernels.rope.bf16_rne`."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
@@ -56,6 +59,8 @@ def _rms_norm_kernel(X, W, Y, M, N, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
     w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
     y = x * rstd[:, None] * w[None, :]
+    if BF16_RNE:
+        y = y * 65537.0 - (y * 65537.0 - y)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -67,7 +72,8 @@ def triton_rms_norm(inputs: Tensors, params: Params) -> tuple[torch.Tensor]:
     block_m = max(1, min(triton.next_power_of_2(m), _block_elems() // block_n))
     num_warps = 8 if block_m * block_n >= 4096 else 4
     _rms_norm_kernel[(triton.cdiv(m, block_m),)](
-        x, w, y, m, n, _f32(params["eps"]), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+        x, w, y, m, n, _f32(params["eps"]), BLOCK_M=block_m, BLOCK_N=block_n,
+        BF16_RNE=bf16_rne(x.dtype), num_warps=num_warps)
     return (y,)
 
 

@@ -13,12 +13,13 @@ wavelen < L/high_freq_factor -> unchanged; in between, with s = (L/wavelen - low
 (1 - s) inv_freq / factor + s inv_freq (L = original_max_position). factor = 1 is plain RoPE.
 Frequencies and angles are fp32 (fp64 for fp64 inputs), as in HF `LlamaRotaryEmbedding`.
 
-The helpers here (`llama3_inv_freq`, `rope_cos_sin`, `apply_rope`, `triton_inv_freq`) are
-shared with `fused_rope_attention`.
+The helpers here (`llama3_inv_freq`, `rope_cos_sin`, `apply_rope`, `triton_inv_freq`, `bf16_rne`)
+are shared with `fused_rope_attention` (and `bf16_rne` with `rms_norm`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -32,6 +33,14 @@ FREQ_PARAMS = ("theta", "factor", "low_freq_factor", "high_freq_factor", "origin
 
 # Largest position per `positions` choice: Llama 3's original 8k context and 3.1's 128k.
 _POSITION_MAX = {"random": 8192, "long": 131072}
+
+
+def bf16_rne(dtype: torch.dtype) -> bool:
+    """Whether a Triton twin must round to bf16 itself before casting: the interpreter
+    (Triton 3.9) truncates fp32 -> bf16 casts instead of rounding to nearest even. The twins
+    then round in fp32 with Veltkamp's split, x*K - (x*K - x), K = 2^16 + 1, which leaves
+    bf16's 8 significant bits rounded to nearest, so the cast that follows is exact."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _block_elems() -> int:
@@ -76,7 +85,8 @@ def llama3_inv_freq(dim: int, theta: float, factor: float, low_freq_factor: floa
     low_wavelen = original_max_position / low_freq_factor
     high_wavelen = original_max_position / high_freq_factor
     scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
-    smooth = (original_max_position / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smooth = (original_max_position / wavelen - low_freq_factor) / (
+        high_freq_factor - low_freq_factor)
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(medium, smoothed, scaled)
@@ -124,9 +134,10 @@ def reference(inputs: Tensors, params: Params) -> tuple[torch.Tensor, torch.Tens
 
 @triton.jit
 def _rope_kernel(X, OUT, POS, INV_FREQ, T, H, HALF: tl.constexpr, BLOCK_T: tl.constexpr,
-                 BLOCK_H: tl.constexpr, HALF_P: tl.constexpr):
+                 BLOCK_H: tl.constexpr, HALF_P: tl.constexpr, BF16_RNE: tl.constexpr):
     """A (BLOCK_T tokens, BLOCK_H heads, HALF_P pairs) tile of a contiguous (T, H, 2*HALF)
-    tensor; cos/sin are computed once per (token, pair) and broadcast over heads."""
+    tensor; cos/sin are computed once per (token, pair) and broadcast over heads. BF16_RNE:
+    see `bf16_rne`."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     i = tl.arange(0, HALF_P)
@@ -139,16 +150,26 @@ def _rope_kernel(X, OUT, POS, INV_FREQ, T, H, HALF: tl.constexpr, BLOCK_T: tl.co
     mask = (t[:, None, None] < T) & (h[None, :, None] < H) & (i[None, None, :] < HALF)
     x1 = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(X + offs + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + offs, (x1 * c - x2 * s).to(OUT.dtype.element_ty), mask=mask)
-    tl.store(OUT + offs + HALF, (x2 * c + x1 * s).to(OUT.dtype.element_ty), mask=mask)
+    o1, o2 = x1 * c - x2 * s, x2 * c + x1 * s
+    if BF16_RNE:
+        o1, o2 = o1 * 65537.0 - (o1 * 65537.0 - o1), o2 * 65537.0 - (o2 * 65537.0 - o2)
+    tl.store(OUT + offs, o1.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + offs + HALF, o2.to(OUT.dtype.element_ty), mask=mask)
 
 
 def triton_inv_freq(dim: int, params: Params, device) -> torch.Tensor:
     """The fp32 inv_freq table the Triton twins read: `llama3_inv_freq` itself, so their
-    angles are bit-identical to the fp32 reference's. (theta^(-2i/D) recomputed in-kernel as
-    exp2(-(2i/D) log2 theta) differs from torch's powf by an ulp in about a quarter of the
-    pairs, and at positions near 8192 that alone takes the fp32 error past 2x the baseline.)"""
-    return llama3_inv_freq(dim, *freq_params(params), device=device).contiguous()
+    angles are bit-identical to the fp32 reference's. (Recomputed in a kernel, even correctly
+    rounded, theta^(-2i/D) differs from torch's fp32 pow by an ulp in about a quarter of the
+    pairs; times a position near 1e5 that is an angle error the fp16 baseline lacks when both
+    take their angles from torch.) Cached: building it is a dozen tiny launches, ~100 us on
+    a GPU."""
+    return _inv_freq_table(dim, freq_params(params), str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=64)
+def _inv_freq_table(dim: int, freqs: tuple[float, ...], device: str) -> torch.Tensor:
+    return llama3_inv_freq(dim, *freqs, device=device).contiguous()
 
 
 def _rope_launch(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -162,7 +183,7 @@ def _rope_launch(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tenso
     block_t = min(triton.next_power_of_2(b * s), max(1, elems // (block_h * half_p)))
     grid = (triton.cdiv(b * s, block_t), triton.cdiv(h, block_h))
     _rope_kernel[grid](x, out, positions, inv_freq, b * s, h, HALF=half, BLOCK_T=block_t,
-                       BLOCK_H=block_h, HALF_P=half_p)
+                       BLOCK_H=block_h, HALF_P=half_p, BF16_RNE=bf16_rne(x.dtype))
     return out
 
 
@@ -186,7 +207,8 @@ def nbytes(shape: Shape, params: Params, dtype: torch.dtype) -> float:
 
 
 def _case(b, s, hk, group, d, why, **params) -> Case:
-    full = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position": 8192.0, **params}
+    full = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position": 8192.0,
+            **params}
     return Case({"B": b, "S": s, "Hk": hk, "group": group, "D": d, "Hq": hk * group}, full, why)
 
 
@@ -196,7 +218,8 @@ SPEC = KernelSpec(
     summary="RoPE on q and k (half rotation, GPT-NeoX/HF layout) with Llama 3 frequency scaling",
     axes=(
         Axis("B", lo=1, hi=4, edges=(1, 3), ci_hi=3, doc="batch"),
-        Axis("S", lo=1, hi=300, edges=(1, 2, 127, 128, 129, 257), ci_hi=129, doc="tokens per sequence"),
+        Axis("S", lo=1, hi=300, edges=(1, 2, 127, 128, 129, 257), ci_hi=129,
+             doc="tokens per sequence"),
         Axis("Hk", lo=1, hi=8, edges=(1, 8), ci_hi=4, doc="k heads"),
         Axis("group", lo=1, hi=8, edges=(1, 3, 4), ci_hi=4, doc="q heads per k head (GQA)"),
         Axis("D", lo=2, hi=256, step=2, edges=(2, 6, 64, 80, 96, 128, 256), doc="head dim, even"),
@@ -205,7 +228,7 @@ SPEC = KernelSpec(
     params=freq_param_decls() + (
         Param("positions", ("arange", "random", "long"), kernel_arg=False,
               doc="arange: 0..S-1; random: uniform < 8192; long: uniform < 131072 (fp32 angle "
-                  "rounding reaches ~4e-3 rad there)"),
+                  "rounding reaches ~8e-3 rad there)"),
     ),
     inputs=(TensorArg("q", ("B", "S", "Hq", "D")), TensorArg("k", ("B", "S", "Hk", "D")),
             TensorArg("positions", ("B", "S"), dtype="int64")),
@@ -226,9 +249,9 @@ SPEC = KernelSpec(
               positions="arange", theta=500000.0, factor=8.0),
         _case(3, 17, 2, 3, 80, "D/2 = 40 is not a power of two: the pair axis needs masking",
               positions="random", theta=500000.0, factor=8.0),
-        _case(2, 33, 1, 2, 96, "D = 96 and per-batch positions (indexing positions by s alone fails)",
+        _case(2, 33, 1, 2, 96, "D = 96 and per-batch positions (indexing them by s alone fails)",
               positions="random", theta=10000.0, factor=8.0),
-        _case(1, 64, 2, 2, 256, "D = 256 at positions up to 128k: fp32 angle rounding ~ 4e-3 rad",
+        _case(1, 64, 2, 2, 256, "D = 256 at positions up to 128k: fp32 angle rounding ~ 8e-3 rad",
               positions="long", theta=500000.0, factor=8.0),
         _case(2, 1, 4, 1, 6, "decode step (S = 1) at a random position with 3 pairs",
               positions="random", theta=10000.0, factor=1.0),

@@ -62,7 +62,7 @@ def test_fp32_bound_is_tight():
     g = torch.Generator().manual_seed(1)
     ref = torch.randn(1000, dtype=torch.float64, generator=g)
     base = ref.float()
-    off = ref.float() * (1 + 1e-5)  # ~80 fp32 ulps: far above rounding noise
+    off = ref.float() * (1 + 3e-5)  # ~250 fp32 ulps: far above rounding noise
     assert compare("y", base, ref, base).passed
     assert not compare("y", off, ref, base).passed
 

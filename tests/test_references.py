@@ -190,7 +190,9 @@ def _attention_sdpa(inp, params):
     heads = torch.arange(hq) // (hq // hk)
     k, v = k[:, :, heads], v[:, :, heads]
     mask = kpos[None, :] <= qpos[:, None] if params["causal"] else None
-    scale = torch.tensor(params["scale"], dtype=torch.float32).item() if params["scale"] > 0 else None
+    scale = None
+    if params["scale"] > 0:
+        scale = torch.tensor(params["scale"], dtype=torch.float32).item()
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        attn_mask=mask, scale=scale)
     return o.transpose(1, 2)

@@ -2,11 +2,20 @@
 # them (no GPU), but building this program for a GPU target type-checks the kernels, lowers
 # them to PTX and checks that every launch argument can cross to the device:
 #   mojo build -I <repo> --target-accelerator=sm_90a tests/mojo/gpu_launch.mojo -o /dev/null
-from max.gpu.host import DeviceContext
+# On a GPU, `--check` also compares the fused op's fast path (RoPE pre-pass + MAX flash
+# attention) with the simple fused kernel `_attention_gpu` on random bf16 inputs:
+#   mojo run -I <repo> tests/mojo/gpu_launch.mojo --check
+from max.gpu.host import DeviceBuffer, DeviceContext
+from std.sys import argv
 
-from kernels.fused_rope_attention import GPU_BLOCK as ATTN_BLOCK, _attention_gpu
+from kernels.fused_rope_attention import (
+    GPU_BLOCK as ATTN_BLOCK,
+    _attention_gpu,
+    _fast_path_supported,
+    _fused_rope_attention_gpu,
+)
 from kernels.rms_norm import GPU_BLOCK as NORM_BLOCK, _rms_norm_gpu
-from kernels.rope import GPU_BLOCK as ROPE_BLOCK, _rope_gpu
+from kernels.rope import GPU_BLOCK as ROPE_BLOCK, RopeFreqs, _rope_gpu, _rope_gpu_launch
 
 
 def launch_all[dtype: DType](ctx: DeviceContext) raises:
@@ -25,6 +34,31 @@ def launch_all[dtype: DType](ctx: DeviceContext) raises:
         Int32(1), Int32(1), Int32(16), f, f, f, f, f,
         grid_dim=4, block_dim=ROPE_BLOCK,
     )
+    var freqs = RopeFreqs(f, f, f, f, f)
+    # Exactly as kt.rope's GPU branch passes them (MutAnyOrigin pointers).
+    _rope_gpu_launch[dtype, explicit_positions=True](
+        ctx,
+        a.unsafe_ptr().as_unsafe_any_origin(),
+        b.unsafe_ptr().as_unsafe_any_origin(),
+        c.unsafe_ptr().as_unsafe_any_origin(),
+        d.unsafe_ptr().as_unsafe_any_origin(),
+        pos.unsafe_ptr().as_unsafe_any_origin(),
+        4, 4, 1, 1, 0, 0, 1, 1, 16, freqs,
+    )
+    # kt.rope's GPU branch (explicit positions; 16-byte and scalar variants).
+    _rope_gpu_launch[dtype, explicit_positions=True](
+        ctx, a.unsafe_ptr(), b.unsafe_ptr(), c.unsafe_ptr(), d.unsafe_ptr(), pos.unsafe_ptr(),
+        4, 4, 1, 1, 0, 0, 1, 1, 16, freqs,
+    )
+    _rope_gpu_launch[dtype, explicit_positions=True](
+        ctx, a.unsafe_ptr(), b.unsafe_ptr(), c.unsafe_ptr(), d.unsafe_ptr(), pos.unsafe_ptr(),
+        4, 4, 1, 1, 0, 0, 1, 1, 6, freqs,
+    )
+    # Implicit positions (token % seq + offset), as the fused attention uses it.
+    _rope_gpu_launch[dtype, explicit_positions=False](
+        ctx, a.unsafe_ptr(), b.unsafe_ptr(), c.unsafe_ptr(), d.unsafe_ptr(), pos.unsafe_ptr(),
+        2, 4, 2, 4, 2, 0, 1, 1, 16, freqs,
+    )
     ctx.enqueue_function[_attention_gpu[dtype]](
         a.unsafe_ptr(), b.unsafe_ptr(), c.unsafe_ptr(), d.unsafe_ptr(),
         Int32(4), Int32(4), Int32(1), Int32(1), Int32(16), f, Int32(1), f, f, f, f, f,
@@ -32,9 +66,125 @@ def launch_all[dtype: DType](ctx: DeviceContext) raises:
     )
 
 
+def fused_attention_all[dtype: DType](ctx: DeviceContext) raises:
+    """The fused op's GPU branch exactly as `kt.fused_rope_attention` calls it: every
+    fast-path (heads, head_dim, mask) instantiation plus the `_attention_gpu` fallback."""
+    var freqs = RopeFreqs(10000.0, 1.0, 1.0, 4.0, 8192.0)
+    var n = 2 * 8 * 32 * 256
+    var o = ctx.enqueue_create_buffer[dtype](n)
+    var q = ctx.enqueue_create_buffer[dtype](n)
+    var k = ctx.enqueue_create_buffer[dtype](n)
+    var v = ctx.enqueue_create_buffer[dtype](n)
+    var scale = Float32(0.125)
+    # The op passes `Pointer[Scalar[dtype], MutAnyOrigin]` (InputTensor.unsafe_ptr()).
+    var op = o.unsafe_ptr().as_unsafe_any_origin()
+    var qp = q.unsafe_ptr().as_unsafe_any_origin()
+    var kp = k.unsafe_ptr().as_unsafe_any_origin()
+    var vp = v.unsafe_ptr().as_unsafe_any_origin()
+    _fused_rope_attention_gpu[dtype](op, qp, kp, vp, 1, 3, 5, 32, 8, 128, scale, 1, freqs, ctx)
+    for causal in range(2):
+        for hk in [32, 8]:
+            for d in [64, 128, 256]:
+                # batch 2, sq 4, skv 8: queries at the end of the keys.
+                _fused_rope_attention_gpu[dtype](
+                    o.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
+                    2, 4, 8, 32, hk, d, scale, Int32(causal), freqs, ctx,
+                )
+        # Fallback shapes: odd head count, unlisted head dim.
+        _fused_rope_attention_gpu[dtype](
+            o.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
+            2, 4, 8, 6, 2, 96, scale, Int32(causal), freqs, ctx,
+        )
+
+
+def _fill_random(ctx: DeviceContext, buf: DeviceBuffer, n: Int, seed: Int) raises:
+    var host = ctx.enqueue_create_host_buffer[buf.dtype](n)
+    ctx.synchronize()
+    var state = UInt64(seed) * 6364136223846793005 + 1442695040888963407
+    for i in range(n):
+        state = state * 6364136223846793005 + 1442695040888963407
+        var u = Float32(Int((state >> 40) & 0xFFFFFF)) / Float32(0x1000000)
+        host[i] = Scalar[buf.dtype](2.0 * u - 1.0)
+    ctx.enqueue_copy(buf, host)
+
+
+def check_fast_case(
+    ctx: DeviceContext, batch: Int, sq: Int, skv: Int, hq: Int, hk: Int, d: Int, causal: Int
+) raises -> Bool:
+    """Fast path vs `_attention_gpu` (fp32 RoPE and dot products) on one bf16 shape."""
+    comptime dtype = DType.bfloat16
+    if not _fast_path_supported[dtype](hq, hk, d):
+        raise Error("shape not on the fast path")
+    var freqs = RopeFreqs(500000.0, 8.0, 1.0, 4.0, 8192.0)
+    var scale = Float32(1.0) / Float32(d) ** 0.5
+    var nq = batch * sq * hq * d
+    var nkv = batch * skv * hk * d
+    var q = ctx.enqueue_create_buffer[dtype](nq)
+    var k = ctx.enqueue_create_buffer[dtype](nkv)
+    var v = ctx.enqueue_create_buffer[dtype](nkv)
+    var o_fast = ctx.enqueue_create_buffer[dtype](nq)
+    var o_ref = ctx.enqueue_create_buffer[dtype](nq)
+    _fill_random(ctx, q, nq, 1 + d + hk)
+    _fill_random(ctx, k, nkv, 2 + d + hk)
+    _fill_random(ctx, v, nkv, 3 + d + hk)
+    _fused_rope_attention_gpu[dtype](
+        o_fast.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
+        batch, sq, skv, hq, hk, d, scale, Int32(causal), freqs, ctx,
+    )
+    ctx.enqueue_function[_attention_gpu[dtype]](
+        o_ref.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
+        Int32(sq), Int32(skv), Int32(hq), Int32(hk), Int32(d), scale, Int32(causal),
+        freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
+        freqs.original_max_position,
+        grid_dim=batch * sq * hq, block_dim=ATTN_BLOCK,
+    )
+    var hf = ctx.enqueue_create_host_buffer[dtype](nq)
+    var hr = ctx.enqueue_create_host_buffer[dtype](nq)
+    ctx.enqueue_copy(hf, o_fast)
+    ctx.enqueue_copy(hr, o_ref)
+    ctx.synchronize()
+    var max_err = Float32(0)
+    var max_ref = Float32(0)
+    var finite = True
+    for i in range(nq):
+        var a = hf[i].cast[DType.float32]()
+        var b = hr[i].cast[DType.float32]()
+        if a != a:
+            finite = False
+        max_err = max(max_err, abs(a - b))
+        max_ref = max(max_ref, abs(b))
+    # bf16 q_rot / k_rot / P in the fast path vs fp32 in the reference kernel.
+    var ok = finite and max_err <= Float32(2e-2)
+    print(
+        "fast path B", batch, "Sq", sq, "Skv", skv, "Hq", hq, "Hk", hk, "D", d,
+        "causal", causal, "max|diff|", max_err, "max|ref|", max_ref,
+        "PASS" if ok else "FAIL",
+    )
+    return ok
+
+
+def check_fast_path(ctx: DeviceContext) raises:
+    var ok = True
+    for hk in [32, 8]:
+        for d in [64, 128, 256]:
+            for causal in range(2):
+                ok = check_fast_case(ctx, 2, 200, 333, 32, hk, d, causal) and ok
+            ok = check_fast_case(ctx, 1, 256, 256, 32, hk, d, 1) and ok
+            ok = check_fast_case(ctx, 2, 1, 300, 32, hk, d, 1) and ok
+    if not ok:
+        raise Error("fast path check failed")
+    print("fast path check: all PASS")
+
+
 def main() raises:
     var ctx = DeviceContext()
     launch_all[DType.float32](ctx)
     launch_all[DType.bfloat16](ctx)
     launch_all[DType.float16](ctx)
+    fused_attention_all[DType.float32](ctx)
+    fused_attention_all[DType.bfloat16](ctx)
+    fused_attention_all[DType.float16](ctx)
     ctx.synchronize()
+    for arg in argv():
+        if arg == "--check":
+            check_fast_path(ctx)
