@@ -163,6 +163,44 @@ def verify(kernels, device, dtypes, examples, seed, package, json_path, profile,
     return 0 if all_passed(results) else 1
 
 
+@cli.command()
+@click.argument("kernel")
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default=None,
+              help="Where to run [gpu when one is visible, else cpu].")
+@click.option("--shapes", "families", multiple=True,
+              help="Shape family of benchmarks/KERNEL.toml (repeatable or comma-separated) "
+                   "[cpu families on the CPU, every other family on a GPU].")
+@click.option("--providers", default=None, help="Comma-separated providers [all; see --list].")
+@click.option("--baseline", default=None,
+              help="Provider speedups are relative to [the file's baseline on a GPU, else the "
+                   "fastest non-kt provider].")
+@click.option("--save", "--json", "save", type=click.Path(dir_okay=False), default=None,
+              help="Write every row, with provenance, to this JSON file (also after Ctrl-C).")
+@click.option("--compare", "compare_path", type=click.Path(exists=True, dir_okay=False),
+              default=None, help="Compare with a saved run; exit code 1 if any row regressed "
+                                 "beyond noise (max(2 x combined (p90-p10)/p50, 5%)).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="PNG: TFLOP/s (GB/s for memory-bound families) vs sequence length.")
+@click.option("--kernels", "package", type=click.Path(), default=None,
+              help="Benchmark your own Mojo package registering the same op names.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Input data seed.")
+@click.option("--budget", type=click.FloatRange(0.01), default=None,
+              help="Seconds of timed calls per measurement [0.4 GPU, 0.25 CPU].")
+@click.option("--list", "list_only", is_flag=True, help="List families and providers; run nothing.")
+def microbench(kernel, device, families, providers, baseline, save, compare_path, plot_path,
+               package, seed, budget, list_only):
+    """Check, then time, every provider of KERNEL's op on named shape families.
+
+    Exit code 0, 1 when --compare finds a regression, 2 on bad input or Ctrl-C."""
+    from harness import microbench as mb
+
+    try:
+        return mb.cli_main(kernel, device, list(families), providers, baseline, save,
+                           compare_path, plot_path, package, seed, budget, list_only, out, err)
+    except mb.MicrobenchError as e:
+        raise KtError(str(e)) from None
+
+
 cli.add_command(make_model)
 cli.add_command(serve_bench)
 

@@ -12,12 +12,17 @@ online-softmax tiling of FlashAttention-2 (Dao 2023).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from harness.spec import Axis, Case, KernelSpec, Param, Params, Shape, TensorArg, Tensors
 from pykernels.rope import (_f32, apply_rope, bf16_rne, freq_param_decls, rope_cos_sin,
@@ -224,6 +229,196 @@ def _case(b, sq, cache, hk, group, d, why, **params) -> Case:
     return Case(shape, full, why)
 
 
+# --- Other ways to compute the same op, timed by `kt microbench` (harness/microbench.py) ---
+# Each provider is prepare(device, dtype) -> bind(inputs, params) -> Bound; see that module.
+
+
+def bench_views(shape: Shape) -> list[dict]:
+    """The slices `kt microbench` checks: q heads 0 and Hq-1 (with their kv heads) of the
+    first and last batch rows. The reference materializes Sq x Skv scores per head, 34 GB in
+    fp32 for 32 heads at 16k tokens; one head in fp64 is 2 GB."""
+    views = []
+    group = shape["group"]
+    for b in dict.fromkeys((0, shape["B"] - 1)):
+        for h in dict.fromkeys((0, shape["Hq"] - 1)):
+            q = (slice(b, b + 1), slice(None), slice(h, h + 1))
+            kv = (slice(b, b + 1), slice(None), slice(h // group, h // group + 1))
+            views.append({"q": q, "k": kv, "v": kv, "o": q})
+    return views
+
+
+def _torch_rope_qk(q: torch.Tensor, k: torch.Tensor, inv_freq: torch.Tensor):
+    """HF Llama's RoPE: fp32 angles from a precomputed inv_freq, cos/sin cast to the
+    activations' dtype, rotate_half in that dtype; q at positions Skv-Sq.., k at 0.."""
+    sq, skv = q.shape[1], k.shape[1]
+    angle = torch.arange(skv, device=q.device, dtype=torch.float32)[:, None] * inv_freq
+    cos = angle.cos().to(q.dtype)[None, :, None, :]
+    sin = angle.sin().to(q.dtype)[None, :, None, :]
+    qc, qs = cos[:, skv - sq:], sin[:, skv - sq:]
+    q1, q2 = q.chunk(2, dim=-1)
+    k1, k2 = k.chunk(2, dim=-1)
+    return (torch.cat((q1 * qc - q2 * qs, q2 * qc + q1 * qs), dim=-1),
+            torch.cat((k1 * cos - k2 * sin, k2 * cos + k1 * sin), dim=-1))
+
+
+_compiled_rope = functools.cache(lambda: torch.compile(_torch_rope_qk, dynamic=True))
+
+
+def _sdpa(q, k, v, causal: bool, scale: float, backend, repeat_kv: bool) -> torch.Tensor:
+    """torch SDPA on BSHD tensors (as (B, H, S, D) views). The causal mask is bottom-right:
+    is_causal (top-left) when Sq = Skv, no mask for one query, `causal_lower_right` else."""
+    sq, skv = q.shape[1], k.shape[1]
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    group = q.shape[2] // k.shape[2]
+    kw = {}
+    if group > 1:
+        if repeat_kv:
+            kt, vt = kt.repeat_interleave(group, dim=1), vt.repeat_interleave(group, dim=1)
+        else:
+            kw["enable_gqa"] = True
+    if causal and sq == skv:
+        kw["is_causal"] = True
+    elif causal and sq > 1:
+        kw["attn_mask"] = causal_lower_right(sq, skv)
+    with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+        o = F.scaled_dot_product_attention(qt, kt, vt, scale=scale, **kw)
+    return o.transpose(1, 2)
+
+
+def _sdpa_provider(backend_name: str | None, compiled: bool = False):
+    """torch RoPE (eager or torch.compile'd, dynamic shapes: one compile) + SDPA forced onto
+    one backend (None: torch's own choice). GQA through enable_gqa, or by repeating the kv
+    heads when the backend refuses it (said in the row's note)."""
+
+    def prepare(device: str, dtype: torch.dtype):
+        import warnings
+
+        from harness.microbench import Bound, Unavailable
+
+        name = None if compiled and device == "cpu" else backend_name  # no cuDNN on a CPU
+        backend = getattr(SDPBackend, name) if name else None
+        rope = _compiled_rope() if compiled else _torch_rope_qk
+
+        def bind(inputs: Tensors, params: Params) -> Bound:
+            q, k, v = inputs["q"], inputs["k"], inputs["v"]
+            d, group = q.shape[-1], q.shape[2] // k.shape[2]
+            inv = triton_inv_freq(d, params, q.device)
+            causal, scale = bool(params["causal"]), softmax_scale(params, d)
+            why = ""
+            for repeat in (False, True) if group > 1 else (False,):
+                def run(repeat=repeat):
+                    qr, kr = rope(q, k, inv)
+                    return (_sdpa(qr, kr, v, causal, scale, backend, repeat),)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    try:
+                        run()
+                    except RuntimeError as e:
+                        reasons = [str(w.message).splitlines()[0] for w in caught
+                                   if "kernel not used" in str(w.message)
+                                   or "because" in str(w.message)]
+                        why = (reasons[0] if reasons else str(e).splitlines()[0])[:120]
+                        continue
+                note = "kv heads repeated: the backend refused enable_gqa" if repeat else ""
+                if name != backend_name:
+                    note = "SDPA backend: torch's choice on the CPU"
+                return Bound(run, note=note)
+            if device == "cpu":
+                raise Unavailable(f"{backend_name} n/a on cpu")
+            raise Unavailable(f"{backend_name} n/a: {why}")
+
+        return bind
+
+    return prepare
+
+
+def _max_attention_graph(dtype: torch.dtype, hq: int, hk: int, d: int, causal: bool,
+                         scale: float):
+    """Stock MAX: `rope_ragged` (non-interleaved: the half-rotation layout) on q and k, then
+    `flash_attention_gpu`. Batch and sequence dims symbolic, heads and D static (MAX's
+    kernels need them at compile time), mask and scale baked in."""
+    from max import driver, engine
+    from max.dtype import DType
+    from max.graph import DeviceRef, Graph, TensorType
+    from max.nn.attention import MHAMaskVariant
+    from max.nn.kernels import flash_attention_gpu, rope_ragged
+
+    from harness.build import max_dtype
+
+    gpu = DeviceRef.GPU(0)
+    io = max_dtype(dtype)
+    types = [TensorType(io, ["B", "Sq", hq, d], device=gpu),
+             TensorType(io, ["B", "Skv", hk, d], device=gpu),
+             TensorType(io, ["B", "Skv", hk, d], device=gpu),
+             TensorType(DType.float32, ["P", d], device=gpu),
+             TensorType(DType.uint32, ["R"], device=gpu), TensorType(DType.uint32, ["B"], device=gpu),
+             TensorType(DType.uint32, ["R"], device=gpu), TensorType(DType.uint32, ["B"], device=gpu)]
+    mask = MHAMaskVariant.CAUSAL_MASK if causal else MHAMaskVariant.NULL_MASK
+    with Graph(f"max_rope_flash_{hq}_{hk}_{d}_{int(causal)}", input_types=types) as g:
+        q, k, v, freqs, q_off, q_start, k_off, k_start = (x.tensor for x in g.inputs)
+        qr = rope_ragged(q.reshape([-1, hq, d]), q_off, q_start, freqs, interleaved=False)
+        kr = rope_ragged(k.reshape([-1, hk, d]), k_off, k_start, freqs, interleaved=False)
+        g.output(flash_attention_gpu(qr.reshape(q.shape), kr.reshape(k.shape), v,
+                                     mask_variant=mask, scale=scale))
+    accel = driver.Accelerator(0)
+    return engine.InferenceSession(devices=[accel]).load(g), accel
+
+
+def max_flash(device: str, dtype: torch.dtype):
+    """Stock MAX 26.7: its RoPE kernel, then its flash attention (FA3 on H100), one graph per
+    (heads, D, mask) compiled at the first shape that needs it."""
+    import numpy as np
+
+    from harness.microbench import Bound, Unavailable
+
+    if device == "cpu":
+        raise Unavailable("n/a on cpu: MAX's flash_attention_gpu has no CPU kernel")
+    models: dict = {}
+
+    def bind(inputs: Tensors, params: Params) -> Bound:
+        from max import driver
+
+        from harness.microbench import _buffers_to_torch
+
+        q, k, v = inputs["q"], inputs["k"], inputs["v"]
+        b, sq, hq, d = q.shape
+        skv, hk = k.shape[1], k.shape[2]
+        causal, scale = bool(params["causal"]), softmax_scale(params, d)
+        key = (hq, hk, d, causal, scale)
+        if key not in models:
+            models[key] = _max_attention_graph(dtype, hq, hk, d, causal, scale)
+        model, accel = models[key]
+        angle = torch.arange(skv, device=q.device, dtype=torch.float32)[:, None] * \
+            triton_inv_freq(d, params, q.device)
+        freqs = torch.stack((angle.cos(), angle.sin()), dim=-1).reshape(skv, d).contiguous()
+
+        def u32(a):
+            return driver.Buffer.from_numpy(np.asarray(a, dtype=np.uint32)).to(accel)
+
+        keep = [q.contiguous(), k.contiguous(), v.contiguous(), freqs]
+        args = [driver.Buffer.from_dlpack(x) for x in keep]
+        args += [u32(np.arange(b + 1) * sq), u32(np.full(b, skv - sq)),
+                 u32(np.arange(b + 1) * skv), u32(np.zeros(b))]
+
+        def run():
+            return model.execute(*args)
+
+        run.keep_alive = keep
+        return Bound(run, lambda bufs: _buffers_to_torch(bufs, device),
+                     int(accel.default_queue.native_stream_handle), accel.synchronize)
+
+    return bind
+
+
+PROVIDERS = {
+    "max_flash": max_flash,
+    "torch_flash": _sdpa_provider("FLASH_ATTENTION"),
+    "torch_cudnn": _sdpa_provider("CUDNN_ATTENTION"),
+    "torch_efficient": _sdpa_provider("EFFICIENT_ATTENTION"),
+    "torch_compile": _sdpa_provider("CUDNN_ATTENTION", compiled=True),
+}
+
+
 SPEC = KernelSpec(
     name="fused_rope_attention",
     op="kt.fused_rope_attention",
@@ -255,6 +450,7 @@ SPEC = KernelSpec(
     triton=triton_rope_attention,
     flops=flops,
     bytes=nbytes,
+    providers=PROVIDERS,
     golden=(
         _case(1, 1, 0, 1, 1, 16, "one query, one key: o = v whatever the logits"),
         _case(2, 1, 127, 2, 4, 128, "decode step on a 128-token cache, Llama 3 GQA (4 q per kv)"),

@@ -7,6 +7,7 @@ and multiplies by w in fp32 and rounds to the input dtype once, at the end.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -88,6 +89,87 @@ def nbytes(shape: Shape, params: Params, dtype: torch.dtype) -> float:
     return float((2 * m * n + n) * dtype.itemsize)
 
 
+# --- Other ways to compute the same op, timed by `kt microbench` (harness/microbench.py) ---
+# Each provider is prepare(device, dtype) -> bind(inputs, params) -> Bound; see that module.
+
+
+def _hf_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF transformers `LlamaRMSNorm.forward`: fp32 statistics, cast back, then times w."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+_compiled_rms_norm = functools.cache(lambda: torch.compile(_hf_rms_norm, dynamic=True))
+
+
+def _torch_provider(kind: str):
+    """PyTorch: HF's module eager ("eager"), torch.compile'd ("compile"), or torch's own
+    fused `torch.nn.functional.rms_norm` ("functional")."""
+
+    def prepare(device: str, dtype: torch.dtype):
+        def bind(inputs: Tensors, params: Params):
+            x, w, eps = inputs["x"], inputs["w"], _f32(params["eps"])
+            if kind == "functional":
+                return lambda: (torch.nn.functional.rms_norm(x, (x.shape[-1],), w, eps),)
+            fn = _compiled_rms_norm() if kind == "compile" else _hf_rms_norm
+            return lambda: (fn(x, w, eps),)
+
+        return bind
+
+    return prepare
+
+
+def max_rms_norm(device: str, dtype: torch.dtype):
+    """Stock MAX 26.7: `max.graph.ops.rms_norm` (Llama style), symbolic rows and width, one
+    graph per (dtype, eps)."""
+    from harness.microbench import Bound, _buffers_to_torch
+
+    models: dict = {}
+
+    def build(eps: float):
+        from max import driver, engine
+        from max.graph import DeviceRef, Graph, TensorType, ops
+
+        from harness.build import max_dtype
+
+        dev = DeviceRef.CPU() if device == "cpu" else DeviceRef.GPU(0)
+        io = max_dtype(dtype)
+        types = [TensorType(io, ["M", "N"], device=dev), TensorType(io, ["N"], device=dev)]
+        with Graph("max_rms_norm", input_types=types) as g:
+            x, w = (v.tensor for v in g.inputs)
+            g.output(ops.rms_norm(x, w, epsilon=eps))
+        mdev = driver.CPU() if device == "cpu" else driver.Accelerator(0)
+        return engine.InferenceSession(devices=[mdev]).load(g), mdev
+
+    def bind(inputs: Tensors, params: Params) -> Bound:
+        from max import driver
+
+        eps = _f32(params["eps"])
+        if eps not in models:
+            models[eps] = build(eps)
+        model, mdev = models[eps]
+        keep = [inputs["x"].contiguous(), inputs["w"].contiguous()]
+        args = [driver.Buffer.from_dlpack(t) for t in keep]
+
+        def run():
+            return model.execute(*args)
+
+        run.keep_alive = keep
+        stream = None if device == "cpu" else int(mdev.default_queue.native_stream_handle)
+        return Bound(run, lambda bufs: _buffers_to_torch(bufs, device), stream, mdev.synchronize)
+
+    return bind
+
+
+PROVIDERS = {
+    "max_rms_norm": max_rms_norm,
+    "torch_eager": _torch_provider("eager"),
+    "torch_functional": _torch_provider("functional"),
+    "torch_compile": _torch_provider("compile"),
+}
+
+
 SPEC = KernelSpec(
     name="rms_norm",
     op="kt.rms_norm",
@@ -110,6 +192,7 @@ SPEC = KernelSpec(
     triton=triton_rms_norm,
     flops=flops,
     bytes=nbytes,
+    providers=PROVIDERS,
     golden=(
         Case({"M": 1, "N": 1}, {"eps": 1e-6, "input_scale": 1.0},
              "one element: y = w * x / sqrt(x^2 + eps), a mean over 1 divides by 1"),

@@ -212,6 +212,106 @@ def _case(b, s, hk, group, d, why, **params) -> Case:
     return Case({"B": b, "S": s, "Hk": hk, "group": group, "D": d, "Hq": hk * group}, full, why)
 
 
+# --- Other ways to compute the same op, timed by `kt microbench` (harness/microbench.py) ---
+# Each provider is prepare(device, dtype) -> bind(inputs, params) -> Bound; see that module.
+
+
+def _torch_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF Llama's RoPE: fp32 angles from a precomputed inv_freq, cos/sin cast to the
+    activations' dtype, rotate_half in that dtype."""
+    angle = positions.to(torch.float32)[..., None] * inv_freq
+    cos, sin = angle.cos().to(q.dtype), angle.sin().to(q.dtype)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+_compiled_rope = functools.cache(lambda: torch.compile(_torch_rope, dynamic=True))
+
+
+def _torch_provider(compiled: bool):
+    """PyTorch RoPE as HF transformers runs it, eager or torch.compile'd (dynamic shapes)."""
+
+    def prepare(device: str, dtype: torch.dtype):
+        fn = _compiled_rope() if compiled else _torch_rope
+
+        def bind(inputs: Tensors, params: Params):
+            q, k, pos = inputs["q"], inputs["k"], inputs["positions"]
+            inv = triton_inv_freq(q.shape[-1], params, q.device)
+            return lambda: fn(q, k, pos, inv)
+
+        return bind
+
+    return prepare
+
+
+def max_rope(device: str, dtype: torch.dtype):
+    """Stock MAX 26.7: `rope_ragged_with_position_ids` (non-interleaved) on q and on k, with
+    a fp32 (cos, sin) table as MAX's `RotaryEmbedding.freqs_cis` builds it; one graph per
+    dtype (tokens, heads and table length symbolic, D static per graph)."""
+    import numpy as np
+
+    from harness.microbench import Bound, _buffers_to_torch
+
+    models: dict = {}
+
+    def build(d: int):
+        from max import driver, engine
+        from max.dtype import DType
+        from max.graph import DeviceRef, Graph, TensorType
+        from max.nn.kernels import rope_ragged_with_position_ids
+
+        from harness.build import max_dtype
+
+        dev = DeviceRef.CPU() if device == "cpu" else DeviceRef.GPU(0)
+        io = max_dtype(dtype)
+        types = [TensorType(io, ["T", "Hq", d], device=dev), TensorType(io, ["T", "Hk", d], device=dev),
+                 TensorType(DType.float32, ["P", d], device=dev),
+                 TensorType(DType.uint32, ["T"], device=dev)]
+        with Graph(f"max_rope_{d}", input_types=types) as g:
+            q, k, freqs, pos = (x.tensor for x in g.inputs)
+            g.output(rope_ragged_with_position_ids(q, freqs, pos, interleaved=False),
+                     rope_ragged_with_position_ids(k, freqs, pos, interleaved=False))
+        mdev = driver.CPU() if device == "cpu" else driver.Accelerator(0)
+        return engine.InferenceSession(devices=[mdev]).load(g), mdev
+
+    def bind(inputs: Tensors, params: Params) -> Bound:
+        from max import driver
+
+        q, k, pos = inputs["q"], inputs["k"], inputs["positions"]
+        b, s, hq, d = q.shape
+        if d not in models:
+            models[d] = build(d)
+        model, mdev = models[d]
+        table = int(pos.max()) + 1
+        angle = torch.arange(table, device=q.device, dtype=torch.float32)[:, None] * \
+            triton_inv_freq(d, params, q.device)
+        freqs = torch.stack((angle.cos(), angle.sin()), dim=-1).reshape(table, d).contiguous()
+        keep = [q.reshape(b * s, hq, d).contiguous(), k.reshape(b * s, -1, d).contiguous(), freqs]
+        args = [driver.Buffer.from_dlpack(x) for x in keep]
+        args.append(driver.Buffer.from_numpy(pos.reshape(-1).cpu().numpy().astype(np.uint32))
+                    .to(mdev))
+
+        def run():
+            return model.execute(*args)
+
+        def to_torch(bufs):
+            qo, ko = _buffers_to_torch(bufs, device)
+            return qo.reshape(q.shape), ko.reshape(k.shape)
+
+        run.keep_alive = keep
+        stream = None if device == "cpu" else int(mdev.default_queue.native_stream_handle)
+        return Bound(run, to_torch, stream, mdev.synchronize)
+
+    return bind
+
+
+PROVIDERS = {
+    "max_rope": max_rope,
+    "torch_eager": _torch_provider(compiled=False),
+    "torch_compile": _torch_provider(compiled=True),
+}
+
+
 SPEC = KernelSpec(
     name="rope",
     op="kt.rope",
@@ -238,6 +338,7 @@ SPEC = KernelSpec(
     triton=triton_rope,
     flops=flops,
     bytes=nbytes,
+    providers=PROVIDERS,
     golden=(
         _case(1, 1, 1, 1, 2, "one pair, one token at position 0: the identity rotation",
               positions="arange", theta=10000.0, factor=1.0),
