@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `kt microbench` on the lent GPU for every kernel and every GPU shape family, in about
-# 8 minutes. Run from the repository root with MAX/Mojo importable (e.g. on PYTHONPATH):
+# 9 minutes. Run from the repository root with MAX/Mojo importable (e.g. on PYTHONPATH):
 #
 #   OUT=/path/to/results bash benchmarks/gpu_run.sh
 #
@@ -18,9 +18,9 @@ set -u
 OUT=${OUT:?set OUT to the folder the results go to}
 PY=${PYTHON:-python3}
 WARM_S=${WARM_S:-170}
-ATTN_S=${ATTN_S:-190}
-ROPE_S=${ROPE_S:-55}
-NORM_S=${NORM_S:-55}
+ATTN_S=${ATTN_S:-180}
+ROPE_S=${ROPE_S:-100}
+NORM_S=${NORM_S:-70}
 DEVICE=${DEVICE:-gpu}  # DEVICE=cpu rehearses the script's flow on a CPU (cpu families)
 mkdir -p "$OUT"
 LOG="$OUT/gpu_run.log"

@@ -13,16 +13,25 @@ import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.algorithm import sync_parallelize
 from max.gpu import block_idx, thread_idx
+from max.gpu.primitives.warp import shuffle_xor
 from max.gpu.host import DeviceContext
 from max.gpu.host.info import is_cpu
 from max.gpu.sync import barrier
 from layout import Idx, TileTensor, row_major
 from nn.attention.gpu.mha import flash_attention
 from nn.attention.mha_mask import CausalMask, NullMask
-from std.math import cos, exp, inf, sin, sqrt
+from std.math import ceildiv, cos, exp, exp2, inf, sin, sqrt
 from std.memory import alloc, unsafe_stack_allocation
+from std.sys import size_of
+from std.utils import StaticTuple
 
-from .rope import RopeFreqs, _rope_gpu_launch, rotate_pair, sincos_f32_accurate
+from .rope import (
+    RopeFreqs,
+    _rope_gpu_launch,
+    rotate_pair,
+    sincos_f32_accurate,
+    sincos_f32_fast,
+)
 
 comptime MAX_HEAD_DIM = 256
 comptime GPU_BLOCK = 128
@@ -191,6 +200,319 @@ def _attention_gpu[
         o_row[unsafe_offset=tid + GPU_BLOCK] = (acc1 / l).cast[dtype]()
 
 
+# Decode path (one query per sequence, 16-bit dtypes): split-KV flash decoding with RoPE
+# applied to each key as it streams through registers, so rotated keys never touch memory.
+comptime DECODE_WARPS = 4
+comptime DECODE_THREADS = DECODE_WARPS * 32
+comptime DECODE_UNROLL = 2
+# Keys per split at least this many; splits at most enough for this many blocks in all.
+comptime DECODE_MIN_CHUNK = 256
+comptime DECODE_TARGET_BLOCKS = 1024
+comptime LOG2E = Float32(1.4426950408889634)
+
+
+def _decode_heads_per_block(group: Int) -> Int:
+    """q heads of one kv group handled by one block (4 at most: registers)."""
+    if group % 4 == 0:
+        return 4
+    if group % 2 == 0:
+        return 2
+    return 1
+
+
+def _decode_supported[dtype: DType](head_dim: Int) -> Bool:
+    """Whether `_decode_partial_gpu` has an instantiation for this dtype and head dim."""
+    comptime if dtype != DType.bfloat16 and dtype != DType.float16:
+        return False
+    return head_dim == 64 or head_dim == 128
+
+
+def _merge_scale(m: Float32, m_new: Float32) -> Float32:
+    """exp2(m - m_new), 0 for an empty softmax state (m = -inf)."""
+    return Float32(0) if m == -inf[DType.float32]() else exp2(m - m_new)
+
+
+def _decode_partial_gpu[
+    dtype: DType, D: Int, GB: Int
+](
+    m_part: Pointer[Float32, MutAnyOrigin],
+    l_part: Pointer[Float32, MutAnyOrigin],
+    acc_part: Pointer[Float32, MutAnyOrigin],
+    q: Pointer[Scalar[dtype], MutAnyOrigin],
+    k: Pointer[Scalar[dtype], MutAnyOrigin],
+    v: Pointer[Scalar[dtype], MutAnyOrigin],
+    skv_: Int32,
+    hq_: Int32,
+    hk_: Int32,
+    chunk_: Int32,
+    scale_log2: Float32,
+    theta: Float32,
+    factor: Float32,
+    low_freq_factor: Float32,
+    high_freq_factor: Float32,
+    original_max_position: Float32,
+):
+    """One block per (split of the keys, kv head and GB of its q heads, batch row):
+    grid = (splits, hk * group / GB, batch), DECODE_THREADS threads.
+
+    The query sits at position skv - 1 and sees every key (the causal mask is moot).
+    A key's head vector is read by TPK = D / 2 / W threads, each holding W-element
+    (16-byte) slices of both halves, so the RoPE pair (i, i + D/2) lives in one thread:
+    it rotates its slices in registers (fp32 angle = pos * inv_freq, `sincos_f32_fast`),
+    dots them with its slices of the GB rotated queries (pre-scaled by scale * log2 e),
+    and a TPK-lane butterfly sums the dot. Each group of TPK lanes keeps its own online
+    softmax (base-2) over the keys it visits; at the end the groups merge through warp
+    shuffles and shared memory, and the block writes its running max m, sum l and
+    unnormalized output acc (fp32) for `_decode_combine_gpu`.
+    """
+    comptime W = 16 // size_of[dtype]()
+    comptime HALF = D // 2
+    comptime TPK = HALF // W
+    comptime KPW = 32 // TPK
+    comptime STREAMS = DECODE_WARPS * KPW
+    comptime F = SIMD[DType.float32, W]
+    comptime NEG_INF = -inf[DType.float32]()
+    comptime align = 16
+
+    var skv, hq, hk, chunk = Int(skv_), Int(hq_), Int(hk_), Int(chunk_)
+    var group = hq // hk
+    var subs = group // GB
+    var split = block_idx.x
+    var kvh = block_idx.y // subs
+    var h0 = kvh * group + (block_idx.y % subs) * GB
+    var b = block_idx.z
+    var splits = Int(ceildiv(skv, chunk))
+    var tid = thread_idx.x
+    var lane = tid % 32
+    var warp = tid // 32
+    var i0 = (lane % TPK) * W
+    var stream = warp * KPW + lane // TPK
+
+    var freqs = RopeFreqs(theta, factor, low_freq_factor, high_freq_factor, original_max_position)
+    var inv_s = unsafe_stack_allocation[HALF, Float32, address_space=.SHARED]()
+    for i in range(tid, HALF, DECODE_THREADS):
+        inv_s[unsafe_offset=i] = freqs.inv_freq(i, D)
+    barrier()
+    var inv = F()
+    comptime for e in range(W):
+        inv[e] = inv_s[unsafe_offset=i0 + e]
+
+    # The GB queries, rotated at position skv - 1 and pre-scaled.
+    var q_lo = StaticTuple[F, GB](fill=0)
+    var q_hi = StaticTuple[F, GB](fill=0)
+    var qsc = sincos_f32_fast(Float32(skv - 1) * inv)
+    comptime for g in range(GB):
+        var row = (b * hq + h0 + g) * D + i0
+        var x1 = q.unsafe_load[width=W, alignment=align](row).cast[DType.float32]()
+        var x2 = q.unsafe_load[width=W, alignment=align](row + HALF).cast[DType.float32]()
+        q_lo[g] = (x1 * qsc[1] - x2 * qsc[0]) * scale_log2
+        q_hi[g] = (x2 * qsc[1] + x1 * qsc[0]) * scale_log2
+
+    var m = StaticTuple[Float32, GB](fill=NEG_INF)
+    var l = StaticTuple[Float32, GB](fill=0)
+    var acc_lo = StaticTuple[F, GB](fill=0)
+    var acc_hi = StaticTuple[F, GB](fill=0)
+    var start = split * chunk
+    var end = min(start + chunk, skv)
+    var kv_stride = hk * D
+    var base = start + stream
+    # Warp-uniform trip count: every lane runs every iteration (the butterflies need the
+    # whole warp); a lane past the end masks its key out.
+    var warp_first = start + warp * KPW
+    while warp_first < end:
+        var k1s = StaticTuple[SIMD[dtype, W], DECODE_UNROLL](fill=0)
+        var k2s = StaticTuple[SIMD[dtype, W], DECODE_UNROLL](fill=0)
+        var v1s = StaticTuple[SIMD[dtype, W], DECODE_UNROLL](fill=0)
+        var v2s = StaticTuple[SIMD[dtype, W], DECODE_UNROLL](fill=0)
+        # Every load of the step first, to keep more bytes in flight.
+        comptime for u in range(DECODE_UNROLL):
+            var j = base + u * STREAMS
+            if j < end:
+                var row = (b * skv + j) * kv_stride + kvh * D + i0
+                k1s[u] = k.unsafe_load[width=W, alignment=align](row)
+                k2s[u] = k.unsafe_load[width=W, alignment=align](row + HALF)
+                v1s[u] = v.unsafe_load[width=W, alignment=align](row)
+                v2s[u] = v.unsafe_load[width=W, alignment=align](row + HALF)
+        comptime for u in range(DECODE_UNROLL):
+            var j = base + u * STREAMS
+            var valid = j < end
+            var sc = sincos_f32_fast(Float32(j) * inv)
+            var k1 = k1s[u].cast[DType.float32]()
+            var k2 = k2s[u].cast[DType.float32]()
+            var kr1 = k1 * sc[1] - k2 * sc[0]
+            var kr2 = k2 * sc[1] + k1 * sc[0]
+            var v1 = v1s[u].cast[DType.float32]()
+            var v2 = v2s[u].cast[DType.float32]()
+            comptime for g in range(GB):
+                var s = (q_lo[g] * kr1 + q_hi[g] * kr2).reduce_add()
+                comptime for step in range(5):
+                    comptime off = TPK >> (step + 1)
+                    comptime if off > 0:
+                        s += shuffle_xor(s, UInt32(off))
+                if valid:
+                    var m_new = max(m[g], s)
+                    var corr = _merge_scale(m[g], m_new)
+                    var p = exp2(s - m_new)
+                    l[g] = l[g] * corr + p
+                    acc_lo[g] = acc_lo[g] * corr + p * v1
+                    acc_hi[g] = acc_hi[g] * corr + p * v2
+                    m[g] = m_new
+        base += DECODE_UNROLL * STREAMS
+        warp_first += DECODE_UNROLL * STREAMS
+
+    # Merge the KPW streams of each warp (lanes with the same slice, xor over the stream bits).
+    comptime for step in range(5):
+        comptime off = TPK << step
+        comptime if off < 32:
+            comptime for g in range(GB):
+                var m_o = shuffle_xor(m[g], UInt32(off))
+                var l_o = shuffle_xor(l[g], UInt32(off))
+                var m_new = max(m[g], m_o)
+                var a = _merge_scale(m[g], m_new)
+                var c = _merge_scale(m_o, m_new)
+                l[g] = l[g] * a + l_o * c
+                comptime for e in range(W):
+                    acc_lo[g][e] = acc_lo[g][e] * a + shuffle_xor(acc_lo[g][e], UInt32(off)) * c
+                    acc_hi[g][e] = acc_hi[g][e] * a + shuffle_xor(acc_hi[g][e], UInt32(off)) * c
+                m[g] = m_new
+
+    # Then the warps, through shared memory.
+    var m_s = unsafe_stack_allocation[DECODE_WARPS * GB, Float32, address_space=.SHARED]()
+    var l_s = unsafe_stack_allocation[DECODE_WARPS * GB, Float32, address_space=.SHARED]()
+    var acc_s = unsafe_stack_allocation[DECODE_WARPS * GB * D, Float32, address_space=.SHARED]()
+    if lane < TPK:
+        comptime for g in range(GB):
+            var at = (warp * GB + g) * D + i0
+            comptime for e in range(W):
+                acc_s[unsafe_offset=at + e] = acc_lo[g][e]
+                acc_s[unsafe_offset=at + HALF + e] = acc_hi[g][e]
+            if lane == 0:
+                m_s[unsafe_offset=warp * GB + g] = m[g]
+                l_s[unsafe_offset=warp * GB + g] = l[g]
+    barrier()
+    for idx in range(tid, GB * D, DECODE_THREADS):
+        var g = idx // D
+        var d = idx % D
+        var m_all = NEG_INF
+        comptime for w in range(DECODE_WARPS):
+            m_all = max(m_all, m_s[unsafe_offset=w * GB + g])
+        var l_all = Float32(0)
+        var a_all = Float32(0)
+        comptime for w in range(DECODE_WARPS):
+            var c = _merge_scale(m_s[unsafe_offset=w * GB + g], m_all)
+            l_all += l_s[unsafe_offset=w * GB + g] * c
+            a_all += acc_s[unsafe_offset=(w * GB + g) * D + d] * c
+        var part = (b * hq + h0 + g) * splits + split
+        acc_part[unsafe_offset=part * D + d] = a_all
+        if d == 0:
+            m_part[unsafe_offset=part] = m_all
+            l_part[unsafe_offset=part] = l_all
+
+
+def _decode_combine_gpu[
+    dtype: DType
+](
+    o: Pointer[Scalar[dtype], MutAnyOrigin],
+    m_part: Pointer[Float32, MutAnyOrigin],
+    l_part: Pointer[Float32, MutAnyOrigin],
+    acc_part: Pointer[Float32, MutAnyOrigin],
+    splits_: Int32,
+    head_dim_: Int32,
+):
+    """o[row] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the splits of one
+    (batch, q head) row; grid = batch * hq rows, DECODE_THREADS threads."""
+    var splits, head_dim = Int(splits_), Int(head_dim_)
+    var row = block_idx.x
+    var m_all = -inf[DType.float32]()
+    for s in range(splits):
+        m_all = max(m_all, m_part[unsafe_offset=row * splits + s])
+    var l_all = Float32(0)
+    for s in range(splits):
+        l_all += l_part[unsafe_offset=row * splits + s] * _merge_scale(
+            m_part[unsafe_offset=row * splits + s], m_all
+        )
+    for d in range(thread_idx.x, head_dim, DECODE_THREADS):
+        var a = Float32(0)
+        for s in range(splits):
+            a += acc_part[unsafe_offset=(row * splits + s) * head_dim + d] * _merge_scale(
+                m_part[unsafe_offset=row * splits + s], m_all
+            )
+        o[unsafe_offset=row * head_dim + d] = (a / l_all).cast[dtype]()
+
+
+def _decode_launch_static[
+    dtype: DType, D: Int, GB: Int
+](
+    o: Pointer[Scalar[dtype], MutAnyOrigin],
+    q: Pointer[Scalar[dtype], MutAnyOrigin],
+    k: Pointer[Scalar[dtype], MutAnyOrigin],
+    v: Pointer[Scalar[dtype], MutAnyOrigin],
+    batch: Int,
+    skv: Int,
+    hq: Int,
+    hk: Int,
+    sm_scale: Float32,
+    freqs: RopeFreqs,
+    ctx: DeviceContext,
+) raises:
+    var blocks_per_split = batch * hk * (hq // hk // GB)
+    var splits = max(
+        1, min(ceildiv(skv, DECODE_MIN_CHUNK), ceildiv(DECODE_TARGET_BLOCKS, blocks_per_split))
+    )
+    var chunk = ceildiv(skv, splits)
+    splits = ceildiv(skv, chunk)
+    var m_part = ctx.enqueue_create_buffer[DType.float32](batch * hq * splits)
+    var l_part = ctx.enqueue_create_buffer[DType.float32](batch * hq * splits)
+    var acc_part = ctx.enqueue_create_buffer[DType.float32](batch * hq * splits * D)
+    ctx.enqueue_function[_decode_partial_gpu[dtype, D, GB]](
+        m_part.unsafe_ptr(), l_part.unsafe_ptr(), acc_part.unsafe_ptr(), q, k, v,
+        Int32(skv), Int32(hq), Int32(hk), Int32(chunk), sm_scale * LOG2E,
+        freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
+        freqs.original_max_position,
+        grid_dim=(splits, hk * (hq // hk // GB), batch), block_dim=DECODE_THREADS,
+    )
+    ctx.enqueue_function[_decode_combine_gpu[dtype]](
+        o, m_part.unsafe_ptr(), l_part.unsafe_ptr(), acc_part.unsafe_ptr(),
+        Int32(splits), Int32(D),
+        grid_dim=batch * hq, block_dim=DECODE_THREADS,
+    )
+    # Frees are stream-ordered: the buffers outlive the kernels that use them.
+    _ = m_part^
+    _ = l_part^
+    _ = acc_part^
+
+
+def _decode_dispatch[
+    dtype: DType
+](
+    o: Pointer[Scalar[dtype], MutAnyOrigin],
+    q: Pointer[Scalar[dtype], MutAnyOrigin],
+    k: Pointer[Scalar[dtype], MutAnyOrigin],
+    v: Pointer[Scalar[dtype], MutAnyOrigin],
+    batch: Int,
+    skv: Int,
+    hq: Int,
+    hk: Int,
+    head_dim: Int,
+    sm_scale: Float32,
+    freqs: RopeFreqs,
+    ctx: DeviceContext,
+) raises:
+    """`_decode_launch_static` for the runtime head dim and heads per block; the caller
+    checks `_decode_supported` first."""
+    comptime if dtype == DType.bfloat16 or dtype == DType.float16:
+        var gb = _decode_heads_per_block(hq // hk)
+        comptime for D in [64, 128]:
+            if head_dim == D:
+                comptime for GB in [1, 2, 4]:
+                    if gb == GB:
+                        _decode_launch_static[dtype, D, GB](
+                            o, q, k, v, batch, skv, hq, hk, sm_scale, freqs, ctx
+                        )
+                        return
+    raise Error("kt.fused_rope_attention: no decode kernel for this shape")
+
+
 def _flash_attention_static[
     dtype: DType, hq: Int, hk: Int, depth: Int, causal: Bool
 ](
@@ -294,6 +616,9 @@ def _fused_rope_attention_gpu[
 ) raises:
     """The op's GPU branch (arguments already validated, sm_scale resolved).
 
+    Decode (sq = 1, bf16 or fp16, head_dim 64 or 128, 16-byte aligned tensors): the
+    split-KV kernel `_decode_partial_gpu`, which rotates each key in registers as it
+    streams, then `_decode_combine_gpu`.
     Fast path (`_fast_path_supported`: bf16 and a listed (hq, hk, head_dim)):
     rotate q (positions skv - sq + i) and k (positions j) into scratch buffers of dtype
     with the vectorized RoPE kernel, then MAX's flash attention on (q_rot, k_rot, v).
@@ -303,7 +628,16 @@ def _fused_rope_attention_gpu[
         return
     var op = o.unsafe_mut_cast[True]().as_unsafe_any_origin()
     var vp = v.unsafe_mut_cast[True]().as_unsafe_any_origin()
-    if _fast_path_supported[dtype](hq, hk, head_dim):
+    var aligned = Int(q) % 16 == 0 and Int(k) % 16 == 0 and Int(v) % 16 == 0
+    if sq == 1 and aligned and _decode_supported[dtype](head_dim):
+        _decode_dispatch[dtype](
+            op,
+            q.unsafe_mut_cast[True]().as_unsafe_any_origin(),
+            k.unsafe_mut_cast[True]().as_unsafe_any_origin(),
+            vp,
+            batch, skv, hq, hk, head_dim, sm_scale, freqs, ctx,
+        )
+    elif _fast_path_supported[dtype](hq, hk, head_dim):
         var q_rot = ctx.enqueue_create_buffer[dtype](batch * sq * hq * head_dim)
         var k_rot = ctx.enqueue_create_buffer[dtype](batch * skv * hk * head_dim)
         _rope_gpu_launch[dtype, explicit_positions=False](

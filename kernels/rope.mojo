@@ -175,6 +175,39 @@ def sincos_f32_accurate[
     return (s.cast[DType.float32](), c.cast[DType.float32]())
 
 
+def sincos_f32_fast[
+    width: SIMDLength, //
+](x: SIMD[DType.float32, width]) -> Tuple[SIMD[DType.float32, width], SIMD[DType.float32, width]]:
+    """(sin(x), cos(x)) in fp32 arithmetic, within a few fp32 ulps for |x| < 2^17, for GPU
+    inner loops where `sincos_f32_accurate`'s fp64 would cost too much (callers use that
+    one beyond 2^17).
+
+    x is reduced by pi/2 split into three fp32 parts, each product subtracted with one fused
+    multiply-add (the product is exact inside it), so r = x - k pi/2 carries an error of
+    about one ulp of r; then degree-7 and degree-8 polynomials on [-pi/4, pi/4] (Cephes'
+    sinf/cosf coefficients) and the quadrant of k pick and sign them.
+    """
+    comptime F = SIMD[DType.float32, width]
+    var kf = floor(x * 0.636619746685028076171875 + 0.5)
+    var r = (-kf).fma(F(1.57079637050628662109375), x)
+    r = (-kf).fma(F(-4.37113882867379300296e-08), r)
+    r = (-kf).fma(F(-1.71512451000588188e-15), r)
+    var z = r * r
+    var sp = z.fma(F(-1.9515295891e-4), F(8.3321608736e-3))
+    sp = z.fma(sp, F(-1.6666654611e-1))
+    var sin_r = (r * z).fma(sp, r)
+    var cp = z.fma(F(2.443315711809948e-5), F(-1.388731625493765e-3))
+    cp = z.fma(cp, F(4.166664568298827e-2))
+    var cos_r = (z * z).fma(cp, z.fma(F(-0.5), F(1.0)))
+    var q = kf.cast[DType.int32]() & 3
+    var odd = (q & 1).eq(1)
+    var s = odd.select(cos_r, sin_r)
+    var c = odd.select(sin_r, cos_r)
+    s = (q & 2).eq(2).select(-s, s)
+    c = ((q + 1) & 2).eq(2).select(-c, c)
+    return (s, c)
+
+
 def _rope_fast_gpu[
     dtype: DType, width: Int, explicit_positions: Bool
 ](

@@ -410,12 +410,41 @@ def max_flash(device: str, dtype: torch.dtype):
     return bind
 
 
+def cudnn_alone(device: str, dtype: torch.dtype):
+    """Yardstick, not the op: cuDNN SDPA on the unrotated q and k (no RoPE at all). The
+    issue's goal is a fused RoPE + attention no slower than this, measured in the same run."""
+    from harness.microbench import Bound, Unavailable
+
+    if device == "cpu":
+        raise Unavailable("n/a on cpu: cuDNN")
+    backend = SDPBackend.CUDNN_ATTENTION
+
+    def bind(inputs: Tensors, params: Params) -> Bound:
+        q, k, v = inputs["q"], inputs["k"], inputs["v"]
+        causal, scale = bool(params["causal"]), softmax_scale(params, q.shape[-1])
+        why = ""
+        for repeat in (False, True) if q.shape[2] != k.shape[2] else (False,):
+            def run(repeat=repeat):
+                return (_sdpa(q, k, v, causal, scale, backend, repeat),)
+            try:
+                run()
+            except RuntimeError as e:
+                why = str(e).splitlines()[0][:120]
+                continue
+            return Bound(run, yardstick="cuDNN SDPA without RoPE",
+                         note="kv heads repeated: cuDNN refused enable_gqa" if repeat else "")
+        raise Unavailable(f"cuDNN n/a: {why}")
+
+    return bind
+
+
 PROVIDERS = {
     "max_flash": max_flash,
     "torch_flash": _sdpa_provider("FLASH_ATTENTION"),
     "torch_cudnn": _sdpa_provider("CUDNN_ATTENTION"),
     "torch_efficient": _sdpa_provider("EFFICIENT_ATTENTION"),
     "torch_compile": _sdpa_provider("CUDNN_ATTENTION", compiled=True),
+    "cudnn_alone": cudnn_alone,
 }
 
 
@@ -472,6 +501,10 @@ SPEC = KernelSpec(
               logits="wide", theta=10000.0),
         _case(1, 40, 88, 8, 4, 128, "Llama 3 8B heads (32 q, 8 kv, D 128): the GPU's "
               "tensor-core fast path in bf16, prefill after a cache"),
-        _case(1, 1, 300, 8, 4, 128, "Llama 3 8B decode: the fast path's decode kernel", causal=0),
+        _case(1, 1, 300, 8, 4, 128, "Llama 3 8B decode: on a GPU in 16-bit dtypes, the split-KV "
+              "decode kernel (RoPE on keys in registers), two splits", causal=0),
+        _case(2, 1, 1500, 2, 8, 64, "long decode, 8 q heads per kv head: the decode kernel's "
+              "blocks take 4 q heads each, 6 splits of 251 keys (a ragged last one)"),
+        _case(1, 1, 77, 1, 3, 128, "decode with 3 q heads per kv head: one q head per block"),
     ),
 )

@@ -10,7 +10,8 @@ import pykernels
 from harness import microbench as mb
 
 ROW_FIELDS = ("kernel", "provider", "shape", "params", "dtype", "metric", "unit", "p50", "p10",
-              "p90", "device", "backend", "driver", "versions", "git_sha", "command", "status")
+              "p90", "host_ms", "device", "backend", "driver", "versions", "git_sha", "command",
+              "status")
 
 
 @pytest.mark.parametrize("kernel", list(pykernels.discover()))
@@ -211,3 +212,36 @@ def test_cli_errors_are_one_line(kt):
         r = kt("microbench", *args)
         assert r.code == 2 and r.stderr.strip().startswith("kt: error: "), r.output
         assert needle in r.stderr and "Traceback" not in r.output
+
+
+def _yardstick(device, dtype):
+    def bind(inputs, params):
+        x = inputs["x"]
+        return mb.Bound(lambda: (x * 2.0,), yardstick="a different computation")
+
+    return bind
+
+
+def test_yardstick_is_timed_unchecked_and_never_the_baseline():
+    rec = _tiny_run({"ruler": _yardstick}, ["ruler", "torch_eager"])
+    rows = {r["provider"]: r for r in rec["rows"]}
+    ruler = rows["ruler"]
+    assert ruler["status"] == "ok" and ruler["yardstick"] is True and "p50" in ruler
+    assert "check" not in ruler and "not checked" in ruler["note"]
+    # asked for as the baseline, it is refused: speedups stay relative to the op's providers
+    rec = _tiny_run({"ruler": _yardstick}, ["ruler", "torch_eager"], baseline="ruler")
+    assert {r["baseline"] for r in rec["rows"]} == {"torch_eager"}
+
+
+def test_target_lines_state_each_target_as_a_ratio_from_one_run():
+    def row(provider, p50, family="prefill", **kw):
+        return {"kernel": "fused_rope_attention", "provider": provider, "family": family,
+                "label": "B=1 Sq=8192", "status": "ok", "p50": p50, **kw}
+
+    lines = mb.target_lines([row("kt_graph", 1.9), row("cudnn_alone", 2.0),
+                             row("torch_compile", 2.5), row("max_flash", 1.8),
+                             row("kt_graph", 0.5, family="decode", gb_s=2700.0, pct_peak=80.6)])
+    (prefill,) = [ln for ln in lines if "prefill" in ln]
+    assert "goal kt/cudnn_alone 0.950" in prefill
+    assert "milestone kt/torch_compile 0.760" in prefill and "kt/max_flash 1.056" in prefill
+    assert any("decode" in ln and "80.6% of HBM" in ln for ln in lines)

@@ -58,3 +58,15 @@ def test_gpu_paths_build_for_hopper(tmp_path):
         capture_output=True, text=True, timeout=900)
     errors = [ln for ln in proc.stderr.splitlines() if ": error:" in ln]
     assert proc.returncode == 0, "\n".join(errors) or proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_fast_fp32_sincos_matches_the_accurate_one():
+    """The decode kernel's in-register RoPE uses `sincos_f32_fast`; it must stay within two
+    fp32 ulps of the fp64-based one on every angle up to 2^17 radians."""
+    mojo = shutil.which("mojo", path=str(Path(sys.executable).parent)) or "mojo"
+    proc = subprocess.run(
+        [mojo, "run", "-I", str(REPO), str(REPO / "tests" / "mojo" / "sincos_check.mojo")],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "PASS" in proc.stdout

@@ -7,7 +7,16 @@ import time
 
 import pytest
 
-from harness.timing import NotCorrect, bench, quantile, relative_standard_error, stop_reason, summarize
+from harness.timing import (
+    MAX_COVER_MS,
+    NotCorrect,
+    bench,
+    cover_ms,
+    quantile,
+    relative_standard_error,
+    stop_reason,
+    summarize,
+)
 
 
 def test_quantiles_match_linear_interpolation():
@@ -50,3 +59,38 @@ def test_cpu_measurement_sees_a_known_sleep():
     assert 2.0 <= t.p50 < 20.0
     assert t.p10 <= t.p50 <= t.p90
     assert len(t.samples_ms) >= 5 and t.stopped_by in ("rse", "max_reps", "budget")
+    assert t.host_ms >= 2.0 and len(t.host_samples_ms) == len(t.samples_ms)
+    assert t.cover_ms == 0.0 and t.uncovered == 0  # no spin on a CPU
+
+
+def test_launch_cover_is_twice_the_slow_enqueues_plus_a_margin_and_capped():
+    host = [0.1] * 9 + [1.0]  # ms; the 90th percentile interpolates between 0.1 and 1.0
+    assert cover_ms(host) == pytest.approx(2 * quantile(sorted(host), 0.9) + 0.05)
+    assert cover_ms([0.02] * 10) == pytest.approx(0.09)
+    assert cover_ms([200.0] * 10) == MAX_COVER_MS
+    assert cover_ms([]) == MAX_COVER_MS
+
+
+def _gpu():
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    return torch
+
+
+def test_gpu_hidden_launch_times_the_kernel_not_the_host():
+    """A call that spends 3 ms on the host before enqueueing a tiny kernel: with launches
+    hidden the events see microseconds, without they see the host's 3 ms."""
+    torch = _gpu()
+    x = torch.ones(1024, device="cuda")
+
+    def slow_host():
+        time.sleep(0.003)
+        x.add_(1.0)
+
+    hidden = bench(slow_host, device="cuda", warmup_ms=20, min_reps=5, max_reps=10, budget_s=1)
+    plain = bench(slow_host, device="cuda", warmup_ms=20, min_reps=5, max_reps=10, budget_s=1,
+                  hide_launch=False)
+    assert hidden.p50 < 0.5 and hidden.host_ms >= 3.0 and hidden.cover_ms > 3.0
+    assert plain.p50 >= 2.5

@@ -11,6 +11,7 @@ from std.sys import argv
 from kernels.fused_rope_attention import (
     GPU_BLOCK as ATTN_BLOCK,
     _attention_gpu,
+    _decode_supported,
     _fast_path_supported,
     _fused_rope_attention_gpu,
 )
@@ -111,9 +112,10 @@ def _fill_random(ctx: DeviceContext, buf: DeviceBuffer, n: Int, seed: Int) raise
 def check_fast_case(
     ctx: DeviceContext, batch: Int, sq: Int, skv: Int, hq: Int, hk: Int, d: Int, causal: Int
 ) raises -> Bool:
-    """Fast path vs `_attention_gpu` (fp32 RoPE and dot products) on one bf16 shape."""
+    """Fast path or decode kernel vs `_attention_gpu` (fp32 RoPE and dot products) on one
+    bf16 shape."""
     comptime dtype = DType.bfloat16
-    if not _fast_path_supported[dtype](hq, hk, d):
+    if not (_fast_path_supported[dtype](hq, hk, d) or (sq == 1 and _decode_supported[dtype](d))):
         raise Error("shape not on the fast path")
     var freqs = RopeFreqs(500000.0, 8.0, 1.0, 4.0, 8192.0)
     var scale = Float32(1.0) / Float32(d) ** 0.5
@@ -171,6 +173,10 @@ def check_fast_path(ctx: DeviceContext) raises:
                 ok = check_fast_case(ctx, 2, 200, 333, 32, hk, d, causal) and ok
             ok = check_fast_case(ctx, 1, 256, 256, 32, hk, d, 1) and ok
             ok = check_fast_case(ctx, 2, 1, 300, 32, hk, d, 1) and ok
+    # The decode kernel: 4 q heads per block over two blocks, one per block, many splits.
+    ok = check_fast_case(ctx, 2, 1, 1500, 16, 2, 64, 1) and ok
+    ok = check_fast_case(ctx, 1, 1, 77, 3, 1, 128, 0) and ok
+    ok = check_fast_case(ctx, 8, 1, 4096, 32, 8, 128, 1) and ok
     if not ok:
         raise Error("fast path check failed")
     print("fast path check: all PASS")

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Correctness on the lent GPU after a kernel change, before timing it (issue: keep `kt verify`
+# green on GPU after every speed change). Run from the repository root with MAX importable:
+#
+#   OUT=/path/to/results bash benchmarks/gpu_verify.sh [KERNEL...]   (default: every kernel)
+#
+# 1. tests/mojo/gpu_launch.mojo --check: every GPU kernel launched for every dtype, then the
+#    fused op's fast paths (RoPE pre-pass + MAX flash attention; the split-KV decode kernel)
+#    against the simple fused kernel on random bf16 inputs.
+# 2. `kt verify KERNEL --device gpu` with a small Hypothesis budget plus every golden case,
+#    one JSON per kernel ($OUT/verify_<kernel>.json). The Triton twin JIT-compiles per shape
+#    on a GPU, so the budget stays small (VERIFY_EXAMPLES).
+# Each step has a time limit; the summary line says which steps passed.
+set -u
+OUT=${OUT:?set OUT to the folder the results go to}
+PY=${PYTHON:-python3}
+MOJO=${MOJO:-$(command -v mojo || true)}
+[ -x /tmp/site-max/modular/bin/mojo ] && MOJO=/tmp/site-max/modular/bin/mojo  # the bundle's
+CHECK_S=${CHECK_S:-200}
+VERIFY_S=${VERIFY_S:-240}
+VERIFY_EXAMPLES=${VERIFY_EXAMPLES:-6}
+kernels=("$@")
+[ ${#kernels[@]} -eq 0 ] && kernels=(fused_rope_attention rope rms_norm)
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/gpu_verify.log") 2>&1
+unset TRITON_INTERPRET
+export PYTHONUNBUFFERED=1 COLUMNS=200
+t0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+status=()
+
+stamp "gpu_launch.mojo --check (limit ${CHECK_S} s)"
+if [ -n "$MOJO" ]; then
+  timeout -k 10 "$CHECK_S" "$MOJO" run -I . tests/mojo/gpu_launch.mojo --check 2>&1 | grep -v Crashpad
+  rc=${PIPESTATUS[0]}
+  status+=("mojo-check:$([ "$rc" = 0 ] && echo PASS || echo "FAIL($rc)")")
+else
+  status+=("mojo-check:SKIPPED(no mojo)")
+fi
+for k in "${kernels[@]}"; do
+  stamp "kt verify $k --device gpu --examples $VERIFY_EXAMPLES (limit ${VERIFY_S} s)"
+  timeout -s INT -k 20 "$VERIFY_S" $PY -m harness verify "$k" --device gpu \
+    --examples "$VERIFY_EXAMPLES" --json "$OUT/verify_$k.json"
+  rc=$?
+  status+=("$k:$([ "$rc" = 0 ] && echo PASS || echo "FAIL($rc)")")
+done
+stamp "summary: ${status[*]}"
