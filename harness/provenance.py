@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 import re
 import subprocess
@@ -20,6 +21,10 @@ def _version(dist: str) -> str | None:
 
 
 def git_sha() -> str | None:
+    """HEAD's sha, "-dirty" if tracked files differ from it. KT_GIT_SHA overrides it: for a
+    copy of the tree on another machine whose git metadata is not this checkout's."""
+    if os.environ.get("KT_GIT_SHA"):
+        return os.environ["KT_GIT_SHA"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=REPO,
                              capture_output=True, text=True, timeout=10).stdout.strip()

@@ -20,7 +20,7 @@ from max.gpu.sync import barrier
 from layout import Idx, TileTensor, row_major
 from nn.attention.gpu.mha import flash_attention
 from nn.attention.mha_mask import CausalMask, NullMask
-from std.math import ceildiv, cos, exp, exp2, inf, sin, sqrt
+from std.math import ceildiv, cos, exp, exp2, floor, inf, sin, sqrt
 from std.memory import alloc, unsafe_stack_allocation
 from std.sys import size_of
 from std.utils import StaticTuple
@@ -227,6 +227,22 @@ def _decode_supported[dtype: DType](head_dim: Int) -> Bool:
     return head_dim == 64 or head_dim == 128
 
 
+def _sincos_hw[
+    width: SIMDLength, //
+](x: SIMD[DType.float32, width]) -> Tuple[SIMD[DType.float32, width], SIMD[DType.float32, width]]:
+    """(sin(x), cos(x)) for the decode kernel's keys, cheap: x reduced exactly to [-pi, pi]
+    by 2 pi in three fp32 parts with fused multiply-adds (as `sincos_f32_fast`), then the
+    GPU's sin/cos instructions (std.math lowers to sin.approx / cos.approx), whose absolute
+    error on [-pi, pi] is below 4e-7. Only for the 16-bit outputs the decode kernel serves
+    (an fp16 ulp at 1 is 1e-3); |x| < 2^17 (positions below 131072)."""
+    comptime F = SIMD[DType.float32, width]
+    var kf = floor(x * 0.15915493667125701904296875 + 0.5)
+    var r = (-kf).fma(F(6.2831854820251464844), x)
+    r = (-kf).fma(F(-1.7484555314695172e-07), r)
+    r = (-kf).fma(F(-6.8604980400235275e-15), r)
+    return (sin(r), cos(r))
+
+
 def _merge_scale(m: Float32, m_new: Float32) -> Float32:
     """exp2(m - m_new), 0 for an empty softmax state (m = -inf)."""
     return Float32(0) if m == -inf[DType.float32]() else exp2(m - m_new)
@@ -333,30 +349,46 @@ def _decode_partial_gpu[
                 k2s[u] = k.unsafe_load[width=W, alignment=align](row + HALF)
                 v1s[u] = v.unsafe_load[width=W, alignment=align](row)
                 v2s[u] = v.unsafe_load[width=W, alignment=align](row + HALF)
+        # Scores of the step's keys (-inf past the end), then one softmax update per head
+        # for all of them: one rescale of acc per DECODE_UNROLL keys.
+        var scores = StaticTuple[Float32, DECODE_UNROLL * GB](fill=NEG_INF)
+        var v1f = StaticTuple[F, DECODE_UNROLL](fill=0)
+        var v2f = StaticTuple[F, DECODE_UNROLL](fill=0)
         comptime for u in range(DECODE_UNROLL):
             var j = base + u * STREAMS
-            var valid = j < end
-            var sc = sincos_f32_fast(Float32(j) * inv)
+            var sc = _sincos_hw(Float32(j) * inv)
             var k1 = k1s[u].cast[DType.float32]()
             var k2 = k2s[u].cast[DType.float32]()
             var kr1 = k1 * sc[1] - k2 * sc[0]
             var kr2 = k2 * sc[1] + k1 * sc[0]
-            var v1 = v1s[u].cast[DType.float32]()
-            var v2 = v2s[u].cast[DType.float32]()
+            v1f[u] = v1s[u].cast[DType.float32]()
+            v2f[u] = v2s[u].cast[DType.float32]()
             comptime for g in range(GB):
-                var s = (q_lo[g] * kr1 + q_hi[g] * kr2).reduce_add()
+                var dot = (q_lo[g] * kr1 + q_hi[g] * kr2).reduce_add()
                 comptime for step in range(5):
                     comptime off = TPK >> (step + 1)
                     comptime if off > 0:
-                        s += shuffle_xor(s, UInt32(off))
-                if valid:
-                    var m_new = max(m[g], s)
-                    var corr = _merge_scale(m[g], m_new)
-                    var p = exp2(s - m_new)
-                    l[g] = l[g] * corr + p
-                    acc_lo[g] = acc_lo[g] * corr + p * v1
-                    acc_hi[g] = acc_hi[g] * corr + p * v2
-                    m[g] = m_new
+                        dot += shuffle_xor(dot, UInt32(off))
+                if j < end:
+                    scores[u * GB + g] = dot
+        comptime for g in range(GB):
+            var m_new = m[g]
+            comptime for u in range(DECODE_UNROLL):
+                m_new = max(m_new, scores[u * GB + g])
+            if m_new != NEG_INF:
+                var corr = _merge_scale(m[g], m_new)
+                var l_new = l[g] * corr
+                var a1 = acc_lo[g] * corr
+                var a2 = acc_hi[g] * corr
+                comptime for u in range(DECODE_UNROLL):
+                    var p = exp2(scores[u * GB + g] - m_new)  # 0 for a masked key
+                    l_new += p
+                    a1 = v1f[u].fma(F(p), a1)
+                    a2 = v2f[u].fma(F(p), a2)
+                l[g] = l_new
+                acc_lo[g] = a1
+                acc_hi[g] = a2
+                m[g] = m_new
         base += DECODE_UNROLL * STREAMS
         warp_first += DECODE_UNROLL * STREAMS
 
@@ -629,7 +661,7 @@ def _fused_rope_attention_gpu[
     var op = o.unsafe_mut_cast[True]().as_unsafe_any_origin()
     var vp = v.unsafe_mut_cast[True]().as_unsafe_any_origin()
     var aligned = Int(q) % 16 == 0 and Int(k) % 16 == 0 and Int(v) % 16 == 0
-    if sq == 1 and aligned and _decode_supported[dtype](head_dim):
+    if sq == 1 and skv <= 131072 and aligned and _decode_supported[dtype](head_dim):
         _decode_dispatch[dtype](
             op,
             q.unsafe_mut_cast[True]().as_unsafe_any_origin(),

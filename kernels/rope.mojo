@@ -241,8 +241,9 @@ def _rope_fast_gpu[
     rotates them in every head of its group. The token's position is positions[token]
     when explicit_positions, else token % seq + pos_offset (the fused attention's
     query / key positions). Same rounding as the CPU path: angle = Float32(pos) *
-    inv_freq (fp64 schedule rounded once to fp32), fp32 cos/sin and rotation, one
-    rounding to dtype.
+    inv_freq (fp64 schedule rounded once to fp32), fp32 cos/sin (`sincos_f32_fast`,
+    within 2 fp32 ulps of correctly rounded, below position 2^17) and rotation, one
+    rounding to dtype. The loads are issued before cos/sin are computed, so the two overlap.
     """
     var q_tokens, k_tokens = Int(q_tokens_), Int(k_tokens_)
     var hq, hk, head_dim = Int(hq_), Int(hk_), Int(head_dim_)
@@ -282,10 +283,6 @@ def _rope_fast_gpu[
     else:
         pos = Int(UInt32(token) % UInt32(seq)) + pos_offset
 
-    var angle = Float32(pos) * inv_s.unsafe_load[width=width](i0)
-    var sc = sincos_f32_accurate(angle)
-    var s = sc[0]
-    var c = sc[1]
     var h0 = group * FAST_HEADS_PER_THREAD
     var base = (token * heads + h0) * head_dim + i0
     comptime align = width * size_of[dtype]()
@@ -298,6 +295,12 @@ def _rope_fast_gpu[
             var row = base + j * head_dim
             x1s[j] = src.unsafe_load[width=width, alignment=align](row)
             x2s[j] = src.unsafe_load[width=width, alignment=align](row + half)
+    # cos/sin while the loads are in flight: fp32 arithmetic below 2^17 (every angle is
+    # at most the position), the fp64-based one beyond.
+    var angle = Float32(pos) * inv_s.unsafe_load[width=width](i0)
+    var sc = sincos_f32_fast(angle) if pos < 131072 else sincos_f32_accurate(angle)
+    var s = sc[0]
+    var c = sc[1]
     comptime for j in range(FAST_HEADS_PER_THREAD):
         if h0 + j < heads:
             var row = base + j * head_dim
