@@ -18,11 +18,24 @@ which returns a `Bound` (or a zero-argument callable giving the outputs). `prepa
 raises `Unavailable` for a provider that cannot run there (a row "n/a", never a crash).
 
 MAX runs its work on its own stream; MAX providers are timed with torch events recorded on
-that stream (`Bound.stream`), and cross-checked once against a host-synchronized wall clock.
-GPU timing uses CUDA events; ROCm (torch's HIP build keeps the `cuda` event API) and Apple
-Metal (`torch.mps` events) take the same path through `timing`'s backend table, but no kt
-machine has one, so those numbers are labelled untested. On the CPU the timer is
-`perf_counter`, labelled as such: CPU numbers are not comparable with GPU numbers.
+that stream (`Bound.stream`, made torch's current stream, so `timing`'s flush and spin land
+there too). Each is cross-checked once with the host clock: the events must see at least
+half of the time the device stays busy after a call returns (`_tail_ms`, a lower bound of
+its GPU time that leaves the host's enqueue time out, so a host-bound op whose hidden-launch
+GPU time is far below its wall time passes); else the events were on a stream the work did
+not run on, and the row is timed host-synchronized instead, said in its note. A call whose
+work is all done before it returns cannot be checked this way; such a miss shows as a
+throughput above the datasheet peak, which the row's note flags. GPU timing uses CUDA
+events; ROCm (torch's HIP build keeps the `cuda` event API) and Apple Metal (`torch.mps`
+events) take the same path through `timing`'s backend table, but no kt machine has one, so
+those numbers are labelled untested. On the CPU the timer is `perf_counter`, labelled as
+such: CPU numbers are not comparable with GPU numbers.
+
+A provider may be a *yardstick* (`Bound.yardstick` says what it computes): a different
+computation timed beside the op as a reference point, such as attention without RoPE for
+the fused op. Its output is not the op's, so it skips the correctness gate; its row says
+`"yardstick": true` and "not checked", and it is never the baseline of speedups. `summary`
+states the issue's targets as ratios against it.
 
 `compare_records` matches rows by (kernel, provider, shape, params, dtype, device name) and
 flags a regression when new p50 > old p50 x (1 + max(2 x combined relative noise, 5%)),
@@ -209,10 +222,10 @@ def kt_bridge(spec: KernelSpec, device: str, dtype: torch.dtype, package):
     from max.experimental.torch import graph_op
     from max.graph import DeviceRef, KernelLibrary, TensorType, ops
 
-    from harness.build import max_dtype, resolve_package
+    from harness.build import max_dtype, precompiled_package, resolve_package
 
     lib = KernelLibrary()
-    lib.load_paths([resolve_package(package)])
+    lib.load_paths([precompiled_package(resolve_package(package))])
     dev = DeviceRef.CPU() if device == "cpu" else DeviceRef.GPU(0)
     cpu = DeviceRef.CPU()
     scalars = spec.kernel_params()
@@ -365,7 +378,8 @@ def timer_label(backend: str) -> str:
     if backend == "cpu":
         return CPU_TIMER_LABEL
     label = {"cuda": "CUDA events", "rocm": "HIP events (torch.cuda API)",
-             "metal": "Metal events (torch.mps)"}[backend]
+             "metal": "Metal events (torch.mps), launch overhead included: Metal has no spin "
+                      "kernel to hide it behind"}[backend]
     if backend in UNTESTED_BACKENDS:
         label += ": this backend was never measured on kt's machines; treat with care"
     return label
@@ -390,14 +404,31 @@ def _stream_ctx(bound: Bound, device: str):
     return torch.cuda.stream(torch.cuda.ExternalStream(bound.stream))
 
 
-def _wall_ms(bound: Bound, calls: int = 5) -> float:
-    """Host-synchronized milliseconds per call, to cross-check event timing of MAX work."""
+def _tail_ms(bound: Bound, calls: int = 5) -> float:
+    """A lower bound of the GPU time per call, from the host clock alone: how long a device
+    synchronize takes after `run()` returns, less what it takes on an idle device (median of
+    `calls`). Whatever stream the work went to, the device was still busy with it that long;
+    the host's enqueue time is not in it, so a host-bound op does not inflate it."""
     bound.sync()
-    t0 = time.perf_counter()
+    idle = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        bound.sync()
+        idle.append(time.perf_counter() - t0)
+    tails = []
     for _ in range(calls):
         bound.run()
-    bound.sync()
-    return (time.perf_counter() - t0) * 1e3 / calls
+        t0 = time.perf_counter()
+        bound.sync()
+        tails.append(time.perf_counter() - t0 - min(idle))
+    return max(0.0, sorted(tails)[len(tails) // 2] * 1e3)
+
+
+def events_missed_work(event_p50_ms: float, tail_ms: float) -> bool:
+    """Whether events recorded around a call saw less than half of `tail_ms`, a lower bound
+    of its GPU time (`_tail_ms`), beyond 10 us of host-clock jitter: then they were recorded
+    on a stream the work did not run on."""
+    return event_p50_ms < 0.5 * tail_ms - 0.01
 
 
 def _peak(device_name: str, dtype: torch.dtype, bound: str) -> tuple[float | None, str]:
@@ -460,7 +491,10 @@ def run(spec: KernelSpec, device: str, families: list[Family], provider_names: l
                 gate = None
                 if check:
                     on_event({"event": "reference", "family": fam.name, "shape": label})
+                    t0 = time.perf_counter()
                     gate = Gate(spec, shape, params, inputs)
+                    on_event({"event": "reference_done", "family": fam.name, "shape": label,
+                              "seconds": time.perf_counter() - t0})
                 case_rows = []
                 for pname in provider_names:
                     on_event({"event": "provider", "family": fam.name, "shape": label,
@@ -494,6 +528,7 @@ def _measure(spec, provider, pname, prepared, tdev, dtype, package, inputs, para
              settings, bench, NotCorrect, time_it) -> dict:
     """One provider on one case: prepare (once per dtype), bind, check, time."""
     key = (pname, str(dtype))
+    first: dict[str, Any] = {}  # the seconds prepare took, in the row that paid them
     try:
         if key not in prepared:
             t0 = time.perf_counter()
@@ -503,24 +538,23 @@ def _measure(spec, provider, pname, prepared, tdev, dtype, package, inputs, para
                 prepared[key] = e
             except Exception as e:  # a compile error is this provider's row, not the run's end
                 prepared[key] = RuntimeError(_one_line(e))
-            else:
-                prepared[key].prepare_s = time.perf_counter() - t0
+            first["prepare_s"] = round(time.perf_counter() - t0, 3)
         bind = prepared[key]
         if isinstance(bind, Unavailable):
-            return {"status": "n/a", "note": str(bind)}
+            return {"status": "n/a", "note": str(bind), **first}
         if isinstance(bind, Exception):
-            return {"status": "error", "note": str(bind)}
+            return {"status": "error", "note": str(bind), **first}
         t0 = time.perf_counter()
         bound = bind(inputs, params)
         bind_s = time.perf_counter() - t0
         if not isinstance(bound, Bound):
             bound = Bound(bound)
     except Unavailable as e:
-        return {"status": "n/a", "note": str(e)}
+        return {"status": "n/a", "note": str(e), **first}
     except Exception as e:
-        return {"status": "error", "note": _one_line(e)}
+        return {"status": "error", "note": _one_line(e), **first}
 
-    out: dict[str, Any] = {"note": bound.note, "bind_s": round(bind_s, 3)}
+    out: dict[str, Any] = {"note": bound.note, **first, "bind_s": round(bind_s, 3)}
     checks: list = []
     if bound.yardstick:
         out["yardstick"] = True
@@ -541,22 +575,29 @@ def _measure(spec, provider, pname, prepared, tdev, dtype, package, inputs, para
         checks.extend(gate.check(outputs))
         return all(c.passed for c in checks)
 
-    def timed(fn, stream_bound):
+    def timed(fn, stream_bound, hide_launch=True):
         with _stream_ctx(stream_bound, tdev):
             return bench(fn, device=tdev, check=None if "first_call_s" in out else check,
                          warmup_ms=settings.warmup_ms, min_reps=settings.min_reps,
                          max_reps=settings.max_reps, rse_target=settings.rse_target,
-                         budget_s=settings.budget_s)
+                         budget_s=settings.budget_s, hide_launch=hide_launch)
 
     def synced():
         bound.run()
         bound.sync()
+
+    # Host-synchronized timing, the fallback when events cannot see MAX's stream: events on
+    # torch's stream around a call that waits for the device; a spin there would run beside
+    # MAX's work, not before it, so the launch is not hidden.
+    def timed_synced():
+        return timed(synced, Bound(bound.run), hide_launch=False)
 
     try:
         if not time_it:
             check()
             out["status"] = "ok" if all(c.passed for c in checks) else "WRONG"
             return out
+        t0 = time.perf_counter()
         try:
             t = timed(bound.run, bound)
         except NotCorrect:
@@ -565,18 +606,19 @@ def _measure(spec, provider, pname, prepared, tdev, dtype, package, inputs, para
             if bound.stream is None or bound.sync is None:
                 raise
             # events on MAX's stream failed: time host-synchronized calls instead
-            t = timed(synced, Bound(bound.run))
+            t = timed_synced()
             out["note"] = _join(out["note"], f"host-synced timing ({_one_line(e)})")
         else:
             if bound.stream is not None and bound.sync is not None:
-                # A host-synchronized call takes about its enqueue time plus its GPU time
-                # (the GPU waits for the launches); events that saw much less than the
-                # difference were recorded on a stream the work did not run on.
-                wall = _wall_ms(bound)
-                if t.p50 < 0.5 * (wall - t.host_ms) - 0.02:
-                    t = timed(synced, Bound(bound.run))
-                    out["note"] = _join(out["note"], f"events missed MAX's stream (wall "
-                                                     f"{wall:.3f} ms/call): host-synced timing")
+                # events on MAX's stream must see at least the GPU time the host clock
+                # proves (spin-hidden events of a host-bound op are far below its wall time)
+                tail = _tail_ms(bound)
+                if events_missed_work(t.p50, tail):
+                    t = timed_synced()
+                    out["note"] = _join(out["note"], f"events missed MAX's stream (GPU busy "
+                                                     f">= {tail:.3f} ms after each call "
+                                                     "returned): host-synced timing")
+        out["bench_s"] = round(time.perf_counter() - t0, 3)
     except NotCorrect:
         out["status"] = "WRONG"
     except Exception as e:
@@ -587,11 +629,14 @@ def _measure(spec, provider, pname, prepared, tdev, dtype, package, inputs, para
         out["status"] = "ok"
         out.update({"p10": t.p10, "p50": t.p50, "p90": t.p90, "mean": t.mean, "n": len(t.samples_ms),
                     "stopped_by": t.stopped_by, "samples_ms": [round(s, 6) for s in t.samples_ms],
-                    "host_ms": t.host_ms, "launch_cover_ms": round(t.cover_ms, 4),
-                    "uncovered": t.uncovered})
+                    "host_ms": t.host_ms, "launch_hidden": t.hidden,
+                    "launch_cover_ms": round(t.cover_ms, 4), "uncovered": t.uncovered})
+        if t.launch_note and "host-synced" not in out["note"]:
+            out["note"] = _join(out["note"], t.launch_note)
         if t.uncovered > len(t.samples_ms) // 10:
             out["note"] = _join(out["note"], f"{t.uncovered}/{len(t.samples_ms)} calls enqueued "
-                                             "slower than the spin covered: GPU idle time timed")
+                                             "for longer than the spin covered: GPU idle time "
+                                             "timed")
     if checks:
         worst = max(checks, key=lambda c: c.max_abs_err / c.tolerance if c.tolerance else math.inf)
         out["check"] = {"passed": all(c.passed for c in checks), "max_abs_err": worst.max_abs_err,
@@ -606,7 +651,9 @@ def _measure(spec, provider, pname, prepared, tdev, dtype, package, inputs, para
 
 def _derive(rows: list[dict], spec: KernelSpec, device_name: str, dtype: torch.dtype,
             bound: str, baseline: str | None, gpu: bool) -> None:
-    """Throughput, % of peak, speedup vs the baseline and the bridge's overhead, per case."""
+    """Throughput, % of peak, speedup vs the baseline and the bridge's overhead, per case.
+    The baseline is `baseline` if it was timed, else the fastest provider that is neither
+    kt's nor a yardstick; a yardstick is never the baseline, even when asked for."""
     peak, peak_unit = _peak(device_name, dtype, bound) if gpu else (None, "")
     ok = {r["provider"]: r for r in rows if r["status"] == "ok" and "p50" in r}
     base = ok.get(baseline) if baseline else None
@@ -624,11 +671,15 @@ def _derive(rows: list[dict], spec: KernelSpec, device_name: str, dtype: torch.d
             achieved = r["gb_s"] if bound == "memory" else r["tflops"]
             r["pct_peak"] = 100.0 * achieved / peak
             r["peak"] = f"{peak:g} {peak_unit}"
+            if r["pct_peak"] > 105.0:  # no kernel beats the datasheet: the timing missed work
+                r["note"] = _join(r.get("note", ""), "above the datasheet peak: suspect timing")
         if base is not None:
             r["baseline"] = base["provider"]
             r["speedup"] = base["p50"] / r["p50"]
-    if "kt_bridge" in ok and "kt_graph" in ok:
-        ok["kt_bridge"]["bridge_overhead_ms"] = ok["kt_bridge"]["p50"] - ok["kt_graph"]["p50"]
+    if "kt_bridge" in ok and "kt_graph" in ok:  # the same op: the bridge's cost, on each side
+        bridge, graph = ok["kt_bridge"], ok["kt_graph"]
+        bridge["bridge_overhead_ms"] = bridge["p50"] - graph["p50"]
+        bridge["bridge_host_overhead_ms"] = bridge["host_ms"] - graph["host_ms"]
 
 
 def _one_line(e: BaseException) -> str:
@@ -726,7 +777,9 @@ def render(record: dict, console) -> None:
         status = r["status"]
         note = r.get("note", "")
         if "bridge_overhead_ms" in r:
-            note = _join(f"bridge overhead {r['bridge_overhead_ms'] * 1e3:+.1f} us", note)
+            host = (f", host {r['bridge_host_overhead_ms'] * 1e3:+.1f} us"
+                    if r.get("launch_hidden") else "")
+            note = _join(f"bridge overhead {r['bridge_overhead_ms'] * 1e3:+.1f} us{host}", note)
         sp = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
         if "speedup" in r and r["provider"] == r.get("baseline"):
             sp = "1.00x (base)"
@@ -744,9 +797,10 @@ def render(record: dict, console) -> None:
                       f"{record['device']}; compute-bound families use TFLOP/s, memory-bound GB/s.",
                       highlight=False)
     if record["backend"] in ("cuda", "rocm"):
-        console.print("p50 ms: GPU time, launches hidden behind a GPU spin (harness/timing.py); "
-                      "host ms: the host's time to enqueue one call, paid in full when the GPU "
-                      "is not ahead of the host.", highlight=False)
+        console.print("p50 ms: GPU time, launches hidden behind a GPU spin (harness/timing.py; "
+                      "a row noting 'launch not hidden' includes its host time); host ms: the "
+                      "host's time to enqueue one call, paid in full when the GPU is not ahead "
+                      "of the host.", highlight=False)
     if record["backend"] == "cpu":
         console.print(f"[bold yellow]{CPU_TIMER_LABEL}.[/] TFLOP/s and GB/s are for "
                       "exercising the pipeline; % of peak is not computed on the CPU.")
@@ -814,8 +868,12 @@ def plot(record: dict, path: Path) -> None:
         f = fams[family]
         metric, unit = ("gb_s", "GB/s") if f["bound"] == "memory" else ("tflops", "TFLOP/s")
         for prov in dict.fromkeys(r["provider"] for r in rows):
-            pts = sorted((r["shape"][f["x"]], r[metric]) for r in rows if r["provider"] == prov)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
+            mine = [r for r in rows if r["provider"] == prov]
+            pts = sorted((r["shape"][f["x"]], r[metric]) for r in mine)
+            ruler = any(r.get("yardstick") for r in mine)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    linestyle="--" if ruler else "-",
+                    label=f"{prov} (yardstick, not the op)" if ruler else prov)
         ax.set_xscale("log", base=2)
         ax.set_xlabel(f["x"])
         ax.set_ylabel(unit)
@@ -866,10 +924,31 @@ def command_line(argv: list[str] | None = None) -> str:
     return "kt " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
 
 
+def process_age_s() -> float:
+    """Seconds since this process started (Linux's /proc), else 0."""
+    try:
+        stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - int(stat[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def row_seconds(r: dict) -> str:
+    """Where one row's wall time went: preparing the provider (compiles and loads, once per
+    dtype), binding it to the inputs, its first call with the check, then timing."""
+    first = r.get("first_call_s", 0.0)
+    parts = [("prepare", r.get("prepare_s", 0.0)), ("bind", r.get("bind_s", 0.0)),
+             ("first call + check", first),
+             ("timing", max(0.0, r["bench_s"] - first) if "bench_s" in r else 0.0)]
+    return ", ".join(f"{name} {sec:.1f} s" for name, sec in parts if sec >= 0.05) or "< 0.1 s"
+
+
 def cli_main(kernel: str, device: str | None, families: list[str], providers: str | None,
              baseline: str | None, save, compare_path, plot_path, package, seed: int,
              budget: float | None, list_only: bool, out, err) -> int:
     """`kt microbench`: everything after click parsed the flags. Returns the exit code."""
+    t_start = time.perf_counter() - process_age_s()
     from harness import devices as devs
     from harness.report import write_json_atomic
 
@@ -921,7 +1000,14 @@ def cli_main(kernel: str, device: str | None, families: list[str], providers: st
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     total = sum(len(f.cases) for f in chosen) * len(names)
-    t_start = time.perf_counter()
+
+    def log(line: str) -> None:  # a log (not a terminal) gets a line per step, time-stamped
+        if not err.is_terminal:
+            err.print(f"[{time.perf_counter() - t_start:.0f} s] {line}", highlight=False,
+                      markup=False, soft_wrap=True)
+
+    log(f"{spec.name}: {sum(len(f.cases) for f in chosen)} shapes x {len(names)} providers "
+        "(seconds since the process started)")
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                   console=err, transient=True) as progress:
@@ -930,18 +1016,19 @@ def cli_main(kernel: str, device: str | None, families: list[str], providers: st
         def on_event(ev: dict) -> None:
             if ev["event"] == "reference":
                 progress.update(task, description=f"{ev['family']} {ev['shape']}: reference")
+            elif ev["event"] == "reference_done":
+                log(f"{ev['family']} {ev['shape']}: inputs and reference, {ev['seconds']:.1f} s")
             elif ev["event"] == "provider":
                 progress.update(task, description=f"{ev['family']} {ev['shape']}: {ev['provider']}")
             elif ev["event"] == "case" and save:  # a killed run keeps what it measured
                 write_json_atomic(save, ev["record"])
             elif ev["event"] == "row":
                 progress.advance(task)
-                if not err.is_terminal:
-                    r = ev["row"]
-                    p50 = f"{r['p50']:.4f} ms" if "p50" in r else r.get("note", "")
-                    err.print(f"[{time.perf_counter() - t_start:.0f} s] {r['family']} "
-                              f"{r['label']} {r['provider']}: {r['status']} {p50}",
-                              highlight=False, markup=False)
+                r = ev["row"]
+                p50 = (f"{r['p50']:.4f} ms (host {r['host_ms']:.3f} ms)" if "p50" in r
+                       else r.get("note", ""))
+                log(f"{r['family']} {r['label']} {r['provider']}: {r['status']} {p50} "
+                    f"[{row_seconds(r)}]")
 
         record = run(spec, device, chosen, names, package, settings, baseline,
                      command_line(), on_event)
@@ -968,7 +1055,8 @@ def cli_main(kernel: str, device: str | None, families: list[str], providers: st
 
 def summary(paths: list[str], console) -> None:
     """Compact lines: per kernel the row counts by status; per family its largest shapes with
-    every provider's p50 (fastest first) and speedup; the issue's H100 reference point."""
+    every provider's p50 (fastest first) and speedup; the issue's targets (`target_lines`),
+    the fused op's goal ratio against the cudnn_alone yardstick for every prefill case."""
     for p in paths:
         try:
             doc = json.loads(Path(p).read_text())
@@ -993,8 +1081,8 @@ def summary(paths: list[str], console) -> None:
             for label in dict.fromkeys(r["label"] for r in frows if r["shape"][info["x"]] == top):
                 case = [r for r in frows if r["label"] == label]
                 timed = sorted((r for r in case if "p50" in r), key=lambda r: r["p50"])
-                parts = [f"{r['provider']} {r['p50']:.3f}" + (f" ({r['speedup']:.2f}x)"
-                                                              if "speedup" in r else "")
+                parts = [f"{r['provider']}{' [yardstick]' if r.get('yardstick') else ''} "
+                         f"{r['p50']:.3f}" + (f" ({r['speedup']:.2f}x)" if "speedup" in r else "")
                          for r in timed]
                 for status in ("WRONG", "error", "n/a"):
                     bad = [r["provider"] for r in case if r["status"] == status]
@@ -1006,10 +1094,21 @@ def summary(paths: list[str], console) -> None:
             console.print("  " + line, markup=False, highlight=False)
 
 
+GOAL_RATIO, MOONSHOT_RATIO = 1.0, 0.95
+
+
+def goal_verdict(ratio: float) -> str:
+    """The issue's goal for the fused op: kt_graph p50 / cudnn_alone p50 <= 1.00 (no slower
+    than cuDNN SDPA without RoPE), moonshot <= 0.95."""
+    if ratio <= MOONSHOT_RATIO:
+        return "moonshot met"
+    return "goal met" if ratio <= GOAL_RATIO else "goal not met"
+
+
 def target_lines(rows: list[dict]) -> list[str]:
     """The issue's fused-attention targets, per prefill case, as ratios of p50s from one
-    run: kt_graph against the yardstick cuDNN SDPA without RoPE (goal <= 1.00, moonshot
-    <= 0.95) and against torch.compile'd RoPE + cuDNN and stock MAX (milestone < 1.00)."""
+    run: kt_graph against the yardstick cuDNN SDPA without RoPE (`goal_verdict`) and against
+    torch.compile'd RoPE + cuDNN and stock MAX (milestone < 1.00)."""
     cases: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         if (r["kernel"] == "fused_rope_attention" and r["family"].startswith("prefill")
@@ -1020,14 +1119,17 @@ def target_lines(rows: list[dict]) -> list[str]:
         kt = by.get("kt_graph")
         if kt is None:
             continue
-        parts = [f"{name} {kt['p50'] / by[p]['p50']:.3f}"
-                 for name, p in (("goal kt/cudnn_alone", "cudnn_alone"),
-                                 ("milestone kt/torch_compile", "torch_compile"),
-                                 ("kt/max_flash", "max_flash")) if p in by]
+        parts = []
+        if "cudnn_alone" in by:
+            ratio = kt["p50"] / by["cudnn_alone"]["p50"]
+            parts.append(f"goal kt/cudnn_alone {ratio:.3f} ({goal_verdict(ratio)})")
+        parts += [f"{name} {kt['p50'] / by[p]['p50']:.3f}"
+                  for name, p in (("milestone kt/torch_compile", "torch_compile"),
+                                  ("kt/max_flash", "max_flash")) if p in by]
         if parts:
             out.append(f"targets {fam} {label}: " + ", ".join(parts))
-    for r in rows:  # memory-bound targets: decode >= 80 % of HBM, RoPE alone >= 2.9 TB/s
-        if r["provider"] != "kt_graph" or "gb_s" not in r:
+    for r in rows:  # memory-bound targets (GPU): decode >= 80 % of HBM, RoPE >= 2.9 TB/s
+        if r["provider"] != "kt_graph" or "gb_s" not in r or r.get("backend") == "cpu":
             continue
         if r["kernel"] == "fused_rope_attention" and r["family"] == "decode":
             out.append(f"targets decode {r['label']}: kt_graph {r['gb_s']:.0f} GB/s = "
@@ -1038,12 +1140,25 @@ def target_lines(rows: list[dict]) -> list[str]:
     return out
 
 
+def where(family: Family, conditions: list[str]) -> Family:
+    """`family` with only the cases whose params match every "name=value" of `conditions`."""
+    import dataclasses
+
+    pairs = [c.split("=", 1) for c in conditions]
+    if any(len(p) != 2 for p in pairs):
+        raise MicrobenchError(f"--where takes name=value, not {conditions}")
+    cases = [c for c in family.cases if all(str(c[1].get(k)) == v for k, v in pairs)]
+    return dataclasses.replace(family, cases=cases)
+
+
 def main(argv: list[str]) -> int:
     """Helpers for benchmarks/gpu_run.sh, not part of `kt`:
 
-    python -m harness.microbench warm KERNEL [--shapes F] [--providers P]
+    python -m harness.microbench warm KERNEL [--shapes F] [--providers P] [--where K=V]
         compile and run every provider once per case, untimed and unchecked, to fill MAX's,
         Triton's and Inductor's on-disk caches (gpu_run.sh runs several at once first);
+        --where keeps the cases whose param K is V (one compile per job where a provider
+        compiles per param value, as stock MAX attention does per mask);
     python -m harness.microbench summary FILE.json...   the short summary it ends with;
     python -m harness.microbench plot FILE.json FILE.png   the plot of a saved run."""
     import argparse
@@ -1058,6 +1173,7 @@ def main(argv: list[str]) -> int:
     w.add_argument("--shapes", action="append", default=[])
     w.add_argument("--providers", default=None)
     w.add_argument("--kernels", default=None)
+    w.add_argument("--where", action="append", default=[])
     sm = sub.add_parser("summary")
     sm.add_argument("files", nargs="+")
     pl = sub.add_parser("plot")
@@ -1076,6 +1192,7 @@ def main(argv: list[str]) -> int:
 
     spec = pykernels.get(a.kernel)
     fams = select_families(spec, load_families(spec), a.shapes, a.device)
+    fams = [f for f in (where(f, a.where) for f in fams) if f.cases]
     provs = select_providers(spec, a.providers)
     t0 = time.perf_counter()
     rec = run(spec, a.device, fams, provs, package=a.kernels, check=False, time_it=False)

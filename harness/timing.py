@@ -3,28 +3,43 @@
 1. Correctness first: `check()` runs the provider once and compares it with the reference; a
    provider that fails is never timed (`NotCorrect`).
 2. Warmup by time budget (`warmup_ms`, at least 3 calls), which also absorbs compilation,
-   autotuning, module loading and handle creation, and yields a first per-call estimate.
+   autotuning, module loading and handle creation. Each call starts on an idle device and
+   the host's time until it returns, its enqueue time, is kept; then the device is waited for.
 3. Each timed call starts from a cold last-level cache: a buffer twice the L2 (GPU) or 64 MiB
    (CPU) is overwritten before it, outside the timed region (as triton's `do_bench`).
 4. Timed with device events on GPUs (CUDA and ROCm share torch's `cuda` event API; Apple Metal
    uses `torch.mps` events), and with the monotonic `perf_counter_ns` on the CPU.
-5. Launch overhead hidden (CUDA and ROCm): before each timed region a GPU spin
-   (`torch.cuda._sleep`) is queued on the stream, long enough to cover the host's time to
-   enqueue `fn` (measured during warmup; twice its 90th percentile plus 50 us, at most
-   `MAX_COVER_MS`), so every launch of `fn` is queued before the GPU reaches the start event
-   and the events measure GPU time alone, as nvbench's "blocking kernel" does. Without it a
-   small op measures its host overhead (MAX's `execute`, torch.compile's guards), not its
-   kernels. The host's enqueue time is measured on every timed call too and returned
-   (`host_ms`, p50): it is what a caller pays when the GPU is not ahead of the host;
-   `uncovered` counts timed calls whose enqueue outlasted the spin (their samples include
-   GPU idle time). Metal has no spin kernel: there, launches are not hidden.
+5. Launch overhead hidden (CUDA and ROCm), as nvbench's "blocking kernel" does: after the
+   flush and before the start event, a GPU spin (`torch.cuda._sleep`) is queued on the
+   current stream, long enough that the host has queued every launch of `fn` before the GPU
+   reaches the start event; the events then measure GPU time alone. Without it a small op
+   measures its host overhead (MAX's `execute`, torch.compile's guards), not its kernels.
+   - Length (`cover_ms`): twice the 90th percentile of the warmup enqueue times (the first
+     call left out) plus 50 us, at most `MAX_COVER_MS`.
+   - Calibration (`spin_rate`, once per process and device): three spins of 10^6 cycles timed
+     with events; the fastest gives the cycles per ms (the highest clock seen), so a spin
+     lasts at least its length at any lower clock.
+   - A call that waits for the device itself (a host sync inside `fn`) cannot get ahead of
+     the GPU. Two probe calls behind a spin tell: if in both the GPU had passed an event
+     queued after the spin by the time `fn` returned (it waited, or enqueued for longer than
+     the spin), the spin is dropped and `fn` is timed as it runs (`hidden` False,
+     `launch_note` says why): its events include the host's gaps, as its caller pays them.
+     Nothing can deadlock: the spin is a fixed number of cycles that waits for nothing, so
+     whatever waits behind it waits at most `MAX_COVER_MS`.
+   - Every timed call checks the same thing (the start event already reached when `fn`
+     returns); `uncovered` counts those calls, whose samples include GPU idle time.
+   - The host's enqueue time of every timed call is returned (`host_ms`, p50): what a
+     caller pays per call when the GPU is not ahead of the host.
+   `hide_launch=False` turns the spin off. Metal has no spin kernel: there, launches are not
+   hidden and small ops include their launch overhead.
 6. Stopping rule: after `min_reps`, stop once the relative standard error of the mean falls
    under `rse_target`, or at `max_reps`, or when the `budget_s` wall-clock budget runs out;
    the reason is recorded.
 7. The raw samples are returned with p10/p50/p90; p50 is the number to quote.
 
-The backend table is what ports this to a new device kind; ROCm and Metal cannot be measured
-on kt's machines, so their rows are untested here, and results say which backend timed them.
+The backend table (`_Clock` and its subclasses) is what ports this to a new device kind; ROCm
+and Metal cannot be measured on kt's machines, so their rows are untested here, and results
+say which backend timed them.
 """
 
 from __future__ import annotations
@@ -51,6 +66,8 @@ class Timing:
     host_samples_ms: list[float] = field(default_factory=list)
     cover_ms: float = 0.0
     uncovered: int = 0
+    hidden: bool = False
+    launch_note: str = ""
     host_ms: float = field(init=False)
     p10: float = field(init=False)
     p50: float = field(init=False)
@@ -106,34 +123,82 @@ def stop_reason(samples: list[float], elapsed_s: float, *, min_reps: int, max_re
 
 
 class _Clock:
-    """Backend table entry: start/stop one timed region, read its milliseconds later."""
+    """Backend table entry, the CPU's: timed regions on the host clock, no device to wait for
+    and no spin. Subclasses time regions with device events."""
 
-    def __init__(self, backend: str):
-        self.backend = backend
+    can_spin = False
+
+    def __init__(self, backend: str, device: str):
+        self.backend, self.device = backend, device
 
     def region(self):
-        if self.backend in ("cuda", "rocm"):
-            return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        if self.backend == "metal":
-            return torch.mps.event.Event(enable_timing=True), torch.mps.event.Event(enable_timing=True)
         return [0], [0]
 
     def record(self, ev) -> None:
-        if self.backend == "cpu":
-            ev[0] = time.perf_counter_ns()
-        else:
-            ev.record()
+        ev[0] = time.perf_counter_ns()
+
+    def reached(self, ev) -> bool:
+        """Whether the device has passed `ev` (the host clock always has)."""
+        return True
 
     def sync(self) -> None:
-        if self.backend in ("cuda", "rocm"):
-            torch.cuda.synchronize()
-        elif self.backend == "metal":
-            torch.mps.synchronize()
+        pass
 
     def elapsed_ms(self, start, end) -> float:
-        if self.backend == "cpu":
-            return (end[0] - start[0]) / 1e6
+        return (end[0] - start[0]) / 1e6
+
+    def spin(self, ms: float) -> None:
+        raise NotImplementedError(f"no spin kernel on {self.backend}")
+
+    def flush_buffer(self) -> torch.Tensor:
+        return torch.empty(64 * 2**20 // 4, dtype=torch.int32, device=self.device)
+
+
+class _CudaClock(_Clock):
+    """CUDA and ROCm (torch's HIP build keeps the `cuda` API): events and `_sleep` on the
+    current stream."""
+
+    can_spin = True
+
+    def region(self):
+        return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def record(self, ev) -> None:
+        ev.record()
+
+    def reached(self, ev) -> bool:
+        return ev.query()
+
+    def sync(self) -> None:
+        torch.cuda.synchronize()
+
+    def elapsed_ms(self, start, end) -> float:
         return start.elapsed_time(end)
+
+    def spin(self, ms: float) -> None:
+        torch.cuda._sleep(spin_cycles(ms, _sleep_rate(self.device)))
+
+    def flush_buffer(self) -> torch.Tensor:
+        l2 = getattr(torch.cuda.get_device_properties(self.device), "L2_cache_size", 50 * 2**20)
+        return torch.empty(2 * l2 // 4, dtype=torch.int32, device=self.device)
+
+
+class _MetalClock(_CudaClock):
+    """Apple Metal: `torch.mps` events; no spin kernel."""
+
+    can_spin = False
+
+    def region(self):
+        return torch.mps.event.Event(enable_timing=True), torch.mps.event.Event(enable_timing=True)
+
+    def sync(self) -> None:
+        torch.mps.synchronize()
+
+    def spin(self, ms: float) -> None:
+        _Clock.spin(self, ms)
+
+    def flush_buffer(self) -> torch.Tensor:
+        return _Clock.flush_buffer(self)
 
 
 def backend_of(device: str) -> str:
@@ -144,15 +209,14 @@ def backend_of(device: str) -> str:
     return "cpu"
 
 
-def _flush_buffer(backend: str, device: str) -> torch.Tensor:
-    if backend in ("cuda", "rocm"):
-        l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
-        return torch.empty(2 * l2 // 4, dtype=torch.int32, device=device)
-    return torch.empty(64 * 2**20 // 4, dtype=torch.int32, device=device)
+def _clock(backend: str, device: str) -> _Clock:
+    kind = {"cuda": _CudaClock, "rocm": _CudaClock, "metal": _MetalClock}.get(backend, _Clock)
+    return kind(backend, device)
 
 
 MAX_COVER_MS = 50.0
-_SLEEP_CYCLES_PER_MS: dict[str, float] = {}
+SPIN_CALIBRATION_CYCLES = 1_000_000
+_SLEEP_RATE: dict[str, float] = {}
 
 
 def cover_ms(host_enqueue_ms: list[float], cap_ms: float = MAX_COVER_MS) -> float:
@@ -163,18 +227,44 @@ def cover_ms(host_enqueue_ms: list[float], cap_ms: float = MAX_COVER_MS) -> floa
     return min(cap_ms, 2.0 * quantile(sorted(host_enqueue_ms), 0.9) + 0.05)
 
 
-def _sleep_cycles_per_ms(device: str) -> float:
-    """GPU clock cycles per millisecond of `torch.cuda._sleep`, measured once per device."""
-    if device not in _SLEEP_CYCLES_PER_MS:
-        cycles = 2_000_000
-        torch.cuda._sleep(cycles)  # first launch: module load
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        torch.cuda._sleep(cycles)
-        end.record()
-        end.synchronize()
-        _SLEEP_CYCLES_PER_MS[device] = cycles / max(start.elapsed_time(end), 1e-3)
-    return _SLEEP_CYCLES_PER_MS[device]
+def spin_rate(cycles: int, elapsed_ms: list[float]) -> float:
+    """Spin-kernel cycles per millisecond from spins of `cycles` cycles that took
+    `elapsed_ms`: the fastest one's rate (the highest clock seen), so that a spin sized with
+    it lasts at least as long as asked at any lower clock."""
+    return cycles / max(min(elapsed_ms), 1e-6)
+
+
+def spin_cycles(ms: float, rate: float, cap_ms: float = MAX_COVER_MS) -> int:
+    """Cycles for a spin of `ms` milliseconds (at most `cap_ms`) at `rate` cycles per ms."""
+    return max(1, math.ceil(min(ms, cap_ms) * rate))
+
+
+def _sleep_rate(device: str) -> float:
+    """`torch.cuda._sleep`'s cycles per ms on `device`, measured once per process."""
+    if device not in _SLEEP_RATE:
+        torch.cuda._sleep(SPIN_CALIBRATION_CYCLES)  # first launch: loads the kernel
+        elapsed = []
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.cuda._sleep(SPIN_CALIBRATION_CYCLES)
+            end.record()
+            end.synchronize()
+            elapsed.append(start.elapsed_time(end))
+        _SLEEP_RATE[device] = spin_rate(SPIN_CALIBRATION_CYCLES, elapsed)
+    return _SLEEP_RATE[device]
+
+
+def _waits_for_device(fn: Callable[[], object], clock: _Clock, cover: float) -> bool:
+    """One probe: `fn` behind a spin of `cover` ms; True if by the time it returned the GPU
+    had already passed the spin (`fn` waited for the device, or enqueued for longer)."""
+    clock.spin(cover)
+    mark = clock.region()[0]
+    clock.record(mark)
+    fn()
+    reached = clock.reached(mark)
+    clock.sync()
+    return reached
 
 
 def bench(fn: Callable[[], object], *, device: str = "cpu", check: Callable[[], bool] | None = None,
@@ -185,8 +275,8 @@ def bench(fn: Callable[[], object], *, device: str = "cpu", check: Callable[[], 
     if check is not None and not check():
         raise NotCorrect("output differs from the reference")
     backend = backend_of(device)
-    clock = _Clock(backend)
-    buf = _flush_buffer(backend, device) if flush else None
+    clock = _clock(backend, device)
+    buf = clock.flush_buffer() if flush else None
 
     clock.sync()
     start = time.perf_counter()
@@ -199,10 +289,16 @@ def bench(fn: Callable[[], object], *, device: str = "cpu", check: Callable[[], 
         calls += 1
         clock.sync()
 
-    spin_cycles, cover = 0, 0.0
-    if hide_launch and backend in ("cuda", "rocm"):
+    cover, note = 0.0, ""
+    if not hide_launch:
+        note = "launch not hidden: hide_launch=False"
+    elif not clock.can_spin:
+        note = "" if backend == "cpu" else f"launch not hidden: no spin kernel on {backend}"
+    else:
         cover = cover_ms(enqueue[1:] or enqueue)  # the first call may still compile
-        spin_cycles = int(cover * _sleep_cycles_per_ms(device))
+        if all(_waits_for_device(fn, clock, cover) for _ in range(2)):
+            cover, note = 0.0, ("launch not hidden: the call waits for the device (or "
+                                "enqueues for longer than a spin covers)")
     samples: list[float] = []
     host: list[float] = []
     uncovered = 0
@@ -210,19 +306,20 @@ def bench(fn: Callable[[], object], *, device: str = "cpu", check: Callable[[], 
     while True:
         if buf is not None:
             buf.zero_()
-        if spin_cycles:
-            torch.cuda._sleep(spin_cycles)
+        if cover:
+            clock.spin(cover)
         t0, t1 = clock.region()
         clock.record(t0)
         t = time.perf_counter()
         fn()
         host.append((time.perf_counter() - t) * 1e3)
+        if cover and clock.reached(t0):
+            uncovered += 1
         clock.record(t1)
         clock.sync()
-        if spin_cycles and host[-1] > cover:
-            uncovered += 1
         samples.append(clock.elapsed_ms(t0, t1))
         reason = stop_reason(samples, time.perf_counter() - began, min_reps=min_reps,
                              max_reps=max_reps, rse_target=rse_target, budget_s=budget_s)
         if reason:
-            return Timing(samples, backend, reason, calls, host, cover, uncovered)
+            return Timing(samples, backend, reason, calls, host, cover, uncovered,
+                          hidden=cover > 0, launch_note=note)

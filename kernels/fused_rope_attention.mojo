@@ -249,7 +249,7 @@ def _merge_scale(m: Float32, m_new: Float32) -> Float32:
 
 
 def _decode_partial_gpu[
-    dtype: DType, D: Int, GB: Int
+    dtype: DType, D: Int, GB: Int, unroll: Int = DECODE_UNROLL, warps: Int = DECODE_WARPS
 ](
     m_part: Pointer[Float32, MutAnyOrigin],
     l_part: Pointer[Float32, MutAnyOrigin],
@@ -269,7 +269,7 @@ def _decode_partial_gpu[
     original_max_position: Float32,
 ):
     """One block per (split of the keys, kv head and GB of its q heads, batch row):
-    grid = (splits, hk * group / GB, batch), DECODE_THREADS threads.
+    grid = (splits, hk * group / GB, batch), 32 * warps threads.
 
     The query sits at position skv - 1 and sees every key (the causal mask is moot).
     A key's head vector is read by TPK = D / 2 / W threads, each holding W-element
@@ -285,7 +285,7 @@ def _decode_partial_gpu[
     comptime HALF = D // 2
     comptime TPK = HALF // W
     comptime KPW = 32 // TPK
-    comptime STREAMS = DECODE_WARPS * KPW
+    comptime STREAMS = warps * KPW
     comptime F = SIMD[DType.float32, W]
     comptime NEG_INF = -inf[DType.float32]()
     comptime align = 16
@@ -306,7 +306,7 @@ def _decode_partial_gpu[
 
     var freqs = RopeFreqs(theta, factor, low_freq_factor, high_freq_factor, original_max_position)
     var inv_s = unsafe_stack_allocation[HALF, Float32, address_space=.SHARED]()
-    for i in range(tid, HALF, DECODE_THREADS):
+    for i in range(tid, HALF, warps * 32):
         inv_s[unsafe_offset=i] = freqs.inv_freq(i, D)
     barrier()
     var inv = F()
@@ -336,12 +336,12 @@ def _decode_partial_gpu[
     # whole warp); a lane past the end masks its key out.
     var warp_first = start + warp * KPW
     while warp_first < end:
-        var k1s = StaticTuple[SIMD[dtype, W], DECODE_UNROLL](fill=0)
-        var k2s = StaticTuple[SIMD[dtype, W], DECODE_UNROLL](fill=0)
-        var v1s = StaticTuple[SIMD[dtype, W], DECODE_UNROLL](fill=0)
-        var v2s = StaticTuple[SIMD[dtype, W], DECODE_UNROLL](fill=0)
+        var k1s = StaticTuple[SIMD[dtype, W], unroll](fill=0)
+        var k2s = StaticTuple[SIMD[dtype, W], unroll](fill=0)
+        var v1s = StaticTuple[SIMD[dtype, W], unroll](fill=0)
+        var v2s = StaticTuple[SIMD[dtype, W], unroll](fill=0)
         # Every load of the step first, to keep more bytes in flight.
-        comptime for u in range(DECODE_UNROLL):
+        comptime for u in range(unroll):
             var j = base + u * STREAMS
             if j < end:
                 var row = (b * skv + j) * kv_stride + kvh * D + i0
@@ -350,11 +350,11 @@ def _decode_partial_gpu[
                 v1s[u] = v.unsafe_load[width=W, alignment=align](row)
                 v2s[u] = v.unsafe_load[width=W, alignment=align](row + HALF)
         # Scores of the step's keys (-inf past the end), then one softmax update per head
-        # for all of them: one rescale of acc per DECODE_UNROLL keys.
-        var scores = StaticTuple[Float32, DECODE_UNROLL * GB](fill=NEG_INF)
-        var v1f = StaticTuple[F, DECODE_UNROLL](fill=0)
-        var v2f = StaticTuple[F, DECODE_UNROLL](fill=0)
-        comptime for u in range(DECODE_UNROLL):
+        # for all of them: one rescale of acc per unroll keys.
+        var scores = StaticTuple[Float32, unroll * GB](fill=NEG_INF)
+        var v1f = StaticTuple[F, unroll](fill=0)
+        var v2f = StaticTuple[F, unroll](fill=0)
+        comptime for u in range(unroll):
             var j = base + u * STREAMS
             var sc = _sincos_hw(Float32(j) * inv)
             var k1 = k1s[u].cast[DType.float32]()
@@ -373,14 +373,14 @@ def _decode_partial_gpu[
                     scores[u * GB + g] = dot
         comptime for g in range(GB):
             var m_new = m[g]
-            comptime for u in range(DECODE_UNROLL):
+            comptime for u in range(unroll):
                 m_new = max(m_new, scores[u * GB + g])
             if m_new != NEG_INF:
                 var corr = _merge_scale(m[g], m_new)
                 var l_new = l[g] * corr
                 var a1 = acc_lo[g] * corr
                 var a2 = acc_hi[g] * corr
-                comptime for u in range(DECODE_UNROLL):
+                comptime for u in range(unroll):
                     var p = exp2(scores[u * GB + g] - m_new)  # 0 for a masked key
                     l_new += p
                     a1 = v1f[u].fma(F(p), a1)
@@ -389,8 +389,8 @@ def _decode_partial_gpu[
                 acc_lo[g] = a1
                 acc_hi[g] = a2
                 m[g] = m_new
-        base += DECODE_UNROLL * STREAMS
-        warp_first += DECODE_UNROLL * STREAMS
+        base += unroll * STREAMS
+        warp_first += unroll * STREAMS
 
     # Merge the KPW streams of each warp (lanes with the same slice, xor over the stream bits).
     comptime for step in range(5):
@@ -409,9 +409,9 @@ def _decode_partial_gpu[
                 m[g] = m_new
 
     # Then the warps, through shared memory.
-    var m_s = unsafe_stack_allocation[DECODE_WARPS * GB, Float32, address_space=.SHARED]()
-    var l_s = unsafe_stack_allocation[DECODE_WARPS * GB, Float32, address_space=.SHARED]()
-    var acc_s = unsafe_stack_allocation[DECODE_WARPS * GB * D, Float32, address_space=.SHARED]()
+    var m_s = unsafe_stack_allocation[warps * GB, Float32, address_space=.SHARED]()
+    var l_s = unsafe_stack_allocation[warps * GB, Float32, address_space=.SHARED]()
+    var acc_s = unsafe_stack_allocation[warps * GB * D, Float32, address_space=.SHARED]()
     if lane < TPK:
         comptime for g in range(GB):
             var at = (warp * GB + g) * D + i0
@@ -422,15 +422,15 @@ def _decode_partial_gpu[
                 m_s[unsafe_offset=warp * GB + g] = m[g]
                 l_s[unsafe_offset=warp * GB + g] = l[g]
     barrier()
-    for idx in range(tid, GB * D, DECODE_THREADS):
+    for idx in range(tid, GB * D, warps * 32):
         var g = idx // D
         var d = idx % D
         var m_all = NEG_INF
-        comptime for w in range(DECODE_WARPS):
+        comptime for w in range(warps):
             m_all = max(m_all, m_s[unsafe_offset=w * GB + g])
         var l_all = Float32(0)
         var a_all = Float32(0)
-        comptime for w in range(DECODE_WARPS):
+        comptime for w in range(warps):
             var c = _merge_scale(m_s[unsafe_offset=w * GB + g], m_all)
             l_all += l_s[unsafe_offset=w * GB + g] * c
             a_all += acc_s[unsafe_offset=(w * GB + g) * D + d] * c

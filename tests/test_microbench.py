@@ -3,6 +3,7 @@ noise rule, unavailable providers, and (slow) the CPU run end to end through the
 
 import dataclasses
 import json
+import time
 
 import pytest
 
@@ -233,15 +234,163 @@ def test_yardstick_is_timed_unchecked_and_never_the_baseline():
     assert {r["baseline"] for r in rec["rows"]} == {"torch_eager"}
 
 
-def test_target_lines_state_each_target_as_a_ratio_from_one_run():
-    def row(provider, p50, family="prefill", **kw):
-        return {"kernel": "fused_rope_attention", "provider": provider, "family": family,
-                "label": "B=1 Sq=8192", "status": "ok", "p50": p50, **kw}
+def test_a_yardstick_faster_than_everything_is_still_not_the_baseline():
+    rows = [_row("ruler", 0.5, yardstick=True, flops=1.0, bytes=1.0),
+            _row("torch_cudnn", 1.0, flops=1.0, bytes=1.0),
+            _row("kt_graph", 0.8, flops=1.0, bytes=1.0)]
+    mb._derive(rows, pykernels.get("rms_norm"), "cpu", None, "memory", None, gpu=False)
+    assert {r["baseline"] for r in rows} == {"torch_cudnn"}
+    assert rows[0]["speedup"] == pytest.approx(2.0)
 
-    lines = mb.target_lines([row("kt_graph", 1.9), row("cudnn_alone", 2.0),
-                             row("torch_compile", 2.5), row("max_flash", 1.8),
-                             row("kt_graph", 0.5, family="decode", gb_s=2700.0, pct_peak=80.6)])
+
+def _att(provider, p50, family="prefill", label="B=1 Sq=8192 causal=0", **kw):
+    return {"kernel": "fused_rope_attention", "provider": provider, "family": family,
+            "label": label, "status": "ok", "p50": p50, **kw}
+
+
+def test_target_lines_state_each_target_as_a_ratio_from_one_run():
+    lines = mb.target_lines([_att("kt_graph", 1.9), _att("cudnn_alone", 2.0),
+                             _att("torch_compile", 2.5), _att("max_flash", 1.8),
+                             _att("kt_graph", 0.5, family="decode", gb_s=2700.0, pct_peak=80.6)])
     (prefill,) = [ln for ln in lines if "prefill" in ln]
-    assert "goal kt/cudnn_alone 0.950" in prefill
+    assert "goal kt/cudnn_alone 0.950 (moonshot met)" in prefill
     assert "milestone kt/torch_compile 0.760" in prefill and "kt/max_flash 1.056" in prefill
     assert any("decode" in ln and "80.6% of HBM" in ln for ln in lines)
+
+
+def test_goal_verdicts_at_their_thresholds():
+    assert mb.goal_verdict(0.95) == "moonshot met"
+    assert mb.goal_verdict(0.951) == mb.goal_verdict(1.0) == "goal met"
+    assert mb.goal_verdict(1.001) == "goal not met"
+
+
+def test_summary_prints_the_goal_ratio_for_every_prefill_case(tmp_path):
+    from rich.console import Console
+
+    rows = []
+    for label, kt, ruler in (("B=8 Sq=1024 causal=0", 0.50, 0.45), ("B=8 Sq=1024 causal=1", 0.30,
+                                                                      0.32)):
+        for provider, p50 in (("kt_graph", kt), ("cudnn_alone", ruler), ("torch_cudnn", 0.9)):
+            rows.append(_att(provider, p50, label=label, shape={"Sq": 1024}, params={},
+                             yardstick=provider == "cudnn_alone"))
+    rows.append(_att("kt_graph", 0.2, family="decode", label="B=8 Skv=1024", shape={"Sq": 1},
+                     params={}))
+    path = tmp_path / "att.json"
+    path.write_text(json.dumps({"kernel": "fused_rope_attention", "device": "H100",
+                                "timer": "CUDA events", "rows": rows,
+                                "families": {"prefill": {"x": "Sq"}, "decode": {"x": "Sq"}}}))
+    console = Console(width=250, record=True)
+    mb.summary([str(path)], console)
+    text = console.export_text()
+    assert ("targets prefill B=8 Sq=1024 causal=0: goal kt/cudnn_alone 1.111 (goal not met)"
+            in text)
+    assert "targets prefill B=8 Sq=1024 causal=1: goal kt/cudnn_alone 0.938 (moonshot met)" in text
+    assert "cudnn_alone [yardstick] 0.450" in text
+    assert "goal kt/cudnn_alone" not in "".join(ln for ln in text.splitlines() if "decode" in ln)
+
+
+def test_the_stream_check_passes_host_bound_ops_and_catches_missed_work():
+    # rope through MAX on an H100: 30 us of GPU work behind 150 us of host enqueue; hidden
+    # events see 0.030 ms, the device is busy ~0.02 ms after execute returns: no alarm
+    # (the old rule, events < half the host-synchronized wall time, fired here)
+    assert not mb.events_missed_work(0.030, 0.020)
+    assert not mb.events_missed_work(1.0, 1.0)
+    # events on a stream the work did not run on see ~2 us of a 1 ms kernel
+    assert mb.events_missed_work(0.002, 1.0)
+    assert not mb.events_missed_work(0.002, 0.02)  # within the host clock's jitter
+
+
+class _Device:
+    """A device busy until a host-clock time; `sync` waits for it."""
+
+    def __init__(self):
+        self.until = 0.0
+
+    def busy(self, ms):
+        self.until = max(time.perf_counter(), self.until) + ms / 1e3
+
+    def sync(self):
+        time.sleep(max(0.0, self.until - time.perf_counter()))
+
+
+def test_tail_is_the_device_time_after_the_call_returns_not_the_host_time():
+    dev = _Device()
+    gpu_bound = mb.Bound(lambda: dev.busy(3.0), sync=dev.sync)
+    assert 2.5 <= mb._tail_ms(gpu_bound) < 6.0
+
+    def host_bound():
+        time.sleep(0.003)
+        dev.busy(0.0)
+
+    assert mb._tail_ms(mb.Bound(host_bound, sync=dev.sync)) < 0.5
+
+
+def _unseen(device, dtype):
+    """A MAX-like provider whose work the timer cannot see: `run` returns at once while its
+    'device' stays busy 3 ms; only `sync` waits for it (events on the wrong stream)."""
+    spec = pykernels.get("rms_norm")
+
+    def bind(inputs, params):
+        out = spec.reference(inputs, params)
+        dev = _Device()
+
+        def run():
+            dev.busy(3.0)
+            return out
+
+        return mb.Bound(run, stream=1, sync=dev.sync)
+
+    return bind
+
+
+def test_work_the_events_missed_is_timed_host_synchronized():
+    rec = _tiny_run({"unseen": _unseen}, ["unseen"])
+    (row,) = rec["rows"]
+    assert row["status"] == "ok" and "events missed MAX's stream" in row["note"]
+    assert row["p50"] >= 2.5 and row["launch_hidden"] is False
+
+
+def test_rows_say_where_their_time_went():
+    row = {"prepare_s": 13.1, "bind_s": 0.0, "first_call_s": 1.5, "bench_s": 1.9}
+    assert mb.row_seconds(row) == "prepare 13.1 s, first call + check 1.5 s, timing 0.4 s"
+    assert mb.row_seconds({"bind_s": 0.001}) == "< 0.1 s"
+    rec = _tiny_run({}, ["torch_eager", "torch_functional"])
+    first, second = rec["rows"]
+    assert "prepare_s" in first and "bench_s" in first and first["bench_s"] > 0
+    assert "prepare_s" in second  # each provider's own prepare
+
+
+def test_warm_jobs_split_a_family_by_param():
+    att = pykernels.get("fused_rope_attention")
+    fam = mb.load_families(att)["prefill"]
+    causal = mb.where(fam, ["causal=1"])
+    assert causal.cases and {p["causal"] for _, p in causal.cases} == {1}
+    assert len(causal.cases) + len(mb.where(fam, ["causal=0"]).cases) == len(fam.cases)
+    with pytest.raises(mb.MicrobenchError, match="name=value"):
+        mb.where(fam, ["causal"])
+
+
+def _attention_cpu_family(spec):
+    return mb.load_families(spec)["cpu"]
+
+
+def test_cudnn_alone_is_na_on_cpu():
+    spec = pykernels.get("fused_rope_attention")
+    settings = mb.Settings(warmup_ms=1, min_reps=3, max_reps=5, budget_s=0.05)
+    rec = mb.run(spec, "cpu", [_attention_cpu_family(spec)], ["cudnn_alone"], settings=settings)
+    assert {r["status"] for r in rec["rows"]} == {"n/a"}
+    assert all("n/a on cpu" in r["note"] for r in rec["rows"])
+
+
+@pytest.mark.gpu
+def test_gpu_cudnn_alone_is_an_unchecked_yardstick_beside_the_op():
+    spec = pykernels.get("fused_rope_attention")
+    settings = mb.Settings(warmup_ms=5, min_reps=5, max_reps=20, budget_s=0.2)
+    rec = mb.run(spec, "gpu", [_attention_cpu_family(spec)], ["cudnn_alone", "torch_cudnn"],
+                 settings=settings)  # tiny GQA shapes (2 q heads per kv head)
+    rulers = [r for r in rec["rows"] if r["provider"] == "cudnn_alone"]
+    if all(r["status"] == "n/a" for r in rulers):
+        pytest.skip(f"no cuDNN attention here: {rulers[0]['note']}")
+    for r in rulers:
+        assert r["status"] == "ok" and r["yardstick"] is True and "check" not in r
+        assert "not checked" in r["note"] and r.get("baseline") != "cudnn_alone"

@@ -1,5 +1,6 @@
 """The timing engine: quantiles and the stopping rule on synthetic samples, the correctness
-gate, and a real CPU measurement."""
+gate, a real CPU measurement, the launch-hiding spin (its arithmetic, and `bench` driving a
+simulated GPU on the host clock), and on a GPU the real thing."""
 
 import math
 import random
@@ -7,6 +8,7 @@ import time
 
 import pytest
 
+from harness import timing
 from harness.timing import (
     MAX_COVER_MS,
     NotCorrect,
@@ -14,6 +16,8 @@ from harness.timing import (
     cover_ms,
     quantile,
     relative_standard_error,
+    spin_cycles,
+    spin_rate,
     stop_reason,
     summarize,
 )
@@ -71,6 +75,119 @@ def test_launch_cover_is_twice_the_slow_enqueues_plus_a_margin_and_capped():
     assert cover_ms([]) == MAX_COVER_MS
 
 
+def test_spin_calibration_takes_the_highest_clock_and_the_cap_bounds_every_spin():
+    # three spins of 1e6 cycles: the fastest (0.5 ms, 2 GHz) sets the rate, so the spin
+    # lasts at least as long as asked when the clock is lower
+    assert spin_rate(1_000_000, [0.6, 0.5, 0.55]) == pytest.approx(2e6)
+    assert spin_cycles(2.0, 2e6) == 4_000_000
+    assert spin_cycles(10 * MAX_COVER_MS, 2e6) == spin_cycles(MAX_COVER_MS, 2e6) == 100_000_000
+    assert spin_cycles(0.0, 2e6) == 1
+
+
+class SimGpu(timing._Clock):
+    """A GPU with one in-order stream, simulated on the host clock: work starts when it is
+    enqueued or when the work before it ends, whichever is later; an event completes when
+    the work queued before it has."""
+
+    can_spin = True
+
+    def __init__(self, backend="cuda", can_spin=True):
+        super().__init__(backend, "cuda")
+        self.can_spin = can_spin
+        self.free_at = time.perf_counter()
+        self.spins = 0
+
+    def launch(self, ms: float) -> None:
+        self.free_at = max(time.perf_counter(), self.free_at) + ms / 1e3
+
+    def region(self):
+        return [0.0], [0.0]
+
+    def record(self, ev) -> None:
+        ev[0] = max(time.perf_counter(), self.free_at)
+
+    def reached(self, ev) -> bool:
+        return time.perf_counter() >= ev[0]
+
+    def sync(self) -> None:
+        time.sleep(max(0.0, self.free_at - time.perf_counter()))
+
+    def elapsed_ms(self, start, end) -> float:
+        return (end[0] - start[0]) * 1e3
+
+    def spin(self, ms: float) -> None:
+        self.spins += 1
+        self.launch(ms)
+
+
+@pytest.fixture
+def sim(monkeypatch):
+    gpu = SimGpu()
+    monkeypatch.setattr(timing, "_clock", lambda backend, device: gpu)
+    return gpu
+
+
+FAST = dict(device="cuda", warmup_ms=5, min_reps=5, max_reps=12, budget_s=0.5, flush=False)
+
+
+def test_hidden_launch_times_the_device_not_the_host(sim):
+    """2 ms of host work before a 0.3 ms kernel: behind the spin the events see the
+    kernel; without it they see the host's 2 ms too."""
+
+    def host_bound():
+        time.sleep(0.002)
+        sim.launch(0.3)
+
+    hidden = bench(host_bound, **FAST)
+    assert hidden.hidden and not hidden.launch_note
+    assert hidden.cover_ms >= 2 * 2.0 + 0.05 and hidden.host_ms >= 2.0
+    assert 0.29 <= hidden.p50 < 1.0
+    assert hidden.uncovered <= len(hidden.samples_ms) // 4
+    plain = bench(host_bound, **FAST, hide_launch=False)
+    assert not plain.hidden and plain.cover_ms == 0 and "hide_launch=False" in plain.launch_note
+    assert plain.p50 >= 2.0
+
+
+def test_a_call_that_waits_for_the_device_is_timed_without_the_spin(sim):
+    """A call that synchronizes inside cannot get ahead of the GPU: the two probes find it
+    out, the timed calls run without a spin (no deadlock, no spin time in host_ms)."""
+
+    def blocking():
+        sim.launch(1.0)
+        sim.sync()
+
+    t = bench(blocking, **FAST)
+    assert not t.hidden and t.cover_ms == 0.0 and "waits for the device" in t.launch_note
+    assert sim.spins == 2  # the probes' spins, none in the timed loop
+    assert 0.95 <= t.p50 < 5.0 and t.host_ms >= 0.95 and t.uncovered == 0
+
+
+def test_calls_that_outlast_the_spin_are_counted(sim):
+    """The enqueue time grows after the calibration (0.2 ms, then 3 ms): the GPU reaches
+    the start event before the host has queued the kernel, every timed call says so."""
+
+    def slows_down():
+        time.sleep(0.0002 if sim.spins <= 1 else 0.003)  # warmup and the probe: fast
+        sim.launch(0.1)
+
+    t = bench(slows_down, **FAST)
+    assert t.hidden and t.cover_ms < 3.0
+    assert t.uncovered == len(t.samples_ms) and t.p50 >= 1.0
+
+
+def test_no_spin_kernel_no_hiding(monkeypatch):
+    gpu = SimGpu(backend="metal", can_spin=False)
+    monkeypatch.setattr(timing, "_clock", lambda backend, device: gpu)
+
+    def host_bound():
+        time.sleep(0.001)
+        gpu.launch(0.2)
+
+    t = bench(host_bound, **dict(FAST, device="mps"))
+    assert t.backend == "metal" and not t.hidden and gpu.spins == 0
+    assert "no spin kernel on metal" in t.launch_note and t.p50 >= 1.0
+
+
 def _gpu():
     import torch
 
@@ -79,6 +196,7 @@ def _gpu():
     return torch
 
 
+@pytest.mark.gpu
 def test_gpu_hidden_launch_times_the_kernel_not_the_host():
     """A call that spends 3 ms on the host before enqueueing a tiny kernel: with launches
     hidden the events see microseconds, without they see the host's 3 ms."""
@@ -92,5 +210,48 @@ def test_gpu_hidden_launch_times_the_kernel_not_the_host():
     hidden = bench(slow_host, device="cuda", warmup_ms=20, min_reps=5, max_reps=10, budget_s=1)
     plain = bench(slow_host, device="cuda", warmup_ms=20, min_reps=5, max_reps=10, budget_s=1,
                   hide_launch=False)
-    assert hidden.p50 < 0.5 and hidden.host_ms >= 3.0 and hidden.cover_ms > 3.0
+    assert hidden.hidden and hidden.p50 < 0.5 and hidden.host_ms >= 3.0
+    assert hidden.cover_ms > 6.0 and hidden.uncovered <= 2
     assert plain.p50 >= 2.5
+
+
+@pytest.mark.gpu
+def test_gpu_spin_lasts_at_least_what_it_was_sized_for():
+    torch = _gpu()
+    timing._sleep_rate("cuda")
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    timing._CudaClock("cuda", "cuda").spin(2.0)
+    end.record()
+    end.synchronize()
+    assert 1.6 <= start.elapsed_time(end) < 6.0  # 2 ms, within clock drift since calibration
+
+
+@pytest.mark.gpu
+def test_gpu_call_that_synchronizes_is_timed_and_does_not_hang():
+    torch = _gpu()
+    x = torch.ones(1 << 20, device="cuda")
+
+    def synced():
+        x.add_(1.0)
+        torch.cuda.synchronize()
+
+    t = bench(synced, device="cuda", warmup_ms=10, min_reps=5, max_reps=10, budget_s=1)
+    assert not t.hidden and "waits for the device" in t.launch_note and t.p50 > 0
+
+
+@pytest.mark.gpu
+def test_gpu_spin_and_events_follow_the_current_stream():
+    """As `kt microbench` times MAX: its stream made torch's current one (ExternalStream);
+    the flush, the spin and the events land there, so hiding works there too."""
+    torch = _gpu()
+    side = torch.cuda.Stream()
+    x = torch.ones(1024, device="cuda")
+
+    def slow_host():
+        time.sleep(0.003)
+        x.add_(1.0)  # on the current stream, as MAX's execute enqueues on its own
+
+    with torch.cuda.stream(torch.cuda.ExternalStream(side.cuda_stream)):
+        t = bench(slow_host, device="cuda", warmup_ms=20, min_reps=5, max_reps=10, budget_s=1)
+    assert t.hidden and t.p50 < 0.5 and t.host_ms >= 3.0

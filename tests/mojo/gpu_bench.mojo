@@ -1,0 +1,157 @@
+# Raw kernel timings on a GPU, outside MAX graphs, for tuning the kernels' compile-time
+# parameters (each variant is its own instantiation). Not part of CI (it needs a GPU):
+#   mojo run -I <repo> tests/mojo/gpu_bench.mojo
+# Each line: a kernel variant, its mean milliseconds over back-to-back launches (the host
+# enqueues far faster than the GPU runs them, so launch overhead is hidden) and GB/s of the
+# bytes it must move.
+from max.gpu.host import DeviceBuffer, DeviceContext
+from std.math import ceildiv
+from std.time import perf_counter_ns
+
+from kernels.fused_rope_attention import (
+    DECODE_THREADS,
+    LOG2E,
+    _decode_combine_gpu,
+    _decode_partial_gpu,
+    _fused_rope_attention_gpu,
+)
+from kernels.rope import FAST_BLOCK, RopeFreqs, _rope_fast_gpu
+
+comptime BF16 = DType.bfloat16
+comptime WARM = 3
+comptime ITERS = 30
+
+
+def fill(ctx: DeviceContext, buf: DeviceBuffer, n: Int) raises:
+    var host = ctx.enqueue_create_host_buffer[buf.dtype](n)
+    ctx.synchronize()
+    for i in range(n):
+        host[i] = Scalar[buf.dtype](Float32((i * 7919) % 1013) * 0.002 - 1.0)
+    ctx.enqueue_copy(buf, host)
+    ctx.synchronize()
+
+
+def report(name: String, t0: Int, nbytes: Float64):
+    var ms = Float64(perf_counter_ns() - t0) / Float64(ITERS) / 1e6
+    print(name, "ms", ms, "GB/s", nbytes / ms / 1e6)
+
+
+def rope_variant[per: Int](
+    ctx: DeviceContext, qo: DeviceBuffer[BF16], ko: DeviceBuffer[BF16], q: DeviceBuffer[BF16],
+    k: DeviceBuffer[BF16], pos: DeviceBuffer[DType.int64], tokens: Int, hq: Int, hk: Int,
+    freqs: RopeFreqs,
+) raises:
+    var t0 = perf_counter_ns()
+    for it in range(WARM + ITERS):
+        if it == WARM:
+            ctx.synchronize()
+            t0 = perf_counter_ns()
+        ctx.enqueue_function[_rope_fast_gpu[BF16, 8, False, per]](
+            qo.unsafe_ptr(), ko.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), pos.unsafe_ptr(),
+            Int32(tokens), Int32(tokens), Int32(tokens), Int32(tokens), Int32(0), Int32(0),
+            Int32(hq), Int32(hk), Int32(128),
+            freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
+            freqs.original_max_position,
+            grid_dim=(ceildiv(tokens * 8, FAST_BLOCK), ceildiv(hq, per) + ceildiv(hk, per)),
+            block_dim=FAST_BLOCK,
+        )
+    ctx.synchronize()
+    report(String("rope heads_per_thread=", per), t0,
+           Float64(4 * tokens * (hq + hk) * 128))
+
+
+def same(ctx: DeviceContext, a: DeviceBuffer[BF16], b: DeviceBuffer[BF16], n: Int) raises -> Bool:
+    var ha = ctx.enqueue_create_host_buffer[BF16](n)
+    var hb = ctx.enqueue_create_host_buffer[BF16](n)
+    ctx.enqueue_copy(ha, a)
+    ctx.enqueue_copy(hb, b)
+    ctx.synchronize()
+    for i in range(n):
+        if ha[i] != hb[i]:
+            return False
+    return True
+
+
+def decode_variant[unroll: Int, warps: Int](
+    ctx: DeviceContext, o: DeviceBuffer[BF16], q: DeviceBuffer[BF16], k: DeviceBuffer[BF16],
+    v: DeviceBuffer[BF16], batch: Int, skv: Int, hq: Int, hk: Int, splits: Int,
+    freqs: RopeFreqs,
+) raises:
+    var chunk = ceildiv(skv, splits)
+    var n_split = ceildiv(skv, chunk)
+    var m_part = ctx.enqueue_create_buffer[DType.float32](batch * hq * n_split)
+    var l_part = ctx.enqueue_create_buffer[DType.float32](batch * hq * n_split)
+    var acc_part = ctx.enqueue_create_buffer[DType.float32](batch * hq * n_split * 128)
+    var scale = Float32(1.0) / Float32(128) ** 0.5 * LOG2E
+    var t0 = perf_counter_ns()
+    for it in range(WARM + ITERS):
+        if it == WARM:
+            ctx.synchronize()
+            t0 = perf_counter_ns()
+        ctx.enqueue_function[_decode_partial_gpu[BF16, 128, 4, unroll, warps]](
+            m_part.unsafe_ptr(), l_part.unsafe_ptr(), acc_part.unsafe_ptr(),
+            q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
+            Int32(skv), Int32(hq), Int32(hk), Int32(chunk), scale,
+            freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
+            freqs.original_max_position,
+            grid_dim=(n_split, hk * (hq // hk // 4), batch), block_dim=warps * 32,
+        )
+        ctx.enqueue_function[_decode_combine_gpu[BF16]](
+            o.unsafe_ptr(), m_part.unsafe_ptr(), l_part.unsafe_ptr(), acc_part.unsafe_ptr(),
+            Int32(n_split), Int32(128), grid_dim=batch * hq, block_dim=DECODE_THREADS,
+        )
+    ctx.synchronize()
+    report(String("decode skv=", skv, " unroll=", unroll, " warps=", warps, " splits=", n_split),
+           t0, Float64(2 * batch * skv * hk * 128 * 2))
+
+
+def main() raises:
+    var ctx = DeviceContext()
+    var freqs = RopeFreqs(500000.0, 8.0, 1.0, 4.0, 8192.0)
+
+    # RoPE alone: 32768 tokens, 32 q heads, 8 k heads, D 128 (168M elements).
+    var tokens = 32768
+    var q = ctx.enqueue_create_buffer[BF16](tokens * 32 * 128)
+    var k = ctx.enqueue_create_buffer[BF16](tokens * 8 * 128)
+    var qo = ctx.enqueue_create_buffer[BF16](tokens * 32 * 128)
+    var ko = ctx.enqueue_create_buffer[BF16](tokens * 8 * 128)
+    var pos = ctx.enqueue_create_buffer[DType.int64](tokens)
+    fill(ctx, q, tokens * 32 * 128)
+    fill(ctx, k, tokens * 8 * 128)
+    var qo2 = ctx.enqueue_create_buffer[BF16](tokens * 32 * 128)
+    var ko2 = ctx.enqueue_create_buffer[BF16](tokens * 8 * 128)
+    rope_variant[8](ctx, qo, ko, q, k, pos, tokens, 32, 8, freqs)
+    comptime for per in [4, 2, 1]:
+        rope_variant[per](ctx, qo2, ko2, q, k, pos, tokens, 32, 8, freqs)
+        print("  same output as 8 heads per thread:",
+              same(ctx, qo, qo2, tokens * 32 * 128) and same(ctx, ko, ko2, tokens * 8 * 128))
+
+    # Decode: batch 8, 32 q heads on 8 kv heads, D 128.
+    var batch = 8
+    for skv in [4096, 32768]:
+        var qd = ctx.enqueue_create_buffer[BF16](batch * 32 * 128)
+        var kd = ctx.enqueue_create_buffer[BF16](batch * skv * 8 * 128)
+        var vd = ctx.enqueue_create_buffer[BF16](batch * skv * 8 * 128)
+        var od = ctx.enqueue_create_buffer[BF16](batch * 32 * 128)
+        fill(ctx, qd, batch * 32 * 128)
+        fill(ctx, kd, batch * skv * 8 * 128)
+        fill(ctx, vd, batch * skv * 8 * 128)
+        for splits in [16, 32, 64]:
+            decode_variant[2, 4](ctx, od, qd, kd, vd, batch, skv, 32, 8, splits, freqs)
+        decode_variant[1, 4](ctx, od, qd, kd, vd, batch, skv, 32, 8, 16, freqs)
+        decode_variant[4, 4](ctx, od, qd, kd, vd, batch, skv, 32, 8, 16, freqs)
+        decode_variant[2, 8](ctx, od, qd, kd, vd, batch, skv, 32, 8, 16, freqs)
+        decode_variant[4, 2](ctx, od, qd, kd, vd, batch, skv, 32, 8, 16, freqs)
+        decode_variant[2, 2](ctx, od, qd, kd, vd, batch, skv, 32, 8, 32, freqs)
+        # The op's own decode branch (its split choice, scratch allocated per call).
+        var t0 = perf_counter_ns()
+        for it in range(WARM + ITERS):
+            if it == WARM:
+                ctx.synchronize()
+                t0 = perf_counter_ns()
+            _fused_rope_attention_gpu[BF16](
+                od.unsafe_ptr(), qd.unsafe_ptr(), kd.unsafe_ptr(), vd.unsafe_ptr(),
+                batch, 1, skv, 32, 8, 128, Float32(0.088), Int32(1), freqs, ctx,
+            )
+        ctx.synchronize()
+        report(String("decode skv=", skv, " op (default)"), t0, Float64(2 * batch * skv * 8 * 128 * 2))
