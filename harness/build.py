@@ -54,6 +54,21 @@ def resolve_package(path: str | Path | None) -> Path:
     return pkg
 
 
+def resolve_run(device: str, package: str | Path | None) -> tuple[list, str | None]:
+    """What `kt verify` and `kt microbench` check before any work: the devices `device`
+    selects and the package to build (None: kt's own). Either problem raises ValueError with
+    a one-line message."""
+    from harness import devices
+
+    targets = devices.select(device)
+    if package is None:
+        return targets, None
+    try:
+        return targets, str(resolve_package(package))
+    except BuildError as e:
+        raise ValueError(str(e)) from None
+
+
 def _mojo_version() -> str:
     from importlib import metadata
 

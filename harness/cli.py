@@ -84,8 +84,7 @@ def list_kernels() -> None:
 @click.option("--no-triton", is_flag=True, help="Skip the Triton twin column.")
 def verify(kernels, device, dtypes, examples, seed, package, json_path, profile, replay, no_triton):
     """Check Mojo kernels against PyTorch and Triton on Hypothesis-drawn shapes."""
-    from harness import devices as devs
-    from harness.build import BuildError, resolve_package
+    from harness.build import resolve_run
     from harness.provenance import provenance
     from harness.report import all_passed, render, write_json_atomic
     from harness.runner import run_job
@@ -93,14 +92,9 @@ def verify(kernels, device, dtypes, examples, seed, package, json_path, profile,
 
     specs = _specs(kernels)
     try:
-        targets = devs.select(device)
+        targets, package = resolve_run(device, package)
     except ValueError as e:
         raise KtError(str(e)) from None
-    if package is not None:
-        try:
-            package = str(resolve_package(package))
-        except BuildError as e:
-            raise KtError(str(e)) from None
     case = None
     if replay is not None:
         if len(specs) != 1:

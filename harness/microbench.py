@@ -195,6 +195,22 @@ def _buffers_to_torch(buffers, device: str) -> tuple[torch.Tensor, ...]:
     return tuple(out)
 
 
+def max_model_bound(model, max_device, args: list, keep: list, device: str,
+                    to_torch: Callable[[Any], tuple[torch.Tensor, ...]] | None = None) -> Bound:
+    """A compiled MAX model bound to its argument buffers, as the stock-MAX providers run
+    it: the timed call is `model.execute(*args)` on `max_device`'s stream, `keep` holds the
+    torch tensors the buffers alias, and the results come back through DLPack (then
+    `to_torch`, when given, reshapes them)."""
+
+    def run():
+        return model.execute(*args)
+
+    run.keep_alive = keep
+    stream = None if device == "cpu" else int(max_device.default_queue.native_stream_handle)
+    return Bound(run, to_torch or (lambda bufs: _buffers_to_torch(bufs, device)), stream,
+                 max_device.synchronize)
+
+
 def kt_graph(spec: KernelSpec, device: str, dtype: torch.dtype, package):
     """The Mojo op in a MAX graph with symbolic dims (one compile per dtype), run on device
     buffers: the timed call is `model.execute`, nothing else."""
@@ -978,17 +994,12 @@ def cli_main(kernel: str, device: str | None, families: list[str], providers: st
                               f"(providers: {', '.join(providers_of(spec))})")
     if baseline is None and device == "gpu":
         baseline = default_baseline(spec)
+    from harness.build import resolve_run
+
     try:
-        devs.select(device)
+        _, package = resolve_run(device, package)
     except ValueError as e:
         raise MicrobenchError(str(e)) from None
-    if package is not None:
-        from harness.build import BuildError, resolve_package
-
-        try:
-            package = str(resolve_package(package))
-        except BuildError as e:
-            raise MicrobenchError(str(e)) from None
     old_rows = load_rows(compare_path) if compare_path else None
     settings = cpu_settings() if device == "cpu" else Settings()
     settings.seed = seed

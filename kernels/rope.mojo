@@ -135,6 +135,20 @@ def _rope_gpu[
         dst[unsafe_offset=row + i + half] = r[1].cast[dtype]()
 
 
+def _by_quadrant[
+    dtype: DType, width: SIMDLength, //
+](q: SIMD[DType.int32, width], sin_r: SIMD[dtype, width], cos_r: SIMD[dtype, width]) -> Tuple[
+    SIMD[dtype, width], SIMD[dtype, width]
+]:
+    """(sin(x), cos(x)) from sin and cos of r = x - q pi/2 on [-pi/4, pi/4], q in 0..3."""
+    var odd = (q & 1).eq(1)
+    var s = odd.select(cos_r, sin_r)
+    var c = odd.select(sin_r, cos_r)
+    s = (q & 2).eq(2).select(-s, s)
+    c = ((q + 1) & 2).eq(2).select(-c, c)
+    return (s, c)
+
+
 def sincos_f32_accurate[
     width: SIMDLength, //
 ](x: SIMD[DType.float32, width]) -> Tuple[SIMD[DType.float32, width], SIMD[DType.float32, width]]:
@@ -168,13 +182,8 @@ def sincos_f32_accurate[
     cp = cp * z + -1.38888888888741095749e-03
     cp = cp * z + 4.16666666666666019037e-02
     var cos_r = (1.0 - 0.5 * z) + z * z * cp
-    var q = kf.cast[DType.int64]() & 3
-    var odd = (q & 1).eq(1)
-    var s = odd.select(cos_r, sin_r)
-    var c = odd.select(sin_r, cos_r)
-    s = (q & 2).eq(2).select(-s, s)
-    c = ((q + 1) & 2).eq(2).select(-c, c)
-    return (s.cast[DType.float32](), c.cast[DType.float32]())
+    var sc = _by_quadrant((kf.cast[DType.int64]() & 3).cast[DType.int32](), sin_r, cos_r)
+    return (sc[0].cast[DType.float32](), sc[1].cast[DType.float32]())
 
 
 def sincos_f32_fast[
@@ -201,13 +210,7 @@ def sincos_f32_fast[
     var cp = z.fma(F(2.443315711809948e-5), F(-1.388731625493765e-3))
     cp = z.fma(cp, F(4.166664568298827e-2))
     var cos_r = (z * z).fma(cp, z.fma(F(-0.5), F(1.0)))
-    var q = kf.cast[DType.int32]() & 3
-    var odd = (q & 1).eq(1)
-    var s = odd.select(cos_r, sin_r)
-    var c = odd.select(sin_r, cos_r)
-    s = (q & 2).eq(2).select(-s, s)
-    c = ((q + 1) & 2).eq(2).select(-c, c)
-    return (s, c)
+    return _by_quadrant(kf.cast[DType.int32]() & 3, sin_r, cos_r)
 
 
 def _rope_fast_gpu[

@@ -388,7 +388,7 @@ def max_flash(device: str, dtype: torch.dtype):
     def bind(inputs: Tensors, params: Params) -> Bound:
         from max import driver
 
-        from harness.microbench import _buffers_to_torch
+        from harness.microbench import max_model_bound
 
         q, k, v = inputs["q"], inputs["k"], inputs["v"]
         b, sq, hq, d = q.shape
@@ -410,12 +410,7 @@ def max_flash(device: str, dtype: torch.dtype):
         args += [u32(np.arange(b + 1) * sq), u32(np.full(b, skv - sq)),
                  u32(np.arange(b + 1) * skv), u32(np.zeros(b))]
 
-        def run():
-            return model.execute(*args)
-
-        run.keep_alive = keep
-        return Bound(run, lambda bufs: _buffers_to_torch(bufs, device),
-                     int(accel.default_queue.native_stream_handle), accel.synchronize)
+        return max_model_bound(model, accel, args, keep, device)
 
     return bind
 

@@ -123,7 +123,7 @@ def _torch_provider(kind: str):
 def max_rms_norm(device: str, dtype: torch.dtype):
     """Stock MAX 26.7: `max.graph.ops.rms_norm` (Llama style), symbolic rows and width, one
     graph per (dtype, eps)."""
-    from harness.microbench import Bound, _buffers_to_torch
+    from harness.microbench import Bound, max_model_bound
 
     models: dict = {}
 
@@ -152,12 +152,7 @@ def max_rms_norm(device: str, dtype: torch.dtype):
         keep = [inputs["x"].contiguous(), inputs["w"].contiguous()]
         args = [driver.Buffer.from_dlpack(t) for t in keep]
 
-        def run():
-            return model.execute(*args)
-
-        run.keep_alive = keep
-        stream = None if device == "cpu" else int(mdev.default_queue.native_stream_handle)
-        return Bound(run, lambda bufs: _buffers_to_torch(bufs, device), stream, mdev.synchronize)
+        return max_model_bound(model, mdev, args, keep, device)
 
     return bind
 

@@ -258,7 +258,7 @@ def max_rope(device: str, dtype: torch.dtype):
     dtype (tokens, heads and table length symbolic, D static per graph)."""
     import numpy as np
 
-    from harness.microbench import Bound, _buffers_to_torch
+    from harness.microbench import Bound, _buffers_to_torch, max_model_bound
 
     models: dict = {}
 
@@ -299,16 +299,11 @@ def max_rope(device: str, dtype: torch.dtype):
         args.append(driver.Buffer.from_numpy(pos.reshape(-1).cpu().numpy().astype(np.uint32))
                     .to(mdev))
 
-        def run():
-            return model.execute(*args)
-
         def to_torch(bufs):
             qo, ko = _buffers_to_torch(bufs, device)
             return qo.reshape(q.shape), ko.reshape(k.shape)
 
-        run.keep_alive = keep
-        stream = None if device == "cpu" else int(mdev.default_queue.native_stream_handle)
-        return Bound(run, to_torch, stream, mdev.synchronize)
+        return max_model_bound(model, mdev, args, keep, device, to_torch)
 
     return bind
 
