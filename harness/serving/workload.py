@@ -114,7 +114,9 @@ def jsonl_requests(path: Path, n: int, output_len: int, seed: int, tok=None) -> 
     for i, row in rows:
         if not isinstance(row, dict):
             raise DatasetError(f"malformed dataset {path}: line {i} is not an object")
-        olen = int(row.get("output_len", output_len))
+        olen = row.get("output_len", output_len)
+        if isinstance(olen, bool) or not isinstance(olen, int) or olen < 1:
+            raise DatasetError(f"malformed dataset {path}: line {i}: output_len {olen!r} is not a positive integer")
         if isinstance(row.get("prompt"), str):
             plen = count_tokens(tok, row["prompt"]) if tok else None
             reqs.append(Request("completions", olen, prompt=row["prompt"], prompt_len=plen))

@@ -1,0 +1,115 @@
+"""scripts/stage-part.sh and scripts/device-stage.sh with small bundles packed as
+shared/offline-site.sh packs them (tar of a folder site-NAME | xz | split into NAME.partNN):
+parts of several bundles arrive one call at a time, in any order, and each bundle is unpacked
+once all of its parts are there."""
+
+import os
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(not shutil.which("xz") or not shutil.which("split"), reason="needs xz and split")
+
+
+def pack(bundles: Path, name: str, files: dict[str, bytes], part_bytes: int) -> list[Path]:
+    site = bundles / ".work" / f"site-{name}"
+    for rel, data in files.items():
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_bytes(data)
+    out = bundles / name
+    out.mkdir(parents=True)
+    subprocess.run(f"tar -C {shlex.quote(str(site.parent))} -cf - site-{name} | xz -1 -T1 | "
+                   f"split -b {part_bytes} -d - {shlex.quote(str(out / name))}.part", shell=True, check=True)
+    shutil.rmtree(site)
+    return sorted(out.iterdir())
+
+
+@pytest.fixture
+def setup(tmp_path):
+    bundles = tmp_path / "bundles"
+    # Incompressible content, so that each bundle splits into the parts wanted.
+    parts = {
+        "max": pack(bundles, "max", {"max/__init__.py": b"V = 'max'\n", "blob": os.urandom(9000)}, 4000),
+        "extras": pack(bundles, "extras", {"transformers/__init__.py": b"V = '5.12.1'\n"}, 4000),
+        "vllm": pack(bundles, "vllm", {"vllm/__init__.py": b"V = '0.26.0'\n", "blob": os.urandom(5000)}, 4000),
+    }
+    repo = tmp_path / "repo"  # the repository copy a GPU call runs in
+    (repo / "scripts").mkdir(parents=True)
+    for s in ("device-stage.sh", "stage-part.sh"):
+        shutil.copy(REPO / "scripts" / s, repo / "scripts" / s)
+    env = dict(os.environ, BUNDLES=str(bundles), STAGE=str(tmp_path / "stage"), SITES=str(tmp_path / "sites"))
+    return repo, env, parts, tmp_path
+
+
+def stage_part(repo, env, k):
+    return subprocess.run(["bash", "scripts/stage-part.sh", str(k)], cwd=repo, env=env, capture_output=True,
+                          text=True, check=True).stdout
+
+
+def device_stage(repo, env, args):
+    r = subprocess.run(["bash", "scripts/device-stage.sh", *args], cwd=repo, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    exports = dict(line.removeprefix("export ").split("=", 1) for line in r.stdout.splitlines())
+    return exports, r.stderr
+
+
+def test_parts_accumulate_and_each_bundle_unpacks_when_complete(setup):
+    repo, env, parts, tmp = setup
+    counts = {k: len(v) for k, v in parts.items()}
+    assert counts == {"max": 3, "extras": 1, "vllm": 2}
+    listing = subprocess.run(["bash", "scripts/stage-part.sh", "list"], cwd=repo, env=env, capture_output=True,
+                             text=True, check=True).stdout
+    args = listing.splitlines()[-1].split(": ", 1)[1].split()
+    assert args == ["max=3", "extras=1", "vllm=2"]
+    sites = tmp / "sites"
+    # Calls in sequence order: max 1-3, extras 4, vllm 5-6; what each call sees.
+    seen = []
+    for k in range(1, 7):
+        out = stage_part(repo, env, k)
+        assert len(list((repo / ".stage").iterdir())) == 1, out  # one part per call
+        exports, err = device_stage(repo, env, args)
+        seen.append(exports.get("KT_STAGE_READY"))
+        if k < 3:
+            assert not (sites / "site-max").exists() and f"max: {k}/3 parts" in err
+    assert seen == ['""', '""', '""', '"max"', '"max"', '"max vllm"']
+    assert exports["KT_MAX_PYTHONPATH"] == f"{sites}/site-max:{sites}/site-extras"  # toolchain first, then extras
+    assert exports["KT_VLLM_PYTHONPATH"] == f"{sites}/site-vllm"  # vLLM alone, over the machine's packages
+    assert (sites / "site-max" / "max" / "__init__.py").read_text() == "V = 'max'\n"
+    assert (sites / "site-vllm" / "vllm" / "__init__.py").read_text() == "V = '0.26.0'\n"
+    assert not list((tmp / "stage").glob("*.part*"))  # parts deleted once unpacked
+    # A later call with nothing new unpacks nothing again and prints the same environment.
+    shutil.rmtree(repo / ".stage")
+    (sites / "site-max" / "marker").write_text("kept")
+    again, err = device_stage(repo, env, args)
+    assert again == exports and (sites / "site-max" / "marker").exists() and "unpacked (" in err
+
+
+def test_out_of_order_parts_and_a_bundle_still_missing(setup):
+    repo, env, parts, tmp = setup
+    for k in (6, 2, 4, 1):  # vllm's second part, max's second, extras, max's first
+        stage_part(repo, env, k)
+        exports, err = device_stage(repo, env, ["max=3", "extras=1", "vllm=2"])
+    assert exports["KT_STAGE_READY"] == '""'
+    assert "max: 2/3 parts (missing max.part02)" in err and "vllm: 1/2 parts (missing vllm.part00)" in err
+    stage_part(repo, env, 3)
+    exports, _ = device_stage(repo, env, ["max=3", "extras=1", "vllm=2"])
+    assert exports["KT_STAGE_READY"] == '"max"' and "KT_VLLM_PYTHONPATH" not in exports
+    # MAX without its extras bundle is not a complete environment.
+    exports, _ = device_stage(repo, env, ["max=3", "vllm=2"])
+    assert exports["KT_MAX_PYTHONPATH"] == f"{tmp}/sites/site-max"
+
+
+def test_corrupt_part_fails_without_a_half_made_site(setup):
+    repo, env, parts, tmp = setup
+    bad = parts["extras"][0]
+    bad.write_bytes(bad.read_bytes()[:-50])  # truncated in transit
+    stage_part(repo, env, 4)
+    r = subprocess.run(["bash", "scripts/device-stage.sh", "extras=1"], cwd=repo, env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 1 and "unpacking failed" in r.stderr
+    assert not (tmp / "sites" / "site-extras").exists()
+    assert not list((tmp / "stage").glob(".unpack-*"))
