@@ -98,6 +98,7 @@ class ServerProcess:
         install_signal_handlers()
         self.log.parent.mkdir(parents=True, exist_ok=True)
         fh = open(self.log, "wb")
+        os.fchmod(fh.fileno(), 0o644)  # logs are results too: readable by the group whatever the umask
         self.start_s = time.monotonic()
         self.popen = subprocess.Popen(
             [sys.executable, "-c", _SUPERVISOR, str(os.getpid()), *self.argv],

@@ -395,8 +395,10 @@ class Bench:
         cfg = self.cfg
         label = live.run.label
         extra = live.engine.request_fields()
-        if len(self.warm) > 1:
-            self._load(live, self.warm[1:], client.LoadPoint(max_concurrency=1), None)
+        # Warmups (excluded); a started server has answered the first already (its cold start).
+        warm = self.warm[1:] if live.first_ok_at is not None else self.warm[: cfg.num_warmups]
+        if warm:
+            self._load(live, warm, client.LoadPoint(max_concurrency=1), None)
         if self.probe_prompts:
             try:
                 self.probes[label] = agreement.probe(live.base_url, live.model_id, self.probe_prompts, extra=extra,
@@ -454,9 +456,9 @@ class Bench:
                 self.console.print(f"  [red]{n} x {err}[/]")
 
     # ----- the run
-    def run_serial(self, lives: list[Live], mode: str = "serial") -> None:
+    def run_serial(self, lives: list[Live], mode: str = "serial", note: str = "started and measured alone") -> None:
         for live in lives:
-            live.startup = {"mode": mode, "started_with": [], "note": "started and measured alone"}
+            live.startup = {"mode": mode, "started_with": [], "note": note}
             try:
                 if live.run.base_url:
                     self.attach(live)
@@ -521,8 +523,9 @@ class Bench:
             live.stopped_at = None
             live.server = None
             live.first_ok_at = None
-            self.run_serial([live], mode="serial (retry)")
-            live.startup["note"] = f"its concurrent start failed ({msg.splitlines()[0]}); started again alone"
+            self.run_serial([live], mode="serial (retry)",
+                            note=f"its concurrent start failed ({msg.splitlines()[0]}); started again alone "
+                                 "after the others were measured and stopped")
 
     def go(self) -> list[dict]:
         cfg = self.cfg

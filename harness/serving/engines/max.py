@@ -100,6 +100,13 @@ class MaxServe(Engine):
             vals = [float(v) for v in re.findall(pat, text)]
             if vals:
                 out[key] = round(sum(vals), 3)
+        # "Model worker startup total: 527.4s — spawn: 18.5s, driver: 0.0s, compile: 499.8s [...], ..."
+        m = re.findall(r"Model worker startup total: ([\d.]+)s\W+(.*)", text)
+        if m:
+            total, rest = m[-1]
+            out["worker_startup_total_s"] = float(total)
+            rest = re.sub(r"\[[^]]*\]", "", rest)  # "[unaccounted: ...]" asides
+            out["worker_startup_breakdown_s"] = {k: float(v) for k, v in re.findall(r"(\w+): ([\d.]+)s", rest)}
         m = re.findall(r"cache_memory: ([\d.]+ \w+)", text)
         if m:
             out["kv_cache_memory"] = m[-1]
