@@ -17,12 +17,18 @@
 #   KT_STAGE_READY="max vllm"                          the engines whose environment is complete
 # kt passes KT_<ENGINE>_PYTHONPATH to that engine's server only; kt itself runs on the machine's
 # python3 with the repository on PYTHONPATH. Exit status 0 even when parts are still missing.
+# Calls are serialized by a lock ($STAGE/.lock), so a background waiter may call it too.
 set -euo pipefail
 [ $# -gt 0 ] || { echo "usage: device-stage.sh NAME=PARTS [NAME=PARTS ...]" >&2; exit 2; }
 STAGE=${STAGE:-/tmp/stage}
 SITES=${SITES:-/tmp}
 PY=${PYTHON:-python3}
 mkdir -p "$STAGE" "$SITES"
+# One stager at a time: a foreground call and gpu_serve.sh's background wait may both run this.
+if command -v flock >/dev/null; then
+  exec 9>"$STAGE/.lock"
+  flock 9
+fi
 
 # 1. Take this call's parts (a part already staged with the same size is left alone).
 if [ -d .stage ]; then

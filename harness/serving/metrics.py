@@ -134,8 +134,9 @@ def compute(results: list[RequestResult], duration_s: float, slos: dict[str, flo
     out |= {
         "input_lens": [r.prompt_len for r in results],
         "output_lens": [r.output_tokens for r in results],
-        "ttfts": [r.ttft for r in results],
-        "itls": [r.itl for r in results],
+        # microseconds are the timer's resolution: more digits only make the files larger
+        "ttfts": [round(r.ttft, 6) for r in results],
+        "itls": [[round(x, 6) for x in r.itl] for r in results],
         "generated_texts": [r.generated_text for r in results],
         "errors": [r.error for r in results],
         "error_counts": errors,

