@@ -18,7 +18,7 @@
 # MAX_MODEL_LEN (2048), CONCURRENCY (1,8,32,64,128), RATES (4,16,64), NUM_PROMPTS (16),
 # PER_LOAD (4), DURATION (12 s per load point), IN_LEN (1024), OUT_LEN (128), DATASETS
 # (random,sonnet), TP (1), COST_PER_HOUR (3.5: $/h of one H200, for cost per 1M tokens),
-# SERVE_LIMIT_S (1500: kt gets SIGINT then, and saves what finished), KT_GIT_SHA (recorded).
+# SERVE_LIMIT_S (1200: kt gets SIGINT then, and saves what finished), KT_GIT_SHA (recorded).
 # DEVICE=cpu rehearses the whole flow on a CPU: tiny model, .venvs engines, a small sweep.
 #
 # Progress: $RESULTS/status.txt (one line per phase), $RESULTS/serve/serve-bench.log (kt's
@@ -52,7 +52,7 @@ OUT_LEN=${OUT_LEN:-128}
 DATASETS=${DATASETS:-random,sonnet}
 TP=${TP:-1}
 COST_PER_HOUR=${COST_PER_HOUR-3.5}
-SERVE_LIMIT_S=${SERVE_LIMIT_S:-1500}
+SERVE_LIMIT_S=${SERVE_LIMIT_S:-1200}
 STAGE_WAIT_S=${STAGE_WAIT_S:-900}
 
 mkdir -p "$RESULTS/serve"

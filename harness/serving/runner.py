@@ -400,13 +400,7 @@ class Bench:
         if warm:
             self._load(live, warm, client.LoadPoint(max_concurrency=1), None)
         if self.probe_prompts:
-            try:
-                self.probes[label] = agreement.probe(live.base_url, live.model_id, self.probe_prompts, extra=extra,
-                                                     timeout_s=cfg.request_timeout_s)
-                report.write_json_atomic(cfg.out / live.slug / "probe.json",
-                                         {"prompts": self.probe_prompts, "steps": self.probes[label]})
-            except (urllib.error.URLError, OSError, KeyError, TypeError, ValueError) as e:
-                self.console.print(f"[yellow]{label}: logprob probe failed, no agreement check: {e}[/]")
+            self.probe(live, extra)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=self.console, transient=True) as progress:
             for wl in self.workloads:
@@ -421,6 +415,29 @@ class Bench:
                     results, duration, not_sent = self._load(live, reqs, point, progress)
                     self.row(live, wl, pi, point, reqs, results, duration, not_sent, t0, idle)
         live.measured = True
+
+    def probe(self, live: Live, extra: dict) -> None:
+        """Greedy top-k logprobs for the agreement check; greedy texts where the server serves no
+        logprobs (HTTP 400 for a logprobs request: MAX's overlap scheduler)."""
+        cfg, label = self.cfg, live.run.label
+        record: dict = {"prompts": self.probe_prompts}
+        try:
+            try:
+                record["steps"] = agreement.probe(live.base_url, live.model_id, self.probe_prompts, extra=extra,
+                                                  timeout_s=cfg.request_timeout_s)
+            except urllib.error.HTTPError as e:
+                if e.code != 400:
+                    raise
+                record["logprobs_refused"] = e.read().decode(errors="replace")[:300]
+                self.console.print(f"{label}: the server serves no logprobs here; the agreement probe compares "
+                                   "greedy texts")
+            record["texts"] = agreement.probe_texts(live.base_url, live.model_id, self.probe_prompts, extra=extra,
+                                                    timeout_s=cfg.request_timeout_s)
+        except (urllib.error.URLError, OSError, KeyError, TypeError, ValueError) as e:
+            self.console.print(f"[yellow]{label}: probe failed, no agreement check: {e}[/]")
+            return
+        self.probes[label] = record
+        report.write_json_atomic(cfg.out / live.slug / "probe.json", record)
 
     def row(self, live, wl, pi, point, reqs, results, duration, not_sent, t0, idle) -> None:
         cfg = self.cfg
@@ -551,12 +568,16 @@ class Bench:
     def finish(self, interrupted) -> None:
         cfg = self.cfg
         checks = {}
-        for label, steps in self.probes.items():
+        for label, probe in self.probes.items():
             base = label.removesuffix("+kt")
             if label != base and base in self.probes:
                 dtype = next((lv.run.opts.settings.dtype for lv in self.lives if lv.run.label == label), None)
                 tol = cfg.agreement_tol if cfg.agreement_tol is not None else agreement.default_tol(dtype)
-                res = agreement.compare(self.probes[base], steps, tol=tol)
+                stock = self.probes[base]
+                if "steps" in stock and "steps" in probe:
+                    res = agreement.compare(stock["steps"], probe["steps"], tol=tol)
+                else:
+                    res = agreement.compare_texts(stock["texts"], probe["texts"])
                 checks[f"{label} vs {base}"] = asdict(res) | {"ok": res.ok, "summary": res.summary()}
                 self.console.print(f"[bold]{label} vs {base}[/]: {res.summary()}")
                 if not res.ok:

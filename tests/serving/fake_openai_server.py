@@ -9,7 +9,8 @@ a version, so `Engine.version()` works.
 
 Faults, by environment variable: FAKE_FAIL=1 answers every completion with HTTP 500;
 FAKE_SHORT=N streams N tokens fewer than asked (usage says so); FAKE_NO_USAGE=1 sends no usage;
-FAKE_START_DELAY=S sleeps S seconds before serving.
+FAKE_START_DELAY=S sleeps S seconds before serving; FAKE_NO_LOGPROBS=1 answers a request for
+logprobs with HTTP 400, as MAX Serve does with its overlap scheduler (its default on GPUs).
 """
 
 import argparse
@@ -42,6 +43,8 @@ def main() -> None:
             return web.Response(status=500, text="engine error: out of cheese")
         n = max(1, int(body.get("max_tokens", 8)) - int(os.environ.get("FAKE_SHORT", "0")))
         if not body.get("stream"):
+            if body.get("logprobs") and os.environ.get("FAKE_NO_LOGPROBS"):
+                return web.Response(status=400, text="logprobs are not supported with the overlap scheduler")
             tops = [{f" w{i}": -0.1, " other": -2.5} for i in range(n)]
             text = "".join(f" w{i}" for i in range(n))
             return web.json_response({"choices": [{"index": 0, "text": text, "logprobs": {"top_logprobs": tops}}]})

@@ -150,3 +150,22 @@ def test_a_failed_concurrent_start_is_retried_alone(tmp_path, tiny_model, fake_p
     assert "concurrent start failed" in v["note"]
     m = json.loads((out / "max" / "c1.json").read_text())["startup"]
     assert m["mode"] == "concurrent"
+
+
+def test_agreement_falls_back_to_greedy_texts_without_logprobs(tmp_path, tiny_model, fake_python):
+    """MAX Serve on a GPU turns on its overlap scheduler, which refuses logprobs (HTTP 400): the
+    agreement check then compares greedy completions as text, and says so."""
+    out = tmp_path / "o"
+    r = subprocess.run([sys.executable, "-m", "harness.serving", "serve-bench", "--model", str(tiny_model),
+                        "--engines", "max,max+kt", "--python", f"max={fake_python}", "--num-prompts", "1",
+                        "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=180,
+                       env=dict(os.environ, FAKE_NO_LOGPROBS="1"))
+    assert r.returncode == 0, r.stderr
+    check = json.loads((out / "agreement.json").read_text())["max+kt vs max"]
+    assert check["ok"] and check["mode"].startswith("greedy text") and check["identical"] == 4
+    probe = json.loads((out / "max" / "probe.json").read_text())
+    assert "steps" not in probe and len(probe["texts"]) == 4 and "overlap" in probe["logprobs_refused"]
+    from harness.serving import agreement
+
+    bad = agreement.compare_texts([" a b c", " d e"], [" a b x", " d e"])
+    assert not bad.ok and bad.identical == 1 and "character 5" in bad.mismatches[0]
