@@ -26,165 +26,171 @@
 # archive. Stop it with: kill -TERM -- -$(cat $RESULTS/pgid) (kt stops every server and saves
 # what finished); SIGKILL of kt also takes its servers down (harness/serving/process.py).
 set -uo pipefail
-SRC=$(cd "$(dirname "$0")/../.." && pwd)
-DEVICE=${DEVICE:-gpu}
-RESULTS=${RESULTS:-/tmp/kt-serve}
-PY=${PYTHON:-python3}
-if [ "$DEVICE" = cpu ]; then
-  : "${MODEL_PRESET:=tiny}" "${KV_SHARE:=}" "${MAX_NUM_SEQS:=4}" "${CONCURRENCY:=1,2}" "${RATES:=4}"
-  : "${NUM_PROMPTS:=2}" "${PER_LOAD:=1}" "${DURATION:=60}" "${IN_LEN:=64}" "${OUT_LEN:=8}" "${COST_PER_HOUR:=}"
-fi
-MODEL_PRESET=${MODEL_PRESET:-llama-3.2-1b}
-MODEL_DIR=${MODEL_DIR:-/tmp/kt-model-$MODEL_PRESET}
-SEED=${SEED:-0}
-ENGINES=${ENGINES:-max,max+kt,vllm}
-STARTUP=${STARTUP:-concurrent}
-KV_SHARE=${KV_SHARE-0.28}
-MAX_NUM_SEQS=${MAX_NUM_SEQS:-128}
-MAX_MODEL_LEN=${MAX_MODEL_LEN:-2048}
-CONCURRENCY=${CONCURRENCY:-1,8,32,64,128}
-RATES=${RATES:-4,16,64}
-NUM_PROMPTS=${NUM_PROMPTS:-16}
-PER_LOAD=${PER_LOAD:-4}
-DURATION=${DURATION:-12}
-IN_LEN=${IN_LEN:-1024}
-OUT_LEN=${OUT_LEN:-128}
-DATASETS=${DATASETS:-random,sonnet}
-TP=${TP:-1}
-COST_PER_HOUR=${COST_PER_HOUR-3.5}
-SERVE_LIMIT_S=${SERVE_LIMIT_S:-1200}
-STAGE_WAIT_S=${STAGE_WAIT_S:-900}
-
-mkdir -p "$RESULTS/serve"
-rm -f "$RESULTS/DONE" "$RESULTS.tar.xz"
-STATUS="$RESULTS/status.txt"
-exec > >(tee -a "$RESULTS/gpu_serve.log") 2>&1
-echo $$ >"$RESULTS/pid"
-ps -o pgid= $$ | tr -d ' ' >"$RESULTS/pgid"
-t0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$STATUS"; }
-export PYTHONUNBUFFERED=1 COLUMNS=200 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-
-# kt runs from a private copy of the repository: a later device call re-syncs the working tree,
-# and nothing of this run may change under it.
-RUN="$RESULTS/repo"
-rm -rf "$RUN" && mkdir -p "$RUN"
-for item in harness pykernels kernels benchmarks scripts pyproject.toml; do
-  [ -e "$SRC/$item" ] && cp -a "$SRC/$item" "$RUN/"
-done
-export PYTHONPATH="$RUN"
-cd "$RUN" || exit 1
-
-kt_pid=""
-rc=""
-finish() {  # pack what there is, write the final marker; runs once
-  trap - EXIT INT TERM HUP
-  if [ -n "$kt_pid" ] && kill -0 "$kt_pid" 2>/dev/null; then
-    stamp "stopping kt (SIGINT: it stops its servers and saves what finished)"
-    kill -INT "$kt_pid" 2>/dev/null
-    for _ in $(seq 60); do kill -0 "$kt_pid" 2>/dev/null || break; sleep 1; done
-    kill -KILL "$kt_pid" 2>/dev/null
-    rc=${rc:-130}
+# The whole script is one function, read before it runs: a device call that re-syncs the working
+# tree mid-run cannot change what bash executes.
+main() {
+  SRC=$(cd "$(dirname "$0")/../.." && pwd)
+  DEVICE=${DEVICE:-gpu}
+  RESULTS=${RESULTS:-/tmp/kt-serve}
+  PY=${PYTHON:-python3}
+  if [ "$DEVICE" = cpu ]; then
+    : "${MODEL_PRESET:=tiny}" "${KV_SHARE:=}" "${MAX_NUM_SEQS:=4}" "${CONCURRENCY:=1,2}" "${RATES:=4}"
+    : "${NUM_PROMPTS:=2}" "${PER_LOAD:=1}" "${DURATION:=60}" "${IN_LEN:=64}" "${OUT_LEN:=8}" "${COST_PER_HOUR:=}"
   fi
-  cd / && rm -rf "$RUN"
-  stamp "packing $RESULTS.tar.xz"
-  tar -C "$(dirname "$RESULTS")" -cJf "$RESULTS.tar.xz.tmp" --exclude="$(basename "$RESULTS")/repo" "$(basename "$RESULTS")" \
-    && mv "$RESULTS.tar.xz.tmp" "$RESULTS.tar.xz"
-  # A device call returns files of at most 16 MiB: a larger archive is also cut into parts
-  # ($RESULTS.tar.xz.partNN; cat them back together).
-  rm -f "$RESULTS.tar.xz.part"*
-  if [ -f "$RESULTS.tar.xz" ] && [ "$(stat -c %s "$RESULTS.tar.xz")" -gt $((15 * 1024 * 1024)) ]; then
-    split -b 15M -d "$RESULTS.tar.xz" "$RESULTS.tar.xz.part"
-  fi
-  ls -l "$RESULTS.tar.xz"* 2>/dev/null | tee -a "$STATUS"
-  if [ -n "${ARCHIVE_TO:-}" ]; then
-    if ls "$RESULTS.tar.xz.part"* >/dev/null 2>&1; then cp "$RESULTS.tar.xz.part"* "$ARCHIVE_TO/"; else cp "$RESULTS.tar.xz" "$ARCHIVE_TO/"; fi
-  fi
-  echo "${rc:-1}" >"$RESULTS/DONE"
-  stamp "done: kt serve-bench exit code ${rc:-none}"
-}
-trap 'rc=${rc:-143}; finish; exit 143' TERM
-trap 'rc=${rc:-130}; finish; exit 130' INT
-trap 'rc=${rc:-129}; finish; exit 129' HUP
-trap 'finish' EXIT
+  MODEL_PRESET=${MODEL_PRESET:-llama-3.2-1b}
+  MODEL_DIR=${MODEL_DIR:-/tmp/kt-model-$MODEL_PRESET}
+  SEED=${SEED:-0}
+  ENGINES=${ENGINES:-max,max+kt,vllm}
+  STARTUP=${STARTUP:-concurrent}
+  KV_SHARE=${KV_SHARE-0.28}
+  MAX_NUM_SEQS=${MAX_NUM_SEQS:-128}
+  MAX_MODEL_LEN=${MAX_MODEL_LEN:-2048}
+  CONCURRENCY=${CONCURRENCY:-1,8,32,64,128}
+  RATES=${RATES:-4,16,64}
+  NUM_PROMPTS=${NUM_PROMPTS:-16}
+  PER_LOAD=${PER_LOAD:-4}
+  DURATION=${DURATION:-12}
+  IN_LEN=${IN_LEN:-1024}
+  OUT_LEN=${OUT_LEN:-128}
+  DATASETS=${DATASETS:-random,sonnet}
+  TP=${TP:-1}
+  COST_PER_HOUR=${COST_PER_HOUR-3.5}
+  SERVE_LIMIT_S=${SERVE_LIMIT_S:-1200}
+  STAGE_WAIT_S=${STAGE_WAIT_S:-900}
 
-stamp "gpu_serve.sh: DEVICE=$DEVICE preset=$MODEL_PRESET engines=$ENGINES startup=$STARTUP tp=$TP results=$RESULTS"
-{
-  echo "kt_git_sha: ${KT_GIT_SHA:-unknown}"
-  echo "date_utc: $(date -u +%Y%m%d-%H%M%S)"
-  echo "python: $($PY -c 'import sys; print(sys.version.split()[0], sys.executable)')"
-  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count())" 2>&1
-  nvidia-smi --query-gpu=index,name,driver_version,memory.total,memory.used --format=csv 2>&1 || true
-  nproc; free -g 2>/dev/null | head -2; df -h /tmp | tail -1
-} >"$RESULTS/machine.txt" 2>&1
-cat "$RESULTS/machine.txt"
+  mkdir -p "$RESULTS/serve"
+  rm -f "$RESULTS/DONE" "$RESULTS.tar.xz"
+  STATUS="$RESULTS/status.txt"
+  exec > >(tee -a "$RESULTS/gpu_serve.log") 2>&1
+  echo $$ >"$RESULTS/pid"
+  ps -o pgid= $$ | tr -d ' ' >"$RESULTS/pgid"
+  t0=$(date +%s)
+  stamp() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$STATUS"; }
+  export PYTHONUNBUFFERED=1 COLUMNS=200 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
-# --- the model (does not need the engines: made while the last bundle parts arrive) --------
-if [ -f "$MODEL_DIR/kt_model.json" ] && grep -q "\"seed\": $SEED," "$MODEL_DIR/kt_model.json"; then
-  stamp "model: $MODEL_DIR exists (seed $SEED)"
-else
-  stamp "model: kt make-model $MODEL_PRESET $MODEL_DIR --seed $SEED"
-  if ! $PY -m harness make-model "$MODEL_PRESET" "$MODEL_DIR" --seed "$SEED"; then
-    stamp "make-model failed"; rc=2; exit 2
-  fi
-  stamp "model ready: $(du -sh "$MODEL_DIR" | cut -f1)"
-fi
-cp "$MODEL_DIR/kt_model.json" "$MODEL_DIR/config.json" "$RESULTS/" 2>/dev/null
-
-# --- the engines' environments ------------------------------------------------------------
-engine_args=()
-if [ "$DEVICE" = cpu ]; then
-  dtype=float32
-  for e in max vllm; do  # the venvs of scripts/setup-serving.sh (kt runs from a copy without them)
-    [ -x "$SRC/.venvs/$e/bin/python" ] && engine_args+=(--python "$e=$SRC/.venvs/$e/bin/python")
+  # kt runs from a private copy of the repository: a later device call re-syncs the working tree,
+  # and nothing of this run may change under it.
+  RUN="$RESULTS/repo"
+  rm -rf "$RUN" && mkdir -p "$RUN"
+  for item in harness pykernels kernels benchmarks scripts pyproject.toml; do
+    [ -e "$SRC/$item" ] && cp -a "$SRC/$item" "$RUN/"
   done
-else
-  dtype=bfloat16
-  if [ -n "${STAGE_ARGS:-}" ]; then
-    deadline=$(( $(date +%s) + STAGE_WAIT_S ))
-    while :; do
-      # shellcheck disable=SC2086
-      eval "$(cd "$SRC" && bash scripts/device-stage.sh $STAGE_ARGS 2>>"$RESULTS/stage.log")"
-      need=0
-      case ",$ENGINES," in *,max,*|*,max+kt,*) [[ " $KT_STAGE_READY " == *" max "* ]] || need=1 ;; esac
-      case ",$ENGINES," in *,vllm,*) [[ " $KT_STAGE_READY " == *" vllm "* ]] || need=1 ;; esac
-      [ $need = 0 ] && break
-      if [ "$(date +%s)" -ge "$deadline" ]; then
-        stamp "environments not complete after ${STAGE_WAIT_S} s (ready: ${KT_STAGE_READY:-none})"; rc=2; exit 2
-      fi
-      sleep 5
+  export PYTHONPATH="$RUN"
+  cd "$RUN" || exit 1
+
+  kt_pid=""
+  rc=""
+  finish() {  # pack what there is, write the final marker; runs once
+    trap - EXIT INT TERM HUP
+    if [ -n "$kt_pid" ] && kill -0 "$kt_pid" 2>/dev/null; then
+      stamp "stopping kt (SIGINT: it stops its servers and saves what finished)"
+      kill -INT "$kt_pid" 2>/dev/null
+      for _ in $(seq 60); do kill -0 "$kt_pid" 2>/dev/null || break; sleep 1; done
+      kill -KILL "$kt_pid" 2>/dev/null
+      rc=${rc:-130}
+    fi
+    cd / && rm -rf "$RUN"
+    stamp "packing $RESULTS.tar.xz"
+    tar -C "$(dirname "$RESULTS")" -cJf "$RESULTS.tar.xz.tmp" --exclude="$(basename "$RESULTS")/repo" "$(basename "$RESULTS")" \
+      && mv "$RESULTS.tar.xz.tmp" "$RESULTS.tar.xz"
+    # A device call returns files of at most 16 MiB: a larger archive is also cut into parts
+    # ($RESULTS.tar.xz.partNN; cat them back together).
+    rm -f "$RESULTS.tar.xz.part"*
+    if [ -f "$RESULTS.tar.xz" ] && [ "$(stat -c %s "$RESULTS.tar.xz")" -gt $((15 * 1024 * 1024)) ]; then
+      split -b 15M -d "$RESULTS.tar.xz" "$RESULTS.tar.xz.part"
+    fi
+    ls -l "$RESULTS.tar.xz"* 2>/dev/null | tee -a "$STATUS"
+    if [ -n "${ARCHIVE_TO:-}" ]; then
+      if ls "$RESULTS.tar.xz.part"* >/dev/null 2>&1; then cp "$RESULTS.tar.xz.part"* "$ARCHIVE_TO/"; else cp "$RESULTS.tar.xz" "$ARCHIVE_TO/"; fi
+    fi
+    echo "${rc:-1}" >"$RESULTS/DONE"
+    stamp "done: kt serve-bench exit code ${rc:-none}"
+  }
+  trap 'rc=${rc:-143}; finish; exit 143' TERM
+  trap 'rc=${rc:-130}; finish; exit 130' INT
+  trap 'rc=${rc:-129}; finish; exit 129' HUP
+  trap 'finish' EXIT
+
+  stamp "gpu_serve.sh: DEVICE=$DEVICE preset=$MODEL_PRESET engines=$ENGINES startup=$STARTUP tp=$TP results=$RESULTS"
+  {
+    echo "kt_git_sha: ${KT_GIT_SHA:-unknown}"
+    echo "date_utc: $(date -u +%Y%m%d-%H%M%S)"
+    echo "python: $($PY -c 'import sys; print(sys.version.split()[0], sys.executable)')"
+    $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count())" 2>&1
+    nvidia-smi --query-gpu=index,name,driver_version,memory.total,memory.used --format=csv 2>&1 || true
+    nproc; free -g 2>/dev/null | head -2; df -h /tmp | tail -1
+  } >"$RESULTS/machine.txt" 2>&1
+  cat "$RESULTS/machine.txt"
+
+  # --- the model (does not need the engines: made while the last bundle parts arrive) --------
+  if [ -f "$MODEL_DIR/kt_model.json" ] && grep -q "\"seed\": $SEED," "$MODEL_DIR/kt_model.json"; then
+    stamp "model: $MODEL_DIR exists (seed $SEED)"
+  else
+    stamp "model: kt make-model $MODEL_PRESET $MODEL_DIR --seed $SEED"
+    if ! $PY -m harness make-model "$MODEL_PRESET" "$MODEL_DIR" --seed "$SEED"; then
+      stamp "make-model failed"; rc=2; exit 2
+    fi
+    stamp "model ready: $(du -sh "$MODEL_DIR" | cut -f1)"
+  fi
+  cp "$MODEL_DIR/kt_model.json" "$MODEL_DIR/config.json" "$RESULTS/" 2>/dev/null
+
+  # --- the engines' environments ------------------------------------------------------------
+  engine_args=()
+  if [ "$DEVICE" = cpu ]; then
+    dtype=float32
+    for e in max vllm; do  # the venvs of scripts/setup-serving.sh (kt runs from a copy without them)
+      [ -x "$SRC/.venvs/$e/bin/python" ] && engine_args+=(--python "$e=$SRC/.venvs/$e/bin/python")
     done
-    stamp "environments staged: $KT_STAGE_READY"
+  else
+    dtype=bfloat16
+    if [ -n "${STAGE_ARGS:-}" ]; then
+      deadline=$(( $(date +%s) + STAGE_WAIT_S ))
+      while :; do
+        # shellcheck disable=SC2086
+        eval "$(cd "$SRC" && bash scripts/device-stage.sh $STAGE_ARGS 2>>"$RESULTS/stage.log")"
+        need=0
+        case ",$ENGINES," in *,max,*|*,max+kt,*) [[ " $KT_STAGE_READY " == *" max "* ]] || need=1 ;; esac
+        case ",$ENGINES," in *,vllm,*) [[ " $KT_STAGE_READY " == *" vllm "* ]] || need=1 ;; esac
+        [ $need = 0 ] && break
+        if [ "$(date +%s)" -ge "$deadline" ]; then
+          stamp "environments not complete after ${STAGE_WAIT_S} s (ready: ${KT_STAGE_READY:-none})"; rc=2; exit 2
+        fi
+        sleep 5
+      done
+      stamp "environments staged: $KT_STAGE_READY"
+    fi
+    export KT_MAX_PYTHONPATH KT_VLLM_PYTHONPATH
+    engine_args=(--python "max=$(command -v "$PY")" --python "vllm=$(command -v "$PY")")
+    for v in KT_MAX_PYTHONPATH KT_VLLM_PYTHONPATH; do
+      [ -n "${!v:-}" ] || { stamp "$v is not set: source scripts/device-stage.sh's output first"; rc=2; exit 2; }
+    done
   fi
-  export KT_MAX_PYTHONPATH KT_VLLM_PYTHONPATH
-  engine_args=(--python "max=$(command -v "$PY")" --python "vllm=$(command -v "$PY")")
-  for v in KT_MAX_PYTHONPATH KT_VLLM_PYTHONPATH; do
-    [ -n "${!v:-}" ] || { stamp "$v is not set: source scripts/device-stage.sh's output first"; rc=2; exit 2; }
-  done
-fi
 
-# --- the benchmark -----------------------------------------------------------------------
-args=(--model "$MODEL_DIR" --engines "$ENGINES" --device "$DEVICE" "${engine_args[@]}"
-      --dtype "$dtype" --max-num-seqs "$MAX_NUM_SEQS" --max-model-len "$MAX_MODEL_LEN" --no-prefix-caching
-      --tensor-parallel "$TP" --startup "$STARTUP" --dataset "$DATASETS" --input-len "$IN_LEN" --output-len "$OUT_LEN"
-      --max-concurrency "$CONCURRENCY" --request-rate "$RATES" --num-prompts "$NUM_PROMPTS"
-      --prompts-per-load "$PER_LOAD" --duration "$DURATION" --num-warmups 2 --seed "$SEED"
-      --startup-timeout 1200 --request-timeout 300 --out "$RESULTS/serve")
-[ -n "$KV_SHARE" ] && args+=(--kv-cache-memory "$KV_SHARE")
-[ -n "$COST_PER_HOUR" ] && args+=(--cost-per-hour "$COST_PER_HOUR")
-stamp "kt serve-bench ${args[*]} (limit ${SERVE_LIMIT_S} s)"
-timeout -s INT -k 90 "$SERVE_LIMIT_S" $PY -m harness serve-bench "${args[@]}" \
-  > >(tee "$RESULTS/serve/serve-bench.log") 2>&1 &
-kt_pid=$!
-# Relay kt's per-point lines into the status file while it runs.
-while kill -0 "$kt_pid" 2>/dev/null; do
-  sleep 10
-  ln=$(grep -E "ready after|first request answered| ok, .* failed|failed|Error" "$RESULTS/serve/serve-bench.log" 2>/dev/null | tail -n 1)
-  [ -n "$ln" ] && [ "$ln" != "${last:-}" ] && stamp "kt: $ln" && last=$ln
-done
-wait "$kt_pid"
-rc=$?
-kt_pid=""
-stamp "kt serve-bench exit code $rc"
-grep -E "vs max|AGREE" "$RESULTS/serve/serve-bench.log" | tail -n 2 | tee -a "$STATUS"
-exit "$rc"
+  # --- the benchmark -----------------------------------------------------------------------
+  args=(--model "$MODEL_DIR" --engines "$ENGINES" --device "$DEVICE" "${engine_args[@]}"
+        --dtype "$dtype" --max-num-seqs "$MAX_NUM_SEQS" --max-model-len "$MAX_MODEL_LEN" --no-prefix-caching
+        --tensor-parallel "$TP" --startup "$STARTUP" --dataset "$DATASETS" --input-len "$IN_LEN" --output-len "$OUT_LEN"
+        --max-concurrency "$CONCURRENCY" --request-rate "$RATES" --num-prompts "$NUM_PROMPTS"
+        --prompts-per-load "$PER_LOAD" --duration "$DURATION" --num-warmups 2 --seed "$SEED"
+        --startup-timeout 1200 --request-timeout 300 --out "$RESULTS/serve")
+  [ -n "$KV_SHARE" ] && args+=(--kv-cache-memory "$KV_SHARE")
+  [ -n "$COST_PER_HOUR" ] && args+=(--cost-per-hour "$COST_PER_HOUR")
+  stamp "kt serve-bench ${args[*]} (limit ${SERVE_LIMIT_S} s)"
+  timeout -s INT -k 90 "$SERVE_LIMIT_S" $PY -m harness serve-bench "${args[@]}" \
+    > >(tee "$RESULTS/serve/serve-bench.log") 2>&1 &
+  kt_pid=$!
+  # Relay kt's per-point lines into the status file while it runs.
+  while kill -0 "$kt_pid" 2>/dev/null; do
+    sleep 10
+    ln=$(grep -E "ready after|first request answered| ok, .* failed|failed|Error" "$RESULTS/serve/serve-bench.log" 2>/dev/null | tail -n 1)
+    [ -n "$ln" ] && [ "$ln" != "${last:-}" ] && stamp "kt: $ln" && last=$ln
+  done
+  wait "$kt_pid"
+  rc=$?
+  kt_pid=""
+  stamp "kt serve-bench exit code $rc"
+  grep -E "vs max|AGREE" "$RESULTS/serve/serve-bench.log" | tail -n 2 | tee -a "$STATUS"
+  return "$rc"
+}
+main "$@"
+exit $?
