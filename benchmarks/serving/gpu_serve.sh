@@ -61,11 +61,19 @@ main() {
   mkdir -p "$RESULTS/serve"
   rm -f "$RESULTS/DONE" "$RESULTS.tar.xz"
   STATUS="$RESULTS/status.txt"
-  exec > >(tee -a "$RESULTS/gpu_serve.log") 2>&1
+  # The script's output also goes to its log. The tee ignores the signals sent to this process
+  # group (kill -TERM -- -PGID), so that the clean-up after them is still written; a write to a
+  # closed stdout is an error, not the end of the clean-up.
+  trap '' PIPE
+  exec > >(trap '' INT TERM HUP; exec tee -a "$RESULTS/gpu_serve.log") 2>&1
   echo $$ >"$RESULTS/pid"
   ps -o pgid= $$ | tr -d ' ' >"$RESULTS/pgid"
   t0=$(date +%s)
-  stamp() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$STATUS"; }
+  stamp() {
+    local line="[$(( $(date +%s) - t0 )) s] $*"
+    echo "$line" >>"$STATUS"
+    echo "$line" 2>/dev/null
+  }
   export PYTHONUNBUFFERED=1 COLUMNS=200 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
   # kt runs from a private copy of the repository: a later device call re-syncs the working tree,
@@ -99,7 +107,7 @@ main() {
     if [ -f "$RESULTS.tar.xz" ] && [ "$(stat -c %s "$RESULTS.tar.xz")" -gt $((15 * 1024 * 1024)) ]; then
       split -b 15M -d "$RESULTS.tar.xz" "$RESULTS.tar.xz.part"
     fi
-    ls -l "$RESULTS.tar.xz"* 2>/dev/null | tee -a "$STATUS"
+    ls -l "$RESULTS.tar.xz"* >>"$STATUS" 2>&1
     if [ -n "${ARCHIVE_TO:-}" ]; then
       if ls "$RESULTS.tar.xz.part"* >/dev/null 2>&1; then cp "$RESULTS.tar.xz.part"* "$ARCHIVE_TO/"; else cp "$RESULTS.tar.xz" "$ARCHIVE_TO/"; fi
     fi
@@ -176,8 +184,8 @@ main() {
   [ -n "$KV_SHARE" ] && args+=(--kv-cache-memory "$KV_SHARE")
   [ -n "$COST_PER_HOUR" ] && args+=(--cost-per-hour "$COST_PER_HOUR")
   stamp "kt serve-bench ${args[*]} (limit ${SERVE_LIMIT_S} s)"
-  timeout -s INT -k 90 "$SERVE_LIMIT_S" $PY -m harness serve-bench "${args[@]}" \
-    > >(tee "$RESULTS/serve/serve-bench.log") 2>&1 &
+  # kt writes to a file, not a pipe: nothing that a signal can kill stands between kt and its log.
+  timeout -s INT -k 90 "$SERVE_LIMIT_S" $PY -m harness serve-bench "${args[@]}" >"$RESULTS/serve/serve-bench.log" 2>&1 &
   kt_pid=$!
   # Relay kt's per-point lines into the status file while it runs.
   while kill -0 "$kt_pid" 2>/dev/null; do
@@ -189,7 +197,7 @@ main() {
   rc=$?
   kt_pid=""
   stamp "kt serve-bench exit code $rc"
-  grep -E "vs max|AGREE" "$RESULTS/serve/serve-bench.log" | tail -n 2 | tee -a "$STATUS"
+  grep -E "vs max|AGREE" "$RESULTS/serve/serve-bench.log" | tail -n 2 >>"$STATUS"
   return "$rc"
 }
 main "$@"
