@@ -30,8 +30,9 @@ if command -v flock >/dev/null; then
   flock 9
 fi
 
-# 1. Take this call's parts (a part already staged with the same size is left alone).
-if [ -d .stage ]; then
+# 1. Take this call's parts (a part already staged with the same size is left alone). STAGE_COPY=0
+#    only unpacks and reports: a background waiter must not read .stage/ while a call re-syncs it.
+if [ "${STAGE_COPY:-1}" != 0 ] && [ -d .stage ]; then
   for f in .stage/*.part[0-9]*; do
     [ -e "$f" ] || continue
     name=$(basename "$f")

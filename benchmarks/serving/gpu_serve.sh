@@ -9,16 +9,16 @@
 #
 # Environments: KT_MAX_PYTHONPATH and KT_VLLM_PYTHONPATH, as scripts/device-stage.sh prints them.
 # With STAGE_ARGS (e.g. "max=3 extras=1 vllm=4") the script makes the model first, then waits up
-# to STAGE_WAIT_S for device-stage.sh to report both environments complete, so it can start
-# before the last bundle part has arrived. Every engine runs under this machine's python3.
+# to STAGE_WAIT_S for the device calls' device-stage.sh to have unpacked every bundle, so it can
+# start before the last bundle part has arrived. Every engine runs under this machine's python3.
 #
 # Variables (defaults): RESULTS (/tmp/kt-serve), MODEL_PRESET (llama-3.2-1b; llama-3.1-8b),
 # MODEL_DIR (/tmp/kt-model-$MODEL_PRESET), SEED (0), ENGINES (max,max+kt,vllm), STARTUP
 # (concurrent; serial), KV_SHARE (0.28: three engines fit together), MAX_NUM_SEQS (128),
 # MAX_MODEL_LEN (2048), CONCURRENCY (1,8,32,64,128), RATES (4,16,64), NUM_PROMPTS (16),
-# PER_LOAD (4), DURATION (12 s per load point), IN_LEN (1024), OUT_LEN (128), DATASETS
+# PER_LOAD (4), DURATION (10 s per load point), IN_LEN (1024), OUT_LEN (128), DATASETS
 # (random,sonnet), TP (1), COST_PER_HOUR (3.5: $/h of one H200, for cost per 1M tokens),
-# SERVE_LIMIT_S (1200: kt gets SIGINT then, and saves what finished), KT_GIT_SHA (recorded).
+# SERVE_LIMIT_S (1080: kt gets SIGINT then, and saves what finished), KT_GIT_SHA (recorded).
 # DEVICE=cpu rehearses the whole flow on a CPU: tiny model, .venvs engines, a small sweep.
 #
 # Progress: $RESULTS/status.txt (one line per phase), $RESULTS/serve/serve-bench.log (kt's
@@ -49,13 +49,13 @@ main() {
   RATES=${RATES:-4,16,64}
   NUM_PROMPTS=${NUM_PROMPTS:-16}
   PER_LOAD=${PER_LOAD:-4}
-  DURATION=${DURATION:-12}
+  DURATION=${DURATION:-10}
   IN_LEN=${IN_LEN:-1024}
   OUT_LEN=${OUT_LEN:-128}
   DATASETS=${DATASETS:-random,sonnet}
   TP=${TP:-1}
   COST_PER_HOUR=${COST_PER_HOUR-3.5}
-  SERVE_LIMIT_S=${SERVE_LIMIT_S:-1200}
+  SERVE_LIMIT_S=${SERVE_LIMIT_S:-1080}
   STAGE_WAIT_S=${STAGE_WAIT_S:-900}
 
   mkdir -p "$RESULTS/serve"
@@ -155,7 +155,7 @@ main() {
       deadline=$(( $(date +%s) + STAGE_WAIT_S ))
       while :; do
         # shellcheck disable=SC2086
-        eval "$(cd "$SRC" && bash scripts/device-stage.sh $STAGE_ARGS 2>>"$RESULTS/stage.log")"
+        eval "$(cd "$SRC" && STAGE_COPY=0 bash scripts/device-stage.sh $STAGE_ARGS 2>>"$RESULTS/stage.log")"
         need=0
         case ",$ENGINES," in *,max,*|*,max+kt,*) [[ " $KT_STAGE_READY " == *" max "* ]] || need=1 ;; esac
         case ",$ENGINES," in *,vllm,*) [[ " $KT_STAGE_READY " == *" vllm "* ]] || need=1 ;; esac

@@ -113,3 +113,14 @@ def test_corrupt_part_fails_without_a_half_made_site(setup):
     assert r.returncode == 1 and "unpacking failed" in r.stderr
     assert not (tmp / "sites" / "site-extras").exists()
     assert not list((tmp / "stage").glob(".unpack-*"))
+
+
+def test_a_waiter_reads_no_parts(setup):
+    """STAGE_COPY=0 (gpu_serve.sh's background wait) unpacks what the calls staged, never .stage/."""
+    repo, env, parts, tmp = setup
+    stage_part(repo, env, 4)  # extras, in .stage/ but not yet taken by a call
+    r = subprocess.run(["bash", "scripts/device-stage.sh", "extras=1"], cwd=repo, env=dict(env, STAGE_COPY="0"),
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "extras: 0/1 parts" in r.stderr
+    exports, _ = device_stage(repo, env, ["extras=1"])  # the call itself takes and unpacks it
+    assert (tmp / "sites" / "site-extras" / "transformers" / "__init__.py").exists()
