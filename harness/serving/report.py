@@ -130,7 +130,7 @@ def run_markdown(run: dict, rows: list[dict]) -> str:
         lines.append(f"- cost: ${run['cost_per_hour_usd']:g}/hour of the machine")
     lines += ["", "## Engines", "",
               "| engine | version | settings (engine flags) | cold start s | health s | compile / load s (log) "
-              "| started with | peak GPU MiB | error |", "|" + "---|" * 9]
+              "| started with | measured beside (idle) | peak GPU MiB | error |", "|" + "---|" * 10]
     for e in run["engines"]:
         st = e.get("startup") or {}
         ph = st.get("phases_from_log") or {}
@@ -142,7 +142,8 @@ def run_markdown(run: dict, rows: list[dict]) -> str:
         lines.append(
             f"| {e['label']} | {e.get('engine_version') or MISSING} | {flags} | {_fmt(st.get('cold_start_s'))} "
             f"| {_fmt(st.get('health_ready_s'))} | {_fmt(ph.get('compile_s'))} / {_fmt(ph.get('load_s'))} "
-            f"| {', '.join(st.get('started_with') or []) or '-'} ({st.get('mode', '-')}) | {peak_s} "
+            f"| {', '.join(st.get('started_with') or []) or '-'} ({st.get('mode', '-')}) "
+            f"| {', '.join(e.get('idle_engines_during_load') or []) or '-'} | {peak_s} "
             f"| {(e.get('error') or '').splitlines()[0] if e.get('error') else ''} |")
     lines += ["", "## Load points", "", markdown(rows) if rows else "No load point finished.", ""]
     r = ratios(rows) if rows else ""

@@ -624,6 +624,8 @@ class Bench:
             "engines": [
                 {"label": lv.run.label, "error": lv.error, "measured": lv.measured, "startup": lv.startup,
                  "gpu_memory": lv.prov.get("gpu_memory"),
+                 "idle_engines_during_load": sorted({e for r in self.rows if r["engine"] == lv.run.label
+                                                     for e in r["idle_engines_during_load"]}),
                  **{k: lv.prov.get(k) for k in ("engine_version", "server_command", "settings", "engine_flags",
                                                  "engine_defaults_kept", "python", "engine_pythonpath", "device")}}
                 for lv in self.lives

@@ -126,6 +126,8 @@ def test_concurrent_startup_is_recorded_in_every_row(tmp_path, tiny_model, fake_
     assert r50["request_rate"] == 50 and r50["max_concurrency"] is None and r50["num_prompts"] == 2 + 50
     assert json.loads((out / "vllm" / "random_c2.json").read_text())["num_prompts"] == 4
     assert second["settings"]["prefix_caching"] is False and second["tensor_parallel"] == 1
+    engines = {e["label"]: e for e in json.loads((out / "run.json").read_text())["engines"]}
+    assert engines["max"]["idle_engines_during_load"] == ["vllm"] and engines["vllm"]["idle_engines_during_load"] == []
     report = (out / "report.md").read_text()
     assert "**concurrent**" in report and "Ratios to vllm" in report
     for f in ("throughput_random.png", "throughput_sonnet.png"):
