@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -159,6 +160,8 @@ def serve_bench(model, engines, custom_kernel_path, pythons, engine_env, base_ur
     points = [LoadPoint(max_concurrency=c, duration_s=duration) for c in concs]
     points += [LoadPoint(max_concurrency=rate_max_concurrency if r != float("inf") else (rate_max_concurrency or 1),
                          request_rate=r, burstiness=burstiness, duration_s=duration) for r in rates]
+    if not re.fullmatch(r"cpu|gpu(:\d+(,\d+)*)?", device):
+        raise click.BadParameter(f"{device!r}: use cpu, gpu or gpu:0,1,...", param_hint="--device")
     names = [e.strip() for e in engines.split(",") if e.strip()]
     datasets = [d.strip() for d in dataset.split(",") if d.strip()]
     if not datasets:
