@@ -4,7 +4,7 @@
 # arrive one call at a time in .stage/, unpack each bundle into /tmp/site-NAME once all of its
 # parts are there, and print the environment to source.
 #
-#   eval "$(bash scripts/device-stage.sh max=3 extras=1 vllm=4)"     (NAME=PARTS for each bundle)
+#   eval "$(bash scripts/device-stage.sh max=3 extras=1 vllm=5)"     (NAME=PARTS for each bundle)
 #
 # Every call copies what .stage/ holds into $STAGE (default /tmp/stage), so successive calls
 # accumulate parts of several bundles in any order. A bundle is unpacked once (into a temporary

@@ -8,7 +8,7 @@
 #                                                             (background: poll $RESULTS/status.txt)
 #
 # Environments: KT_MAX_PYTHONPATH and KT_VLLM_PYTHONPATH, as scripts/device-stage.sh prints them.
-# With STAGE_ARGS (e.g. "max=3 extras=1 vllm=4") the script makes the model first, then waits up
+# With STAGE_ARGS (e.g. "max=3 extras=1 vllm=5") the script makes the model first, then waits up
 # to STAGE_WAIT_S for the device calls' device-stage.sh to have unpacked every bundle, so it can
 # start before the last bundle part has arrived. Every engine runs under this machine's python3.
 #
