@@ -311,6 +311,18 @@ class Bench:
             self.lives.append(live)
         if any(r.opts.device.startswith("gpu") for r in cfg.runs):
             self.gpus = gpu_info()
+            weights = sum(p.stat().st_size for p in Path(cfg.model).glob("*.safetensors")) or None
+            try:
+                gpu_mib = float(self.gpus[0]["memory_total_mib"]) if self.gpus else None
+            except ValueError:
+                gpu_mib = None
+            for live in self.lives:
+                live.run.opts.gpu_memory_bytes = int(gpu_mib * 2**20) if gpu_mib else None
+                live.run.opts.weights_bytes = weights
+                try:  # the flags again, from these facts; a setting they cannot meet is one line
+                    live.prov |= live.engine.settings_record(live.run.opts)
+                except ValueError as e:
+                    raise BenchError(str(e)) from None
 
     # ----- one engine's life
     def launch(self, live: Live) -> None:

@@ -145,3 +145,20 @@ def test_vllm_026_gpu_log_lines():
     ph = get_engine("vllm").parse_log(text)
     assert ph == {"load_s": 2.041523, "load_weights_s": 1.52, "compile_s": 31.75, "graph_capture_s": 9.0,
                   "engine_init_s": 58.2, "engine_init_compile_s": 31.75, "kv_cache_tokens": 1234560}
+
+
+def test_vllm_kv_cache_sized_as_max_sizes_it():
+    """With the GPU's memory and the weights known, vLLM gets --kv-cache-memory-bytes = share x GPU
+    memory - weights per GPU (MAX's own sizing), so its KV cache does not move with what other
+    engines allocate while it starts."""
+    gib = 2**30
+    a, e, opts = argv("vllm", device="gpu", kv_cache_memory=0.28, tensor_parallel=2,
+                      gpu_memory_bytes=140 * gib, weights_bytes=16 * gib)
+    f = pairs(a)
+    assert f["--gpu-memory-utilization"] == "0.28"
+    assert int(f["--kv-cache-memory-bytes"]) == int(0.28 * 140 * gib - 8 * gib)
+    assert "MAX's sizing" in e.settings_record(opts)["engine_defaults_kept"]["kv_cache_memory"]
+    a, _, _ = argv("vllm", device="gpu", kv_cache_memory=0.28)  # facts unknown: the share alone
+    assert "--kv-cache-memory-bytes" not in a and pairs(a)["--gpu-memory-utilization"] == "0.28"
+    with pytest.raises(ValueError, match="leaves nothing for the KV cache"):
+        argv("vllm", device="gpu", kv_cache_memory=0.05, gpu_memory_bytes=80 * gib, weights_bytes=16 * gib)

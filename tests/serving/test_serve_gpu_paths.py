@@ -171,3 +171,35 @@ def test_agreement_falls_back_to_greedy_texts_without_logprobs(tmp_path, tiny_mo
 
     bad = agreement.compare_texts([" a b c", " d e"], [" a b x", " d e"])
     assert not bad.ok and bad.identical == 1 and "character 5" in bad.mismatches[0]
+
+
+def test_gpu_run_with_a_stand_in_nvidia_smi(tmp_path, tiny_model, fake_python):
+    """--device gpu end to end with a stand-in nvidia-smi that reports the engine's server as a
+    GPU process holding 1234 MiB: the GPU is recorded, the memory is attributed to the engine, and
+    vLLM's KV cache is sized from the GPU's memory and the model's weights."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    smi = bindir / "nvidia-smi"
+    smi.write_text("""#!/bin/sh
+case "$1" in
+  --query-compute-apps=*) for p in $(pgrep -f fake_openai_server.py); do echo "$p, 1234"; done ;;
+  --query-gpu=index,name,*) echo "0, NVIDIA H200, 580.159.03, 143771" ;;
+  --query-gpu=*) echo "0, 5000" ;;
+esac
+""")
+    smi.chmod(0o755)
+    out = tmp_path / "o"
+    r = subprocess.run([sys.executable, "-m", "harness.serving", "serve-bench", "--model", str(tiny_model),
+                        "--engines", "vllm", "--python", f"vllm={fake_python}", "--device", "gpu",
+                        "--kv-cache-memory", "0.28", "--cost-per-hour", "3.5", "--num-prompts", "4", "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=180,
+                       env=dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", FAKE_TOKEN_DELAY="0.05"))
+    assert r.returncode == 0, r.stderr
+    row = json.loads((out / "vllm" / "c1.json").read_text())
+    assert row["provenance"]["gpus"][0]["name"] == "NVIDIA H200"
+    weights = sum(p.stat().st_size for p in tiny_model.glob("*.safetensors"))
+    assert f"--kv-cache-memory-bytes {int(0.28 * 143771 * 2**20 - weights)}" in row["provenance"]["server_command"]
+    assert row["gpu_memory"]["attribution"].startswith("per process") and row["gpu_peak_memory_mib"] == 1234
+    assert row["cost_per_1m_output_tokens_usd"] == pytest.approx(3.5 / (row["output_throughput"] * 3600) * 1e6)
+    run = json.loads((out / "run.json").read_text())
+    assert run["engines"][0]["gpu_memory"]["peak_mib"] == 1234

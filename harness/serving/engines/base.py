@@ -62,6 +62,10 @@ class EngineOptions:
     env: dict[str, str] = field(default_factory=dict)  # set in the engine's environment, last
     settings: ServingSettings = field(default_factory=ServingSettings)
     seed: int = 0
+    # Facts kt measures before starting the engine (None where unknown): memory of one GPU, and
+    # the checkpoint's weight bytes.
+    gpu_memory_bytes: int | None = None
+    weights_bytes: int | None = None
 
 
 def env_overrides(name: str, explicit: dict[str, str]) -> dict[str, str]:

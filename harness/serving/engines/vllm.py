@@ -36,7 +36,26 @@ class VLLM(Engine):
             out["dtype"] = ["--dtype", s.dtype]
         if s.kv_cache_memory is not None and opts.device.startswith("gpu"):
             out["kv_cache_memory"] = ["--gpu-memory-utilization", f"{s.kv_cache_memory:g}"]
+            kv = self.kv_cache_bytes(opts)
+            if kv is not None:
+                out["kv_cache_memory"] += ["--kv-cache-memory-bytes", str(kv)]
         return out
+
+    @staticmethod
+    def kv_cache_bytes(opts: EngineOptions) -> int | None:
+        """KV-cache bytes per GPU as MAX sizes its own: the share of the GPU's memory less the
+        weights (MAX: `share x free memory - weights`). Given to vLLM explicitly, its KV cache does
+        not depend on what other processes allocate while it profiles its memory at start-up
+        (vLLM counts every byte the GPU loses meanwhile as its own), as in a concurrent start."""
+        s = opts.settings
+        if s.kv_cache_memory is None or opts.gpu_memory_bytes is None or opts.weights_bytes is None:
+            return None
+        kv = int(s.kv_cache_memory * opts.gpu_memory_bytes - opts.weights_bytes / s.tensor_parallel)
+        if kv <= 0:
+            raise ValueError(f"vllm: --kv-cache-memory {s.kv_cache_memory:g} of a "
+                             f"{opts.gpu_memory_bytes / 2**30:.0f} GiB GPU leaves nothing for the KV cache after "
+                             f"{opts.weights_bytes / 2**30 / s.tensor_parallel:.1f} GiB of weights per GPU")
+        return kv
 
     def command(self, python: Path, model: Path, host: str, port: int, opts: EngineOptions) -> list[str]:
         argv = [
@@ -62,7 +81,10 @@ class VLLM(Engine):
         rec["engine_flags"] = {k: " ".join(v) for k, v in self.flags(opts).items()}
         rec["engine_defaults_kept"] = {
             "cuda_graphs_and_compile": "vLLM's default (no --enforce-eager, no --compilation-config)",
-            "kv_cache_memory": "share of the GPU's total memory, weights and activations included"
+            "kv_cache_memory": ("--kv-cache-memory-bytes = share x GPU memory - weights per GPU (MAX's sizing); "
+                                "--gpu-memory-utilization = the share, checked against free memory at start"
+                                if self.kv_cache_bytes(opts) is not None else
+                                "share of the GPU's total memory, weights and activations included")
                                if opts.device.startswith("gpu") else "VLLM_CPU_KVCACHE_SPACE GiB on CPU",
         }
         return rec
