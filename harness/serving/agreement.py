@@ -21,11 +21,27 @@ import urllib.request
 from dataclasses import dataclass, field
 
 DEFAULT_TOL = 1e-2  # nats; kt.rms_norm in fp32 moves logprobs by ~1e-5 on the tiny model
+# 16-bit weights: the engines round logits to bf16/fp16 before the softmax, and kt's random
+# models have logits of std ~30-45 (max ~150): one bf16 ulp there is 1 nat, so two correct
+# engines differ by that much in every logprob but the (near-zero) top one.
+HALF_TOL = 1.0
+
+
+def default_tol(dtype: str | None) -> float:
+    """The logprob tolerance (nats) for a model computed in `dtype`."""
+    return HALF_TOL if dtype in ("bfloat16", "float16") else DEFAULT_TOL
 
 
 def probe_prompts(words: list[str], n: int = 4, length: int = 24, seed: int = 1234) -> list[str]:
     rng = random.Random(seed)
     return ["".join(rng.choice(words) for _ in range(length)) for _ in range(n)]
+
+
+def _complete(base_url: str, body: dict, timeout_s: float) -> dict:
+    req = urllib.request.Request(base_url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout_s) as r:
+        return json.loads(r.read())["choices"][0]
 
 
 def probe(base_url: str, model: str, prompts: list[str], max_tokens: int = 16, top_k: int = 5,
@@ -35,15 +51,20 @@ def probe(base_url: str, model: str, prompts: list[str], max_tokens: int = 16, t
     for prompt in prompts:
         body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
                 "logprobs": top_k, **(extra or {})}
-        req = urllib.request.Request(base_url + "/v1/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=timeout_s) as r:
-            choice = json.loads(r.read())["choices"][0]
+        choice = _complete(base_url, body, timeout_s)
         steps = []
         for top in choice["logprobs"]["top_logprobs"]:
             steps.append(dict(sorted(top.items(), key=lambda kv: -kv[1])))
         out.append(steps)
     return out
+
+
+def probe_texts(base_url: str, model: str, prompts: list[str], max_tokens: int = 16, extra: dict | None = None,
+                timeout_s: float = 300.0) -> list[str]:
+    """For each prompt, the greedy completion's text: the probe for servers that serve no
+    logprobs (MAX's overlap scheduler, on by default on GPUs, rejects requests asking for them)."""
+    return [_complete(base_url, {"model": model, "prompt": p, "max_tokens": max_tokens, "temperature": 0.0,
+                                 **(extra or {})}, timeout_s)["text"] for p in prompts]
 
 
 @dataclass
@@ -54,14 +75,18 @@ class Agreement:
     mismatches: list[str] = field(default_factory=list)  # prompts that diverge without a tie
     max_logprob_diff: float = 0.0  # over the steps before any divergence
     steps_compared: int = 0
-    tol: float = DEFAULT_TOL
+    tol: float | None = DEFAULT_TOL  # None: texts compared, no logprobs
+    mode: str = "greedy tokens and top-k logprobs"
 
     @property
     def ok(self) -> bool:
-        return not self.mismatches and self.max_logprob_diff <= self.tol
+        return not self.mismatches and (self.tol is None or self.max_logprob_diff <= self.tol)
 
     def summary(self) -> str:
         verdict = "AGREE" if self.ok else "DISAGREE"
+        if self.tol is None:
+            return (f"{verdict} ({self.mode}): {self.identical}/{self.prompts} greedy completions identical, "
+                    f"{len(self.mismatches)} mismatches")
         return (f"{verdict}: {self.identical}/{self.prompts} prompts token-identical, "
                 f"{self.near_tie_flips} near-tie flips, {len(self.mismatches)} mismatches; "
                 f"max |dlogprob| {self.max_logprob_diff:.2e} over {self.steps_compared} steps (tol {self.tol:g})")
@@ -89,4 +114,19 @@ def compare(stock: list[list[dict[str, float]]], other: list[list[dict[str, floa
             a.identical += 1
         elif not diverged:
             a.mismatches.append(f"prompt {i}: {len(s_steps)} vs {len(o_steps)} steps")
+    return a
+
+
+def compare_texts(stock: list[str], other: list[str]) -> Agreement:
+    """Greedy completions compared as text (byte-level BPE decodes each token sequence to one
+    text): identical, or a mismatch at the first differing character. Without logprobs a near-tie
+    cannot be told from a wrong kernel, so any difference is a mismatch."""
+    a = Agreement(prompts=len(stock), mode="greedy text (no logprobs served)", tol=None)
+    for i, (s, o) in enumerate(zip(stock, other)):
+        a.steps_compared += 1
+        if s == o:
+            a.identical += 1
+        else:
+            at = next((k for k, (x, y) in enumerate(zip(s, o)) if x != y), min(len(s), len(o)))
+            a.mismatches.append(f"prompt {i}: texts differ at character {at}: {s[at:at + 20]!r} vs {o[at:at + 20]!r}")
     return a

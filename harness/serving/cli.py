@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -20,15 +23,51 @@ def _csv(value: str, kind, name: str) -> list:
         raise click.BadParameter(f"{value!r} is not a comma-separated list", param_hint=name) from None
 
 
+class UsageError(click.ClickException):
+    """Bad input or a missing environment, found before any work: one line, exit 2."""
+
+    exit_code = 2
+
+
+def check_out_dir(out: Path) -> None:
+    """--out must be a folder kt can write, checked before any work (one line, exit 2)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".kt-write-check.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
+def _engine_env(items: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        engine, sep1, rest = item.partition("=")
+        var, sep2, value = rest.partition("=")
+        if not (sep1 and sep2 and engine and var):
+            raise click.BadParameter(f"{item!r}: use ENGINE=VAR=VALUE", param_hint="--engine-env")
+        out.setdefault(engine, {})[var] = value
+    return out
+
+
 @click.command("make-model")
 @click.argument("preset", type=click.Choice(sorted(PRESETS)))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
-def make_model(preset: str, out: Path, seed: int) -> None:
+@click.option("--device", "gen_device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the random weights are drawn (auto: CUDA when torch sees a GPU). The same seed gives "
+                   "different weights on CPU and CUDA; kt_model.json records which.")
+def make_model(preset: str, out: Path, seed: int, gen_device: str) -> None:
     """Write a random-weight Llama model directory (config, safetensors, local tokenizer)."""
     from .model import make_model as build
 
-    build(preset, out, seed)
+    try:
+        build(preset, out, seed, device=gen_device)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise UsageError(f"make-model {preset} {out}: {e}") from None
     click.echo(f"wrote {preset} model (seed {seed}) to {out}")
 
 
@@ -41,30 +80,61 @@ def make_model(preset: str, out: Path, seed: int) -> None:
               help="Mojo package for max+kt [default: kt's kernels/].")
 @click.option("--python", "pythons", multiple=True, metavar="ENGINE=PATH",
               help="Interpreter of an engine's environment (else $KT_<ENGINE>_PYTHON, else .venvs/<engine>).")
+@click.option("--engine-env", "engine_env", multiple=True, metavar="ENGINE=VAR=VALUE",
+              help="A variable of an engine's environment, e.g. max=PYTHONPATH=/tmp/site-max (max covers "
+                   "max+kt); $KT_<ENGINE>_PYTHONPATH sets PYTHONPATH the same way.")
 @click.option("--base-url", help="Attach to a running OpenAI server instead of starting one.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface servers bind to.")
 @click.option("--port", type=int, help="First server port [default: a free one].")
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--dataset", default="random", show_default=True, help="random, sonnet, chat, or a JSONL path.")
-@click.option("--num-prompts", default=8, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu or gpu (gpu:0,1 lists GPUs).")
+@click.option("--tensor-parallel", "tensor_parallel", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="GPUs each engine splits the model across, by its own mechanism (MAX: --devices gpu:0..N-1; "
+                   "vLLM: --tensor-parallel-size N).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Compute dtype on every engine [default: the checkpoint's torch_dtype].")
+@click.option("--max-num-seqs", default=16, show_default=True, type=click.IntRange(1),
+              help="Requests batched at once (MAX --max-batch-size, vLLM --max-num-seqs).")
+@click.option("--max-model-len", default=2048, show_default=True, type=click.IntRange(16),
+              help="Longest sequence (MAX --max-length, vLLM --max-model-len).")
+@click.option("--kv-cache-memory", type=click.FloatRange(0.01, 0.99),
+              help="GPU memory share per engine (MAX --device-memory-utilization, vLLM --gpu-memory-utilization) "
+                   "[default: each engine's own].")
+@click.option("--prefix-caching/--no-prefix-caching", default=False, show_default=True,
+              help="KV-cache reuse across requests, on every engine.")
+@click.option("--startup", type=click.Choice(["serial", "concurrent"]), default="serial", show_default=True,
+              help="serial: one engine at a time. concurrent: start every engine at once (cold starts measured "
+                   "together, marked so), then measure one at a time while the others sit idle.")
+@click.option("--dataset", default="random", show_default=True,
+              help="Comma-separated: random, sonnet, chat, or JSONL paths; each runs every load point.")
+@click.option("--num-prompts", default=8, show_default=True, type=click.IntRange(1, 1_000_000),
+              help="Prompts per load point (plus --prompts-per-load times the load).")
+@click.option("--prompts-per-load", default=0.0, show_default=True, type=click.FloatRange(0, 10_000),
+              help="Extra prompts per unit of load: K x concurrency (closed loop), K x req/s (open loop).")
 @click.option("--input-len", default=64, show_default=True, help="Prompt tokens (random, sonnet).")
 @click.option("--output-len", default=32, show_default=True, help="Output tokens (EOS ignored).")
-@click.option("--max-concurrency", help="Sweep, e.g. 1,4,16 [default: 1, or unbounded with --request-rate].")
-@click.option("--request-rate", default="inf", show_default=True, help="Requests/s sweep, e.g. 2,8 (inf: closed loop).")
+@click.option("--max-concurrency", help="Closed-loop sweep, e.g. 1,8,32 [default: 1 unless --request-rate].")
+@click.option("--request-rate", help="Open-loop sweep in requests/s, e.g. 2,8 (gamma arrivals).")
+@click.option("--rate-max-concurrency", type=click.IntRange(1), help="Cap on requests in flight at open-loop points.")
 @click.option("--burstiness", default=1.0, show_default=True, help="Gamma shape of arrivals (1.0: Poisson).")
 @click.option("--duration", type=float, help="Stop issuing requests after this many seconds per load point.")
-@click.option("--num-warmups", default=1, show_default=True, help="Warmup requests, excluded from results.")
+@click.option("--num-warmups", default=1, show_default=True, type=click.IntRange(0, 10_000),
+              help="Warmup requests, excluded from results (the first, sent even with 0, ends the cold start).")
 @click.option("--goodput", help="SLOs in ms, e.g. ttft:500,tpot:50.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", default="serve-bench-results", show_default=True, type=click.Path(path_type=Path))
 @click.option("--startup-timeout", default=900.0, show_default=True, help="Seconds to wait for a server.")
 @click.option("--request-timeout", default=600.0, show_default=True)
-@click.option("--cost-per-hour", type=float, help="$/hour of the machine, for cost per 1M output tokens.")
-def serve_bench(model, engines, custom_kernel_path, pythons, base_url, host, port, device, dataset,
-                num_prompts, input_len, output_len, max_concurrency, request_rate, burstiness, duration,
-                num_warmups, goodput, seed, out, startup_timeout, request_timeout, cost_per_hour) -> None:
-    """Serve MODEL with each engine, drive the same streaming workload, compare."""
-    from .runner import BenchConfig, BenchError, parse_engines, serve_bench as run
+@click.option("--cost-per-hour", type=click.FloatRange(0), help="$/hour of the machine, for cost per 1M output tokens.")
+@click.option("--agreement-tol", type=click.FloatRange(0), help="Logprob tolerance (nats) of the max+kt vs max check "
+              "[default: 0.01 for float32, 1.0 for 16-bit weights].")
+def serve_bench(model, engines, custom_kernel_path, pythons, engine_env, base_url, host, port, device,
+                tensor_parallel, dtype, max_num_seqs, max_model_len, kv_cache_memory, prefix_caching, startup,
+                dataset, num_prompts, prompts_per_load, input_len, output_len, max_concurrency, request_rate,
+                rate_max_concurrency, burstiness, duration, num_warmups, goodput, seed, out, startup_timeout,
+                request_timeout, cost_per_hour, agreement_tol) -> None:
+    """Serve MODEL with each engine, drive the same streaming workloads, compare."""
+    from .engines.base import ServingSettings
+    from .runner import BenchConfig, BenchError, RunFailed, RunInterrupted, parse_engines, serve_bench as run
 
     try:
         slos = metrics.parse_goodput(goodput)
@@ -76,28 +146,46 @@ def serve_bench(model, engines, custom_kernel_path, pythons, base_url, host, por
         if not sep:
             raise click.BadParameter(f"{item!r}: use ENGINE=PATH", param_hint="--python")
         py[name] = path
-    rates = _csv(request_rate, float, "--request-rate")
-    if max_concurrency:
-        concs = _csv(max_concurrency, int, "--max-concurrency")
-    else:
-        concs = [1] if rates == [float("inf")] else [None]
-    if any(c is not None and c < 1 for c in concs):
+    envs = _engine_env(engine_env)
+    concs = _csv(max_concurrency, int, "--max-concurrency") if max_concurrency else []
+    rates = _csv(request_rate, float, "--request-rate") if request_rate else []
+    if any(c < 1 for c in concs):
         raise click.BadParameter("must be at least 1", param_hint="--max-concurrency")
     if any(r <= 0 for r in rates) or burstiness <= 0:
         raise click.BadParameter("rates and burstiness must be positive", param_hint="--request-rate")
-    points = [LoadPoint(max_concurrency=c, request_rate=r, burstiness=burstiness, duration_s=duration)
-              for r in rates for c in concs]
+    if duration is not None and duration <= 0:
+        raise click.BadParameter("must be positive", param_hint="--duration")
+    if not concs and not rates:
+        concs = [1]
+    points = [LoadPoint(max_concurrency=c, duration_s=duration) for c in concs]
+    points += [LoadPoint(max_concurrency=rate_max_concurrency if r != float("inf") else (rate_max_concurrency or 1),
+                         request_rate=r, burstiness=burstiness, duration_s=duration) for r in rates]
+    if not re.fullmatch(r"cpu|gpu(:\d+(,\d+)*)?", device):
+        raise click.BadParameter(f"{device!r}: use cpu, gpu or gpu:0,1,...", param_hint="--device")
     names = [e.strip() for e in engines.split(",") if e.strip()]
+    datasets = [d.strip() for d in dataset.split(",") if d.strip()]
+    if not datasets:
+        raise click.BadParameter("give at least one dataset", param_hint="--dataset")
+    check_out_dir(out)
+    settings = ServingSettings(dtype=dtype, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                               kv_cache_memory=kv_cache_memory, prefix_caching=prefix_caching,
+                               tensor_parallel=tensor_parallel)
     try:
         if base_url and len(names) != 1:
             raise BenchError("--base-url measures one engine: give --engines with one name (its label)")
-        runs = parse_engines(names, custom_kernel_path, py, base_url, device, seed)
+        runs = parse_engines(names, custom_kernel_path, py, base_url, device, seed, settings, envs)
         cfg = BenchConfig(
-            model=model, runs=runs, out=out, dataset=dataset, num_prompts=num_prompts, input_len=input_len,
-            output_len=output_len, points=points, num_warmups=num_warmups, goodput=slos, seed=seed, host=host,
-            port=port, startup_timeout_s=startup_timeout, request_timeout_s=request_timeout,
-            cost_per_hour=cost_per_hour, command=shlex.join(["kt", *sys.argv[1:]]),
+            model=model, runs=runs, out=out, datasets=datasets, num_prompts=num_prompts,
+            prompts_per_load=prompts_per_load, input_len=input_len, output_len=output_len, points=points,
+            num_warmups=num_warmups, goodput=slos, seed=seed, host=host, port=port, startup=startup,
+            startup_timeout_s=startup_timeout, request_timeout_s=request_timeout, cost_per_hour=cost_per_hour,
+            command=shlex.join(["kt", *sys.argv[1:]]), agreement_tol=agreement_tol,
         )
         run(cfg)
     except BenchError as e:
+        raise UsageError(str(e)) from None
+    except RunFailed as e:
         raise click.ClickException(str(e)) from None
+    except RunInterrupted as e:
+        click.echo(f"kt serve-bench: {e}", err=True)
+        raise SystemExit(130) from None

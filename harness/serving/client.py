@@ -125,14 +125,17 @@ async def send(
     if not texts:
         res.error = "no tokens streamed"
         return res
-    if usage and usage.get("completion_tokens") is not None:
-        res.output_tokens = int(usage["completion_tokens"])
-        if not req.prompt_len and usage.get("prompt_tokens"):
-            res.prompt_len = int(usage["prompt_tokens"])
-    elif count_tokens is not None:
-        res.output_tokens = count_tokens(res.generated_text)
-    else:
-        res.output_tokens = len(texts)
+    if not usage or usage.get("completion_tokens") is None:
+        # Stream chunks are not tokens: without usage the output length cannot be checked.
+        res.output_tokens = count_tokens(res.generated_text) if count_tokens else len(texts)
+        res.error = "no usage in the stream: output length unchecked"
+        return res
+    res.output_tokens = int(usage["completion_tokens"])
+    if not req.prompt_len and usage.get("prompt_tokens"):
+        res.prompt_len = int(usage["prompt_tokens"])
+    if res.output_tokens != req.output_len:
+        res.error = f"output length {res.output_tokens} tokens, asked for {req.output_len}"
+        return res
     res.success = True
     return res
 

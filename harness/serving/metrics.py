@@ -10,6 +10,8 @@ Definitions (as in vLLM's benchmarks/serve.py):
 * Throughputs divide totals over completed requests by the wall-clock duration of the load point.
 * Goodput: completed requests per second that meet every SLO given (`ttft:500,tpot:50` in ms;
   keys ttft, tpot, e2el).
+* A statistic with no data (no request completed; no request with 2+ tokens for TPOT) is None:
+  missing, never 0.
 """
 
 from __future__ import annotations
@@ -63,8 +65,13 @@ def _tpot(r: RequestResult) -> float | None:
     return None
 
 
-def _stats(name: str, values_s: list[float]) -> dict[str, float]:
-    a = np.asarray(values_s, dtype=np.float64) * 1000.0 if values_s else np.zeros(1)
+def _stats(name: str, values_s: list[float]) -> dict[str, float | None]:
+    """mean/median/std/percentiles in ms; None for each when there is no value (a metric with no
+    data is missing, never 0)."""
+    keys = [f"mean_{name}_ms", f"median_{name}_ms", f"std_{name}_ms", *(f"p{p}_{name}_ms" for p in PERCENTILES)]
+    if not values_s:
+        return dict.fromkeys(keys)
+    a = np.asarray(values_s, dtype=np.float64) * 1000.0
     out = {
         f"mean_{name}_ms": float(a.mean()),
         f"median_{name}_ms": float(np.median(a)),
@@ -118,7 +125,7 @@ def compute(results: list[RequestResult], duration_s: float, slos: dict[str, flo
         "request_goodput": (good / duration_s) if slos else None,
         "output_throughput": total_out / duration_s,
         "total_token_throughput": (total_in + total_out) / duration_s,
-        "max_output_tokens_per_s": max(buckets.values()) if buckets else 0.0,
+        "max_output_tokens_per_s": max(buckets.values()) if buckets else None,
     }
     out |= _stats("ttft", [r.ttft for r in ok])
     out |= _stats("tpot", tpots)
@@ -127,8 +134,9 @@ def compute(results: list[RequestResult], duration_s: float, slos: dict[str, flo
     out |= {
         "input_lens": [r.prompt_len for r in results],
         "output_lens": [r.output_tokens for r in results],
-        "ttfts": [r.ttft for r in results],
-        "itls": [r.itl for r in results],
+        # microseconds are the timer's resolution: more digits only make the files larger
+        "ttfts": [round(r.ttft, 6) for r in results],
+        "itls": [[round(x, 6) for x in r.itl] for r in results],
         "generated_texts": [r.generated_text for r in results],
         "errors": [r.error for r in results],
         "error_counts": errors,

@@ -8,7 +8,9 @@
   corpus learns fewer tokens than the model's vocabulary, so the vocabulary is filled with plain
   byte-level entries (`Ġkt12345`) that no merge produces but that decode to text: every id the
   model can sample decodes.
-* Weights are drawn from a seeded `torch.Generator` (same seed, same bytes). The LM head is drawn
+* Weights are drawn from a seeded `torch.Generator` (same seed and device, same bytes), on the GPU
+  when there is one (an 8B model in seconds), and written as safetensors shards of at most 5 GB
+  with an index, as Hugging Face does. The LM head is drawn
   with a larger std than a trained model's so that greedy decoding of this random model has clear
   winners and few near-ties (see `harness/serving/maxkt.py` for why that matters).
 """
@@ -145,38 +147,106 @@ def hf_config(p: Preset, tok: dict) -> dict:
     }
 
 
-def weights(p: Preset, seed: int) -> dict:
-    """Seeded random Llama weights, named as in Hugging Face checkpoints."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    dtype = getattr(torch, p.dtype)
+def weight_shapes(p: Preset) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, kind) of every weight, in checkpoint order, named as in Hugging Face
+    checkpoints. kind: 'embed' (std 1), 'head' (std 0.5), 'norm' (1 + 0.1 N(0,1)) or 'proj:<fan_in>'."""
     hd = p.hidden_size // p.num_attention_heads
-
-    def normal(*shape: int, std: float = 0.02) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * std).to(dtype)
-
-    def ones(n: int) -> torch.Tensor:
-        return (1.0 + 0.1 * torch.randn(n, generator=g)).to(dtype)
-
     h, f = p.hidden_size, p.intermediate_size
-    w = {"model.embed_tokens.weight": normal(p.vocab_size, h, std=1.0)}
+    out = [("model.embed_tokens.weight", (p.vocab_size, h), "embed")]
     for i in range(p.num_hidden_layers):
         pre = f"model.layers.{i}."
-        w[pre + "input_layernorm.weight"] = ones(h)
-        w[pre + "post_attention_layernorm.weight"] = ones(h)
-        w[pre + "self_attn.q_proj.weight"] = normal(p.num_attention_heads * hd, h, std=h**-0.5)
-        w[pre + "self_attn.k_proj.weight"] = normal(p.num_key_value_heads * hd, h, std=h**-0.5)
-        w[pre + "self_attn.v_proj.weight"] = normal(p.num_key_value_heads * hd, h, std=h**-0.5)
-        w[pre + "self_attn.o_proj.weight"] = normal(h, p.num_attention_heads * hd, std=h**-0.5)
-        w[pre + "mlp.gate_proj.weight"] = normal(f, h, std=h**-0.5)
-        w[pre + "mlp.up_proj.weight"] = normal(f, h, std=h**-0.5)
-        w[pre + "mlp.down_proj.weight"] = normal(h, f, std=f**-0.5)
-    w["model.norm.weight"] = ones(h)
+        out += [
+            (pre + "input_layernorm.weight", (h,), "norm"),
+            (pre + "post_attention_layernorm.weight", (h,), "norm"),
+            (pre + "self_attn.q_proj.weight", (p.num_attention_heads * hd, h), f"proj:{h}"),
+            (pre + "self_attn.k_proj.weight", (p.num_key_value_heads * hd, h), f"proj:{h}"),
+            (pre + "self_attn.v_proj.weight", (p.num_key_value_heads * hd, h), f"proj:{h}"),
+            (pre + "self_attn.o_proj.weight", (h, p.num_attention_heads * hd), f"proj:{h}"),
+            (pre + "mlp.gate_proj.weight", (f, h), f"proj:{h}"),
+            (pre + "mlp.up_proj.weight", (f, h), f"proj:{h}"),
+            (pre + "mlp.down_proj.weight", (h, f), f"proj:{f}"),
+        ]
+    out.append(("model.norm.weight", (h,), "norm"))
     if not p.tie_word_embeddings:
         # std 0.5 over unit-RMS inputs: logits of std ~0.5*sqrt(h), far apart.
-        w["lm_head.weight"] = normal(p.vocab_size, h, std=0.5)
-    return w
+        out.append(("lm_head.weight", (p.vocab_size, h), "head"))
+    return out
+
+
+def iter_weights(p: Preset, seed: int, device: str = "cpu"):
+    """Seeded random Llama weights as (name, CPU tensor in p.dtype), one at a time, drawn from a
+    torch.Generator on `device` ('cpu' or 'cuda'): the same seed and device give the same bytes."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    dtype = getattr(torch, p.dtype)
+    for name, shape, kind in weight_shapes(p):
+        x = torch.randn(*shape, generator=g, device=device, dtype=torch.float32)
+        if kind == "norm":
+            x = 1.0 + 0.1 * x
+        else:
+            std = {"embed": 1.0, "head": 0.5}.get(kind) or int(kind.split(":")[1]) ** -0.5
+            x = x * std
+        yield name, x.to(dtype).cpu()
+        del x
+
+
+def weights(p: Preset, seed: int, device: str = "cpu") -> dict:
+    """All of `iter_weights` in one dict (small presets)."""
+    return dict(iter_weights(p, seed, device))
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: torch sees no GPU")
+    return device
+
+
+SHARD_BYTES = 5 * 1024**3  # as Hugging Face's save_pretrained: shards of at most ~5 GB
+
+
+def save_sharded(p: Preset, seed: int, out: Path, device: str) -> list[str]:
+    """Write the weights as model.safetensors, or as model-0000k-of-0000n.safetensors shards plus
+    model.safetensors.index.json when they exceed SHARD_BYTES; return the weight file names.
+    One shard at a time is held in memory."""
+    from safetensors.torch import save_file
+
+    written: list[tuple[Path, list[str]]] = []
+    shard: dict = {}
+    size = total = 0
+
+    def flush() -> None:
+        tmp = out / f".shard-{len(written) + 1:05d}.safetensors.tmp"
+        save_file(shard, str(tmp), metadata={"format": "pt"})  # safetensors orders keys itself
+        os.chmod(tmp, 0o644)  # safetensors writes 0600: the group reads results and models too
+        written.append((tmp, list(shard)))
+        shard.clear()
+
+    for name, t in iter_weights(p, seed, device):
+        nbytes = t.numel() * t.element_size()
+        if shard and size + nbytes > SHARD_BYTES:
+            flush()
+            size = 0
+        shard[name] = t
+        size += nbytes
+        total += nbytes
+    flush()
+    if len(written) == 1:
+        os.replace(written[0][0], out / "model.safetensors")
+        return ["model.safetensors"]
+    names, weight_map = [], {}
+    for k, (tmp, keys) in enumerate(written, 1):
+        final = f"model-{k:05d}-of-{len(written):05d}.safetensors"
+        os.replace(tmp, out / final)
+        names.append(final)
+        weight_map |= dict.fromkeys(keys, final)
+    write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return names
 
 
 def write_json(path: Path, obj: object) -> None:
@@ -190,13 +260,14 @@ def write_json(path: Path, obj: object) -> None:
     os.replace(tmp, path)
 
 
-def make_model(preset: str, out: Path, seed: int = 0) -> Path:
-    """Write a random-weight Llama model directory for `preset` into `out`; return `out`."""
-    from safetensors.torch import save_file
-
+def make_model(preset: str, out: Path, seed: int = 0, device: str = "cpu") -> Path:
+    """Write a random-weight Llama model directory for `preset` into `out`; return `out`.
+    `device` ('cpu', 'cuda' or 'auto') is where the weights are drawn: CUDA makes an 8B model
+    in seconds, and the same seed gives other bytes there than on the CPU."""
     if preset not in PRESETS:
         raise KeyError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
     p = PRESETS[preset]
+    device = resolve_device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(p.vocab_size)
@@ -209,8 +280,9 @@ def make_model(preset: str, out: Path, seed: int = 0) -> Path:
         out / "generation_config.json",
         {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "do_sample": False},
     )
-    tmp = out / ".model.safetensors.tmp"
-    save_file(weights(p, seed), str(tmp), metadata={"format": "pt"})  # one key: safetensors orders keys by hash
-    os.replace(tmp, out / "model.safetensors")
-    write_json(out / "kt_model.json", {"preset": preset, "seed": seed, **asdict(p)})
+    for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)
+    files = save_sharded(p, seed, out, device)
+    write_json(out / "kt_model.json", {"preset": preset, "seed": seed, "generator_device": device,
+                                       "weight_files": files, **asdict(p)})
     return out

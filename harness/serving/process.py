@@ -5,8 +5,9 @@ holding everything it forks (MAX's model worker, vLLM's engine core). Teardown s
 group: SIGTERM, a grace period, then SIGKILL. It runs on every exit path:
 
 * normal return and exceptions: `ServerProcess` is a context manager;
-* Ctrl-C / SIGTERM / SIGHUP: `install_signal_handlers()` turns them into a teardown of every live
-  server followed by the default action (exit with 128+signo);
+* Ctrl-C / SIGTERM: `install_signal_handlers()` turns them into a teardown of every live server,
+  then `Interrupted` in the main thread (kt saves what finished and exits 130); SIGHUP: teardown,
+  then the default action;
 * interpreter exit: `atexit` tears down whatever is still registered.
 
 SIGKILL of kt itself cannot be caught; for that each server runs under a small supervisor
@@ -97,6 +98,7 @@ class ServerProcess:
         install_signal_handlers()
         self.log.parent.mkdir(parents=True, exist_ok=True)
         fh = open(self.log, "wb")
+        os.fchmod(fh.fileno(), 0o644)  # logs are results too: readable by the group whatever the umask
         self.start_s = time.monotonic()
         self.popen = subprocess.Popen(
             [sys.executable, "-c", _SUPERVISOR, str(os.getpid()), *self.argv],
@@ -202,14 +204,27 @@ def stop_all() -> None:
 _INSTALLED = False
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: servers are down; the caller saves what finished."""
+
+    def __init__(self, signo: int) -> None:
+        super().__init__(signal.Signals(signo).name)
+        self.signo = signo
+
+
 def _on_signal(signo: int, frame: object) -> None:
     stop_all()
-    signal.signal(signo, signal.SIG_DFL)
-    os.kill(os.getpid(), signo)
+    signal.signal(signo, signal.SIG_DFL)  # a second signal takes the default action
+    if signo == signal.SIGHUP:
+        os.kill(os.getpid(), signo)
+        return
+    raise Interrupted(signo)
 
 
 def install_signal_handlers() -> None:
-    """Tear down live servers on SIGINT/SIGTERM/SIGHUP and at exit (main thread only)."""
+    """Tear down live servers on SIGINT/SIGTERM/SIGHUP and at exit (main thread only).
+    SIGINT and SIGTERM then raise `Interrupted` (a KeyboardInterrupt) in the main thread, so the
+    caller can save the results it has; SIGHUP takes its default action."""
     global _INSTALLED
     if _INSTALLED:
         return

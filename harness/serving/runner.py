@@ -1,21 +1,37 @@
-"""`kt serve-bench`: start each engine, drive it with one workload at each load point, report.
+"""`kt serve-bench`: start each engine, drive it with the same workloads at each load point, report.
 
-For each engine in turn (one at a time, so they do not compete for the machine): find its
-interpreter, start its server on a free 127.0.0.1 port (or attach to `--base-url`), wait for
-health, record the cold start, send warmup requests (excluded), run every load point, write one
-JSON per load point, stop the server. Then print the comparison table and write plots.
+Per engine: find its interpreter and environment, start its server on a free 127.0.0.1 port (or
+attach to `--base-url`), wait for health (the wait ends as soon as the server process dies), send
+the first request, whose success ends the cold start, then the other warmups (all excluded),
+probe greedy logprobs for the agreement check, run every load point of every dataset (one JSON
+each), stop the server. Then the table, the ratios, the agreement verdict and the plots.
+
+Start-up modes (`--startup`):
+* `serial` (default): one engine at a time, alone on the machine from start to stop.
+* `concurrent`: every engine's server is started at once (each with its own KV-cache memory
+  share, `--kv-cache-memory`, so they fit together), then the engines are measured one at a time
+  while the others sit idle, each stopped once measured. Every result says so: its cold start was
+  measured while N other engines were starting (`startup.started_with`), and its load points ran
+  beside idle servers (`idle_engines_during_load`). An engine whose concurrent start fails is
+  started again alone after the others are done, and says that too.
+
+Exit: 0 when every request of every load point succeeded (and max+kt agrees with max where both
+ran); 1 when a request failed, an engine did not start, or the agreement check failed (everything
+measured is still written); 2 for bad input or a missing environment, before any work; 130 on
+Ctrl-C / SIGTERM, after writing the summary, report and table of the load points that finished.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
+import math
 import platform
 import shlex
 import shutil
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -26,15 +42,26 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import agreement, client, metrics, report, workload
-from .engines import EngineNotFound, EngineOptions, get_engine
+from .engines import Engine, EngineNotFound, EngineOptions, get_engine
+from .engines.base import ServingSettings
+from .gpumem import GpuMonitor
 from .maxkt import check_kernel_path
-from .process import ServerError, ServerProcess, free_port, port_in_use
+from .process import Interrupted, ServerError, ServerProcess, free_port, port_in_use
 
 REPO = Path(__file__).resolve().parents[2]
+STARTUP_MODES = ("serial", "concurrent")
 
 
 class BenchError(RuntimeError):
-    """A user-facing failure: one line, no traceback."""
+    """Bad input or a missing environment, found before any work: one line, exit 2."""
+
+
+class RunFailed(RuntimeError):
+    """The run finished (results written) but something failed: one line, exit 1."""
+
+
+class RunInterrupted(RuntimeError):
+    """Ctrl-C / SIGTERM: servers stopped, what finished was written; exit 130."""
 
 
 @dataclass
@@ -50,8 +77,9 @@ class BenchConfig:
     model: Path
     runs: list[EngineRun]
     out: Path
-    dataset: str = "random"
+    datasets: list[str] = field(default_factory=lambda: ["random"])
     num_prompts: int = 8
+    prompts_per_load: float = 0.0  # adds this many prompts per unit of load (concurrency or req/s)
     input_len: int = 64
     output_len: int = 32
     points: list[client.LoadPoint] = field(default_factory=lambda: [client.LoadPoint(max_concurrency=1)])
@@ -60,17 +88,22 @@ class BenchConfig:
     seed: int = 0
     host: str = "127.0.0.1"
     port: int | None = None
+    startup: str = "serial"
     startup_timeout_s: float = 600.0
     request_timeout_s: float = 600.0
     cost_per_hour: float | None = None
     command: str = ""
     probe: bool = True  # greedy top-k logprob probe per engine, compared across max and max+kt
+    agreement_tol: float | None = None  # None: by dtype (agreement.default_tol)
 
 
 def parse_engines(names: list[str], custom_kernel_path: Path | None, pythons: dict[str, str],
-                  base_url: str | None, device: str, seed: int) -> list[EngineRun]:
-    """'max', 'max+kt' (MAX with --custom-kernel-path, default kt's kernels/), 'vllm', ..."""
+                  base_url: str | None, device: str, seed: int, settings: ServingSettings | None = None,
+                  engine_env: dict[str, dict[str, str]] | None = None) -> list[EngineRun]:
+    """'max', 'max+kt' (MAX with --custom-kernel-path, default kt's kernels/), 'vllm', ...
+    `engine_env` maps an engine's plug-in name (max covers max+kt) to its extra variables."""
     runs = []
+    settings = settings or ServingSettings()
     for name in names:
         base, _, variant = name.partition("+")
         if variant not in ("", "kt"):
@@ -78,18 +111,42 @@ def parse_engines(names: list[str], custom_kernel_path: Path | None, pythons: di
         if variant == "kt" and base != "max":
             raise BenchError(f"{name!r}: kt's kernels plug into MAX only (max+kt)")
         try:
-            get_engine(base)
+            engine = get_engine(base)
         except EngineNotFound as e:
             raise BenchError(str(e)) from None
-        opts = EngineOptions(python=pythons.get(base), device=device, seed=seed)
+        opts = EngineOptions(python=pythons.get(base), device=device, seed=seed, settings=settings,
+                             env=dict((engine_env or {}).get(base, {})))
         if variant == "kt" or (base == "max" and custom_kernel_path and len(names) == 1):
             path = custom_kernel_path or REPO / "kernels"
             try:
                 opts.custom_kernel_path = check_kernel_path(path)
             except FileNotFoundError as e:
                 raise BenchError(str(e)) from None
-        runs.append(EngineRun(base, name if variant else get_engine(base).label(opts), opts, base_url))
+        try:
+            engine.check(opts)
+        except ValueError as e:
+            raise BenchError(str(e)) from None
+        runs.append(EngineRun(base, name if variant else engine.label(opts), opts, base_url))
     return runs
+
+
+def read_model_config(model: Path) -> dict:
+    """The model folder's config.json (empty when there is none); one line when it is unreadable."""
+    p = Path(model) / "config.json"
+    if not p.exists():
+        return {}
+    try:
+        cfg = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BenchError(f"{p} is not valid JSON: {getattr(e, 'msg', e)}") from None
+    if not isinstance(cfg, dict):
+        raise BenchError(f"{p} is not a JSON object")
+    return cfg
+
+
+def checkpoint_dtype(model_cfg: dict) -> str | None:
+    d = model_cfg.get("torch_dtype") or model_cfg.get("dtype")
+    return d if isinstance(d, str) else None
 
 
 def _get_json(url: str, timeout: float = 5.0) -> dict:
@@ -108,39 +165,6 @@ def served_model(base_url: str) -> str:
     return ids[0]
 
 
-class GpuSampler:
-    """Peak GPU memory (MiB) over a run, sampled from nvidia-smi every 0.5 s; None without one."""
-
-    def __init__(self) -> None:
-        self.peak_mib: float | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> "GpuSampler":
-        if shutil.which("nvidia-smi"):
-            self._thread = threading.Thread(target=self._loop, daemon=True)
-            self._thread.start()
-        return self
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                r = subprocess.run(
-                    ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                    capture_output=True, text=True, timeout=5,
-                )
-                used = sum(float(x) for x in r.stdout.split())
-                self.peak_mib = max(self.peak_mib or 0.0, used)
-            except (OSError, ValueError, subprocess.TimeoutExpired):
-                pass
-            self._stop.wait(0.5)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=5)
-
-
 def git_sha() -> str:
     try:
         return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
@@ -149,170 +173,514 @@ def git_sha() -> str:
         return "unknown"
 
 
+def gpu_info() -> list[dict] | None:
+    """Name, driver and memory of each GPU nvidia-smi sees; None without nvidia-smi."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return None
+    try:
+        r = subprocess.run([smi, "--query-gpu=index,name,driver_version,memory.total",
+                            "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    out = []
+    for line in r.stdout.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 4:
+            out.append({"index": parts[0], "name": parts[1], "driver": parts[2], "memory_total_mib": parts[3]})
+    return out
+
+
 def model_provenance(model: Path) -> dict:
     out = {"path": str(model)}
     for name in ("config.json", "kt_model.json"):
         p = Path(model) / name
         if p.exists():
-            out[name.removesuffix(".json")] = json.loads(p.read_text())
+            try:
+                out[name.removesuffix(".json")] = json.loads(p.read_text())
+            except (OSError, ValueError):
+                out[name.removesuffix(".json")] = "unreadable"
     return out
 
 
-def run_point(base_url: str, model_id: str, reqs: list[workload.Request], point: client.LoadPoint,
-              extra: dict, cfg: BenchConfig, count_tokens, progress: Progress | None, label: str):
-    task = progress.add_task(f"{label} {point.name}", total=len(reqs)) if progress else None
+def prompts_for(cfg: BenchConfig, point: client.LoadPoint) -> int:
+    """--num-prompts plus --prompts-per-load times the point's load (its concurrency in a closed
+    loop, its request rate in req/s in an open one)."""
+    load = point.max_concurrency if point.request_rate == float("inf") else point.request_rate
+    return cfg.num_prompts + math.ceil(cfg.prompts_per_load * (load or 0))
 
-    def done(_r: metrics.RequestResult) -> None:
+
+@dataclass
+class Workload:
+    dataset: str
+    order: int
+    requests: list[workload.Request]  # enough for the largest point; each point takes a prefix
+
+
+@dataclass
+class Live:
+    """One engine's run: its server and what kt learned while starting it."""
+
+    run: EngineRun
+    order: int
+    engine: Engine
+    prov: dict
+    python: Path | None = None
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    server: ServerProcess | None = None
+    base_url: str = ""
+    model_id: str = ""
+    started_at: float | None = None  # monotonic
+    ready_at: float | None = None  # health answered
+    first_ok_at: float | None = None  # first request succeeded: end of the cold start
+    stopped_at: float | None = None
+    startup: dict = field(default_factory=dict)
+    error: str | None = None
+    measured: bool = False
+
+    @property
+    def slug(self) -> str:
+        return self.run.label.replace("+", "_")
+
+    @property
+    def up(self) -> bool:
+        return self.server is not None and self.stopped_at is None and self.error is None
+
+
+class Bench:
+    """One `kt serve-bench` run (see the module docstring)."""
+
+    def __init__(self, cfg: BenchConfig, console: Console | None = None) -> None:
+        self.cfg = cfg
+        self.console = console or Console(stderr=True, soft_wrap=True)
+        self.rows: list[dict] = []
+        self.probes: dict[str, list] = {}
+        self.problems: list[str] = []
+        self.lives: list[Live] = []
+        self.monitor = GpuMonitor()
+        self.gpus = None
+        self.started = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+    # ----- before any server starts: everything that can be checked is checked
+    def prepare(self) -> None:
+        cfg = self.cfg
+        if cfg.startup not in STARTUP_MODES:
+            raise BenchError(f"--startup {cfg.startup!r}: use one of {', '.join(STARTUP_MODES)}")
+        self.model_cfg = read_model_config(cfg.model)
+        dtype = checkpoint_dtype(self.model_cfg)
+        for run in cfg.runs:
+            if run.opts.settings.dtype is None and dtype:
+                run.opts.settings = ServingSettings(**(asdict(run.opts.settings) | {"dtype": dtype}))
+        self.workloads: list[Workload] = []
+        n_max = max(prompts_for(cfg, p) for p in cfg.points)
+        try:
+            for i, ds in enumerate(cfg.datasets):
+                reqs = workload.build(ds, cfg.model, n_max, cfg.input_len, cfg.output_len, cfg.seed)
+                self.workloads.append(Workload(Path(ds).name if ds not in ("random", "sonnet", "chat") else ds,
+                                               i, reqs))
+            self.warm = workload.build(cfg.datasets[0], cfg.model, max(cfg.num_warmups, 1), cfg.input_len,
+                                       cfg.output_len, cfg.seed + 1)[: max(cfg.num_warmups, 1)]
+        except workload.DatasetError as e:
+            raise BenchError(str(e)) from None
+        tok = workload.load_tokenizer(cfg.model) if (Path(cfg.model) / "tokenizer.json").exists() else None
+        self.count_tokens = (lambda s: workload.count_tokens(tok, s)) if tok else None
+        self.probe_prompts = agreement.probe_prompts(workload.stable_words(tok)) if tok and cfg.probe else []
+        if cfg.port is not None and port_in_use(cfg.host, cfg.port):
+            raise BenchError(f"port {cfg.port} on {cfg.host} is busy")
+        for order, run in enumerate(cfg.runs):
+            engine = get_engine(run.engine)
+            prov = {"label": run.label, "engine": run.engine, "base_url": run.base_url}
+            live = Live(run, order, engine, prov)
+            if not run.base_url:
+                try:
+                    live.python = engine.find_python(run.opts.python)
+                    live.env = engine.environment(run.opts)
+                    prov["engine_version"] = engine.version(live.python, live.env)
+                except EngineNotFound as e:
+                    raise BenchError(str(e)) from None
+                prov["python"] = str(live.python)
+                if live.env.get("PYTHONPATH"):
+                    prov["engine_pythonpath"] = live.env["PYTHONPATH"]
+                if run.opts.custom_kernel_path:
+                    prov["custom_kernel_path"] = str(run.opts.custom_kernel_path)
+            else:
+                prov["engine_version"] = "unknown (attached)"
+            prov |= engine.settings_record(run.opts)
+            prov["device"] = run.opts.device
+            self.lives.append(live)
+        if any(r.opts.device.startswith("gpu") for r in cfg.runs):
+            self.gpus = gpu_info()
+            weights = sum(p.stat().st_size for p in Path(cfg.model).glob("*.safetensors")) or None
+            try:
+                gpu_mib = float(self.gpus[0]["memory_total_mib"]) if self.gpus else None
+            except ValueError:
+                gpu_mib = None
+            for live in self.lives:
+                live.run.opts.gpu_memory_bytes = int(gpu_mib * 2**20) if gpu_mib else None
+                live.run.opts.weights_bytes = weights
+                try:  # the flags again, from these facts; a setting they cannot meet is one line
+                    live.prov |= live.engine.settings_record(live.run.opts)
+                except ValueError as e:
+                    raise BenchError(str(e)) from None
+
+    # ----- one engine's life
+    def launch(self, live: Live) -> None:
+        cfg = self.cfg
+        port = cfg.port + live.order if cfg.port is not None else free_port(cfg.host)
+        if port_in_use(cfg.host, port):
+            raise ServerError(f"port {port} on {cfg.host} is busy")
+        live.base_url = f"http://{cfg.host}:{port}"
+        live.argv = live.engine.command(live.python, Path(cfg.model).resolve(), cfg.host, port, live.run.opts)
+        live.prov["server_command"] = shlex.join(live.argv)
+        log = cfg.out / "logs" / f"{live.slug}.log"
+        live.server = ServerProcess(live.run.label, live.argv, live.env, log,
+                                    live.base_url + live.engine.health_path)
+        self.console.print(f"[bold]{live.run.label}[/]: starting {live.engine.name} "
+                           f"{live.prov['engine_version']} on {live.base_url} (log {log})")
+        live.server.start()
+        live.started_at = live.server.start_s
+        self.monitor.register(live.run.label, live.server.pgid)
+
+    def await_ready(self, live: Live) -> None:
+        """Health, then the first request; the cold start ends when that request succeeds."""
+        cfg = self.cfg
+        live.server.wait_healthy(cfg.startup_timeout_s)
+        live.ready_at = time.monotonic()
+        live.model_id = served_model(live.base_url)
+        deadline = live.started_at + cfg.startup_timeout_s
+        errors = []
+        while True:
+            results, _, _ = self._load(live, self.warm[:1], client.LoadPoint(max_concurrency=1), None)
+            if results and results[0].success:
+                break
+            errors.append(results[0].error if results else "not sent")
+            if live.server.popen.poll() is not None or time.monotonic() > deadline or len(errors) >= 5:
+                raise ServerError(f"{live.run.label}: the first request failed: {errors[-1]}")
+            time.sleep(1.0)
+        live.first_ok_at = time.monotonic()
+        phases = live.engine.parse_log(live.server.log.read_text(errors="replace")) if live.server.log.exists() else {}
+        live.startup |= {
+            "cold_start_s": round(live.first_ok_at - live.started_at, 3),
+            "health_ready_s": round(live.ready_at - live.started_at, 3),
+            "first_request_retries": len(errors),
+            "phases_from_log": phases,
+        }
+        self.console.print(f"{live.run.label}: first request answered {live.startup['cold_start_s']:.1f} s "
+                           f"after start (health at {live.startup['health_ready_s']:.1f} s)"
+                           + (f"; log: {', '.join(f'{k} {v}' for k, v in phases.items())}" if phases else ""))
+
+    def attach(self, live: Live) -> None:
+        live.base_url = live.run.base_url.rstrip("/")
+        live.model_id = served_model(live.base_url)
+        live.startup = {"mode": "attached", "cold_start_s": None}
+
+    def stop(self, live: Live) -> None:
+        if live.server is not None and live.stopped_at is None:
+            live.server.stop()
+            live.stopped_at = time.monotonic()
+            if live.started_at is not None:
+                live.prov["gpu_memory"] = self.monitor.peak(live.run.label, live.started_at, live.stopped_at)
+
+    def fail(self, live: Live, msg: str) -> None:
+        live.error = msg
+        self.problems.append(msg)
+        self.console.print(f"[red]{live.run.label}: {msg}[/]")
+        self.stop(live)
+
+    # ----- measuring
+    def _load(self, live: Live, reqs, point, progress):
+        cfg = self.cfg
+        task = progress.add_task(f"{live.run.label} {point.name}", total=len(reqs)) if progress else None
+
+        def done(_r: metrics.RequestResult) -> None:
+            if progress is not None:
+                progress.advance(task)
+
+        out = asyncio.run(client.run_load(live.base_url, live.model_id, reqs, point, live.engine.request_fields(),
+                                          cfg.seed, self.count_tokens, done, cfg.request_timeout_s))
         if progress is not None:
-            progress.advance(task)
+            progress.update(task, visible=False)
+        return out
 
-    results, duration, not_sent = asyncio.run(
-        client.run_load(base_url, model_id, reqs, point, extra, cfg.seed, count_tokens, done,
-                        cfg.request_timeout_s)
-    )
-    if progress is not None:
-        progress.update(task, visible=False)
-    return results, duration, not_sent
+    def measure(self, live: Live) -> None:
+        cfg = self.cfg
+        label = live.run.label
+        extra = live.engine.request_fields()
+        # Warmups (excluded); a started server has answered the first already (its cold start).
+        warm = self.warm[1:] if live.first_ok_at is not None else self.warm[: cfg.num_warmups]
+        if warm:
+            self._load(live, warm, client.LoadPoint(max_concurrency=1), None)
+        if self.probe_prompts:
+            self.probe(live, extra)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=self.console, transient=True) as progress:
+            for wl in self.workloads:
+                for pi, point in enumerate(cfg.points):
+                    if live.server is not None and live.server.popen.poll() is not None:
+                        self.fail(live, f"server exited with code {live.server.popen.poll()} during the load "
+                                        f"points; log {live.server.log}")
+                        return
+                    reqs = wl.requests[: prompts_for(cfg, point)]
+                    idle = [o.run.label for o in self.lives if o is not live and o.up]
+                    t0 = time.monotonic()
+                    results, duration, not_sent = self._load(live, reqs, point, progress)
+                    self.row(live, wl, pi, point, reqs, results, duration, not_sent, t0, idle)
+        live.measured = True
+
+    def probe(self, live: Live, extra: dict) -> None:
+        """Greedy top-k logprobs for the agreement check; greedy texts where the server serves no
+        logprobs (HTTP 400 for a logprobs request: MAX's overlap scheduler)."""
+        cfg, label = self.cfg, live.run.label
+        record: dict = {"prompts": self.probe_prompts}
+        try:
+            try:
+                record["steps"] = agreement.probe(live.base_url, live.model_id, self.probe_prompts, extra=extra,
+                                                  timeout_s=cfg.request_timeout_s)
+            except urllib.error.HTTPError as e:
+                if e.code != 400:
+                    raise
+                record["logprobs_refused"] = e.read().decode(errors="replace")[:300]
+                self.console.print(f"{label}: the server serves no logprobs here; the agreement probe compares "
+                                   "greedy texts")
+            record["texts"] = agreement.probe_texts(live.base_url, live.model_id, self.probe_prompts, extra=extra,
+                                                    timeout_s=cfg.request_timeout_s)
+        except (urllib.error.URLError, OSError, KeyError, TypeError, ValueError) as e:
+            self.console.print(f"[yellow]{label}: probe failed, no agreement check: {e}[/]")
+            return
+        self.probes[label] = record
+        report.write_json_atomic(cfg.out / live.slug / "probe.json", record)
+
+    def row(self, live, wl, pi, point, reqs, results, duration, not_sent, t0, idle) -> None:
+        cfg = self.cfg
+        row = metrics.compute(results, duration, cfg.goodput)
+        mem = self.monitor.peak(live.run.label, t0)
+        whash = workload.workload_hash(reqs)
+        row |= result_header(cfg, live.run, point, live.model_id, whash, not_sent, mem["peak_mib"], row, wl,
+                             len(reqs))
+        row |= {
+            "tensor_parallel": live.run.opts.settings.tensor_parallel,
+            "settings": live.prov.get("settings"),
+            "startup": live.startup,
+            "idle_engines_during_load": idle,
+            "gpu_memory": mem,
+            "provenance": live.prov | {
+                "model": model_provenance(cfg.model), "command": cfg.command, "kt_git_sha": git_sha(),
+                "host": platform.node(), "platform": platform.platform(), "gpus": self.gpus,
+                "workload_hash": whash,
+            },
+            "engine_order": live.order, "load_order": pi, "dataset_order": wl.order,
+        }
+        name = point.name if len(self.workloads) == 1 else f"{wl.dataset}_{point.name}"
+        path = cfg.out / live.slug / f"{name}.json"
+        report.write_json_atomic(path, row)
+        self.rows.append(row)
+        tput = row["output_throughput"]
+        self.console.print(f"{live.run.label} {wl.dataset} {point.name}: {row['completed']} ok, {row['failed']} failed, "
+                           f"{tput:.1f} out tok/s -> {path}")
+        if row["failed"]:
+            self.problems.append(f"{live.run.label} {wl.dataset} {point.name}: {row['failed']} of "
+                                 f"{len(results)} requests failed")
+            for err, n in row["error_counts"].items():
+                self.console.print(f"  [red]{n} x {err}[/]")
+
+    # ----- the run
+    def run_serial(self, lives: list[Live], mode: str = "serial", note: str = "started and measured alone") -> None:
+        for live in lives:
+            live.startup = {"mode": mode, "started_with": [], "note": note}
+            try:
+                if live.run.base_url:
+                    self.attach(live)
+                else:
+                    self.launch(live)
+                    self.await_ready(live)
+                self.measure(live)
+            except (ServerError, BenchError) as e:
+                self.fail(live, str(e))
+            finally:
+                self.stop(live)
+
+    def run_concurrent(self) -> None:
+        lives = self.lives
+        n = len(lives)
+        for live in lives:
+            live.startup = {"mode": "concurrent", "note": f"started at once with {n - 1} other engine(s); "
+                            "measured one at a time while the others sat idle"}
+            try:
+                self.launch(live)
+            except ServerError as e:
+                self.fail(live, str(e))
+        threads = []
+        for live in lives:
+            if live.error:
+                continue
+
+            def wait(live=live):
+                try:
+                    self.await_ready(live)
+                except (ServerError, BenchError) as e:
+                    live.error = str(e)
+            t = threading.Thread(target=wait, daemon=True)
+            t.start()
+            threads.append(t)
+        while any(t.is_alive() for t in threads):  # joins in steps: Ctrl-C stays responsive
+            for t in threads:
+                t.join(timeout=0.5)
+        for live in lives:  # who was starting while each engine started
+            end = live.first_ok_at or time.monotonic()
+            live.startup["started_with"] = [
+                o.run.label for o in lives if o is not live and o.started_at is not None
+                and o.started_at < end and (o.first_ok_at or time.monotonic()) > live.started_at]
+        retry = []
+        for live in lives:
+            if live.error:
+                msg = live.error
+                live.error = None
+                self.stop(live)
+                self.console.print(f"[yellow]{live.run.label}: concurrent start failed ({msg.splitlines()[0]}); "
+                                   "it starts again alone once the others are measured[/]")
+                retry.append((live, msg))
+        for live in lives:
+            if live.up and live not in [r for r, _ in retry]:
+                try:
+                    self.measure(live)
+                except (ServerError, BenchError) as e:
+                    self.fail(live, str(e))
+                finally:
+                    self.stop(live)
+        for live, msg in retry:
+            live.stopped_at = None
+            live.server = None
+            live.first_ok_at = None
+            self.run_serial([live], mode="serial (retry)",
+                            note=f"its concurrent start failed ({msg.splitlines()[0]}); started again alone "
+                                 "after the others were measured and stopped")
+
+    def go(self) -> list[dict]:
+        cfg = self.cfg
+        self.prepare()
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        if any(r.opts.device.startswith("gpu") for r in cfg.runs):
+            self.monitor.start()
+        interrupted = None
+        try:
+            if cfg.startup == "concurrent" and len(self.lives) > 1 and not any(r.base_url for r in cfg.runs):
+                self.run_concurrent()
+            else:
+                self.run_serial(self.lives)
+        except KeyboardInterrupt as e:
+            interrupted = getattr(e, "signo", None) or 2
+        finally:
+            for live in self.lives:
+                self.stop(live)
+            self.monitor.stop()
+        self.finish(interrupted)
+        return self.rows
+
+    def finish(self, interrupted) -> None:
+        cfg = self.cfg
+        checks = {}
+        for label, probe in self.probes.items():
+            base = label.removesuffix("+kt")
+            if label != base and base in self.probes:
+                dtype = next((lv.run.opts.settings.dtype for lv in self.lives if lv.run.label == label), None)
+                tol = cfg.agreement_tol if cfg.agreement_tol is not None else agreement.default_tol(dtype)
+                stock = self.probes[base]
+                if "steps" in stock and "steps" in probe:
+                    res = agreement.compare(stock["steps"], probe["steps"], tol=tol)
+                else:
+                    res = agreement.compare_texts(stock["texts"], probe["texts"])
+                checks[f"{label} vs {base}"] = asdict(res) | {"ok": res.ok, "summary": res.summary()}
+                self.console.print(f"[bold]{label} vs {base}[/]: {res.summary()}")
+                if not res.ok:
+                    self.problems.append(f"{label} disagrees with {base}: {res.summary()}")
+        if checks:
+            report.write_json_atomic(cfg.out / "agreement.json", checks)
+        summary = [{k: v for k, v in r.items() if not isinstance(v, list)} for r in self.rows]
+        report.write_json_atomic(cfg.out / "summary.json", summary)
+        run = self.run_record(interrupted, checks)
+        report.write_json_atomic(cfg.out / "run.json", run)
+        report.write_text_atomic(cfg.out / "report.md", report.run_markdown(run, self.rows))
+        if self.rows:
+            report.print_table(self.rows, Console(width=200))
+            for p in report.plots(self.rows, cfg.out):
+                self.console.print(f"plot: {p}")
+        if interrupted:
+            import signal
+
+            raise RunInterrupted(f"interrupted by {signal.Signals(interrupted).name}: wrote the summary, report and "
+                                 f"table of the {len(self.rows)} load point(s) that finished to {cfg.out}")
+        if not self.rows and not self.problems:
+            self.problems.append("no load point ran")
+        if self.problems:
+            total = sum(r["completed"] + r["failed"] for r in self.rows)
+            ok = sum(r["completed"] for r in self.rows)
+            first = self.problems[0]
+            more = f" (+{len(self.problems) - 1} more problem(s), see {cfg.out / 'run.json'})" if len(self.problems) > 1 else ""
+            raise RunFailed(f"{first}{more}; {ok}/{total} requests succeeded; results in {cfg.out}")
+
+    def run_record(self, interrupted, checks) -> dict:
+        cfg = self.cfg
+        return {
+            "date": self.started,
+            "command": cfg.command,
+            "kt_git_sha": git_sha(),
+            "model": model_provenance(cfg.model),
+            "startup_mode": cfg.startup,
+            "datasets": [w.dataset for w in getattr(self, "workloads", [])],
+            "load_points": [p.name for p in cfg.points],
+            "prompts_per_point": {p.name: prompts_for(cfg, p) for p in cfg.points},
+            "input_len": cfg.input_len, "output_len": cfg.output_len,
+            "cost_per_hour_usd": cfg.cost_per_hour,
+            "gpus": self.gpus,
+            "engines": [
+                {"label": lv.run.label, "error": lv.error, "measured": lv.measured, "startup": lv.startup,
+                 "gpu_memory": lv.prov.get("gpu_memory"),
+                 "idle_engines_during_load": sorted({e for r in self.rows if r["engine"] == lv.run.label
+                                                     for e in r["idle_engines_during_load"]}),
+                 **{k: lv.prov.get(k) for k in ("engine_version", "server_command", "settings", "engine_flags",
+                                                 "engine_defaults_kept", "python", "engine_pythonpath", "device")}}
+                for lv in self.lives
+            ],
+            "agreement": checks,
+            "problems": self.problems,
+            "interrupted": bool(interrupted),
+            "load_points_finished": len(self.rows),
+        }
 
 
 def serve_bench(cfg: BenchConfig, console: Console | None = None) -> list[dict]:
-    """Run the whole benchmark; return one row (metrics + provenance) per engine and load point."""
-    console = console or Console(stderr=True, soft_wrap=True)
-    try:
-        reqs = workload.build(cfg.dataset, cfg.model, cfg.num_prompts, cfg.input_len, cfg.output_len, cfg.seed)
-        warm = workload.build(cfg.dataset, cfg.model, max(cfg.num_warmups, 1), cfg.input_len,
-                              cfg.output_len, cfg.seed + 1)[: cfg.num_warmups]
-    except workload.DatasetError as e:
-        raise BenchError(str(e)) from None
-    whash = workload.workload_hash(reqs)
-    tok = workload.load_tokenizer(cfg.model) if (Path(cfg.model) / "tokenizer.json").exists() else None
-    count_tokens = (lambda s: workload.count_tokens(tok, s)) if tok else None
-    if cfg.port is not None and port_in_use(cfg.host, cfg.port):
-        raise BenchError(f"port {cfg.port} on {cfg.host} is busy")
-
-    probe_prompts_ = agreement.probe_prompts(workload.stable_words(tok)) if tok and cfg.probe else []
-    probes: dict[str, list] = {}
-    rows: list[dict] = []
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    for order, run in enumerate(cfg.runs):
-        engine = get_engine(run.engine)
-        server = None
-        prov = {"label": run.label, "engine": run.engine, "base_url": run.base_url}
-        try:
-            if run.base_url:
-                base_url = run.base_url.rstrip("/")
-                model_id = served_model(base_url)
-                prov["engine_version"] = "unknown (attached)"
-                cold_start = None
-            else:
-                python = engine.find_python(run.opts.python)
-                prov["engine_version"] = engine.version(python)
-                prov["python"] = str(python)
-                port = cfg.port + order if cfg.port is not None else free_port(cfg.host)
-                if port_in_use(cfg.host, port):
-                    raise BenchError(f"port {port} on {cfg.host} is busy")
-                base_url = f"http://{cfg.host}:{port}"
-                argv = engine.command(python, Path(cfg.model).resolve(), cfg.host, port, run.opts)
-                prov["server_command"] = shlex.join(argv)
-                if run.opts.custom_kernel_path:
-                    prov["custom_kernel_path"] = str(run.opts.custom_kernel_path)
-                log = cfg.out / "logs" / f"{run.label.replace('+', '_')}.log"
-                server = ServerProcess(run.label, argv, engine.environment(run.opts), log,
-                                       base_url + engine.health_path)
-                console.print(f"[bold]{run.label}[/]: starting {engine.name} {prov['engine_version']} "
-                              f"on {base_url} (log {log})")
-                server.start()
-                with console.status(f"{run.label}: waiting for health"):
-                    cold_start = server.wait_healthy(cfg.startup_timeout_s)
-                console.print(f"{run.label}: ready after {cold_start:.1f} s")
-                model_id = served_model(base_url)
-            prov["cold_start_s"] = cold_start
-            extra = engine.request_fields()
-            if warm:
-                run_point(base_url, model_id, warm, client.LoadPoint(max_concurrency=1), extra, cfg,
-                          count_tokens, None, run.label)
-            if probe_prompts_:
-                try:
-                    probes[run.label] = agreement.probe(base_url, model_id, probe_prompts_, extra=extra,
-                                                        timeout_s=cfg.request_timeout_s)
-                    report.write_json_atomic(cfg.out / run.label.replace("+", "_") / "probe.json",
-                                             {"prompts": probe_prompts_, "steps": probes[run.label]})
-                except (urllib.error.URLError, OSError, KeyError, TypeError, ValueError) as e:
-                    console.print(f"[yellow]{run.label}: logprob probe failed, no agreement check: {e}[/]")
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TimeElapsedColumn(), console=console, transient=True) as progress:
-                for pi, point in enumerate(cfg.points):
-                    with GpuSampler() as gpu:
-                        results, duration, not_sent = run_point(base_url, model_id, reqs, point, extra,
-                                                                cfg, count_tokens, progress, run.label)
-                    row = metrics.compute(results, duration, cfg.goodput)
-                    row |= result_header(cfg, run, point, model_id, whash, not_sent, gpu.peak_mib, row)
-                    row |= {"provenance": prov | {"model": model_provenance(cfg.model), "command": cfg.command,
-                                                  "kt_git_sha": git_sha(), "host": platform.node(),
-                                                  "platform": platform.platform(), "workload_hash": whash}}
-                    row |= {"engine_order": order, "load_order": pi}
-                    path = cfg.out / run.label.replace("+", "_") / f"{point.name}.json"
-                    report.write_json_atomic(path, row)
-                    rows.append(row)
-                    console.print(f"{run.label} {point.name}: {row['completed']} ok, {row['failed']} failed, "
-                                  f"{row['output_throughput']:.1f} out tok/s -> {path}")
-                    if row["failed"]:
-                        for err, n in row["error_counts"].items():
-                            console.print(f"  [red]{n} x {err}[/]")
-        except EngineNotFound as e:
-            raise BenchError(str(e)) from None
-        except ServerError as e:
-            raise BenchError(str(e)) from None
-        finally:
-            if server is not None:
-                server.stop()
-    checks = {}
-    for label, steps in probes.items():
-        base = label.removesuffix("+kt")
-        if label != base and base in probes:
-            res = agreement.compare(probes[base], steps)
-            checks[f"{label} vs {base}"] = asdict(res) | {"ok": res.ok, "summary": res.summary()}
-            console.print(f"[bold]{label} vs {base}[/]: {res.summary()}")
-    if checks:
-        report.write_json_atomic(cfg.out / "agreement.json", checks)
-    summary = [{k: v for k, v in r.items() if not isinstance(v, list)} for r in rows]
-    report.write_json_atomic(cfg.out / "summary.json", summary)
-    md = report.markdown(rows)
-    tmp = cfg.out / ".report.md.tmp"
-    tmp.write_text(md)
-    os.replace(tmp, cfg.out / "report.md")
-    report.print_table(rows, Console(width=200))
-    for p in report.plots(rows, cfg.out):
-        console.print(f"plot: {p}")
-    return rows
+    """Run the whole benchmark; return one row (metrics + provenance) per engine, dataset and load point."""
+    return Bench(cfg, console).go()
 
 
 def result_header(cfg: BenchConfig, run: EngineRun, point: client.LoadPoint, model_id: str, whash: str,
-                  not_sent: int, gpu_peak_mib: float | None, row: dict) -> dict:
+                  not_sent: int, gpu_peak_mib: float | None, row: dict, wl: Workload, num_prompts: int) -> dict:
     """The fields of vLLM's result file that describe the run, plus kt's additions."""
     cost = None
     if cfg.cost_per_hour is not None and row["output_throughput"] > 0:
         cost = cfg.cost_per_hour / (row["output_throughput"] * 3600.0) * 1e6
     return {
         "date": datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"),
-        "endpoint_type": "openai-chat" if cfg.dataset == "chat" else "openai",
+        "endpoint_type": "openai-chat" if wl.dataset == "chat" else "openai",
         "backend": run.engine,
         "label": run.label,
         "engine": run.label,
         "load": point.name,
         "model_id": model_id,
         "tokenizer_id": str(cfg.model),
-        "num_prompts": cfg.num_prompts,
+        "num_prompts": num_prompts,
         "request_rate": "inf" if point.request_rate == float("inf") else point.request_rate,
         "burstiness": point.burstiness,
         "max_concurrency": point.max_concurrency,
         "duration_cap_s": point.duration_s,
         "not_sent": not_sent,
-        "dataset_name": cfg.dataset,
+        "dataset_name": wl.dataset,
         "random_input_len": cfg.input_len,
         "random_output_len": cfg.output_len,
         "seed": cfg.seed,
         "goodput_slos_ms": cfg.goodput or None,
         "gpu_peak_memory_mib": gpu_peak_mib,
+        "cost_per_hour_usd": cfg.cost_per_hour,
         "cost_per_1m_output_tokens_usd": cost,
     }

@@ -85,16 +85,24 @@ def sonnet_requests(model: Path, n: int, input_len: int, output_len: int, seed: 
     base = count_tokens(tok, SONNET_PREFIX)
     if input_len <= base:
         raise DatasetError(f"sonnet input_len must exceed the {base}-token instruction")
+    # Byte-level BPE never merges across a newline, so a prompt's length is the sum of its lines'
+    # lengths: each line is encoded once (checked on every prompt built).
+    sizes = [count_tokens(tok, ln) for ln in lines]
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        prompt = SONNET_PREFIX
+        parts, total = [SONNET_PREFIX], base
         while True:
-            nxt = prompt + rng.choice(lines)
-            if count_tokens(tok, nxt) > input_len:
+            i = rng.randrange(len(lines))
+            if total + sizes[i] > input_len:
                 break
-            prompt = nxt
-        out.append(Request("completions", output_len, prompt=prompt, prompt_len=count_tokens(tok, prompt)))
+            parts.append(lines[i])
+            total += sizes[i]
+        prompt = "".join(parts)
+        if count_tokens(tok, prompt) != total:
+            raise DatasetError(f"sonnet prompt encodes to {count_tokens(tok, prompt)} tokens, not the {total} "
+                               "its lines add up to")
+        out.append(Request("completions", output_len, prompt=prompt, prompt_len=total))
     return out
 
 
@@ -114,7 +122,9 @@ def jsonl_requests(path: Path, n: int, output_len: int, seed: int, tok=None) -> 
     for i, row in rows:
         if not isinstance(row, dict):
             raise DatasetError(f"malformed dataset {path}: line {i} is not an object")
-        olen = int(row.get("output_len", output_len))
+        olen = row.get("output_len", output_len)
+        if isinstance(olen, bool) or not isinstance(olen, int) or olen < 1:
+            raise DatasetError(f"malformed dataset {path}: line {i}: output_len {olen!r} is not a positive integer")
         if isinstance(row.get("prompt"), str):
             plen = count_tokens(tok, row["prompt"]) if tok else None
             reqs.append(Request("completions", olen, prompt=row["prompt"], prompt_len=plen))

@@ -77,7 +77,7 @@ def test_end_to_end_report(e2e):
             assert d["output_lens"] == [8] * 4  # EOS ignored: exactly the requested tokens
             assert d["input_lens"] == [32] * 4
             assert d["median_ttft_ms"] > 0 and d["output_throughput"] > 0
-            assert d["provenance"]["cold_start_s"] > 0
+            assert d["startup"]["cold_start_s"] > 0
     assert "max+kt" in r.stdout and "vllm" in r.stdout
     for png in ("throughput.png", "ttft.png", "itl.png"):
         assert (out / png).exists()

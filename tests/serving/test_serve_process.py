@@ -48,11 +48,11 @@ def test_full_report_with_fake_engine(tmp_path, tiny_model, fake_python):
                     "p99_itl_ms", "mean_tpot_ms", "p95_e2el_ms", "max_concurrency", "model_id"):
             assert key in d
         prov = d["provenance"]
-        assert prov["engine_version"] == "0.0.0+fake" and prov["workload_hash"] and prov["cold_start_s"] > 0
+        assert prov["engine_version"] == "0.0.0+fake" and prov["workload_hash"] and d["startup"]["cold_start_s"] > 0
         assert "127.0.0.1" in prov["server_command"]
     for png in ("throughput.png", "ttft.png", "itl.png"):
         assert (out / png).stat().st_size > 1000
-    assert (out / "report.md").read_text().count("| vllm |") == 2
+    assert (out / "report.md").read_text().count("| vllm | random |") == 2  # one line per load point
     assert no_fake_servers(5)
 
 

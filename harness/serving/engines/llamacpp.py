@@ -20,7 +20,7 @@ class LlamaCpp(Engine):
             "--model", str(model),
             "--host", host,
             "--port", str(port),
-            "--n_ctx", str(opts.max_model_len),
+            "--n_ctx", str(opts.settings.max_model_len),
             *opts.extra_args,
         ]
 

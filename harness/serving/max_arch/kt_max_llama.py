@@ -46,21 +46,35 @@ class KtRMSNorm(RMSNorm):
         return y if x.rank == 2 else ops.reshape(y, shape)
 
 
+def _norms(module):
+    """Every RMSNorm of the graph's module tree, also the per-device copies that MAX's
+    tensor-parallel blocks keep in plain lists (`input_layernorm_shards`, `norm_shards`)."""
+    for _, m in module.named_modules():
+        yield m
+        for value in vars(m).values():
+            if isinstance(value, (list, tuple)):
+                yield from (v for v in value if isinstance(v, RMSNorm))
+
+
+def _with_kt(spec):
+    swapped = set()
+    for module in _norms(spec.module):
+        if type(module) is RMSNorm:
+            module.__class__ = KtRMSNorm
+            swapped.add(id(module))
+    print(f"kt: {len(swapped)} RMSNorm layers call {OP} from {KERNELS}", file=sys.stderr, flush=True)
+    return dataclasses.replace(spec, custom_extensions=[*spec.custom_extensions, KERNELS])
+
+
 class KtLlama3Model(Llama3Model):
-    """Llama3Model whose single-device decoder graph uses KtRMSNorm."""
+    """Llama3Model whose decoder graph, on one device or tensor-parallel over several, uses
+    KtRMSNorm (kt's package is attached to the graph, so every device gets kt's kernel)."""
 
     def _single_device_spec(self, model_config):
-        spec = super()._single_device_spec(model_config)
-        swapped = 0
-        for _, module in spec.module.named_modules():
-            if type(module) is RMSNorm:
-                module.__class__ = KtRMSNorm
-                swapped += 1
-        print(f"kt: {swapped} RMSNorm layers call {OP} from {KERNELS}", file=sys.stderr, flush=True)
-        return dataclasses.replace(spec, custom_extensions=[*spec.custom_extensions, KERNELS])
+        return _with_kt(super()._single_device_spec(model_config))
 
     def _tensor_parallel_spec(self, model_config):
-        raise NotImplementedError("kt's custom architecture supports one device")
+        return _with_kt(super()._tensor_parallel_spec(model_config))
 
     def _data_parallel_spec(self, model_config):
         raise NotImplementedError("kt's custom architecture supports one device")
