@@ -85,8 +85,8 @@ def list_kernels() -> None:
 def verify(kernels, device, dtypes, examples, seed, package, json_path, profile, replay, no_triton):
     """Check Mojo kernels against PyTorch and Triton on Hypothesis-drawn shapes."""
     from harness.build import resolve_run
-    from harness.provenance import provenance
-    from harness.report import all_passed, render, write_json_atomic
+    from harness.io import provenance, write_json_atomic
+    from harness.report import all_passed, render
     from harness.runner import run_job
     from harness.verify import PROFILES
 

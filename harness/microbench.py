@@ -469,7 +469,7 @@ def run(spec: KernelSpec, device: str, families: list[Family], provider_names: l
     (`record['interrupted']`). `check=False, time_it=False` only compiles and runs each
     provider once per case (warming MAX's, Triton's and Inductor's caches)."""
     from harness import devices as devs
-    from harness.provenance import provenance
+    from harness.io import provenance
     from harness.timing import NotCorrect, backend_of, bench
 
     targets = devs.select(device)
@@ -966,7 +966,7 @@ def cli_main(kernel: str, device: str | None, families: list[str], providers: st
     """`kt microbench`: everything after click parsed the flags. Returns the exit code."""
     t_start = time.perf_counter() - process_age_s()
     from harness import devices as devs
-    from harness.report import write_json_atomic
+    from harness.io import write_json_atomic
 
     if device is None:
         device = "gpu" if devs.gpu_device() is not None else "cpu"

@@ -117,7 +117,7 @@ def test_unavailable_and_failing_providers_are_rows_not_crashes():
 
 
 def test_rows_carry_provenance_metrics_and_speedup(tmp_path):
-    from harness.report import write_json_atomic
+    from harness.io import write_json_atomic
 
     rec = _tiny_run({}, ["torch_eager", "torch_functional"], baseline="torch_eager")
     path = tmp_path / "r.json"

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from harness.io import write_json_atomic
 
 DATA = Path(__file__).parent / "data"
 
@@ -179,17 +180,6 @@ def weights(p: Preset, seed: int) -> dict:
     return w
 
 
-def write_json(path: Path, obj: object) -> None:
-    """Write JSON atomically (temp file in the same directory, then os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.fchmod(fd, 0o644)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-    os.replace(tmp, path)
-
-
 def make_model(preset: str, out: Path, seed: int = 0) -> Path:
     """Write a random-weight Llama model directory for `preset` into `out`; return `out`."""
     from safetensors.torch import save_file
@@ -201,16 +191,16 @@ def make_model(preset: str, out: Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(p.vocab_size)
     cfg = hf_config(p, tok)
-    write_json(out / "tokenizer.json", tok)
-    write_json(out / "tokenizer_config.json", tokenizer_config(p.max_position_embeddings))
-    write_json(out / "special_tokens_map.json", {"bos_token": BOS, "eos_token": EOS})
-    write_json(out / "config.json", cfg)
-    write_json(
+    write_json_atomic(out / "tokenizer.json", tok)
+    write_json_atomic(out / "tokenizer_config.json", tokenizer_config(p.max_position_embeddings))
+    write_json_atomic(out / "special_tokens_map.json", {"bos_token": BOS, "eos_token": EOS})
+    write_json_atomic(out / "config.json", cfg)
+    write_json_atomic(
         out / "generation_config.json",
         {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "do_sample": False},
     )
     tmp = out / ".model.safetensors.tmp"
     save_file(weights(p, seed), str(tmp), metadata={"format": "pt"})  # one key: safetensors orders keys by hash
     os.replace(tmp, out / "model.safetensors")
-    write_json(out / "kt_model.json", {"preset": preset, "seed": seed, **asdict(p)})
+    write_json_atomic(out / "kt_model.json", {"preset": preset, "seed": seed, **asdict(p)})
     return out

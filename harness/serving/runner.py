@@ -25,6 +25,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from harness.io import git_sha
+
 from . import agreement, client, metrics, report, workload
 from .engines import EngineNotFound, EngineOptions, get_engine
 from .maxkt import check_kernel_path
@@ -139,14 +141,6 @@ class GpuSampler:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def model_provenance(model: Path) -> dict:

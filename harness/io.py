@@ -1,23 +1,46 @@
-"""Where a result came from: machine, driver, library versions, git sha, time."""
+"""Result files and where a result came from: the one atomic JSON writer, the git sha and the
+provenance record that `kt verify`, `kt microbench` and `kt serve-bench` all write."""
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import re
+import shlex
 import subprocess
+import sys
+import tempfile
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+VERSIONED = ("torch", "triton", "max", "mojo", "mojo-compiler", "hypothesis")
 
 
-def _version(dist: str) -> str | None:
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON to a temp file beside `path`, then rename it over `path`: readers (and a run
+    killed half-way) never see half a file. The file is 0644, readable by the group, like a
+    file written with open()."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The `kt ...` command that reproduces this run, shell-quoted."""
+    return "kt " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
 
 
 def git_sha() -> str | None:
@@ -37,8 +60,20 @@ def git_sha() -> str | None:
     return sha + ("-dirty" if dirty else "")
 
 
+def versions() -> dict[str, str | None]:
+    """Installed versions of the packages a result depends on (None: not installed)."""
+    out: dict[str, str | None] = {}
+    for dist in VERSIONED:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
 def gpu_info() -> dict | None:
-    import torch
+    """The first GPU torch sees: name, SMs, memory, CUDA/HIP and driver versions."""
+    import torch  # heavy: imported here so `kt serve-bench` starts without it
 
     if not torch.cuda.is_available():
         return None
@@ -56,7 +91,8 @@ def gpu_info() -> dict | None:
 
 
 def provenance(devices=None) -> dict:
-    """A JSON-ready record of the machine and software a result was measured with."""
+    """A JSON-ready record of the machine and software a result was measured with;
+    `devices` are `harness.devices.Device`s."""
     return {
         "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
@@ -64,7 +100,6 @@ def provenance(devices=None) -> dict:
         "python": platform.python_version(),
         "devices": [d.label for d in devices] if devices else None,
         "gpu": gpu_info(),
-        "versions": {d: _version(d) for d in ("torch", "triton", "max", "mojo", "mojo-compiler",
-                                                "hypothesis")},
+        "versions": versions(),
         "git_sha": git_sha(),
     }
