@@ -43,6 +43,12 @@ def command_line(argv: list[str] | None = None) -> str:
     return "kt " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
 
 
+def error_line(e: BaseException) -> str:
+    """An exception as one line for a result row: its type and first line, at most 300 chars."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+
+
 def git_sha() -> str | None:
     """HEAD's sha, "-dirty" if tracked files differ from it. KT_GIT_SHA overrides it: for a
     copy of the tree on another machine whose git metadata is not this checkout's."""

@@ -20,6 +20,15 @@ def _has_gpu() -> bool:
         return False
 
 
+def pytest_collection_finish(session):
+    """Tell `twins` which registered Triton-twin cases this session kept (after -k, -m):
+    only those run in its interpreted child."""
+    twins = sys.modules.get("twins")
+    if twins is not None:
+        twins.select(item.callspec.params["twin_case"] for item in session.items
+                     if "twin_case" in getattr(getattr(item, "callspec", None), "params", {}))
+
+
 def pytest_collection_modifyitems(config, items):
     if _has_gpu():
         return

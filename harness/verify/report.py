@@ -1,4 +1,4 @@
-"""Verdict tables and result files."""
+"""`kt verify`'s verdict table, failure details and replay commands."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import shlex
 from rich.console import Console
 from rich.table import Table
 
-from harness.verify import case_json
+from harness.verify.engine import case_json
 
 
 def replay_command(result: dict, case: dict, package: str | None) -> str:
