@@ -38,15 +38,10 @@
 7. The raw samples are returned with p10/p50/p90; p50 is the number to quote.
 
 8. Work on another stream (MAX enqueues on its own): `bench_on_stream` makes that stream
-   torch's current one, so the flush, the spin and the events land there too, then
-   cross-checks the events once with the host clock: they must see at least half of the time
-   the device stays busy after a call returns (`device_tail_ms`, a lower bound of its GPU
-   time that leaves the host's enqueue time out, so a host-bound op whose hidden-launch GPU
-   time is far below its wall time passes). Else the events were on a stream the work did
-   not run on, and the call is timed host-synchronized instead (`run(); sync()` inside the
-   events, launch not hidden), which the returned note says. A call whose work is all done
-   before it returns cannot be checked this way; such a miss shows as a throughput above
-   the datasheet peak, which `kt microbench` flags.
+   torch's current one, so the flush, the spin and the events land there too, then checks
+   once that the events saw at least half of the time the device stays busy after a call
+   returns (`device_tail_ms`, a lower bound of its GPU time without the host's enqueue
+   time); else the call is timed host-synchronized (`run(); sync()`), and its note says so.
 
 The backend table (`_Clock` and its subclasses) is what ports this to a new device kind; ROCm
 and Metal cannot be measured on kt's machines, so their rows are untested here, and results
@@ -376,9 +371,11 @@ def bench_on_stream(run: Callable[[], object], *, stream: int | None,
                     sync: Callable[[], None] | None, device: str,
                     check: Callable[[], bool] | None = None, **bench_kw) -> tuple[Timing, str]:
     """`bench(run)` with `stream` (None: torch's current one) made current, cross-checked
-    with the host clock as item 8 of this module's docstring says; returns the timing and a
-    note, empty unless the call was timed host-synchronized instead. `check` may be called
-    again by the fallback: it must return its first verdict without rerunning."""
+    with the host clock (item 8 of this module's docstring). A call whose work is all done
+    before it returns cannot be checked this way: its throughput then exceeds the datasheet
+    peak, which `kt microbench` flags. Returns the timing and a note, empty unless the call
+    was timed host-synchronized. `check` may be called again by the fallback: it must return
+    its first verdict without rerunning."""
 
     def timed(fn, on, hide_launch=True) -> Timing:
         with stream_context(on, device):

@@ -157,7 +157,7 @@ def run_case(spec: KernelSpec, ops: dict[str, Callable], case: dict, device: str
     return CaseResult(case, mojo, twin, twin_error, inputs_unchanged(before, inputs))
 
 
-def integrity(spec: KernelSpec, op: Callable, case: dict, device: str) -> dict[str, Any]:
+def check_integrity(spec: KernelSpec, op: Callable, case: dict, device: str) -> dict[str, Any]:
     """Stale state and determinism: a NaN-poisoned run, then fresh inputs, then a repeat."""
     params = spec.full_params(case["params"])
     poison = {k: torch.full_like(v, float("nan")) if v.dtype.is_floating_point else v
@@ -275,7 +275,7 @@ def verify_kernel(spec: KernelSpec, dtypes: list[str], device: str, package: str
         base_case = golden[0] if replay is None and spec.golden else (replay or None)
         if base_case is not None:
             for dt in dtypes:
-                checks[dt] = integrity(spec, ops[dt], dict(base_case, dtype=dt), torch_device)
+                checks[dt] = check_integrity(spec, ops[dt], dict(base_case, dtype=dt), torch_device)
 
     return {
         "kernel": spec.name,
