@@ -25,11 +25,11 @@ struct SquarePlus:
     def execute[
         dtype: DType, //, target: StaticString
     ](
-        y: OutputTensor[dtype=dtype, rank=1, ...],
-        x: InputTensor[dtype=dtype, rank=1, ...],
+        y: OutputTensor[dtype=dtype, rank=2, ...],
+        x: InputTensor[dtype=dtype, rank=2, ...],
         ctx: DeviceContext,
     ) raises:
-        var n = x.dim_size(0)
+        var n = x.dim_size(0) * x.dim_size(1)  # dense: MAX graph inputs are contiguous
         var yp = y.unsafe_ptr()
         var xp = x.unsafe_ptr()
         comptime if is_cpu[target]():

@@ -13,7 +13,7 @@ from pykernels._common import bf16_rne, block_elems
 
 def make_inputs(shape: Shape, params: Params, dtype: torch.dtype, device: torch.device,
                 gen: torch.Generator) -> Tensors:
-    x = torch.randn(shape["N"], generator=gen, device=gen.device)
+    x = torch.randn(shape["M"], shape["N"], generator=gen, device=gen.device)
     return {"x": x.to(device=device, dtype=dtype)}
 
 
@@ -54,17 +54,18 @@ SPEC = KernelSpec(
     name="square_plus",
     op="kt.square_plus",
     summary="y = x * x + x (a throwaway kernel)",
-    axes=(Axis("N", lo=1, hi=4096, edges=(1, 127, 128, 129), ci_hi=1024, doc="elements"),),
+    axes=(Axis("M", lo=1, hi=64, edges=(1, 3), ci_hi=16, doc="rows"),
+          Axis("N", lo=1, hi=4096, edges=(1, 127, 128, 129), ci_hi=1024, doc="columns")),
     derived={},
     params=(),
-    inputs=(TensorArg("x", ("N",)),),
-    outputs=(TensorArg("y", ("N",)),),
+    inputs=(TensorArg("x", ("M", "N")),),
+    outputs=(TensorArg("y", ("M", "N")),),
     make_inputs=make_inputs,
     reference=reference,
     triton=triton_square_plus,
-    flops=lambda shape, params: 2.0 * shape["N"],
-    bytes=lambda shape, params, dtype: float(2 * shape["N"] * dtype.itemsize),
+    flops=lambda shape, params: 2.0 * shape["M"] * shape["N"],
+    bytes=lambda shape, params, dtype: float(2 * shape["M"] * shape["N"] * dtype.itemsize),
     providers={"torch_eager": _torch_eager},
-    golden=(Case({"N": 1}, {}, "one element"),
-            Case({"N": 129}, {}, "one past a power of two: the masked tail")),
+    golden=(Case({"M": 1, "N": 1}, {}, "one element"),
+            Case({"M": 3, "N": 129}, {}, "one past a power of two: the masked tail")),
 )
