@@ -2,7 +2,7 @@
 # Correctness on the lent GPU after a kernel change, before timing it (issue: keep `kt verify`
 # green on GPU after every speed change). Run from the repository root with MAX importable:
 #
-#   OUT=/path/to/results bash benchmarks/gpu_verify.sh [KERNEL...]   (default: every kernel)
+#   OUT=/path/to/results bash benchmarks/gpu_verify.sh [KERNEL...]   (default: `kt list`)
 #
 # 1. tests/mojo/gpu_launch.mojo --check: every GPU kernel launched for every dtype, then the
 #    fused op's fast paths (RoPE pre-pass + MAX flash attention; the split-KV decode kernel)
@@ -23,7 +23,9 @@ VERIFY_S=${VERIFY_S:-240}
 VERIFY_EXAMPLES=${VERIFY_EXAMPLES:-6}
 VERIFY_FLAGS=${VERIFY_FLAGS:-}  # e.g. --no-triton, when the twin was verified already
 kernels=("$@")
-[ ${#kernels[@]} -eq 0 ] && kernels=(fused_rope_attention rope rms_norm)
+if [ ${#kernels[@]} -eq 0 ]; then
+  mapfile -t kernels < <($PY -m harness list --names) || exit 1
+fi
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_verify.log") 2>&1
 unset TRITON_INTERPRET

@@ -7,23 +7,30 @@ second `kt verify` of an unchanged kernel skips the compile. MAX does not cache 
 before it: given a source directory, every process re-runs `mojo precompile` on it (6 to 13
 s for kt's package). `precompiled_package` does that once per package content and compiler
 version, shared by every process (and by the parallel ones of benchmarks/gpu_run.sh).
+
+Also here: binding a compiled MAX model to argument buffers as a `Bound` (`max_model_bound`),
+which the stock-MAX providers of the specs use. MAX and Mojo's Python modules are imported
+inside the functions that use them, for start-up time (`kt list` needs neither).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
 import subprocess
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from harness.spec import KernelSpec, Params, Tensors
+from harness import devices
+from harness.spec import Bound, KernelSpec, Params, Tensors
 
 REPO = Path(__file__).resolve().parents[1]
 KERNELS = REPO / "kernels"
@@ -58,8 +65,6 @@ def resolve_run(device: str, package: str | Path | None) -> tuple[list, str | No
     """What `kt verify` and `kt microbench` check before any work: the devices `device`
     selects and the package to build (None: kt's own). Either problem raises ValueError with
     a one-line message."""
-    from harness import devices
-
     targets = devices.select(device)
     if package is None:
         return targets, None
@@ -70,8 +75,6 @@ def resolve_run(device: str, package: str | Path | None) -> tuple[list, str | No
 
 
 def _mojo_version() -> str:
-    from importlib import metadata
-
     for dist in ("mojo-compiler", "mojo", "max"):
         try:
             return f"{dist} {metadata.version(dist)}"
@@ -102,8 +105,6 @@ def precompiled_package(pkg: Path) -> Path:
     """The `.mojoc` of the source package `pkg`, built by `mojo precompile` at most once per
     content (`package_digest`): concurrent callers wait on a file lock for the one that
     builds it. A `.mojoc` file is returned as it is. BuildError on a compile error."""
-    import fcntl
-
     if pkg.is_file():
         return pkg
     out_dir = cache_dir() / "mojo_pkg"
@@ -251,3 +252,32 @@ def compile_op(spec: KernelSpec, dtype: torch.dtype, device: str = "cpu",
         first = str(e).strip().splitlines()
         raise BuildError(f"MAX could not build {spec.op}: {first[0] if first else type(e).__name__}") from None
     return CompiledOp(spec, dtype, device, pkg, time.perf_counter() - start, model, max_device)
+
+
+def buffers_to_torch(buffers, device: str) -> tuple[torch.Tensor, ...]:
+    """MAX device buffers as torch tensors on `device`: DLPack views, no copy where MAX allows."""
+    from max import driver
+
+    out = []
+    for b in buffers:
+        try:
+            out.append(torch.from_dlpack(b))
+        except Exception:  # a MAX build without device DLPack export: copy through the host
+            out.append(torch.from_dlpack(b.to(driver.CPU())).to(device))
+    return tuple(out)
+
+
+def max_model_bound(model, max_device, args: list, keep: list, device: str,
+                    to_torch: Callable[[Any], tuple[torch.Tensor, ...]] | None = None) -> Bound:
+    """A compiled MAX model bound to its argument buffers, as the stock-MAX providers run
+    it: the timed call is `model.execute(*args)` on `max_device`'s stream, `keep` holds the
+    torch tensors the buffers alias, and the results come back through DLPack (then
+    `to_torch`, when given, reshapes them)."""
+
+    def run():
+        return model.execute(*args)
+
+    run.keep_alive = keep
+    stream = None if device == "cpu" else int(max_device.default_queue.native_stream_handle)
+    return Bound(run, to_torch or (lambda bufs: buffers_to_torch(bufs, device)), stream,
+                 max_device.synchronize)

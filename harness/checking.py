@@ -10,6 +10,9 @@ the kernel's dtype at the reference's largest magnitude; for fp32, 16 ulps (~2e-
 relative), because two correct fp32 sums of a few hundred terms taken in different orders
 differ by about that much, and PyTorch's blocked reductions are often the luckier order.
 NaN/Inf must appear exactly where the reference has them.
+
+`reference_and_baseline` and `check_outputs` are the rule applied to a spec's outputs: what
+`kt verify` and `kt microbench`'s correctness gate both run.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from harness.spec import KernelSpec, Params, Tensors
 
 ATOL_ULPS = {torch.float32: 16}
 
@@ -120,3 +124,25 @@ def inputs_unchanged(before: dict[str, torch.Tensor], after: dict[str, torch.Ten
         if not same:
             changed.append(name)
     return changed
+
+
+def upcast(inputs: Tensors, dtype: torch.dtype) -> Tensors:
+    """`inputs` with every floating-point tensor converted to `dtype`."""
+    return {k: v.to(dtype) if v.dtype.is_floating_point else v for k, v in inputs.items()}
+
+
+def reference_and_baseline(spec: KernelSpec, inputs: Tensors, params: Params
+                           ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """The spec's reference on `inputs` evaluated in `reference_dtype` (the truth) and in the
+    inputs' own dtype (PyTorch in the kernel's precision, the baseline of the rule)."""
+    io = next(inputs[t.name].dtype for t in spec.inputs if t.dtype == "io")
+    with torch.no_grad():
+        ref = spec.reference(upcast(inputs, reference_dtype(io)), params)
+        base = spec.reference(inputs, params)
+    return ref, base
+
+
+def check_outputs(spec: KernelSpec, outputs, ref, base) -> list[Check]:
+    """One `Check` per output of `spec`, by the rule with the spec's k."""
+    return [compare(t.name, o, r, b, spec.tolerance_k)
+            for t, o, r, b in zip(spec.outputs, outputs, ref, base)]

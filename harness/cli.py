@@ -1,14 +1,16 @@
-"""The `kt` command line: short click functions that parse and call `harness`."""
+"""The `kt` command line: short click functions that parse and call each command's package
+(`harness.verify.cli`, `harness.bench.cli`, `harness.serving.cli`).
+
+What a command needs (torch, the specs, its package) is imported inside it: `kt --help` and
+`kt serve-bench` start without torch, and `kt microbench --device cpu` must choose Triton's
+interpreter (`devices.prepare_bench_device`) before `pykernels` imports triton."""
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from harness.serving.cli import make_model, serve_bench
 
@@ -22,43 +24,26 @@ class KtError(click.ClickException):
     exit_code = 2
 
 
-def _specs(names: tuple[str, ...]):
-    import pykernels
-
-    try:
-        return [pykernels.get(n) for n in names] if names else list(pykernels.discover().values())
-    except KeyError as e:
-        raise KtError(e.args[0]) from None
-
-
-def _dtypes(spec, requested: tuple[str, ...]) -> list[str]:
-    from harness.spec import canonical_dtype
-
-    try:
-        wanted = [canonical_dtype(d) for d in requested] if requested else list(spec.dtypes)
-    except ValueError as e:
-        raise KtError(str(e)) from None
-    unsupported = [d for d in wanted if d not in spec.dtypes]
-    if unsupported:
-        raise KtError(f"{spec.name} does not support dtype {', '.join(unsupported)} "
-                      f"(supported: {', '.join(spec.dtypes)})")
-    return wanted
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """kt: write a Mojo kernel, prove it right, measure it, see it serve."""
 
 
 @cli.command("list")
-def list_kernels() -> None:
+@click.option("--names", is_flag=True, help="Only the kernel names, one per line (for scripts).")
+def list_kernels(names) -> None:
     """The kernels kt ships (found by scanning pykernels/)."""
+    import pykernels
     from rich.table import Table
 
+    specs = list(pykernels.discover().values())
+    if names:
+        click.echo("\n".join(s.name for s in specs))
+        return
     table = Table(header_style="bold")
     for col in ("kernel", "op", "dtypes", "axes", "params", "summary"):
         table.add_column(col)
-    for spec in _specs(()):
+    for spec in specs:
         axes = ", ".join(a.name for a in spec.axes) + (
             f" (derived {', '.join(spec.derived)})" if spec.derived else "")
         table.add_row(spec.name, spec.op, ", ".join(spec.dtypes), axes,
@@ -84,77 +69,13 @@ def list_kernels() -> None:
 @click.option("--no-triton", is_flag=True, help="Skip the Triton twin column.")
 def verify(kernels, device, dtypes, examples, seed, package, json_path, profile, replay, no_triton):
     """Check Mojo kernels against PyTorch and Triton on Hypothesis-drawn shapes."""
-    from harness.build import resolve_run
-    from harness.provenance import provenance
-    from harness.report import all_passed, render, write_json_atomic
-    from harness.runner import run_job
-    from harness.verify import PROFILES
+    from harness.verify.cli import VerifyError, verify_command
 
-    specs = _specs(kernels)
     try:
-        targets, package = resolve_run(device, package)
-    except ValueError as e:
+        return verify_command(kernels, device, dtypes, examples, seed, package, json_path,
+                              profile, replay, no_triton, out, err)
+    except VerifyError as e:
         raise KtError(str(e)) from None
-    case = None
-    if replay is not None:
-        if len(specs) != 1:
-            raise KtError("--replay takes exactly one kernel")
-        try:
-            case = json.loads(replay)
-            problem = specs[0].validate(case["shape"], case["params"])
-            dtypes = (case["dtype"],)
-        except (ValueError, KeyError, TypeError) as e:
-            raise KtError(f"--replay is not a case printed by kt verify ({e})") from None
-        if problem:
-            raise KtError(f"--replay: {problem}")
-    prof = PROFILES[profile or ("ci" if os.environ.get("CI") else "local")]
-    jobs = [
-        {"kernel": s.name, "dtypes": _dtypes(s, dtypes), "device": d.kind, "package": package,
-         "examples": examples or prof.examples, "seed": seed, "profile": prof.name,
-         "replay": case, "triton": not no_triton}
-        for s in specs for d in targets
-    ]
-    results: list[dict] = []
-    record = {"command": "kt " + " ".join(sys.argv[1:]), "provenance": provenance(targets),
-              "profile": prof.name, "results": results}
-    interrupted = False
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                  console=err, transient=True) as progress:
-        try:
-            for job in jobs:
-                label = f"{job['kernel']} on {job['device']}"
-                task = progress.add_task(label, total=job["examples"] + 1)
-
-                def on_event(ev, task=task, label=label):
-                    if ev["event"] == "compiling":
-                        progress.update(task, description=f"{label}: compiling {ev['dtype']}")
-                    elif ev["event"] == "example":
-                        progress.update(task, description=f"{label}: examples", completed=ev["n"],
-                                        total=max(ev["n"], progress.tasks[task].total or 0))
-                    if not err.is_terminal:  # plain lines for CI logs, where bars don't draw
-                        if ev["event"] == "compiled":
-                            err.print(f"{label}: compiled {ev['dtype']} in {ev['seconds']:.1f} s")
-                        elif ev["event"] == "example" and ev["n"] % 50 == 0:
-                            err.print(f"{label}: {ev['n']} examples")
-
-                results.append(run_job(job, on_event))
-                progress.update(task, completed=progress.tasks[task].total)
-        except KeyboardInterrupt:
-            interrupted = True
-    errors = {r["message"] for r in results if r["status"] == "error"}
-    if results and len(errors) == 1 and all(r["status"] == "error" for r in results):
-        if json_path:
-            write_json_atomic(json_path, record)
-        raise KtError(errors.pop())
-    render(results, out, package)
-    if json_path:
-        record["interrupted"] = interrupted
-        write_json_atomic(json_path, record)
-        out.print(f"results written to {json_path}")
-    if interrupted:
-        raise KtError("interrupted: the results so far are above" + (f" and in {json_path}" if json_path else ""))
-    return 0 if all_passed(results) else 1
 
 
 @cli.command()
@@ -186,12 +107,17 @@ def microbench(kernel, device, families, providers, baseline, save, compare_path
     """Check, then time, every provider of KERNEL's op on named shape families.
 
     Exit code 0, 1 when --compare finds a regression, 2 on bad input or Ctrl-C."""
-    from harness import microbench as mb
+    from harness import devices
+
+    device = devices.prepare_bench_device(device)
+    from harness.bench import MicrobenchError
+    from harness.bench.cli import microbench_command
 
     try:
-        return mb.cli_main(kernel, device, list(families), providers, baseline, save,
-                           compare_path, plot_path, package, seed, budget, list_only, out, err)
-    except mb.MicrobenchError as e:
+        return microbench_command(kernel, device, list(families), providers, baseline, save,
+                                  compare_path, plot_path, package, seed, budget, list_only,
+                                  out, err)
+    except MicrobenchError as e:
         raise KtError(str(e)) from None
 
 

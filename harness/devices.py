@@ -107,3 +107,16 @@ def select(which: str) -> list[Device]:
     if gpu is not None:
         devices.append(gpu)
     return devices
+
+
+def prepare_bench_device(requested: str | None) -> str:
+    """The device kind `kt microbench` runs on: `requested`, or "gpu" when one is visible,
+    else "cpu". On the CPU the Triton twins run in Triton's interpreter, which is chosen by
+    TRITON_INTERPRET=1 when triton is first imported (by `pykernels`): so this sets it, and
+    its callers import `pykernels` only after calling it. One BLAS thread: numpy's threads
+    fighting torch's on a small CPU make the interpreter several times slower."""
+    kind = requested or ("gpu" if gpu_device() is not None else "cpu")
+    if kind == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    return kind

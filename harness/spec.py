@@ -14,6 +14,12 @@ Conventions shared by every spec:
 - `triton(inputs, params)` runs the Triton twin on the inputs' device (under
   TRITON_INTERPRET=1 on CPU) and returns outputs in the kernel dtype.
 - Both return a tuple of tensors in `outputs` order.
+
+The provider contract (`kt microbench`): a spec's `providers` maps a name to
+`prepare(device, dtype)`, which returns `bind(inputs, params)`, which returns a `Bound` (or a
+zero-argument callable giving the outputs). `prepare` or `bind` raises `Unavailable` for a
+provider that cannot run there: its row says "n/a", never a crash. Speed targets (`targets`)
+are stated by `kt microbench`'s summary from one run's rows.
 """
 
 from __future__ import annotations
@@ -104,6 +110,60 @@ class Case:
     why: str
 
 
+class Unavailable(Exception):
+    """This provider cannot run here (device, dtype, shape); str() says why."""
+
+
+@dataclass
+class Bound:
+    """A provider bound to one set of inputs. `run()` is the timed call; `to_torch(result)`
+    turns its result into the output tensors (outside the timed region). `stream` is the
+    native stream the work is enqueued on when it is not torch's current one (MAX), and
+    `sync` waits for the device. `note` ends up in the row."""
+
+    run: Callable[[], Any]
+    to_torch: Callable[[Any], tuple[torch.Tensor, ...]] = lambda r: tuple(r)
+    stream: int | None = None
+    sync: Callable[[], None] | None = None
+    note: str = ""
+    # Set (to what it computes) for a yardstick: a different computation timed beside the
+    # op as a reference point (attention without RoPE). It skips the correctness gate, its
+    # row says so, and it is never the baseline of speedups.
+    yardstick: str = ""
+
+
+Provider = Callable[[str, torch.dtype], Callable[[Tensors, Params], Any]]
+
+
+@dataclass(frozen=True)
+class RatioTarget:
+    """kt_graph's p50 over `provider`'s p50, per case of `families` timed in one run (below 1:
+    kt is faster). `levels` are (ratio at most, verdict), tightest first; `missed` is the
+    verdict when none is met; without levels the ratio is stated alone."""
+
+    name: str
+    provider: str
+    families: tuple[str, ...]
+    levels: tuple[tuple[float, str], ...] = ()
+    missed: str = ""
+
+    def verdict(self, ratio: float) -> str:
+        for at_most, verdict in self.levels:
+            if ratio <= at_most:
+                return verdict
+        return self.missed
+
+
+@dataclass(frozen=True)
+class ThroughputTarget:
+    """kt_graph's memory throughput on a GPU, per case of `families` (every family when
+    empty): at least `min_pct_peak` % of the datasheet HBM bandwidth, or `min_tb_s` TB/s."""
+
+    families: tuple[str, ...] = ()
+    min_pct_peak: float | None = None
+    min_tb_s: float | None = None
+
+
 @dataclass
 class KernelSpec:
     name: str
@@ -123,8 +183,11 @@ class KernelSpec:
     dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")
     tolerance_k: float = 2.0
     constraint: Callable[[Shape, Params], bool] | None = None
-    providers: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
-    module: str = ""
+    providers: Mapping[str, Provider] = field(default_factory=dict)
+    # `kt microbench` checks only these slices of huge outputs: shape -> [{tensor name: index}]
+    # (attention's O(S^2) reference does not fit at S = 16k).
+    bench_views: Callable[[Shape], list[dict]] | None = None
+    targets: tuple[RatioTarget | ThroughputTarget, ...] = ()
 
     def axis(self, name: str) -> Axis:
         for a in self.axes:

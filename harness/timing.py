@@ -37,6 +37,12 @@
    the reason is recorded.
 7. The raw samples are returned with p10/p50/p90; p50 is the number to quote.
 
+8. Work on another stream (MAX enqueues on its own): `bench_on_stream` makes that stream
+   torch's current one, so the flush, the spin and the events land there too, then checks
+   once that the events saw at least half of the time the device stays busy after a call
+   returns (`device_tail_ms`, a lower bound of its GPU time without the host's enqueue
+   time); else the call is timed host-synchronized (`run(); sync()`), and its note says so.
+
 The backend table (`_Clock` and its subclasses) is what ports this to a new device kind; ROCm
 and Metal cannot be measured on kt's machines, so their rows are untested here, and results
 say which backend timed them.
@@ -44,6 +50,7 @@ say which backend timed them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -52,6 +59,7 @@ from typing import Callable
 
 import torch
 
+from harness.io import error_line
 
 class NotCorrect(Exception):
     """The provider failed its correctness check and was not timed."""
@@ -323,3 +331,72 @@ def bench(fn: Callable[[], object], *, device: str = "cpu", check: Callable[[], 
         if reason:
             return Timing(samples, backend, reason, calls, host, cover, uncovered,
                           hidden=cover > 0, launch_note=note)
+
+
+def stream_context(stream: int | None, device: str):
+    """Make the native stream `stream` torch's current one (CUDA/ROCm), else do nothing."""
+    if stream is None or not device.startswith("cuda"):
+        return contextlib.nullcontext()
+    return torch.cuda.stream(torch.cuda.ExternalStream(stream))
+
+
+def device_tail_ms(run: Callable[[], object], sync: Callable[[], None], calls: int = 5) -> float:
+    """A lower bound of the GPU time per call, from the host clock alone: how long `sync()`
+    takes after `run()` returns, less what it takes on an idle device (median of `calls`).
+    Whatever stream the work went to, the device was still busy with it that long; the host's
+    enqueue time is not in it, so a host-bound op does not inflate it."""
+    sync()
+    idle = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        sync()
+        idle.append(time.perf_counter() - t0)
+    tails = []
+    for _ in range(calls):
+        run()
+        t0 = time.perf_counter()
+        sync()
+        tails.append(time.perf_counter() - t0 - min(idle))
+    return max(0.0, sorted(tails)[len(tails) // 2] * 1e3)
+
+
+def events_missed_work(event_p50_ms: float, tail_ms: float) -> bool:
+    """Whether events recorded around a call saw less than half of `tail_ms`, a lower bound
+    of its GPU time (`device_tail_ms`), beyond 10 us of host-clock jitter: then they were
+    recorded on a stream the work did not run on."""
+    return event_p50_ms < 0.5 * tail_ms - 0.01
+
+
+def bench_on_stream(run: Callable[[], object], *, stream: int | None,
+                    sync: Callable[[], None] | None, device: str,
+                    check: Callable[[], bool] | None = None, **bench_kw) -> tuple[Timing, str]:
+    """`bench(run)` with `stream` (None: torch's current one) made current, cross-checked
+    with the host clock (item 8 of this module's docstring). A call whose work is all done
+    before it returns cannot be checked this way: its throughput then exceeds the datasheet
+    peak, which `kt microbench` flags. Returns the timing and a note, empty unless the call
+    was timed host-synchronized. `check` may be called again by the fallback: it must return
+    its first verdict without rerunning."""
+
+    def timed(fn, on, hide_launch=True) -> Timing:
+        with stream_context(on, device):
+            return bench(fn, device=device, check=check, hide_launch=hide_launch, **bench_kw)
+
+    def synced() -> None:
+        run()
+        sync()
+
+    try:
+        timing = timed(run, stream)
+    except NotCorrect:
+        raise
+    except Exception as e:
+        if stream is None or sync is None:
+            raise
+        return timed(synced, None, hide_launch=False), f"host-synced timing ({error_line(e)})"
+    if stream is not None and sync is not None:
+        tail = device_tail_ms(run, sync)
+        if events_missed_work(timing.p50, tail):
+            return (timed(synced, None, hide_launch=False),
+                    f"events missed MAX's stream (GPU busy >= {tail:.3f} ms after each call "
+                    "returned): host-synced timing")
+    return timing, ""

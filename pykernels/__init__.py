@@ -1,6 +1,7 @@
 """One spec module per kernel; each exports `SPEC` (a `harness.spec.KernelSpec`).
 
 Specs are discovered by scanning this package, so adding a kernel touches no shared list.
+Modules whose name starts with `_` are helpers (`_common.py`), not kernels.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ def discover() -> dict[str, KernelSpec]:
         module = importlib.import_module(f"{__name__}.{info.name}")
         spec = getattr(module, "SPEC", None)
         if isinstance(spec, KernelSpec):
-            spec.module = module.__name__
             specs[spec.name] = spec
     return dict(sorted(specs.items()))
 

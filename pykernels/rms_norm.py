@@ -8,26 +8,14 @@ and multiplies by w in fp32 and rounds to the input dtype once, at the end.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from harness.spec import Axis, Case, KernelSpec, Param, Params, Shape, TensorArg, Tensors
-from pykernels.rope import bf16_rne
-
-
-
-def _block_elems() -> int:
-    """Elements per Triton program (short rows share one, a long row has its own): a GPU
-    tile, or a large one under TRITON_INTERPRET=1, where every program costs Python overhead."""
-    return 1 << 16 if os.environ.get("TRITON_INTERPRET") == "1" else 1 << 12
-
-
-def _f32(x: float) -> float:
-    """x as the kernel sees it: rounded to a float32 scalar."""
-    return torch.tensor(x, dtype=torch.float32).item()
+from harness.build import max_dtype, max_model_bound
+from harness.spec import Axis, Bound, Case, KernelSpec, Param, Params, Shape, TensorArg, Tensors
+from pykernels._common import bf16_rne, block_elems, f32
 
 
 def make_inputs(shape: Shape, params: Params, dtype: torch.dtype, device: torch.device,
@@ -44,14 +32,14 @@ def reference(inputs: Tensors, params: Params) -> tuple[torch.Tensor]:
     """y = x * rsqrt(mean(x^2, -1) + eps) * w, every step in the inputs' dtype."""
     x, w = inputs["x"], inputs["w"]
     ms = x.square().mean(dim=-1, keepdim=True)
-    return (x * torch.rsqrt(ms + _f32(params["eps"])) * w,)
+    return (x * torch.rsqrt(ms + f32(params["eps"])) * w,)
 
 
 @triton.jit
 def _rms_norm_kernel(X, W, Y, M, N, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BF16_RNE: tl.constexpr):
     """BLOCK_M whole rows per program; fp32 sum of squares, one rounding at the store.
-    BF16_RNE: see `pykernels.rope.bf16_rne`."""
+    BF16_RNE: see `pykernels._common.bf16_rne`."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
@@ -70,10 +58,10 @@ def triton_rms_norm(inputs: Tensors, params: Params) -> tuple[torch.Tensor]:
     m, n = x.shape
     y = torch.empty_like(x)
     block_n = triton.next_power_of_2(n)
-    block_m = max(1, min(triton.next_power_of_2(m), _block_elems() // block_n))
+    block_m = max(1, min(triton.next_power_of_2(m), block_elems() // block_n))
     num_warps = 8 if block_m * block_n >= 4096 else 4
     _rms_norm_kernel[(triton.cdiv(m, block_m),)](
-        x, w, y, m, n, _f32(params["eps"]), BLOCK_M=block_m, BLOCK_N=block_n,
+        x, w, y, m, n, f32(params["eps"]), BLOCK_M=block_m, BLOCK_N=block_n,
         BF16_RNE=bf16_rne(x.dtype), num_warps=num_warps)
     return (y,)
 
@@ -89,8 +77,9 @@ def nbytes(shape: Shape, params: Params, dtype: torch.dtype) -> float:
     return float((2 * m * n + n) * dtype.itemsize)
 
 
-# --- Other ways to compute the same op, timed by `kt microbench` (harness/microbench.py) ---
-# Each provider is prepare(device, dtype) -> bind(inputs, params) -> Bound; see that module.
+# --- Other ways to compute the same op, timed by `kt microbench` ---
+# Each provider is prepare(device, dtype) -> bind(inputs, params) -> Bound (harness/spec.py).
+# MAX's Python modules are imported inside them, for start-up time.
 
 
 def _hf_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -109,7 +98,7 @@ def _torch_provider(kind: str):
 
     def prepare(device: str, dtype: torch.dtype):
         def bind(inputs: Tensors, params: Params):
-            x, w, eps = inputs["x"], inputs["w"], _f32(params["eps"])
+            x, w, eps = inputs["x"], inputs["w"], f32(params["eps"])
             if kind == "functional":
                 return lambda: (torch.nn.functional.rms_norm(x, (x.shape[-1],), w, eps),)
             fn = _compiled_rms_norm() if kind == "compile" else _hf_rms_norm
@@ -123,15 +112,11 @@ def _torch_provider(kind: str):
 def max_rms_norm(device: str, dtype: torch.dtype):
     """Stock MAX 26.7: `max.graph.ops.rms_norm` (Llama style), symbolic rows and width, one
     graph per (dtype, eps)."""
-    from harness.microbench import Bound, max_model_bound
-
     models: dict = {}
 
     def build(eps: float):
         from max import driver, engine
         from max.graph import DeviceRef, Graph, TensorType, ops
-
-        from harness.build import max_dtype
 
         dev = DeviceRef.CPU() if device == "cpu" else DeviceRef.GPU(0)
         io = max_dtype(dtype)
@@ -145,7 +130,7 @@ def max_rms_norm(device: str, dtype: torch.dtype):
     def bind(inputs: Tensors, params: Params) -> Bound:
         from max import driver
 
-        eps = _f32(params["eps"])
+        eps = f32(params["eps"])
         if eps not in models:
             models[eps] = build(eps)
         model, mdev = models[eps]

@@ -13,100 +13,27 @@ wavelen < L/high_freq_factor -> unchanged; in between, with s = (L/wavelen - low
 (1 - s) inv_freq / factor + s inv_freq (L = original_max_position). factor = 1 is plain RoPE.
 Frequencies and angles are fp32 (fp64 for fp64 inputs), as in HF `LlamaRotaryEmbedding`.
 
-The helpers here (`llama3_inv_freq`, `rope_cos_sin`, `apply_rope`, `triton_inv_freq`, `bf16_rne`)
-are shared with `fused_rope_attention` (and `bf16_rne` with `rms_norm`).
+The frequency math (`llama3_inv_freq`, `rope_cos_sin`, `apply_rope`, `triton_inv_freq`) is in
+`pykernels/_common.py`, shared with `fused_rope_attention`.
 """
 
 from __future__ import annotations
 
 import functools
-import math
-import os
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from harness.spec import Axis, Case, KernelSpec, Param, Params, Shape, TensorArg, Tensors
-
-FREQ_PARAMS = ("theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position")
+from harness.build import buffers_to_torch, max_dtype, max_model_bound
+from harness.spec import (Axis, Bound, Case, KernelSpec, Param, Params, Shape, TensorArg,
+                          ThroughputTarget, Tensors)
+from pykernels._common import (apply_rope, bf16_rne, block_elems, freq_param_decls,
+                               rope_cos_sin, triton_inv_freq)
 
 # Largest position per `positions` choice: Llama 3's original 8k context and 3.1's 128k.
 _POSITION_MAX = {"random": 8192, "long": 131072}
-
-
-def bf16_rne(dtype: torch.dtype) -> bool:
-    """Whether a Triton twin must round to bf16 itself before casting: the interpreter
-    (Triton 3.9) truncates fp32 -> bf16 casts instead of rounding to nearest even. The twins
-    then round in fp32 with Veltkamp's split, x*K - (x*K - x), K = 2^16 + 1, which leaves
-    bf16's 8 significant bits rounded to nearest, so the cast that follows is exact."""
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _block_elems() -> int:
-    """Elements per Triton program: a GPU tile, or a large one under TRITON_INTERPRET=1,
-    where every program instance costs Python overhead."""
-    return 1 << 16 if os.environ.get("TRITON_INTERPRET") == "1" else 1 << 12
-
-
-def _f32(x: float) -> float:
-    """x as the kernel sees it: rounded to a float32 scalar."""
-    return torch.tensor(x, dtype=torch.float32).item()
-
-
-def freq_params(params: Params) -> tuple[float, ...]:
-    """The five frequency params, fp32-rounded, in kernel-argument order."""
-    return tuple(_f32(params[name]) for name in FREQ_PARAMS)
-
-
-def freq_param_decls() -> tuple[Param, ...]:
-    """The frequency params of a RoPE op: two bases (Llama 2, Llama 3), scaling off and on."""
-    return (
-        Param("theta", (10000.0, 500000.0), doc="RoPE base"),
-        Param("factor", (1.0, 8.0), doc="Llama 3 scaling factor; 1 = plain RoPE"),
-        Param("low_freq_factor", (1.0,), doc="Llama 3 low_freq_factor"),
-        Param("high_freq_factor", (4.0,), doc="Llama 3 high_freq_factor"),
-        Param("original_max_position", (8192.0,), doc="Llama 3 original_max_position_embeddings"),
-    )
-
-
-def angle_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Angles are fp32 for every kernel dtype, fp64 only when the inputs are fp64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def llama3_inv_freq(dim: int, theta: float, factor: float, low_freq_factor: float,
-                    high_freq_factor: float, original_max_position: float,
-                    dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-    """inv_freq (dim/2,) with Llama 3 scaling, in `dtype` (HF `_compute_llama3_parameters`)."""
-    exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(dtype) / dim
-    inv = 1.0 / theta ** exponent
-    wavelen = 2 * math.pi / inv
-    low_wavelen = original_max_position / low_freq_factor
-    high_wavelen = original_max_position / high_freq_factor
-    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
-    smooth = (original_max_position / wavelen - low_freq_factor) / (
-        high_freq_factor - low_freq_factor)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return torch.where(medium, smoothed, scaled)
-
-
-def rope_cos_sin(positions: torch.Tensor, dim: int, params: Params,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (*positions.shape, dim/2) of pos * inv_freq, computed in angle_dtype(dtype)
-    and then cast to `dtype` (as HF casts them to the activations' dtype)."""
-    adt = angle_dtype(dtype)
-    inv = llama3_inv_freq(dim, *freq_params(params), dtype=adt, device=positions.device)
-    angle = positions.to(adt)[..., None] * inv
-    return angle.cos().to(dtype), angle.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Half-rotation of x (B, S, H, D) by cos/sin (B, S, D/2), in x's dtype."""
-    x1, x2 = x.chunk(2, dim=-1)
-    c, s = cos[:, :, None, :], sin[:, :, None, :]
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
 
 def make_inputs(shape: Shape, params: Params, dtype: torch.dtype, device: torch.device,
@@ -157,28 +84,13 @@ def _rope_kernel(X, OUT, POS, INV_FREQ, T, H, HALF: tl.constexpr, BLOCK_T: tl.co
     tl.store(OUT + offs + HALF, o2.to(OUT.dtype.element_ty), mask=mask)
 
 
-def triton_inv_freq(dim: int, params: Params, device) -> torch.Tensor:
-    """The fp32 inv_freq table the Triton twins read: `llama3_inv_freq` itself, so their
-    angles are bit-identical to the fp32 reference's. (Recomputed in a kernel, even correctly
-    rounded, theta^(-2i/D) differs from torch's fp32 pow by an ulp in about a quarter of the
-    pairs; times a position near 1e5 that is an angle error the fp16 baseline lacks when both
-    take their angles from torch.) Cached: building it is a dozen tiny launches, ~100 us on
-    a GPU."""
-    return _inv_freq_table(dim, freq_params(params), str(torch.device(device)))
-
-
-@functools.lru_cache(maxsize=64)
-def _inv_freq_table(dim: int, freqs: tuple[float, ...], device: str) -> torch.Tensor:
-    return llama3_inv_freq(dim, *freqs, device=device).contiguous()
-
-
 def _rope_launch(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     b, s, h, d = x.shape
     x = x.contiguous()
     out = torch.empty_like(x)
     half = d // 2
     half_p = triton.next_power_of_2(half)
-    elems = _block_elems()
+    elems = block_elems()
     block_h = min(triton.next_power_of_2(h), max(1, elems // half_p))
     block_t = min(triton.next_power_of_2(b * s), max(1, elems // (block_h * half_p)))
     grid = (triton.cdiv(b * s, block_t), triton.cdiv(h, block_h))
@@ -212,8 +124,9 @@ def _case(b, s, hk, group, d, why, **params) -> Case:
     return Case({"B": b, "S": s, "Hk": hk, "group": group, "D": d, "Hq": hk * group}, full, why)
 
 
-# --- Other ways to compute the same op, timed by `kt microbench` (harness/microbench.py) ---
-# Each provider is prepare(device, dtype) -> bind(inputs, params) -> Bound; see that module.
+# --- Other ways to compute the same op, timed by `kt microbench` ---
+# Each provider is prepare(device, dtype) -> bind(inputs, params) -> Bound (harness/spec.py).
+# MAX's Python modules are imported inside them, for start-up time.
 
 
 def hf_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
@@ -256,10 +169,6 @@ def max_rope(device: str, dtype: torch.dtype):
     """Stock MAX 26.7: `rope_ragged_with_position_ids` (non-interleaved) on q and on k, with
     a fp32 (cos, sin) table as MAX's `RotaryEmbedding.freqs_cis` builds it; one graph per
     dtype (tokens, heads and table length symbolic, D static per graph)."""
-    import numpy as np
-
-    from harness.microbench import Bound, _buffers_to_torch, max_model_bound
-
     models: dict = {}
 
     def build(d: int):
@@ -267,8 +176,6 @@ def max_rope(device: str, dtype: torch.dtype):
         from max.dtype import DType
         from max.graph import DeviceRef, Graph, TensorType
         from max.nn.kernels import rope_ragged_with_position_ids
-
-        from harness.build import max_dtype
 
         dev = DeviceRef.CPU() if device == "cpu" else DeviceRef.GPU(0)
         io = max_dtype(dtype)
@@ -300,7 +207,7 @@ def max_rope(device: str, dtype: torch.dtype):
                     .to(mdev))
 
         def to_torch(bufs):
-            qo, ko = _buffers_to_torch(bufs, device)
+            qo, ko = buffers_to_torch(bufs, device)
             return qo.reshape(q.shape), ko.reshape(k.shape)
 
         return max_model_bound(model, mdev, args, keep, device, to_torch)
@@ -342,6 +249,8 @@ SPEC = KernelSpec(
     flops=flops,
     bytes=nbytes,
     providers=PROVIDERS,
+    # RoPE alone on a GPU: at least 2.9 TB/s
+    targets=(ThroughputTarget(min_tb_s=2.9),),
     golden=(
         _case(1, 1, 1, 1, 2, "one pair, one token at position 0: the identity rotation",
               positions="arange", theta=10000.0, factor=1.0),

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# tests/new_kernel/ mirrors the repository's layout for tests/test_new_kernel.py: its
+# test file runs only inside the copy that test makes.
+collect_ignore = ["new_kernel"]
 
 
 def _has_gpu() -> bool:
@@ -18,6 +21,15 @@ def _has_gpu() -> bool:
         return torch.cuda.is_available() and driver.accelerator_count() > 0
     except Exception:
         return False
+
+
+def pytest_collection_finish(session):
+    """Tell `twins` which registered Triton-twin cases this session kept (after -k, -m):
+    only those run in its interpreted child."""
+    twins = sys.modules.get("twins")
+    if twins is not None:
+        twins.select(item.callspec.params["twin_case"] for item in session.items
+                     if "twin_case" in getattr(getattr(item, "callspec", None), "params", {}))
 
 
 def pytest_collection_modifyitems(config, items):

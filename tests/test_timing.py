@@ -255,3 +255,40 @@ def test_gpu_spin_and_events_follow_the_current_stream():
     with torch.cuda.stream(torch.cuda.ExternalStream(side.cuda_stream)):
         t = bench(slow_host, device="cuda", warmup_ms=20, min_reps=5, max_reps=10, budget_s=1)
     assert t.hidden and t.p50 < 0.5 and t.host_ms >= 3.0
+
+
+def test_the_stream_check_passes_host_bound_ops_and_catches_missed_work():
+    # rope through MAX on an H100: 30 us of GPU work behind 150 us of host enqueue; hidden
+    # events see 0.030 ms, the device is busy ~0.02 ms after execute returns: no alarm
+    # (the old rule, events < half the host-synchronized wall time, fired here)
+    assert not timing.events_missed_work(0.030, 0.020)
+    assert not timing.events_missed_work(1.0, 1.0)
+    # events on a stream the work did not run on see ~2 us of a 1 ms kernel
+    assert timing.events_missed_work(0.002, 1.0)
+    assert not timing.events_missed_work(0.002, 0.02)  # within the host clock's jitter
+
+
+class _Device:
+    """A device busy until a host-clock time; `sync` waits for it."""
+
+    def __init__(self):
+        self.until = 0.0
+
+    def busy(self, ms):
+        self.until = max(time.perf_counter(), self.until) + ms / 1e3
+
+    def sync(self):
+        time.sleep(max(0.0, self.until - time.perf_counter()))
+
+
+def test_tail_is_the_device_time_after_the_call_returns_not_the_host_time():
+    dev = _Device()
+    assert 2.5 <= timing.device_tail_ms(lambda: dev.busy(3.0), dev.sync) < 6.0
+
+    def host_bound():
+        time.sleep(0.003)
+        dev.busy(0.0)
+
+    assert timing.device_tail_ms(host_bound, dev.sync) < 0.5
+
+

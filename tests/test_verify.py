@@ -1,11 +1,13 @@
-"""The Hypothesis driver's strategies, and `kt verify` end to end on the real Mojo kernels."""
+"""The Hypothesis driver's strategies, `kt verify` end to end on the real Mojo kernels, and
+how it reports a failure: a replayable minimal case, a kernel writing into its input, a
+kernel that kills its process (each planted into a copy of kt's Mojo package)."""
 
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import pykernels
-from harness.verify import PROFILES, case_strategy, make_inputs
+from harness.verify.engine import PROFILES, case_json, case_strategy, make_inputs
+from plants import Plant, plant
 
 SPECS = list(pykernels.discover().values())
 
@@ -89,3 +91,46 @@ def test_verify_every_shipped_kernel_on_cpu(kt):
 def test_verify_every_shipped_kernel_on_gpu(kt):
     r = kt("verify", "--device", "gpu", "--examples", "30", json_out=True)
     assert r.code == 0, r.output
+
+
+@pytest.mark.slow
+def test_replay_reproduces_the_failure(kt, tmp_path):
+    p = Plant("attention_wrong_gqa_head", "fused_rope_attention", "fused_rope_attention.mojo",
+              "                var kvh = h // (hq // hk)", "                var kvh = h % hk")
+    pkg = plant(tmp_path, p)
+    first = kt("verify", p.kernel, "--device", "cpu", "--dtype", "float32", "--kernels", str(pkg),
+               "--profile", "ci", "--no-triton", json_out=True)
+    case = first.json["results"][0]["failure"]["case"]
+    again = kt("verify", p.kernel, "--device", "cpu", "--kernels", str(pkg), "--replay",
+               case_json(case), "--no-triton", json_out=True)
+    assert again.code == 1
+    assert again.json["results"][0]["failure"]["case"] == case
+
+
+@pytest.mark.slow
+def test_kernel_writing_into_its_input_is_caught(kt, tmp_path):
+    p = Plant("rms_norm_clobbers_x", "rms_norm", "rms_norm.mojo",
+              "y[unsafe_offset=j] = (v * r * w[unsafe_offset=j].cast[DType.float32]()).cast[dtype]()",
+              "y[unsafe_offset=j] = (v * r * w[unsafe_offset=j].cast[DType.float32]()).cast[dtype]()\n"
+              "        x[unsafe_offset=j] = 0")
+    r = kt("verify", "rms_norm", "--device", "cpu", "--dtype", "float32", "--kernels",
+           str(plant(tmp_path, p)), "--profile", "ci", "--no-triton", json_out=True)
+    assert r.code == 1
+    assert r.json["results"][0]["failure"]["mutated"] == ["x"]
+    assert "wrote into its inputs: x" in r.stdout
+
+
+@pytest.mark.slow
+def test_crashing_kernel_is_reported_not_fatal(kt, tmp_path):
+    p = Plant("rms_norm_aborts", "rms_norm", "rms_norm.mojo",
+              "    var r = rsqrt(_sum_squares[dtype](x, n) / Float32(n) + eps)",
+              "    abort(\"planted crash\")\n    var r = rsqrt(_sum_squares[dtype](x, n) / Float32(n) + eps)")
+    pkg = plant(tmp_path, p)
+    src = (pkg / p.file).read_text()
+    (pkg / p.file).write_text(src.replace("import extensibility\n", "import extensibility\nfrom std.os import abort\n", 1))
+    r = kt("verify", "rms_norm", "--device", "cpu", "--dtype", "float32", "--kernels",
+           str(pkg), "--profile", "ci", "--no-triton", json_out=True)
+    assert r.code == 1
+    (result,) = r.json["results"]
+    assert result["status"] == "crash" and result["last_case"]["dtype"] == "float32"
+    assert "the kernel process died" in r.stdout and "Traceback" not in r.output

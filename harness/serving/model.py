@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from harness.io import write_json_atomic
 
 DATA = Path(__file__).parent / "data"
 
@@ -245,19 +246,8 @@ def save_sharded(p: Preset, seed: int, out: Path, device: str) -> list[str]:
         os.replace(tmp, out / final)
         names.append(final)
         weight_map |= dict.fromkeys(keys, final)
-    write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json_atomic(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
     return names
-
-
-def write_json(path: Path, obj: object) -> None:
-    """Write JSON atomically (temp file in the same directory, then os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.fchmod(fd, 0o644)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-    os.replace(tmp, path)
 
 
 def make_model(preset: str, out: Path, seed: int = 0, device: str = "cpu") -> Path:
@@ -272,17 +262,17 @@ def make_model(preset: str, out: Path, seed: int = 0, device: str = "cpu") -> Pa
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(p.vocab_size)
     cfg = hf_config(p, tok)
-    write_json(out / "tokenizer.json", tok)
-    write_json(out / "tokenizer_config.json", tokenizer_config(p.max_position_embeddings))
-    write_json(out / "special_tokens_map.json", {"bos_token": BOS, "eos_token": EOS})
-    write_json(out / "config.json", cfg)
-    write_json(
+    write_json_atomic(out / "tokenizer.json", tok)
+    write_json_atomic(out / "tokenizer_config.json", tokenizer_config(p.max_position_embeddings))
+    write_json_atomic(out / "special_tokens_map.json", {"bos_token": BOS, "eos_token": EOS})
+    write_json_atomic(out / "config.json", cfg)
+    write_json_atomic(
         out / "generation_config.json",
         {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "do_sample": False},
     )
     for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
         stale.unlink(missing_ok=True)
     files = save_sharded(p, seed, out, device)
-    write_json(out / "kt_model.json", {"preset": preset, "seed": seed, "generator_device": device,
+    write_json_atomic(out / "kt_model.json", {"preset": preset, "seed": seed, "generator_device": device,
                                        "weight_files": files, **asdict(p)})
     return out

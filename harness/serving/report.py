@@ -3,13 +3,14 @@ and PNG plots against concurrency."""
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from harness.io import write_json_atomic  # noqa: F401 (runner writes through report)
 
 COLUMNS = [
     ("engine", "engine", "{}"),
@@ -39,16 +40,6 @@ def cell(row: dict, key: str | None, fmt: str) -> str:
 
 def _order(r: dict) -> tuple:
     return (r.get("dataset_order", 0), r["load_order"], r["engine_order"])
-
-
-def write_json_atomic(path: Path, obj: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.fchmod(fd, 0o644)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
 
 
 def table(rows: list[dict], title: str = "kt serve-bench") -> Table:

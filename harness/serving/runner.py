@@ -41,6 +41,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from harness.io import git_sha
+
 from . import agreement, client, metrics, report, workload
 from .engines import Engine, EngineNotFound, EngineOptions, get_engine
 from .engines.base import ServingSettings
@@ -163,14 +165,6 @@ def served_model(base_url: str) -> str:
     if not ids:
         raise BenchError(f"{base_url}/v1/models lists no model")
     return ids[0]
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def gpu_info() -> list[dict] | None:

@@ -22,7 +22,13 @@ from typing import Any, Callable
 
 import torch
 
-from harness.checking import Check, compare, inputs_unchanged, reference_dtype
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import seed as hseed
+from hypothesis import strategies as st
+from hypothesis.errors import Flaky
+
+from harness.build import compile_op
+from harness.checking import Check, check_outputs, inputs_unchanged, reference_and_baseline
 from harness.spec import DTYPES, KernelSpec
 
 LAYOUTS = ("dense", "strided")
@@ -57,8 +63,6 @@ def case_json(case: dict) -> str:
 
 def case_strategy(spec: KernelSpec, dtypes: list[str], profile: Profile):
     """Cases derived from the spec: axes (awkward edges first), params, dtype, layout, seed."""
-    from hypothesis import strategies as st
-
     def axis(a):
         hi = a.ci_hi if profile.capped and a.ci_hi is not None else a.hi
         if a.choices:
@@ -136,46 +140,34 @@ class CaseResult:
         return " + ".join(parts)
 
 
-def _upcast(inputs: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {k: v.to(dtype) if v.dtype.is_floating_point else v for k, v in inputs.items()}
-
-
 def run_case(spec: KernelSpec, ops: dict[str, Callable], case: dict, device: str,
              triton: bool) -> CaseResult:
     """Run one case through every implementation and check each against the reference."""
-    dtype = DTYPES[case["dtype"]]
     params = spec.full_params(case["params"])
     inputs = make_inputs(spec, case, device)
     before = {k: v.clone() for k, v in inputs.items()}
-    ref = spec.reference(_upcast(inputs, reference_dtype(dtype)), params)
-    base = spec.reference(inputs, params)
-    out = ops[case["dtype"]](inputs, params)
-    mojo = [compare(t.name, o, r, b, spec.tolerance_k) for t, o, r, b in zip(spec.outputs, out, ref, base)]
+    ref, base = reference_and_baseline(spec, inputs, params)
+    mojo = check_outputs(spec, ops[case["dtype"]](inputs, params), ref, base)
     twin, twin_error = None, None
     if triton:
         try:
-            tout = spec.triton(inputs, params)
-            twin = [compare(t.name, o, r, b, spec.tolerance_k)
-                    for t, o, r, b in zip(spec.outputs, tout, ref, base)]
+            twin = check_outputs(spec, spec.triton(inputs, params), ref, base)
         except Exception as e:  # a broken twin is reported, not fatal
             twin_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     return CaseResult(case, mojo, twin, twin_error, inputs_unchanged(before, inputs))
 
 
-def integrity(spec: KernelSpec, op: Callable, case: dict, device: str) -> dict[str, Any]:
+def check_integrity(spec: KernelSpec, op: Callable, case: dict, device: str) -> dict[str, Any]:
     """Stale state and determinism: a NaN-poisoned run, then fresh inputs, then a repeat."""
     params = spec.full_params(case["params"])
-    dtype = DTYPES[case["dtype"]]
     poison = {k: torch.full_like(v, float("nan")) if v.dtype.is_floating_point else v
               for k, v in make_inputs(spec, case, device).items()}
     op(poison, params)
     fresh_case = dict(case, data_seed=(case["data_seed"] + 1) % 2**31)
     fresh = make_inputs(spec, fresh_case, device)
     first = op(fresh, params)
-    ref = spec.reference(_upcast(fresh, reference_dtype(dtype)), params)
-    base = spec.reference(fresh, params)
-    after_poison = all(compare(t.name, o, r, b, spec.tolerance_k).passed
-                       for t, o, r, b in zip(spec.outputs, first, ref, base))
+    after_poison = all(c.passed for c in check_outputs(spec, first, *reference_and_baseline(
+        spec, fresh, params)))
     again = op(fresh, params)
     deterministic = all(torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)) for a, b in zip(first, again))
     return {"case": fresh_case, "no_stale_state": after_poison, "deterministic": deterministic}
@@ -202,12 +194,6 @@ def verify_kernel(spec: KernelSpec, dtypes: list[str], device: str, package: str
                   triton: bool, emit: Callable[[dict], None]) -> dict:
     """Compile, run golden cases and Hypothesis cases, shrink a failure; returns the result
     dict and emits progress events (`compiling`, `compiled`, `case`, `example`)."""
-    from hypothesis import HealthCheck, Phase, given, settings
-    from hypothesis import seed as hseed
-    from hypothesis.errors import Flaky
-
-    from harness.build import compile_op
-
     torch_device = "cpu" if device == "cpu" else "cuda"
     ops: dict[str, Callable] = {}
     compile_s: dict[str, float] = {}
@@ -289,7 +275,7 @@ def verify_kernel(spec: KernelSpec, dtypes: list[str], device: str, package: str
         base_case = golden[0] if replay is None and spec.golden else (replay or None)
         if base_case is not None:
             for dt in dtypes:
-                checks[dt] = integrity(spec, ops[dt], dict(base_case, dtype=dt), torch_device)
+                checks[dt] = check_integrity(spec, ops[dt], dict(base_case, dtype=dt), torch_device)
 
     return {
         "kernel": spec.name,

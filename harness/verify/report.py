@@ -1,33 +1,13 @@
-"""Verdict tables and result files."""
+"""`kt verify`'s verdict table, failure details and replay commands."""
 
 from __future__ import annotations
 
-import json
-import os
 import shlex
-import tempfile
-from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from harness.verify import case_json
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to a temp file beside `path`, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+from harness.verify.engine import case_json
 
 
 def replay_command(result: dict, case: dict, package: str | None) -> str:

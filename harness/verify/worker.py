@@ -1,10 +1,10 @@
 """The child process that compiles and runs kernels, so a crashing kernel takes down this
 process and not kt (the way Modular's kbench keeps its driver apart from the kernels).
 
-    python -m harness.worker '<job json>'
+    python -m harness.verify.worker '<job json>'
 
-Events go to stdout as lines starting with `@@kt `; anything else a kernel or MAX prints
-is kept by the parent for the crash report.
+Events go to stdout as lines starting with `jobs.PREFIX`; anything else a kernel or MAX
+prints is kept by the parent for the crash report.
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import sys
 
-PREFIX = "@@kt "
+import pykernels
+from harness.build import BuildError
+from harness.verify.engine import PROFILES, verify_kernel
+from harness.verify.jobs import PREFIX
 
 
 def emit(event: dict) -> None:
@@ -22,10 +25,6 @@ def emit(event: dict) -> None:
 
 def main(argv: list[str]) -> int:
     job = json.loads(argv[1])
-    import pykernels
-    from harness.build import BuildError
-    from harness.verify import PROFILES, verify_kernel
-
     try:
         result = verify_kernel(
             pykernels.get(job["kernel"]), job["dtypes"], job["device"], job.get("package"),

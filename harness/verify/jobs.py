@@ -1,4 +1,6 @@
-"""Runs verify jobs in child processes (`harness.worker`) and turns their deaths into reports."""
+"""Runs verify jobs in child processes (`harness.verify.worker`) and turns their deaths into
+reports. A child reports events on stdout as lines starting with `PREFIX`; anything else a
+kernel or MAX prints is kept for the crash report."""
 
 from __future__ import annotations
 
@@ -10,10 +12,10 @@ import sys
 from collections import deque
 from typing import Callable
 
-from harness.worker import PREFIX
+PREFIX = "@@kt "
 
 
-def run_job(job: dict, on_event: Callable[[dict], None]) -> dict:
+def run_job_in_child(job: dict, on_event: Callable[[dict], None]) -> dict:
     """Run one (kernel, device) job; returns {'status': ok|error|crash, ...}."""
     env = dict(os.environ)
     if job["device"] == "cpu":
@@ -23,7 +25,7 @@ def run_job(job: dict, on_event: Callable[[dict], None]) -> dict:
         env.setdefault("OPENBLAS_NUM_THREADS", "1")
     env.setdefault("PYTHONUNBUFFERED", "1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "harness.worker", json.dumps(job)],
+        [sys.executable, "-m", "harness.verify.worker", json.dumps(job)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         text=True, env=env,
     )

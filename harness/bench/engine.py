@@ -1,0 +1,331 @@
+"""The run of `kt microbench`: every provider on every case of some families, checked by the
+gate, then timed by `harness.timing` (the one timer), then throughput, % of peak and speedups.
+
+Timing: GPU work is timed with device events (CUDA; ROCm keeps torch's `cuda` event API and
+Apple Metal uses `torch.mps` events, through `timing`'s backend table, but no kt machine has
+either, so those numbers are labelled untested); a MAX provider's events are recorded on
+MAX's stream and cross-checked with the host clock (`timing.bench_on_stream`). On the CPU the
+timer is `perf_counter`, labelled as such: CPU numbers are not comparable with GPU numbers.
+
+A provider may be a *yardstick* (`Bound.yardstick` says what it computes): a different
+computation timed beside the op as a reference point. Its output is not the op's, so it skips
+the gate; its row says `"yardstick": true` and "not checked", and it is never the baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from harness import devices
+from harness.bench.families import Family
+from harness.bench.gate import Gate
+from harness.bench.providers import KT_PROVIDERS, providers_of
+from harness.checking import Check
+from harness.io import error_line, provenance
+from harness.spec import DTYPES, Bound, KernelSpec, Params, Shape, Tensors, Unavailable
+from harness.timing import NotCorrect, Timing, backend_of, bench_on_stream
+
+CPU_TIMER_LABEL = "CPU timing (perf_counter), not comparable with GPU"
+UNTESTED_BACKENDS = ("rocm", "metal")
+
+
+@dataclass
+class Settings:
+    """The timer's stopping rule and the inputs' seed (see `harness.timing.bench`)."""
+
+    warmup_ms: float = 25.0
+    min_reps: int = 10
+    max_reps: int = 200
+    rse_target: float = 0.01
+    budget_s: float = 0.4
+    seed: int = 0
+
+
+def cpu_settings() -> Settings:
+    return Settings(warmup_ms=10.0, min_reps=5, max_reps=50, rse_target=0.02, budget_s=0.25)
+
+
+def timer_label(backend: str) -> str:
+    """What timed the rows, said in every record and table title."""
+    if backend == "cpu":
+        return CPU_TIMER_LABEL
+    label = {"cuda": "CUDA events", "rocm": "HIP events (torch.cuda API)",
+             "metal": "Metal events (torch.mps), launch overhead included: Metal has no spin "
+                      "kernel to hide it behind"}[backend]
+    if backend in UNTESTED_BACKENDS:
+        label += ": this backend was never measured on kt's machines; treat with care"
+    return label
+
+
+def shape_key(shape: Shape, params: Params) -> str:
+    return json.dumps({"shape": shape, "params": params}, sort_keys=True, separators=(",", ":"))
+
+
+def shape_label(spec: KernelSpec, shape: Shape, params: Params, varying: set[str]) -> str:
+    """Free axes, then the params that vary within the family."""
+    parts = [f"{a.name}={shape[a.name]}" for a in spec.axes]
+    parts += [f"{k}={params[k]}" for k in sorted(varying)]
+    return " ".join(parts)
+
+
+def datasheet_peak(device_name: str, dtype: torch.dtype, bound: str) -> tuple[float | None, str]:
+    """The peak "% of peak" refers to: HBM GB/s for memory-bound families, else tensor (or
+    fp32) TFLOP/s; (None, "") for a device kt has no datasheet numbers for."""
+    peak = devices.peak_for(device_name)
+    if peak is None:
+        return None, ""
+    if bound == "memory":
+        return peak.tb_per_s * 1e3, "GB/s (HBM)"
+    if dtype == torch.float32:
+        return peak.tflops_fp32, "TFLOP/s (fp32)"
+    return peak.tflops_bf16, "TFLOP/s (dense tensor, bf16)"
+
+
+@dataclass
+class _Run:
+    """What every measurement of one run shares."""
+
+    spec: KernelSpec
+    device: str  # torch's device name
+    package: Any
+    settings: Settings
+    time_it: bool
+    providers: dict[str, Callable] = field(default_factory=dict)
+    prepared: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+
+def benchmark_families(spec: KernelSpec, device: str, families: list[Family],
+                       provider_names: list[str], package=None, settings: Settings | None = None,
+                       baseline: str | None = None, command: str = "",
+                       on_event: Callable[[dict], None] = lambda ev: None, check: bool = True,
+                       time_it: bool = True) -> dict:
+    """Check and time every provider on every case of `families` on `device` ('cpu' or
+    'gpu'); returns the JSON-ready record. Ctrl-C stops early and returns what was measured
+    (`record['interrupted']`). `check=False, time_it=False` only compiles and runs each
+    provider once per case (warming MAX's, Triton's and Inductor's caches). Events for
+    progress: reference, reference_done, provider, row, case (the record so far)."""
+    targets = devices.select(device)
+    dev = targets[-1]
+    backend = backend_of(dev.torch_device) if dev.kind == "gpu" else "cpu"
+    settings = settings or (cpu_settings() if dev.kind == "cpu" else Settings())
+    ctx = _Run(spec, dev.torch_device, package, settings, time_it, providers_of(spec))
+    prov = provenance(targets)
+    gpu = prov.get("gpu") or {}
+    rows: list[dict] = []
+    record = {
+        "kernel": spec.name, "device": dev.name, "device_kind": dev.kind, "backend": backend,
+        "timer": timer_label(backend), "command": command, "provenance": prov,
+        "settings": settings.__dict__, "families": {f.name: {"doc": f.doc, "dtype": f.dtype,
+                                                            "bound": f.bound, "x": f.x}
+                                                   for f in families},
+        "rows": rows, "interrupted": False, "complete": False,
+    }
+    common = {"kernel": spec.name, "device": dev.name, "backend": backend,
+              "driver": gpu.get("driver"), "cuda": gpu.get("cuda"), "hip": gpu.get("hip"),
+              "versions": prov["versions"], "git_sha": prov["git_sha"], "command": command,
+              "metric": "time", "unit": "ms"}
+    case_rows: list[dict] = []
+
+    def finish_case(fam: Family) -> None:
+        derive_metrics(case_rows, dev.name, DTYPES[fam.dtype], fam.bound, baseline,
+                       dev.kind == "gpu")
+
+    try:
+        for fam in families:
+            dtype = DTYPES[fam.dtype]
+            varying = {k for k in fam.cases[0][1]
+                       if len({json.dumps(c[1][k]) for c in fam.cases}) > 1}
+            for shape, params in fam.cases:
+                label = shape_label(spec, shape, params, varying)
+                where = {"family": fam.name, "shape": label}
+                gen = torch.Generator(device=ctx.device).manual_seed(settings.seed)
+                inputs = spec.make_inputs(shape, params, dtype, torch.device(ctx.device), gen)
+                gate = None
+                if check:
+                    on_event({"event": "reference", **where})
+                    t0 = time.perf_counter()
+                    gate = Gate(spec, shape, params, inputs)
+                    on_event({"event": "reference_done", **where,
+                              "seconds": time.perf_counter() - t0})
+                case_rows = []
+                for pname in provider_names:
+                    on_event({"event": "provider", **where, "provider": pname})
+                    row = {**common, "provider": pname, "family": fam.name, "shape": shape,
+                           "params": params, "label": label, "dtype": fam.dtype,
+                           "flops": spec.flops(shape, params),
+                           "bytes": spec.bytes(shape, params, dtype), "bound": fam.bound}
+                    row.update(measure_provider(ctx, pname, dtype, inputs, params, gate))
+                    case_rows.append(row)
+                    rows.append(row)
+                    if time_it:
+                        on_event({"event": "row", "row": row})
+                finish_case(fam)
+                on_event({"event": "case", "record": record})
+                del inputs, gate
+                if ctx.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+        record["complete"] = True
+    except KeyboardInterrupt:
+        record["interrupted"] = True
+        if case_rows and "tflops" not in case_rows[-1]:  # the case Ctrl-C cut short
+            finish_case(fam)
+    return record
+
+
+def _bind(ctx: _Run, pname: str, dtype: torch.dtype, inputs: Tensors, params: Params,
+          out: dict) -> Bound | None:
+    """The provider prepared (once per dtype: the seconds it took go into `out`, in the row
+    that paid them) and bound to the inputs; None, with the row's status and note set in
+    `out`, when it is unavailable here or fails."""
+    key = (pname, str(dtype))
+    if key not in ctx.prepared:
+        t0 = time.perf_counter()
+        try:
+            ctx.prepared[key] = ctx.providers[pname](ctx.device, dtype, ctx.package)
+        except Unavailable as e:
+            ctx.prepared[key] = e
+        except Exception as e:  # a compile error is this provider's row, not the run's end
+            ctx.prepared[key] = RuntimeError(error_line(e))
+        out["prepare_s"] = round(time.perf_counter() - t0, 3)
+    bind = ctx.prepared[key]
+    if isinstance(bind, Exception):
+        out.update(status="n/a" if isinstance(bind, Unavailable) else "error", note=str(bind))
+        return None
+    t0 = time.perf_counter()
+    try:
+        bound = bind(inputs, params)
+    except Unavailable as e:
+        out.update(status="n/a", note=str(e))
+        return None
+    except Exception as e:
+        out.update(status="error", note=error_line(e))
+        return None
+    out["bind_s"] = round(time.perf_counter() - t0, 3)
+    return bound if isinstance(bound, Bound) else Bound(bound)
+
+
+def measure_provider(ctx: _Run, pname: str, dtype: torch.dtype, inputs: Tensors,
+                     params: Params, gate: Gate | None) -> dict:
+    """One provider on one case: prepare, bind, check against `gate`, time; the row's fields."""
+    out: dict[str, Any] = {}
+    bound = _bind(ctx, pname, dtype, inputs, params, out)
+    if bound is None:
+        return out
+    out["note"] = bound.note
+    checks: list[Check] = []
+    if bound.yardstick:
+        out["yardstick"] = True
+        out["note"] = join_notes(f"yardstick: {bound.yardstick}; not the op, not checked",
+                                 out["note"])
+        gate = None
+
+    def check() -> bool:
+        """The first call, its outputs checked; later calls return the first verdict."""
+        if "first_call_s" in out:
+            return all(c.passed for c in checks)
+        t0 = time.perf_counter()
+        result = bound.run()  # on the stream bench runs under; synchronized before reading
+        if bound.sync:
+            bound.sync()
+        elif ctx.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        outputs = bound.to_torch(result)
+        out["first_call_s"] = round(time.perf_counter() - t0, 3)
+        if gate is not None:
+            checks.extend(gate.check(outputs))
+        return all(c.passed for c in checks)
+
+    try:
+        if not ctx.time_it:
+            out["status"] = "ok" if check() else "WRONG"
+            return out
+        t0 = time.perf_counter()
+        s = ctx.settings
+        timing, note = bench_on_stream(
+            bound.run, stream=bound.stream, sync=bound.sync, device=ctx.device, check=check,
+            warmup_ms=s.warmup_ms, min_reps=s.min_reps, max_reps=s.max_reps,
+            rse_target=s.rse_target, budget_s=s.budget_s)
+        out["note"] = join_notes(out["note"], note)
+        out["bench_s"] = round(time.perf_counter() - t0, 3)
+    except NotCorrect:
+        out["status"] = "WRONG"
+    except Exception as e:
+        out["status"] = "error"
+        out["note"] = join_notes(out["note"], error_line(e))
+        return out
+    else:
+        out["status"] = "ok"
+        out.update(_timing_fields(timing, out["note"]))
+    if checks:
+        out.update(_check_fields(checks, out))
+    return out
+
+
+def _timing_fields(t: Timing, note: str) -> dict:
+    out = {"p10": t.p10, "p50": t.p50, "p90": t.p90, "mean": t.mean, "n": len(t.samples_ms),
+           "stopped_by": t.stopped_by, "samples_ms": [round(s, 6) for s in t.samples_ms],
+           "host_ms": t.host_ms, "launch_hidden": t.hidden,
+           "launch_cover_ms": round(t.cover_ms, 4), "uncovered": t.uncovered}
+    if t.launch_note and "host-synced" not in note:
+        note = join_notes(note, t.launch_note)
+    if t.uncovered > len(t.samples_ms) // 10:
+        note = join_notes(note, f"{t.uncovered}/{len(t.samples_ms)} calls enqueued for longer "
+                                "than the spin covered: GPU idle time timed")
+    out["note"] = note
+    return out
+
+
+def _check_fields(checks: list[Check], out: dict) -> dict:
+    worst = max(checks, key=lambda c: c.max_abs_err / c.tolerance if c.tolerance else math.inf)
+    fields: dict[str, Any] = {"check": {
+        "passed": all(c.passed for c in checks), "max_abs_err": worst.max_abs_err,
+        "tolerance": worst.tolerance, "n_bad": sum(c.n_bad for c in checks),
+        "numel": sum(c.numel for c in checks), "output": worst.name}}
+    if out["status"] == "WRONG":
+        fields["note"] = join_notes(out["note"], f"{worst.name}: max err {worst.max_abs_err:.3g}"
+                                                 f" > tolerance {worst.tolerance:.3g} "
+                                                 f"({worst.n_bad}/{worst.numel} elements)")
+    return fields
+
+
+def derive_metrics(rows: list[dict], device_name: str, dtype: torch.dtype, bound: str,
+                   baseline: str | None, gpu: bool) -> None:
+    """Throughput, % of peak, speedup vs the baseline and the bridge's overhead, per case.
+    The baseline is `baseline` if it was timed, else the fastest provider that is neither
+    kt's nor a yardstick; a yardstick is never the baseline, even when asked for."""
+    peak, peak_unit = datasheet_peak(device_name, dtype, bound) if gpu else (None, "")
+    ok = {r["provider"]: r for r in rows if r["status"] == "ok" and "p50" in r}
+    base = ok.get(baseline) if baseline else None
+    if base is not None and base.get("yardstick"):
+        base = None
+    if base is None:
+        others = [r for r in ok.values()
+                  if r["provider"] not in KT_PROVIDERS and not r.get("yardstick")]
+        base = min(others, key=lambda r: r["p50"]) if others else None
+    for r in ok.values():
+        sec = r["p50"] * 1e-3
+        r["tflops"] = r["flops"] / sec / 1e12
+        r["gb_s"] = r["bytes"] / sec / 1e9
+        if peak:
+            achieved = r["gb_s"] if bound == "memory" else r["tflops"]
+            r["pct_peak"] = 100.0 * achieved / peak
+            r["peak"] = f"{peak:g} {peak_unit}"
+            if r["pct_peak"] > 105.0:  # no kernel beats the datasheet: the timing missed work
+                r["note"] = join_notes(r.get("note", ""), "above the datasheet peak: suspect timing")
+        if base is not None:
+            r["baseline"] = base["provider"]
+            r["speedup"] = base["p50"] / r["p50"]
+    if "kt_bridge" in ok and "kt_graph" in ok:  # the same op: the bridge's cost, on each side
+        bridge, graph = ok["kt_bridge"], ok["kt_graph"]
+        bridge["bridge_overhead_ms"] = bridge["p50"] - graph["p50"]
+        bridge["bridge_host_overhead_ms"] = bridge["host_ms"] - graph["host_ms"]
+
+
+def join_notes(a: str, b: str) -> str:
+    return "; ".join(x for x in (a, b) if x)

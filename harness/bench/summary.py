@@ -1,0 +1,101 @@
+"""The short summary of saved `kt microbench` runs (what `benchmarks/gpu_run.sh` ends with):
+per kernel the row counts by status, per family its largest shapes with every provider's p50,
+and the speed targets of the kernel's spec (`KernelSpec.targets`) stated from the run's rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pykernels
+from harness.spec import KernelSpec, RatioTarget, ThroughputTarget
+
+
+def _ratio_parts(target: RatioTarget, by: dict[str, dict]) -> list[str]:
+    kt, other = by.get("kt_graph"), by.get(target.provider)
+    if kt is None or other is None:
+        return []
+    ratio = kt["p50"] / other["p50"]
+    text = f"{target.name + ' ' if target.name else ''}kt/{target.provider} {ratio:.3f}"
+    return [text + (f" ({target.verdict(ratio)})" if target.levels else "")]
+
+
+def _throughput_line(target: ThroughputTarget, r: dict) -> str:
+    if target.min_pct_peak is not None:
+        return (f"kt_graph {r['gb_s']:.0f} GB/s = {r.get('pct_peak', float('nan')):.1f}% of HBM "
+                f"(target >= {target.min_pct_peak:g}%)")
+    return f"kt_graph {r['gb_s'] / 1e3:.2f} TB/s (target >= {target.min_tb_s:g})"
+
+
+def target_lines(spec: KernelSpec, rows: list[dict]) -> list[str]:
+    """One line per case a target of `spec` applies to, from the p50s of one run: the ratio
+    targets of a case together (kt_graph against each provider, with the verdict where the
+    target has levels), then each throughput target of kt_graph (GPU rows only)."""
+    ratios = [t for t in spec.targets if isinstance(t, RatioTarget)]
+    timed = [r for r in rows if r.get("kernel", spec.name) == spec.name
+             and r["status"] == "ok" and "p50" in r]
+    cases: dict[tuple[str, str], dict[str, dict]] = {}
+    for r in timed:
+        if any(r["family"] in t.families for t in ratios):
+            cases.setdefault((r["family"], r["label"]), {})[r["provider"]] = r
+    out = []
+    for (fam, label), by in cases.items():
+        parts = [p for t in ratios if fam in t.families for p in _ratio_parts(t, by)]
+        if parts:
+            out.append(f"targets {fam} {label}: " + ", ".join(parts))
+    for t in spec.targets:
+        if not isinstance(t, ThroughputTarget):
+            continue
+        for r in timed:
+            if (r["provider"] == "kt_graph" and "gb_s" in r and r.get("backend") != "cpu"
+                    and (not t.families or r["family"] in t.families)):
+                out.append(f"targets {r['family']} {r['label']}: {_throughput_line(t, r)}")
+    return out
+
+
+def _spec_or_none(name: str | None) -> KernelSpec | None:
+    try:
+        return pykernels.get(name or "")
+    except KeyError:
+        return None
+
+
+def summary(paths: list[str], console) -> None:
+    """Compact lines per saved run: row counts by status; per family its largest shapes with
+    every provider's p50 (fastest first) and speedup; the spec's targets (`target_lines`)."""
+    for p in paths:
+        try:
+            doc = json.loads(Path(p).read_text())
+        except (OSError, ValueError) as e:
+            console.print(f"{p}: unreadable ({e})", markup=False, highlight=False)
+            continue
+        rows = doc.get("rows", [])
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        console.print(f"== {doc.get('kernel')} on {doc.get('device')} ({doc.get('timer')}): "
+                      f"{len(rows)} rows, " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+                      + (" — INTERRUPTED" if doc.get("interrupted") else
+                         " — INCOMPLETE (the run was killed)" if not doc.get("complete", True)
+                         else ""),
+                      markup=False, highlight=False)
+        for fam, info in doc.get("families", {}).items():
+            frows = [r for r in rows if r["family"] == fam]
+            if not frows:
+                continue
+            top = max(r["shape"][info["x"]] for r in frows)
+            for label in dict.fromkeys(r["label"] for r in frows if r["shape"][info["x"]] == top):
+                case = [r for r in frows if r["label"] == label]
+                timed = sorted((r for r in case if "p50" in r), key=lambda r: r["p50"])
+                parts = [f"{r['provider']}{' [yardstick]' if r.get('yardstick') else ''} "
+                         f"{r['p50']:.3f}" + (f" ({r['speedup']:.2f}x)" if "speedup" in r else "")
+                         for r in timed]
+                for status in ("WRONG", "error", "n/a"):
+                    bad = [r["provider"] for r in case if r["status"] == status]
+                    if bad:
+                        parts.append(f"{status}: {','.join(bad)}")
+                console.print(f"  {fam} {label} [ms]: " + " | ".join(parts),
+                              markup=False, highlight=False)
+        spec = _spec_or_none(doc.get("kernel"))
+        for line in target_lines(spec, rows) if spec else []:
+            console.print("  " + line, markup=False, highlight=False)

@@ -1,0 +1,122 @@
+"""`kt verify`'s body, after click parsed the flags: one child process per (kernel, device),
+a progress bar (plain lines in a log), the verdict table and the `--json` record."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+import pykernels
+from harness.build import resolve_run
+from harness.io import command_line, provenance, write_json_atomic
+from harness.spec import KernelSpec, canonical_dtype
+from harness.verify.engine import PROFILES
+from harness.verify.jobs import run_job_in_child
+from harness.verify.report import all_passed, render
+
+
+class VerifyError(Exception):
+    """A user-facing problem (unknown kernel or dtype, bad --replay, ...); one line."""
+
+
+def specs_named(names: tuple[str, ...] | list[str]) -> list[KernelSpec]:
+    """The specs called `names`, or every discovered one; VerifyError on an unknown name."""
+    try:
+        return [pykernels.get(n) for n in names] if names else list(pykernels.discover().values())
+    except KeyError as e:
+        raise VerifyError(e.args[0]) from None
+
+
+def dtypes_for(spec: KernelSpec, requested: tuple[str, ...]) -> list[str]:
+    """`requested` dtypes as canonical names (all of the spec's when empty), each supported."""
+    try:
+        wanted = [canonical_dtype(d) for d in requested] if requested else list(spec.dtypes)
+    except ValueError as e:
+        raise VerifyError(str(e)) from None
+    unsupported = [d for d in wanted if d not in spec.dtypes]
+    if unsupported:
+        raise VerifyError(f"{spec.name} does not support dtype {', '.join(unsupported)} "
+                          f"(supported: {', '.join(spec.dtypes)})")
+    return wanted
+
+
+def parse_replay(specs: list[KernelSpec], replay: str) -> dict:
+    """The case of `--replay`, checked against the one kernel's spec."""
+    if len(specs) != 1:
+        raise VerifyError("--replay takes exactly one kernel")
+    try:
+        case = json.loads(replay)
+        problem = specs[0].validate(case["shape"], case["params"])
+        _ = case["dtype"]  # a printed case names its dtype
+    except (ValueError, KeyError, TypeError) as e:
+        raise VerifyError(f"--replay is not a case printed by kt verify ({e})") from None
+    if problem:
+        raise VerifyError(f"--replay: {problem}")
+    return case
+
+
+def verify_command(kernels, device, dtypes, examples, seed, package, json_path, profile, replay,
+                   no_triton, out, err) -> int:
+    """`kt verify`: returns the exit code (0: every verdict PASS); VerifyError on bad input,
+    on Ctrl-C (after the results so far are shown and saved) and when every job failed with
+    the same build error."""
+    specs = specs_named(kernels)
+    try:
+        targets, package = resolve_run(device, package)
+    except ValueError as e:
+        raise VerifyError(str(e)) from None
+    case = None
+    if replay is not None:
+        case = parse_replay(specs, replay)
+        dtypes = (case["dtype"],)
+    prof = PROFILES[profile or ("ci" if os.environ.get("CI") else "local")]
+    jobs = [
+        {"kernel": s.name, "dtypes": dtypes_for(s, dtypes), "device": d.kind, "package": package,
+         "examples": examples or prof.examples, "seed": seed, "profile": prof.name,
+         "replay": case, "triton": not no_triton}
+        for s in specs for d in targets
+    ]
+    results: list[dict] = []
+    record = {"command": command_line(), "provenance": provenance(targets),
+              "profile": prof.name, "results": results}
+    interrupted = False
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                  console=err, transient=True) as progress:
+        try:
+            for job in jobs:
+                label = f"{job['kernel']} on {job['device']}"
+                task = progress.add_task(label, total=job["examples"] + 1)
+
+                def on_event(ev, task=task, label=label):
+                    if ev["event"] == "compiling":
+                        progress.update(task, description=f"{label}: compiling {ev['dtype']}")
+                    elif ev["event"] == "example":
+                        progress.update(task, description=f"{label}: examples", completed=ev["n"],
+                                        total=max(ev["n"], progress.tasks[task].total or 0))
+                    if not err.is_terminal:  # plain lines for CI logs, where bars don't draw
+                        if ev["event"] == "compiled":
+                            err.print(f"{label}: compiled {ev['dtype']} in {ev['seconds']:.1f} s")
+                        elif ev["event"] == "example" and ev["n"] % 50 == 0:
+                            err.print(f"{label}: {ev['n']} examples")
+
+                results.append(run_job_in_child(job, on_event))
+                progress.update(task, completed=progress.tasks[task].total)
+        except KeyboardInterrupt:
+            interrupted = True
+    errors = {r["message"] for r in results if r["status"] == "error"}
+    if results and len(errors) == 1 and all(r["status"] == "error" for r in results):
+        if json_path:
+            write_json_atomic(json_path, record)
+        raise VerifyError(errors.pop())
+    render(results, out, package)
+    if json_path:
+        record["interrupted"] = interrupted
+        write_json_atomic(json_path, record)
+        out.print(f"results written to {json_path}")
+    if interrupted:
+        raise VerifyError("interrupted: the results so far are above"
+                          + (f" and in {json_path}" if json_path else ""))
+    return 0 if all_passed(results) else 1

@@ -1,0 +1,90 @@
+"""`benchmarks/<kernel>.toml`: every kernel's file parses and each shape validates against its
+spec; a bad file is one clear error; the warm jobs gpu_run.sh runs come from it."""
+
+import pytest
+
+import pykernels
+from harness.bench import MicrobenchError
+from harness.bench.families import (family_file, load_bench_file, load_families,
+                                    select_families, validate_bench_shape, warm_jobs)
+from harness.bench.providers import providers_of, select_providers
+
+
+@pytest.mark.parametrize("kernel", list(pykernels.discover()))
+def test_family_files_parse_and_every_shape_validates(kernel):
+    spec = pykernels.get(kernel)
+    families = load_families(spec)
+    assert {f.device for f in families.values()} == {"cpu", "gpu"}
+    for fam in families.values():
+        assert fam.dtype == "bfloat16" and fam.bound in ("compute", "memory")
+        for shape, params in fam.cases:
+            assert validate_bench_shape(spec, shape, params) is None
+            assert shape == spec.complete({a.name: shape[a.name] for a in spec.axes})
+            assert set(params) == {p.name for p in spec.params}
+        if fam.device == "cpu":  # CI shapes stay small
+            assert max(spec.flops(s, p) for s, p in fam.cases) < 1e8
+    assert set(spec.providers) <= set(providers_of(spec))
+
+
+def test_bench_shapes_keep_every_check_but_the_upper_bounds():
+    spec = pykernels.get("rms_norm")
+    assert validate_bench_shape(spec, {"M": 32768, "N": 4096}, {}) is None
+    assert "axis M" in validate_bench_shape(spec, {"M": 0, "N": 4096}, {})
+    assert "unknown axes" in validate_bench_shape(spec, {"M": 4, "N": 4, "K": 1}, {})
+    att = pykernels.get("fused_rope_attention")
+    shape = {"B": 1, "Sq": 4096, "cache": 0, "Hk": 8, "group": 4, "D": 100}
+    assert "axis D" in validate_bench_shape(att, shape, {})  # choices stay strict
+
+
+def test_bad_family_file_is_one_clear_error(tmp_path):
+    spec = pykernels.get("rms_norm")
+    bad = tmp_path / "f.toml"
+    bad.write_text('[families.x]\nbound = "compute"\nshapes = [{ M = 4 }]\n')
+    with pytest.raises(MicrobenchError, match=r"families.x.*missing axes N"):
+        load_families(spec, bad)
+    with pytest.raises(MicrobenchError, match="unknown shape family nope"):
+        select_families(spec, load_families(spec), ["nope"], "cpu")
+    with pytest.raises(MicrobenchError, match="unknown provider nope"):
+        select_providers(spec, "torch_eager,nope")
+
+
+
+
+def test_the_kernel_key_must_name_the_spec_and_unknown_keys_are_refused(tmp_path):
+    spec = pykernels.get("rms_norm")
+    text = family_file("rms_norm").read_text()
+    assert 'kernel = "rms_norm"' in text
+    stale = tmp_path / "stale.toml"
+    stale.write_text(text.replace('kernel = "rms_norm"', 'kernel = "rope"'))
+    with pytest.raises(MicrobenchError, match="kernel = 'rope', but the file belongs to 'rms_norm'"):
+        load_families(spec, stale)
+    typo = tmp_path / "typo.toml"
+    typo.write_text("baselin = 'torch_eager'\n" + text)
+    with pytest.raises(MicrobenchError, match="unknown keys baselin"):
+        load_families(spec, typo)
+    bad_provider = tmp_path / "bad.toml"
+    bad_provider.write_text("baseline = 'nope'\n" + text)
+    with pytest.raises(MicrobenchError, match="unknown provider nope"):
+        load_families(spec, bad_provider)
+
+
+@pytest.mark.parametrize("kernel", list(pykernels.discover()))
+def test_warm_jobs_compile_kt_providers_and_the_files_own(kernel):
+    spec = pykernels.get(kernel)
+    bench = load_bench_file(spec)
+    jobs = warm_jobs(spec, bench, "gpu")
+    providers = [j[0] for j in jobs]
+    assert providers[:3] == ["kt_graph", "kt_bridge", "triton"]
+    assert set(bench.warm) <= set(providers) and set(providers) <= set(providers_of(spec))
+    assert bench.time_limit_s > 0
+
+
+def test_warm_split_gives_one_job_per_distinct_value():
+    spec = pykernels.get("fused_rope_attention")
+    bench = load_bench_file(spec)
+    split = [j for j in warm_jobs(spec, bench, "gpu") if len(j) > 1]
+    gpu_cases = [c for f in bench.families.values() if f.device == "gpu" for c in f.cases]
+    keys = bench.warm_split[split[0][0]]
+    distinct = {tuple(str(c[1].get(k, c[0].get(k))) for k in keys) for c in gpu_cases}
+    assert len(split) == len(distinct) > 1
+    assert all(j[1::2] == ["--where"] * len(keys) for j in split)

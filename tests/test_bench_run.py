@@ -1,0 +1,216 @@
+"""`kt microbench`'s run: the correctness gate, unavailable and failing providers as rows,
+provenance and metrics in the rows, yardsticks, work the events miss, where a row's time
+went, one-line CLI errors, and (slow) the CPU run end to end through the CLI."""
+
+import dataclasses
+import json
+import time
+
+import pytest
+
+import pykernels
+from harness.bench.engine import CPU_TIMER_LABEL, Settings, benchmark_families, derive_metrics
+from harness.bench.families import Family
+from harness.bench.plots import plot
+from harness.bench.report import row_seconds
+from harness.io import write_json_atomic
+from harness.spec import Bound, Unavailable
+
+class _Device:
+    """A device busy until a host-clock time; `sync` waits for it."""
+
+    def __init__(self):
+        self.until = 0.0
+
+    def busy(self, ms):
+        self.until = max(time.perf_counter(), self.until) + ms / 1e3
+
+    def sync(self):
+        time.sleep(max(0.0, self.until - time.perf_counter()))
+
+
+def _row(provider, p50, **kw):
+    return {"kernel": "k", "provider": provider, "shape": {"S": 1}, "params": {}, "dtype": "bf16",
+            "device": "H100", "status": "ok", "p50": p50, "p10": p50 * 0.99, "p90": p50 * 1.01,
+            "label": "S=1", **kw}
+
+
+ROW_FIELDS = ("kernel", "provider", "shape", "params", "dtype", "metric", "unit", "p50", "p10",
+              "p90", "host_ms", "device", "backend", "driver", "versions", "git_sha", "command",
+              "status")
+
+
+def _tiny_run(providers: dict, names: list[str], **kw):
+    """rms_norm on one small CPU shape with extra providers planted in a copy of its spec."""
+    spec = pykernels.get("rms_norm")
+    spec = dataclasses.replace(spec, providers={**spec.providers, **providers})
+    fam = Family("t", "", "cpu", "float32", "memory", "M",
+                    [(spec.complete({"M": 8, "N": 64}), spec.full_params({}))])
+    settings = Settings(warmup_ms=1, min_reps=3, max_reps=5, budget_s=0.05)
+    return benchmark_families(spec, "cpu", [fam], names, settings=settings, command="kt test", **kw)
+
+
+def _wrong(device, dtype):
+    def bind(inputs, params):
+        x, w = inputs["x"], inputs["w"]
+        return lambda: (x * w * 1.01,)  # forgot the normalization
+
+    return bind
+
+
+def _unavailable(device, dtype):
+    raise Unavailable("n/a on cpu: planted")
+
+
+def _broken(device, dtype):
+    def bind(inputs, params):
+        raise ValueError("planted bind failure\nsecond line")
+
+    return bind
+
+
+def test_correctness_gate_refuses_a_wrong_provider_and_times_the_right_one():
+    rec = _tiny_run({"wrong": _wrong}, ["wrong", "torch_eager"])
+    rows = {r["provider"]: r for r in rec["rows"]}
+    assert rows["wrong"]["status"] == "WRONG"
+    assert "p50" not in rows["wrong"] and "samples_ms" not in rows["wrong"]
+    assert not rows["wrong"]["check"]["passed"] and "tolerance" in rows["wrong"]["note"]
+    assert rows["torch_eager"]["status"] == "ok" and rows["torch_eager"]["check"]["passed"]
+    assert rows["torch_eager"]["p10"] <= rows["torch_eager"]["p50"] <= rows["torch_eager"]["p90"]
+
+
+def test_unavailable_and_failing_providers_are_rows_not_crashes():
+    rec = _tiny_run({"gone": _unavailable, "broken": _broken}, ["gone", "broken", "torch_eager"])
+    rows = {r["provider"]: r for r in rec["rows"]}
+    assert rows["gone"]["status"] == "n/a" and "planted" in rows["gone"]["note"]
+    assert rows["broken"]["status"] == "error"
+    assert rows["broken"]["note"] == "ValueError: planted bind failure"
+    assert rows["torch_eager"]["status"] == "ok"
+
+
+def test_rows_carry_provenance_metrics_and_speedup(tmp_path):
+    rec = _tiny_run({}, ["torch_eager", "torch_functional"], baseline="torch_eager")
+    path = tmp_path / "r.json"
+    write_json_atomic(path, rec)
+    saved = json.loads(path.read_text())
+    assert saved["timer"] == CPU_TIMER_LABEL and saved["interrupted"] is False
+    assert {"time_utc", "gpu", "versions", "git_sha", "platform"} <= set(saved["provenance"])
+    for row in saved["rows"]:
+        missing = [f for f in ROW_FIELDS if f not in row]
+        assert not missing, missing
+        assert row["metric"] == "time" and row["unit"] == "ms" and row["command"] == "kt test"
+        assert set(row["versions"]) >= {"torch", "triton", "max", "mojo"}
+        assert row["gb_s"] == pytest.approx(row["bytes"] / (row["p50"] * 1e-3) / 1e9)
+        assert row["baseline"] == "torch_eager"
+    base = saved["rows"][0]
+    assert base["speedup"] == 1.0
+
+
+def test_plot_writes_a_png(tmp_path):
+    rec = _tiny_run({}, ["torch_eager"])
+    plot(rec, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_cpu_run_end_to_end_then_compare(kt, tmp_path):
+    plot = tmp_path / "a.png"
+    r = kt("microbench", "fused_rope_attention", "--device", "cpu", "--plot", str(plot),
+           json_out=True, timeout=600)
+    assert r.code == 0, r.output
+    assert "CPU timing (perf_counter), not comparable with GPU" in r.stdout
+    rows = r.json["rows"]
+    status = {row["provider"]: row["status"] for row in rows}
+    for p in ("kt_graph", "kt_bridge", "triton", "torch_flash", "torch_compile"):
+        assert status[p] == "ok", (p, r.output)
+    assert status["max_flash"] == "n/a" and status["torch_cudnn"] == "n/a"
+    assert all("bridge_overhead_ms" in row for row in rows
+               if row["provider"] == "kt_bridge" and row["status"] == "ok")
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    for row in rows:
+        assert not [f for f in ROW_FIELDS if f not in row and row["status"] == "ok"]
+
+    # an old run 10x faster than this one: every matched row is a regression, exit code 1
+    old = dict(r.json)
+    old["rows"] = [dict(row, **{k: row[k] / 10 for k in ("p10", "p50", "p90") if k in row})
+                   for row in rows]
+    old_path = tmp_path / "old.json"
+    old_path.write_text(json.dumps(old))
+    r2 = kt("microbench", "fused_rope_attention", "--device", "cpu", "--shapes", "cpu",
+            "--providers", "kt_graph,torch_flash", "--compare", str(old_path), timeout=600)
+    assert r2.code == 1, r2.output
+    assert "REGRESSION" in r2.stdout and "regression(s)" in r2.stdout
+
+
+def test_cli_errors_are_one_line(kt):
+    for args, needle in ((("nosuch",), "unknown kernel 'nosuch'"),
+                         (("rope", "--shapes", "nope"), "unknown shape family nope"),
+                         (("rope", "--device", "cpu", "--providers", "x"), "unknown provider x")):
+        r = kt("microbench", *args)
+        assert r.code == 2 and r.stderr.strip().startswith("kt: error: "), r.output
+        assert needle in r.stderr and "Traceback" not in r.output
+
+
+def _yardstick(device, dtype):
+    def bind(inputs, params):
+        x = inputs["x"]
+        return Bound(lambda: (x * 2.0,), yardstick="a different computation")
+
+    return bind
+
+
+def test_yardstick_is_timed_unchecked_and_never_the_baseline():
+    rec = _tiny_run({"ruler": _yardstick}, ["ruler", "torch_eager"])
+    rows = {r["provider"]: r for r in rec["rows"]}
+    ruler = rows["ruler"]
+    assert ruler["status"] == "ok" and ruler["yardstick"] is True and "p50" in ruler
+    assert "check" not in ruler and "not checked" in ruler["note"]
+    # asked for as the baseline, it is refused: speedups stay relative to the op's providers
+    rec = _tiny_run({"ruler": _yardstick}, ["ruler", "torch_eager"], baseline="ruler")
+    assert {r["baseline"] for r in rec["rows"]} == {"torch_eager"}
+
+
+def test_a_yardstick_faster_than_everything_is_still_not_the_baseline():
+    rows = [_row("ruler", 0.5, yardstick=True, flops=1.0, bytes=1.0),
+            _row("torch_cudnn", 1.0, flops=1.0, bytes=1.0),
+            _row("kt_graph", 0.8, flops=1.0, bytes=1.0)]
+    derive_metrics(rows, "cpu", None, "memory", None, gpu=False)
+    assert {r["baseline"] for r in rows} == {"torch_cudnn"}
+    assert rows[0]["speedup"] == pytest.approx(2.0)
+
+
+def _unseen(device, dtype):
+    """A MAX-like provider whose work the timer cannot see: `run` returns at once while its
+    'device' stays busy 3 ms; only `sync` waits for it (events on the wrong stream)."""
+    spec = pykernels.get("rms_norm")
+
+    def bind(inputs, params):
+        out = spec.reference(inputs, params)
+        dev = _Device()
+
+        def run():
+            dev.busy(3.0)
+            return out
+
+        return Bound(run, stream=1, sync=dev.sync)
+
+    return bind
+
+
+def test_work_the_events_missed_is_timed_host_synchronized():
+    rec = _tiny_run({"unseen": _unseen}, ["unseen"])
+    (row,) = rec["rows"]
+    assert row["status"] == "ok" and "events missed MAX's stream" in row["note"]
+    assert row["p50"] >= 2.5 and row["launch_hidden"] is False
+
+
+def test_rows_say_where_their_time_went():
+    row = {"prepare_s": 13.1, "bind_s": 0.0, "first_call_s": 1.5, "bench_s": 1.9}
+    assert row_seconds(row) == "prepare 13.1 s, first call + check 1.5 s, timing 0.4 s"
+    assert row_seconds({"bind_s": 0.001}) == "< 0.1 s"
+    rec = _tiny_run({}, ["torch_eager", "torch_functional"])
+    first, second = rec["rows"]
+    assert "prepare_s" in first and "bench_s" in first and first["bench_s"] > 0
+    assert "prepare_s" in second  # each provider's own prepare
+
+

@@ -1,0 +1,69 @@
+"""Result files and provenance: atomic 0644 JSON, the git sha (KT_GIT_SHA, `-dirty`), and
+nothing the install writes is tracked (else every fresh clone reports `-dirty`)."""
+
+import json
+import os
+import stat
+import subprocess
+
+import pytest
+
+from harness import io
+
+
+def test_json_is_written_whole_and_group_readable(tmp_path):
+    path = tmp_path / "sub" / "r.json"
+    io.write_json_atomic(path, {"a": 1})
+    io.write_json_atomic(path, {"a": 2, "p": tmp_path})  # Paths are written as strings
+    assert json.loads(path.read_text()) == {"a": 2, "p": str(tmp_path)}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temp file left
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "r.json"
+    io.write_json_atomic(path, {"a": 1})
+    loop: dict = {}
+    loop["self"] = loop
+    with pytest.raises(ValueError, match="Circular"):
+        io.write_json_atomic(path, loop)
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def _git(repo, *args):
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                   check=True, capture_output=True)
+
+
+def test_git_sha_says_dirty_and_kt_git_sha_overrides(tmp_path, monkeypatch):
+    monkeypatch.delenv("KT_GIT_SHA", raising=False)
+    monkeypatch.setattr(io, "REPO", tmp_path)
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "f").write_text("1")
+    _git(tmp_path, "add", "f")
+    _git(tmp_path, "commit", "-q", "-m", "x")
+    sha = io.git_sha()
+    assert sha and len(sha) == 40
+    (tmp_path / "untracked").write_text("")
+    assert io.git_sha() == sha
+    (tmp_path / "f").write_text("2")
+    assert io.git_sha() == sha + "-dirty"
+    monkeypatch.setenv("KT_GIT_SHA", "abc123")
+    assert io.git_sha() == "abc123"
+    assert io.provenance()["git_sha"] == "abc123"
+
+
+def test_nothing_the_install_writes_is_tracked():
+    tracked = subprocess.run(["git", "-C", str(io.REPO), "ls-files"], capture_output=True,
+                             text=True).stdout.splitlines()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    assert not [f for f in tracked if ".egg-info" in f or "__pycache__" in f]
+
+
+def test_provenance_names_versions_and_devices():
+    prov = io.provenance()
+    assert {"time_utc", "host", "platform", "python", "gpu", "versions", "git_sha"} <= set(prov)
+    assert {"torch", "triton", "max", "mojo"} <= set(prov["versions"])
+    assert os.environ.get("KT_GIT_SHA") or prov["git_sha"] is None or len(prov["git_sha"]) >= 40

@@ -1,0 +1,89 @@
+"""RMSNorm: the reference against `torch.nn.functional.rms_norm`, the golden cases against
+the bugs they guard against, the Mojo op's scalar order, planted Mojo bugs and the Triton
+twin on extra cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pykernels
+import twins
+from harness.spec import Case
+from kernel_helpers import fails_rule, golden_case, inputs_for
+from plants import Plant, assert_caught
+
+SPEC = pykernels.get("rms_norm")
+
+
+def test_kernel_params_in_op_order():
+    """The Mojo op takes its scalars in exactly this order."""
+    assert [p.name for p in SPEC.kernel_params()] == ["eps"]
+
+
+@pytest.mark.parametrize("m,n", [(1, 1), (3, 129), (16, 4096), (5, 127)])
+@pytest.mark.parametrize("eps", [1e-5, 1e-6])
+@pytest.mark.parametrize("input_scale", [1.0, 0.01])
+def test_rms_norm_matches_torch(m, n, eps, input_scale):
+    spec = pykernels.get("rms_norm")
+    _, params, inp = inputs_for(spec, {"M": m, "N": n}, {"eps": eps, "input_scale": input_scale})
+    (y,) = spec.reference(inp, params)
+    eps32 = torch.tensor(eps, dtype=torch.float32).item()
+    torch.testing.assert_close(y, F.rms_norm(inp["x"], (n,), inp["w"], eps32), rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_rms_norm_zero_rows_give_zero():
+    spec = pykernels.get("rms_norm")
+    _, params, inp = inputs_for(spec, {"M": 4, "N": 64}, {"input_scale": 0.0}, torch.float16)
+    (y,) = spec.reference(inp, params)
+    assert torch.equal(y, torch.zeros_like(y))
+
+
+def test_golden_catches_eps_outside_the_square_root_and_missing_eps():
+    spec = pykernels.get("rms_norm")
+
+    def eps_outside(inp, params):
+        x, w = inp["x"].float(), inp["w"].float()
+        rms = x.square().mean(-1, keepdim=True).sqrt() + params["eps"]
+        return ((x / rms * w).to(inp["x"].dtype),)
+
+    def no_eps(inp, params):
+        x, w = inp["x"].float(), inp["w"].float()
+        return ((x * torch.rsqrt(x.square().mean(-1, keepdim=True)) * w).to(inp["x"].dtype),)
+
+    assert fails_rule(spec, golden_case(spec, "eps outside"), torch.float32, eps_outside)
+    assert fails_rule(spec, golden_case(spec, "all-zero rows"), torch.bfloat16, no_eps)
+
+
+PLANTS = [
+    Plant("rms_norm_eps_outside_sqrt", "rms_norm", "rms_norm.mojo",
+          "var r = rsqrt(_sum_squares[dtype](x, n) / Float32(n) + eps)",
+          "var r = rsqrt(_sum_squares[dtype](x, n) / Float32(n)) + eps"),
+    Plant("rms_norm_forgets_weight", "rms_norm", "rms_norm.mojo",
+          "y[unsafe_offset=j] = (v * r * w[unsafe_offset=j].cast[DType.float32]()).cast[dtype]()",
+          "y[unsafe_offset=j] = (v * r).cast[dtype]()"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("p", PLANTS, ids=[p.name for p in PLANTS])
+def test_planted_bug_is_caught(kt, tmp_path, p):
+    assert_caught(kt, tmp_path, p)
+
+
+TWIN_EXTRA = twins.register("rms_norm", [
+    Case({"M": 509, "N": 1000}, {"input_scale": 4.0}, "many rows per program, prime M"),
+], "extra")
+
+
+@pytest.mark.parametrize("twin_case", TWIN_EXTRA)
+def test_twin_interpreted(twin_case):
+    twins.assert_interpreted(twin_case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("twin_case", TWIN_EXTRA)
+def test_twin_cuda(twin_case):
+    twins.assert_compiled(twin_case)
