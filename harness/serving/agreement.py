@@ -130,3 +130,11 @@ def compare_texts(stock: list[str], other: list[str]) -> Agreement:
             at = next((k for k, (x, y) in enumerate(zip(s, o)) if x != y), min(len(s), len(o)))
             a.mismatches.append(f"prompt {i}: texts differ at character {at}: {s[at:at + 20]!r} vs {o[at:at + 20]!r}")
     return a
+
+
+def compare_probes(stock: dict, other: dict, tol: float = DEFAULT_TOL) -> Agreement:
+    """Two probe records (`probe.json`): their top-k logprob steps where both servers served them,
+    else their greedy texts."""
+    if "steps" in stock and "steps" in other:
+        return compare(stock["steps"], other["steps"], tol=tol)
+    return compare_texts(stock["texts"], other["texts"])

@@ -134,7 +134,8 @@ def serve_bench(model, engines, custom_kernel_path, pythons, engine_env, base_ur
                 request_timeout, cost_per_hour, agreement_tol) -> None:
     """Serve MODEL with each engine, drive the same streaming workloads, compare."""
     from .engines.base import ServingSettings
-    from .runner import BenchConfig, BenchError, RunFailed, RunInterrupted, parse_engines, serve_bench as run
+    from .config import BenchConfig, BenchError, RunFailed, RunInterrupted, parse_engines
+    from .runner import serve_bench as run
 
     try:
         slos = metrics.parse_goodput(goodput)

@@ -14,7 +14,6 @@ did not measure.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import threading

@@ -10,8 +10,6 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from harness.io import write_json_atomic  # noqa: F401 (runner writes through report)
-
 COLUMNS = [
     ("engine", "engine", "{}"),
     ("dataset", "dataset_name", "{}"),
@@ -106,11 +104,11 @@ def run_markdown(run: dict, rows: list[dict]) -> str:
         f"- command: `{run['command']}`",
         f"- kt git sha: {run['kt_git_sha']}; date (UTC): {run['date']}",
         f"- model: {run['model'].get('path')} ({(run['model'].get('kt_model') or {}).get('preset', 'not kt-made')})",
-        f"- devices: " + ("; ".join(f"{g['name']} (driver {g['driver']}, {g['memory_total_mib']} MiB)" for g in gpus)
+        "- devices: " + ("; ".join(f"{g['name']} (driver {g['driver']}, {g['memory_total_mib']} MiB)" for g in gpus)
                           if gpus else "no GPU seen by nvidia-smi"),
         f"- datasets: {', '.join(run['datasets'])}; input {run['input_len']} / output {run['output_len']} tokens "
         "(output forced: EOS ignored, every request's length checked from the server's usage)",
-        f"- prompts per load point: " + ", ".join(f"{k} {v}" for k, v in run["prompts_per_point"].items()),
+        "- prompts per load point: " + ", ".join(f"{k} {v}" for k, v in run["prompts_per_point"].items()),
         f"- start-up: **{run['startup_mode']}**"
         + (" — every engine's server started at once; each cold start below was measured while the others "
            "were starting too, and each engine was measured while the not-yet-measured others sat idle "

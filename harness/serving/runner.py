@@ -25,130 +25,28 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
-import platform
 import shlex
-import shutil
-import subprocess
+import signal
 import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from harness.io import git_sha
+from harness.io import write_json_atomic
 
 from . import agreement, client, metrics, report, workload
-from .engines import Engine, EngineNotFound, EngineOptions, get_engine
+from .config import (STARTUP_MODES, BenchConfig, BenchError, Live, RunFailed, RunInterrupted, build_workloads,
+                     checkpoint_dtype, engine_lives, fit_to_gpu, prompts_for, read_model_config)
 from .engines.base import ServingSettings
 from .gpumem import GpuMonitor
-from .maxkt import check_kernel_path
-from .process import Interrupted, ServerError, ServerProcess, free_port, port_in_use
-
-REPO = Path(__file__).resolve().parents[2]
-STARTUP_MODES = ("serial", "concurrent")
-
-
-class BenchError(RuntimeError):
-    """Bad input or a missing environment, found before any work: one line, exit 2."""
-
-
-class RunFailed(RuntimeError):
-    """The run finished (results written) but something failed: one line, exit 1."""
-
-
-class RunInterrupted(RuntimeError):
-    """Ctrl-C / SIGTERM: servers stopped, what finished was written; exit 130."""
-
-
-@dataclass
-class EngineRun:
-    engine: str  # plug-in name
-    label: str  # name in the report: max, max+kt, vllm
-    opts: EngineOptions
-    base_url: str | None = None
-
-
-@dataclass
-class BenchConfig:
-    model: Path
-    runs: list[EngineRun]
-    out: Path
-    datasets: list[str] = field(default_factory=lambda: ["random"])
-    num_prompts: int = 8
-    prompts_per_load: float = 0.0  # adds this many prompts per unit of load (concurrency or req/s)
-    input_len: int = 64
-    output_len: int = 32
-    points: list[client.LoadPoint] = field(default_factory=lambda: [client.LoadPoint(max_concurrency=1)])
-    num_warmups: int = 1
-    goodput: dict[str, float] = field(default_factory=dict)
-    seed: int = 0
-    host: str = "127.0.0.1"
-    port: int | None = None
-    startup: str = "serial"
-    startup_timeout_s: float = 600.0
-    request_timeout_s: float = 600.0
-    cost_per_hour: float | None = None
-    command: str = ""
-    probe: bool = True  # greedy top-k logprob probe per engine, compared across max and max+kt
-    agreement_tol: float | None = None  # None: by dtype (agreement.default_tol)
-
-
-def parse_engines(names: list[str], custom_kernel_path: Path | None, pythons: dict[str, str],
-                  base_url: str | None, device: str, seed: int, settings: ServingSettings | None = None,
-                  engine_env: dict[str, dict[str, str]] | None = None) -> list[EngineRun]:
-    """'max', 'max+kt' (MAX with --custom-kernel-path, default kt's kernels/), 'vllm', ...
-    `engine_env` maps an engine's plug-in name (max covers max+kt) to its extra variables."""
-    runs = []
-    settings = settings or ServingSettings()
-    for name in names:
-        base, _, variant = name.partition("+")
-        if variant not in ("", "kt"):
-            raise BenchError(f"unknown engine variant {name!r} (use ENGINE or max+kt)")
-        if variant == "kt" and base != "max":
-            raise BenchError(f"{name!r}: kt's kernels plug into MAX only (max+kt)")
-        try:
-            engine = get_engine(base)
-        except EngineNotFound as e:
-            raise BenchError(str(e)) from None
-        opts = EngineOptions(python=pythons.get(base), device=device, seed=seed, settings=settings,
-                             env=dict((engine_env or {}).get(base, {})))
-        if variant == "kt" or (base == "max" and custom_kernel_path and len(names) == 1):
-            path = custom_kernel_path or REPO / "kernels"
-            try:
-                opts.custom_kernel_path = check_kernel_path(path)
-            except FileNotFoundError as e:
-                raise BenchError(str(e)) from None
-        try:
-            engine.check(opts)
-        except ValueError as e:
-            raise BenchError(str(e)) from None
-        runs.append(EngineRun(base, name if variant else engine.label(opts), opts, base_url))
-    return runs
-
-
-def read_model_config(model: Path) -> dict:
-    """The model folder's config.json (empty when there is none); one line when it is unreadable."""
-    p = Path(model) / "config.json"
-    if not p.exists():
-        return {}
-    try:
-        cfg = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BenchError(f"{p} is not valid JSON: {getattr(e, 'msg', e)}") from None
-    if not isinstance(cfg, dict):
-        raise BenchError(f"{p} is not a JSON object")
-    return cfg
-
-
-def checkpoint_dtype(model_cfg: dict) -> str | None:
-    d = model_cfg.get("torch_dtype") or model_cfg.get("dtype")
-    return d if isinstance(d, str) else None
+from .process import ServerError, ServerProcess, free_port, port_in_use
+from .records import gpu_info, result_row, run_record
 
 
 def _get_json(url: str, timeout: float = 5.0) -> dict:
@@ -165,81 +63,6 @@ def served_model(base_url: str) -> str:
     if not ids:
         raise BenchError(f"{base_url}/v1/models lists no model")
     return ids[0]
-
-
-def gpu_info() -> list[dict] | None:
-    """Name, driver and memory of each GPU nvidia-smi sees; None without nvidia-smi."""
-    smi = shutil.which("nvidia-smi")
-    if not smi:
-        return None
-    try:
-        r = subprocess.run([smi, "--query-gpu=index,name,driver_version,memory.total",
-                            "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    out = []
-    for line in r.stdout.splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 4:
-            out.append({"index": parts[0], "name": parts[1], "driver": parts[2], "memory_total_mib": parts[3]})
-    return out
-
-
-def model_provenance(model: Path) -> dict:
-    out = {"path": str(model)}
-    for name in ("config.json", "kt_model.json"):
-        p = Path(model) / name
-        if p.exists():
-            try:
-                out[name.removesuffix(".json")] = json.loads(p.read_text())
-            except (OSError, ValueError):
-                out[name.removesuffix(".json")] = "unreadable"
-    return out
-
-
-def prompts_for(cfg: BenchConfig, point: client.LoadPoint) -> int:
-    """--num-prompts plus --prompts-per-load times the point's load (its concurrency in a closed
-    loop, its request rate in req/s in an open one)."""
-    load = point.max_concurrency if point.request_rate == float("inf") else point.request_rate
-    return cfg.num_prompts + math.ceil(cfg.prompts_per_load * (load or 0))
-
-
-@dataclass
-class Workload:
-    dataset: str
-    order: int
-    requests: list[workload.Request]  # enough for the largest point; each point takes a prefix
-
-
-@dataclass
-class Live:
-    """One engine's run: its server and what kt learned while starting it."""
-
-    run: EngineRun
-    order: int
-    engine: Engine
-    prov: dict
-    python: Path | None = None
-    argv: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
-    server: ServerProcess | None = None
-    base_url: str = ""
-    model_id: str = ""
-    started_at: float | None = None  # monotonic
-    ready_at: float | None = None  # health answered
-    first_ok_at: float | None = None  # first request succeeded: end of the cold start
-    stopped_at: float | None = None
-    startup: dict = field(default_factory=dict)
-    error: str | None = None
-    measured: bool = False
-
-    @property
-    def slug(self) -> str:
-        return self.run.label.replace("+", "_")
-
-    @property
-    def up(self) -> bool:
-        return self.server is not None and self.stopped_at is None and self.error is None
 
 
 class Bench:
@@ -266,57 +89,16 @@ class Bench:
         for run in cfg.runs:
             if run.opts.settings.dtype is None and dtype:
                 run.opts.settings = ServingSettings(**(asdict(run.opts.settings) | {"dtype": dtype}))
-        self.workloads: list[Workload] = []
-        n_max = max(prompts_for(cfg, p) for p in cfg.points)
-        try:
-            for i, ds in enumerate(cfg.datasets):
-                reqs = workload.build(ds, cfg.model, n_max, cfg.input_len, cfg.output_len, cfg.seed)
-                self.workloads.append(Workload(Path(ds).name if ds not in ("random", "sonnet", "chat") else ds,
-                                               i, reqs))
-            self.warm = workload.build(cfg.datasets[0], cfg.model, max(cfg.num_warmups, 1), cfg.input_len,
-                                       cfg.output_len, cfg.seed + 1)[: max(cfg.num_warmups, 1)]
-        except workload.DatasetError as e:
-            raise BenchError(str(e)) from None
+        self.workloads, self.warm = build_workloads(cfg)
         tok = workload.load_tokenizer(cfg.model) if (Path(cfg.model) / "tokenizer.json").exists() else None
         self.count_tokens = (lambda s: workload.count_tokens(tok, s)) if tok else None
         self.probe_prompts = agreement.probe_prompts(workload.stable_words(tok)) if tok and cfg.probe else []
         if cfg.port is not None and port_in_use(cfg.host, cfg.port):
             raise BenchError(f"port {cfg.port} on {cfg.host} is busy")
-        for order, run in enumerate(cfg.runs):
-            engine = get_engine(run.engine)
-            prov = {"label": run.label, "engine": run.engine, "base_url": run.base_url}
-            live = Live(run, order, engine, prov)
-            if not run.base_url:
-                try:
-                    live.python = engine.find_python(run.opts.python)
-                    live.env = engine.environment(run.opts)
-                    prov["engine_version"] = engine.version(live.python, live.env)
-                except EngineNotFound as e:
-                    raise BenchError(str(e)) from None
-                prov["python"] = str(live.python)
-                if live.env.get("PYTHONPATH"):
-                    prov["engine_pythonpath"] = live.env["PYTHONPATH"]
-                if run.opts.custom_kernel_path:
-                    prov["custom_kernel_path"] = str(run.opts.custom_kernel_path)
-            else:
-                prov["engine_version"] = "unknown (attached)"
-            prov |= engine.settings_record(run.opts)
-            prov["device"] = run.opts.device
-            self.lives.append(live)
+        self.lives = engine_lives(cfg)
         if any(r.opts.device.startswith("gpu") for r in cfg.runs):
             self.gpus = gpu_info()
-            weights = sum(p.stat().st_size for p in Path(cfg.model).glob("*.safetensors")) or None
-            try:
-                gpu_mib = float(self.gpus[0]["memory_total_mib"]) if self.gpus else None
-            except ValueError:
-                gpu_mib = None
-            for live in self.lives:
-                live.run.opts.gpu_memory_bytes = int(gpu_mib * 2**20) if gpu_mib else None
-                live.run.opts.weights_bytes = weights
-                try:  # the flags again, from these facts; a setting they cannot meet is one line
-                    live.prov |= live.engine.settings_record(live.run.opts)
-                except ValueError as e:
-                    raise BenchError(str(e)) from None
+            fit_to_gpu(self.lives, self.gpus, cfg.model)
 
     # ----- one engine's life
     def launch(self, live: Live) -> None:
@@ -399,7 +181,6 @@ class Bench:
 
     def measure(self, live: Live) -> None:
         cfg = self.cfg
-        label = live.run.label
         extra = live.engine.request_fields()
         # Warmups (excluded); a started server has answered the first already (its cold start).
         warm = self.warm[1:] if live.first_ok_at is not None else self.warm[: cfg.num_warmups]
@@ -443,31 +224,16 @@ class Bench:
             self.console.print(f"[yellow]{label}: probe failed, no agreement check: {e}[/]")
             return
         self.probes[label] = record
-        report.write_json_atomic(cfg.out / live.slug / "probe.json", record)
+        write_json_atomic(cfg.out / live.slug / "probe.json", record)
 
     def row(self, live, wl, pi, point, reqs, results, duration, not_sent, t0, idle) -> None:
         cfg = self.cfg
-        row = metrics.compute(results, duration, cfg.goodput)
-        mem = self.monitor.peak(live.run.label, t0)
-        whash = workload.workload_hash(reqs)
-        row |= result_header(cfg, live.run, point, live.model_id, whash, not_sent, mem["peak_mib"], row, wl,
-                             len(reqs))
-        row |= {
-            "tensor_parallel": live.run.opts.settings.tensor_parallel,
-            "settings": live.prov.get("settings"),
-            "startup": live.startup,
-            "idle_engines_during_load": idle,
-            "gpu_memory": mem,
-            "provenance": live.prov | {
-                "model": model_provenance(cfg.model), "command": cfg.command, "kt_git_sha": git_sha(),
-                "host": platform.node(), "platform": platform.platform(), "gpus": self.gpus,
-                "workload_hash": whash,
-            },
-            "engine_order": live.order, "load_order": pi, "dataset_order": wl.order,
-        }
+        row = result_row(cfg, live, wl, pi, point, metrics.compute(results, duration, cfg.goodput),
+                         num_prompts=len(reqs), whash=workload.workload_hash(reqs), not_sent=not_sent,
+                         mem=self.monitor.peak(live.run.label, t0), idle=idle, gpus=self.gpus)
         name = point.name if len(self.workloads) == 1 else f"{wl.dataset}_{point.name}"
         path = cfg.out / live.slug / f"{name}.json"
-        report.write_json_atomic(path, row)
+        write_json_atomic(path, row)
         self.rows.append(row)
         tput = row["output_throughput"]
         self.console.print(f"{live.run.label} {wl.dataset} {point.name}: {row['completed']} ok, {row['failed']} failed, "
@@ -579,29 +345,25 @@ class Bench:
             if label != base and base in self.probes:
                 dtype = next((lv.run.opts.settings.dtype for lv in self.lives if lv.run.label == label), None)
                 tol = cfg.agreement_tol if cfg.agreement_tol is not None else agreement.default_tol(dtype)
-                stock = self.probes[base]
-                if "steps" in stock and "steps" in probe:
-                    res = agreement.compare(stock["steps"], probe["steps"], tol=tol)
-                else:
-                    res = agreement.compare_texts(stock["texts"], probe["texts"])
+                res = agreement.compare_probes(self.probes[base], probe, tol)
                 checks[f"{label} vs {base}"] = asdict(res) | {"ok": res.ok, "summary": res.summary()}
                 self.console.print(f"[bold]{label} vs {base}[/]: {res.summary()}")
                 if not res.ok:
                     self.problems.append(f"{label} disagrees with {base}: {res.summary()}")
         if checks:
-            report.write_json_atomic(cfg.out / "agreement.json", checks)
+            write_json_atomic(cfg.out / "agreement.json", checks)
         summary = [{k: v for k, v in r.items() if not isinstance(v, list)} for r in self.rows]
-        report.write_json_atomic(cfg.out / "summary.json", summary)
-        run = self.run_record(interrupted, checks)
-        report.write_json_atomic(cfg.out / "run.json", run)
+        write_json_atomic(cfg.out / "summary.json", summary)
+        run = run_record(cfg, started=self.started, gpus=self.gpus, workloads=getattr(self, "workloads", []),
+                         lives=self.lives, rows=self.rows, checks=checks, problems=self.problems,
+                         interrupted=interrupted)
+        write_json_atomic(cfg.out / "run.json", run)
         report.write_text_atomic(cfg.out / "report.md", report.run_markdown(run, self.rows))
         if self.rows:
             report.print_table(self.rows, Console(width=200))
             for p in report.plots(self.rows, cfg.out):
                 self.console.print(f"plot: {p}")
         if interrupted:
-            import signal
-
             raise RunInterrupted(f"interrupted by {signal.Signals(interrupted).name}: wrote the summary, report and "
                                  f"table of the {len(self.rows)} load point(s) that finished to {cfg.out}")
         if not self.rows and not self.problems:
@@ -613,68 +375,7 @@ class Bench:
             more = f" (+{len(self.problems) - 1} more problem(s), see {cfg.out / 'run.json'})" if len(self.problems) > 1 else ""
             raise RunFailed(f"{first}{more}; {ok}/{total} requests succeeded; results in {cfg.out}")
 
-    def run_record(self, interrupted, checks) -> dict:
-        cfg = self.cfg
-        return {
-            "date": self.started,
-            "command": cfg.command,
-            "kt_git_sha": git_sha(),
-            "model": model_provenance(cfg.model),
-            "startup_mode": cfg.startup,
-            "datasets": [w.dataset for w in getattr(self, "workloads", [])],
-            "load_points": [p.name for p in cfg.points],
-            "prompts_per_point": {p.name: prompts_for(cfg, p) for p in cfg.points},
-            "input_len": cfg.input_len, "output_len": cfg.output_len,
-            "cost_per_hour_usd": cfg.cost_per_hour,
-            "gpus": self.gpus,
-            "engines": [
-                {"label": lv.run.label, "error": lv.error, "measured": lv.measured, "startup": lv.startup,
-                 "gpu_memory": lv.prov.get("gpu_memory"),
-                 "idle_engines_during_load": sorted({e for r in self.rows if r["engine"] == lv.run.label
-                                                     for e in r["idle_engines_during_load"]}),
-                 **{k: lv.prov.get(k) for k in ("engine_version", "server_command", "settings", "engine_flags",
-                                                 "engine_defaults_kept", "python", "engine_pythonpath", "device")}}
-                for lv in self.lives
-            ],
-            "agreement": checks,
-            "problems": self.problems,
-            "interrupted": bool(interrupted),
-            "load_points_finished": len(self.rows),
-        }
-
 
 def serve_bench(cfg: BenchConfig, console: Console | None = None) -> list[dict]:
     """Run the whole benchmark; return one row (metrics + provenance) per engine, dataset and load point."""
     return Bench(cfg, console).go()
-
-
-def result_header(cfg: BenchConfig, run: EngineRun, point: client.LoadPoint, model_id: str, whash: str,
-                  not_sent: int, gpu_peak_mib: float | None, row: dict, wl: Workload, num_prompts: int) -> dict:
-    """The fields of vLLM's result file that describe the run, plus kt's additions."""
-    cost = None
-    if cfg.cost_per_hour is not None and row["output_throughput"] > 0:
-        cost = cfg.cost_per_hour / (row["output_throughput"] * 3600.0) * 1e6
-    return {
-        "date": datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"),
-        "endpoint_type": "openai-chat" if wl.dataset == "chat" else "openai",
-        "backend": run.engine,
-        "label": run.label,
-        "engine": run.label,
-        "load": point.name,
-        "model_id": model_id,
-        "tokenizer_id": str(cfg.model),
-        "num_prompts": num_prompts,
-        "request_rate": "inf" if point.request_rate == float("inf") else point.request_rate,
-        "burstiness": point.burstiness,
-        "max_concurrency": point.max_concurrency,
-        "duration_cap_s": point.duration_s,
-        "not_sent": not_sent,
-        "dataset_name": wl.dataset,
-        "random_input_len": cfg.input_len,
-        "random_output_len": cfg.output_len,
-        "seed": cfg.seed,
-        "goodput_slos_ms": cfg.goodput or None,
-        "gpu_peak_memory_mib": gpu_peak_mib,
-        "cost_per_hour_usd": cfg.cost_per_hour,
-        "cost_per_1m_output_tokens_usd": cost,
-    }

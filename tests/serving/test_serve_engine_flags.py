@@ -7,9 +7,9 @@ import os
 
 import pytest
 
+from harness.serving.config import BenchError, parse_engines
 from harness.serving.engines import EngineOptions, get_engine
 from harness.serving.engines.base import ServingSettings
-from harness.serving.runner import BenchError, parse_engines
 from pathlib import Path
 
 PY = Path("/opt/env/bin/python")

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from harness.serving import client, model
+from harness.serving.config import BenchConfig, prompts_for
 from harness.serving.gpumem import GpuMonitor, parse_compute_apps
-from harness.serving.runner import BenchConfig, prompts_for
 
 REPO = Path(__file__).resolve().parents[2]
 
