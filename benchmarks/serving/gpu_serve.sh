@@ -18,7 +18,8 @@
 # MAX_MODEL_LEN (2048), CONCURRENCY (1,8,32,64,128), RATES (4,16,64), NUM_PROMPTS (16),
 # PER_LOAD (4), DURATION (10 s per load point), IN_LEN (1024), OUT_LEN (128), DATASETS
 # (random,sonnet), TP (1), COST_PER_HOUR (3.5: $/h of one H200, for cost per 1M tokens),
-# SERVE_LIMIT_S (1080: kt gets SIGINT then, and saves what finished), KT_GIT_SHA (recorded).
+# SERVE_LIMIT_S (1080: kt gets SIGINT then, and saves what finished), KT_GIT_SHA (recorded),
+# MEASURE_AFTER (a file: engines start at once, load points wait for it; another GPU job's end).
 # DEVICE=cpu rehearses the whole flow on a CPU: tiny model, .venvs engines, a small sweep.
 #
 # Progress: $RESULTS/status.txt (one line per phase), $RESULTS/serve/serve-bench.log (kt's
@@ -183,6 +184,7 @@ main() {
         --startup-timeout 1200 --request-timeout 300 --out "$RESULTS/serve")
   [ -n "$KV_SHARE" ] && args+=(--kv-cache-memory "$KV_SHARE")
   [ -n "$COST_PER_HOUR" ] && args+=(--cost-per-hour "$COST_PER_HOUR")
+  [ -n "${MEASURE_AFTER:-}" ] && args+=(--measure-after "$MEASURE_AFTER")
   stamp "kt serve-bench ${args[*]} (limit ${SERVE_LIMIT_S} s)"
   # kt writes to a file, not a pipe: nothing that a signal can kill stands between kt and its log.
   timeout -s INT -k 90 "$SERVE_LIMIT_S" $PY -m harness serve-bench "${args[@]}" >"$RESULTS/serve/serve-bench.log" 2>&1 &

@@ -104,6 +104,9 @@ def make_model(preset: str, out: Path, seed: int, gen_device: str) -> None:
 @click.option("--startup", type=click.Choice(["serial", "concurrent"]), default="serial", show_default=True,
               help="serial: one engine at a time. concurrent: start every engine at once (cold starts measured "
                    "together, marked so), then measure one at a time while the others sit idle.")
+@click.option("--measure-after", type=click.Path(dir_okay=False, path_type=Path),
+              help="Wait (at most --startup-timeout) until this file exists before the first load point, "
+                   "e.g. while another job on the same GPU finishes its timing; the wait is recorded.")
 @click.option("--dataset", default="random", show_default=True,
               help="Comma-separated: random, sonnet, chat, or JSONL paths; each runs every load point.")
 @click.option("--num-prompts", default=8, show_default=True, type=click.IntRange(1, 1_000_000),
@@ -128,7 +131,7 @@ def make_model(preset: str, out: Path, seed: int, gen_device: str) -> None:
 @click.option("--agreement-tol", type=click.FloatRange(0), help="Logprob tolerance (nats) of the max+kt vs max check "
               "[default: 0.01 for float32, 1.0 for 16-bit weights].")
 def serve_bench(model, engines, custom_kernel_path, pythons, engine_env, base_url, host, port, device,
-                tensor_parallel, dtype, max_num_seqs, max_model_len, kv_cache_memory, prefix_caching, startup,
+                tensor_parallel, dtype, max_num_seqs, max_model_len, kv_cache_memory, prefix_caching, startup, measure_after,
                 dataset, num_prompts, prompts_per_load, input_len, output_len, max_concurrency, request_rate,
                 rate_max_concurrency, burstiness, duration, num_warmups, goodput, seed, out, startup_timeout,
                 request_timeout, cost_per_hour, agreement_tol) -> None:
@@ -178,7 +181,7 @@ def serve_bench(model, engines, custom_kernel_path, pythons, engine_env, base_ur
         cfg = BenchConfig(
             model=model, runs=runs, out=out, datasets=datasets, num_prompts=num_prompts,
             prompts_per_load=prompts_per_load, input_len=input_len, output_len=output_len, points=points,
-            num_warmups=num_warmups, goodput=slos, seed=seed, host=host, port=port, startup=startup,
+            num_warmups=num_warmups, goodput=slos, seed=seed, host=host, port=port, startup=startup, measure_after=measure_after,
             startup_timeout_s=startup_timeout, request_timeout_s=request_timeout, cost_per_hour=cost_per_hour,
             command=shlex.join(["kt", *sys.argv[1:]]), agreement_tol=agreement_tol,
         )

@@ -57,6 +57,7 @@ class BenchConfig:
     port: int | None = None
     startup: str = "serial"
     startup_timeout_s: float = 600.0
+    measure_after: Path | None = None  # wait for this file before the first measurement
     request_timeout_s: float = 600.0
     cost_per_hour: float | None = None
     command: str = ""

@@ -77,6 +77,7 @@ class Bench:
         self.lives: list[Live] = []
         self.monitor = GpuMonitor()
         self.gpus = None
+        self.held = False  # --measure-after waited for already
         self.started = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
 
     # ----- before any server starts: everything that can be checked is checked
@@ -179,8 +180,26 @@ class Bench:
             progress.update(task, visible=False)
         return out
 
+    def hold(self, live: Live) -> None:
+        """--measure-after: wait until its file exists (once per run, before the first load point)."""
+        path = self.cfg.measure_after
+        if path is None or self.held:
+            return
+        self.held = True
+        t0 = time.monotonic()
+        deadline = t0 + self.cfg.startup_timeout_s
+        with self.console.status(f"waiting for {path} before measuring"):
+            while not Path(path).exists() and time.monotonic() < deadline:
+                time.sleep(1.0)
+        waited = time.monotonic() - t0
+        found = Path(path).exists()
+        live.startup["measure_after"] = {"path": str(path), "waited_s": round(waited, 1), "found": found}
+        self.console.print(f"{live.run.label}: measuring after {waited:.0f} s wait for {path}"
+                           + ("" if found else " (not there: gave up at --startup-timeout)"))
+
     def measure(self, live: Live) -> None:
         cfg = self.cfg
+        self.hold(live)
         extra = live.engine.request_fields()
         # Warmups (excluded); a started server has answered the first already (its cold start).
         warm = self.warm[1:] if live.first_ok_at is not None else self.warm[: cfg.num_warmups]

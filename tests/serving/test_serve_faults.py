@@ -169,3 +169,24 @@ def test_result_files_are_group_readable(tmp_path, tiny_model, fake_python):
     assert {p.suffix for p in files} >= {".json", ".md", ".png", ".log"}
     for p in files:
         assert p.stat().st_mode & stat.S_IRGRP, f"{p} is {oct(p.stat().st_mode)}"
+
+
+def test_measure_after_waits_for_its_file_and_records_the_wait(tmp_path, tiny_model, fake_python):
+    """--measure-after: the engine is up, but no load point starts before the file exists."""
+    out, flag = tmp_path / "o", tmp_path / "gpu-free"
+    p = subprocess.Popen([sys.executable, "-m", "harness.serving", "serve-bench", "--model", str(tiny_model),
+                          "--engines", "vllm", "--python", f"vllm={fake_python}", "--num-prompts", "2",
+                          "--output-len", "4", "--measure-after", str(flag), "--out", str(out)],
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(8)
+        assert p.poll() is None
+        assert not (out / "vllm" / "c1.json").exists()  # held back
+        flag.touch()
+        _, stderr = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 0, stderr
+    row = json.loads((out / "vllm" / "c1.json").read_text())
+    held = row["startup"]["measure_after"]
+    assert held["found"] is True and held["path"] == str(flag) and held["waited_s"] > 0
