@@ -163,3 +163,117 @@ def triton_index(inputs: Tensors) -> tuple[torch.Tensor, ...]:
     return tuple(x.to(torch.int32).contiguous() for x in (
         seq, inputs["cache_lengths"].to(torch.int64), offsets,
         inputs["lookup_table"].to(torch.int64)))
+
+
+# --- stock MAX on the same cache, timed by `kt microbench` ---------------------------------
+# MAX's Python modules are imported inside the functions, for start-up time.
+
+def _max_paged_graph(kind: str, dtype: torch.dtype, device: str, blocks_shape, q_heads: int,
+                     layer: int, scale: float):
+    """A MAX graph of MAX 26.7's own paged kernels over a cache of `blocks_shape` (heads, head
+    dim, layers and page size static, as MAX's kernels need them): `kind` "store" is
+    `rope_ragged` on k (half rotation, from a cos/sin table) then `mo.kv_cache.store.paged.ragged`
+    for k and v; "attention" is `rope_ragged` on q then `mo.mha.ragged.paged` (causal)."""
+    from max import driver, engine
+    from max.dtype import DType
+    from max.graph import BufferType, DeviceRef, Graph, TensorType, ops
+    from max.nn.attention import MHAMaskVariant
+    from max.nn.kernels import (flash_attention_ragged, rope_ragged, store_k_cache_ragged,
+                                store_v_cache_ragged)
+    from max.nn.kv_cache import MHAKVCacheParams, PagedCacheValues
+
+    from harness.build import max_dtype
+
+    _, _, layers, page, hk, d = blocks_shape
+    dev = DeviceRef.CPU() if device == "cpu" else DeviceRef.GPU(0)
+    cpu = DeviceRef.CPU()
+    io = max_dtype(dtype)
+    params = MHAKVCacheParams(dtype=io, head_dim=d, num_layers=layers, devices=[dev],
+                              n_kv_heads=hk, page_size=page)
+    rows = [TensorType(io, ["T", hk, d], dev), TensorType(io, ["T", hk, d], dev)] \
+        if kind == "store" else [TensorType(io, ["T", q_heads, d], dev)]
+    types = rows + [
+        BufferType(io, ["P", 2, layers, page, hk, d], dev),
+        TensorType(DType.uint32, ["B"], dev), TensorType(DType.uint32, ["B", "NP"], dev),
+        TensorType(DType.uint32, ["B1"], dev),
+        TensorType(DType.int64, [1], cpu), TensorType(DType.uint32, [1], cpu),
+        TensorType(DType.uint32, [1], cpu), params.dispatch_metadata_spec().tensor_type(dev),
+        TensorType(DType.float32, ["positions", d], dev)]
+    name = f"max_paged_{kind}_{q_heads}_{hk}_{d}_{layers}_{page}_{layer}"
+    with Graph(name, input_types=types) as g:
+        values = list(g.inputs)
+        x = [v.tensor for v in values[:len(rows)]]
+        blocks, cache, table, offsets, stride, max_prompt, max_cache, meta, freqs = \
+            values[len(rows):]
+        kv = PagedCacheValues(kv_blocks=blocks.buffer, cache_lengths=cache.tensor,
+                              lookup_table=table.tensor, max_prompt_length=max_prompt.tensor,
+                              max_cache_length=max_cache.tensor, page_stride=stride.tensor,
+                              attention_dispatch_metadata=meta.tensor)
+        layer_idx = ops.constant(layer, DType.uint32, device=cpu)
+        rotated = rope_ragged(x[0], offsets.tensor, cache.tensor, freqs.tensor, interleaved=False)
+        if kind == "store":
+            store_k_cache_ragged(kv, rotated, offsets.tensor, layer_idx)
+            store_v_cache_ragged(kv, x[1], offsets.tensor, layer_idx)
+            g.output()
+        else:
+            g.output(flash_attention_ragged(params, rotated, offsets.tensor, kv, layer_idx,
+                                            MHAMaskVariant.CAUSAL_MASK, scale))
+    max_device = driver.CPU() if device == "cpu" else driver.Accelerator(0)
+    return engine.InferenceSession(devices=[max_device]).load(g), max_device, params
+
+
+def max_paged_provider(kind: str, scale_of=None):
+    """prepare(device, dtype) -> bind(inputs, params) for stock MAX's paged kernels (see
+    `_max_paged_graph`), one graph per static configuration, compiled at its first case.
+    The cache is copied once per bind; the store updates the copy on every call."""
+
+    def prepare(device: str, dtype: torch.dtype):
+        models: dict = {}
+
+        def bind(inputs: Tensors, params):
+            import numpy as np
+            from max import driver
+
+            from harness.build import buffers_to_torch, max_model_bound
+            from pykernels._common import triton_inv_freq
+
+            rows = [inputs["k"], inputs["v"]] if kind == "store" else [inputs["q"]]
+            blocks = inputs["blocks"].clone(memory_format=torch.contiguous_format)
+            d = blocks.shape[-1]
+            q_heads = rows[0].shape[1]
+            scale = scale_of(params, d) if scale_of else 0.0
+            key = (tuple(blocks.shape[1:]), q_heads, int(params["layer"]), scale)
+            if key not in models:
+                models[key] = _max_paged_graph(kind, dtype, device, blocks.shape, q_heads,
+                                               int(params["layer"]), scale)
+            model, max_device, kv_params = models[key]
+            seqs = sequences(inputs)
+            max_prompt = max(n for _, n, _ in seqs)
+            max_cache = max(c + n for _, n, c in seqs)
+            angle = torch.arange(max(1, max_cache), device=blocks.device,
+                                 dtype=torch.float32)[:, None] * triton_inv_freq(d, params,
+                                                                               blocks.device)
+            freqs = torch.stack((angle.cos(), angle.sin()), dim=-1).reshape(-1, d).contiguous()
+            keep = [x.contiguous() for x in rows] + [blocks] + [
+                inputs[n].contiguous() for n in ("cache_lengths", "lookup_table", "row_offsets")]
+            args = [driver.Buffer.from_dlpack(x) for x in keep]
+            meta = kv_params.resolve_attn_key(len(seqs), max_prompt, max_cache)
+            args += [driver.Buffer.from_numpy(np.array([-1], dtype=np.int64)),
+                     driver.Buffer.from_numpy(np.array([max_prompt], dtype=np.uint32)),
+                     driver.Buffer.from_numpy(np.array([max_cache], dtype=np.uint32)),
+                     meta.pack_into_buffer(max_device, max_cache),
+                     driver.Buffer.from_dlpack(freqs)]
+            keep.append(freqs)
+
+            def to_torch(bufs):
+                return tuple(buffers_to_torch(bufs, device)) + (blocks,)
+
+            bound = max_model_bound(model, max_device, args, keep, device, to_torch)
+            bound.note = ("MAX's rope_ragged on k, then mo.kv_cache.store.paged.ragged (k, v)"
+                          if kind == "store" else
+                          "MAX's rope_ragged on q, then mo.mha.ragged.paged (causal)")
+            return bound
+
+        return bind
+
+    return prepare

@@ -191,6 +191,7 @@ SPEC = KernelSpec(
     flops=flops,
     bytes=nbytes,
     constraint=pkv.layer_ok,
+    providers={"max_paged": pkv.max_paged_provider("attention", softmax_scale)},
     golden=(
         _case(1, 1, 0, 0, 16, 1, 1, 16, "one token, empty cache: o = v of position 0 whatever "
               "the logit"),

@@ -137,6 +137,7 @@ SPEC = KernelSpec(
     flops=flops,
     bytes=nbytes,
     constraint=pkv.layer_ok,
+    providers={"max_paged": pkv.max_paged_provider("store")},
     golden=(
         _case(1, 1, 0, 0, 16, 1, 16, "one token into an empty cache: position 0, slot 0 of "
               "the sequence's first page"),
