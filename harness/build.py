@@ -143,6 +143,7 @@ def max_dtype(dtype: torch.dtype):
         torch.float16: DType.float16,
         torch.int64: DType.int64,
         torch.int32: DType.int32,
+        torch.uint32: DType.uint32,
     }[dtype]
 
 
@@ -159,12 +160,19 @@ class CompiledOp:
     _max_device: Any
 
     def __call__(self, inputs: Tensors, params: Params) -> tuple[torch.Tensor, ...]:
+        """The op's outputs, then the contents of its mutated inputs after it ran (it
+        mutates copies: `inputs` are left as they are)."""
         from max import driver
 
-        args = []
+        args, mutated = [], []
         for t in self.spec.inputs:
             x = inputs[t.name]
-            args.append(x if x.is_contiguous() else x.contiguous())
+            if t.mutable:
+                x = x.clone(memory_format=torch.contiguous_format)
+                mutated.append(x)
+                args.append(driver.Buffer.from_dlpack(x))
+            else:
+                args.append(x if x.is_contiguous() else x.contiguous())
         for p in self.spec.kernel_params():
             args.append(np.array(params[p.name], dtype=np.int32 if p.dtype == "int32" else np.float32))
         if self.device != "cpu":
@@ -174,17 +182,20 @@ class CompiledOp:
         result = tuple(torch.from_dlpack(o.to(host)) for o in outs)
         if self.device != "cpu":
             result = tuple(r.to(self.device) for r in result)
-        return result
+            self.synchronize()
+        return result + tuple(mutated)
 
     def bind(self, inputs: Tensors, params: Params):
         """A zero-argument call running the model on `inputs` (already on the op's device)
         and returning its MAX device buffers: arguments are converted once, here, and
         nothing is copied to or from the host per call, so it is what a microbenchmark times.
+        Mutated inputs are copied once, here; the op updates the copies (`run.mutated`).
         `to_torch(buffers)` views the buffers as torch tensors (DLPack, no copy where MAX
         allows it). The call is enqueued on the MAX device's stream (`stream_handle`)."""
         from max import driver
 
-        keep = [inputs[t.name] if inputs[t.name].is_contiguous() else inputs[t.name].contiguous()
+        keep = [inputs[t.name].clone(memory_format=torch.contiguous_format) if t.mutable
+                else inputs[t.name] if inputs[t.name].is_contiguous() else inputs[t.name].contiguous()
                 for t in self.spec.inputs]
         args = [driver.Buffer.from_dlpack(x) for x in keep]
         args += [driver.Buffer.from_numpy(np.array(
@@ -196,6 +207,8 @@ class CompiledOp:
             return model.execute(*args)
 
         run.keep_alive = keep  # the buffers alias these tensors' memory
+        # the mutated inputs' copies, which the op updates on every call
+        run.mutated = tuple(x for t, x in zip(self.spec.inputs, keep) if t.mutable)
         return run
 
     def stream_handle(self) -> int | None:
@@ -213,7 +226,7 @@ def compile_op(spec: KernelSpec, dtype: torch.dtype, device: str = "cpu",
     """Build the symbolic-shape graph for `spec` and load it into a MAX session."""
     from max import driver, engine
     from max.dtype import DType
-    from max.graph import DeviceRef, Graph, TensorType, ops
+    from max.graph import BufferType, DeviceRef, Graph, TensorType, ops
 
     pkg = resolve_package(package)
     dev_ref = DeviceRef.CPU() if device == "cpu" else DeviceRef.GPU(0)
@@ -223,7 +236,12 @@ def compile_op(spec: KernelSpec, dtype: torch.dtype, device: str = "cpu",
     def tensor_type(arg) -> TensorType:
         return TensorType(max_dtype(arg.torch_dtype(dtype)), shape=list(arg.dims), device=dev_ref)
 
-    input_types = [tensor_type(t) for t in spec.inputs]
+    def input_type(arg):
+        if arg.mutable:
+            return BufferType(max_dtype(arg.torch_dtype(dtype)), shape=list(arg.dims), device=dev_ref)
+        return tensor_type(arg)
+
+    input_types = [input_type(t) for t in spec.inputs]
     input_types += [
         TensorType(DType.int32 if p.dtype == "int32" else DType.float32, shape=[], device=cpu)
         for p in spec.kernel_params()
@@ -233,7 +251,9 @@ def compile_op(spec: KernelSpec, dtype: torch.dtype, device: str = "cpu",
     ext = precompiled_package(pkg)
     try:
         with Graph(name, input_types=input_types, custom_extensions=[ext]) as graph:
-            outs = ops.custom(
+            # an op that mutates a buffer is in-place: MAX orders it in the buffer's chain
+            call = ops.inplace_custom if any(t.mutable for t in spec.inputs) else ops.custom
+            outs = call(
                 spec.op,
                 device=dev_ref,
                 values=list(graph.inputs),

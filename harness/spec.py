@@ -13,7 +13,8 @@ Conventions shared by every spec:
   the reference, run on the kernel-dtype inputs it is "PyTorch in the kernel's own precision".
 - `triton(inputs, params)` runs the Triton twin on the inputs' device (under
   TRITON_INTERPRET=1 on CPU) and returns outputs in the kernel dtype.
-- Both return a tuple of tensors in `outputs` order.
+- Both return a tuple of tensors in `checked` order: the outputs, then the final contents
+  of the inputs the op mutates in place (`TensorArg.mutable`, e.g. a KV cache it writes).
 
 The provider contract (`kt microbench`): a spec's `providers` maps a name to
 `prepare(device, dtype)`, which returns `bind(inputs, params)`, which returns a `Bound` (or a
@@ -88,11 +89,17 @@ class Param:
 
 @dataclass(frozen=True)
 class TensorArg:
-    """A tensor argument. `dims` name axes; `dtype` is 'io' (the kernel's dtype) or a fixed one."""
+    """A tensor argument. `dims` name axes; `dtype` is 'io' (the kernel's dtype) or a fixed one.
+
+    `mutable`: an input the op updates in place (a MAX buffer: `ops.inplace_custom`); its
+    contents after the op are checked like an output. `partial`: the op touches only part of
+    it (a paged cache), so the byte formula counts that part, not the whole tensor."""
 
     name: str
     dims: tuple[str, ...]
     dtype: str = "io"
+    mutable: bool = False
+    partial: bool = False
 
     def concrete_shape(self, shape: Shape) -> tuple[int, ...]:
         return tuple(shape[d] for d in self.dims)
@@ -232,6 +239,12 @@ class KernelSpec:
         out = {p.name: p.choices[0] for p in self.params}
         out.update(params)
         return out
+
+    @property
+    def checked(self) -> tuple[TensorArg, ...]:
+        """What the reference returns and the rule checks: the outputs, then the mutated
+        inputs (their contents after the op)."""
+        return self.outputs + tuple(t for t in self.inputs if t.mutable)
 
     def kernel_params(self) -> tuple[Param, ...]:
         return tuple(p for p in self.params if p.kernel_arg)

@@ -154,6 +154,7 @@ def run_case(spec: KernelSpec, ops: dict[str, Callable], case: dict, device: str
             twin = check_outputs(spec, spec.triton(inputs, params), ref, base)
         except Exception as e:  # a broken twin is reported, not fatal
             twin_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    # mutated inputs too: the op and the twin update copies of them (CompiledOp.__call__)
     return CaseResult(case, mojo, twin, twin_error, inputs_unchanged(before, inputs))
 
 

@@ -15,6 +15,9 @@ from kernels.fused_rope_attention import (
     _fast_path_supported,
     _fused_rope_attention_gpu,
 )
+from kernels.paged_kv import PagedLayout
+from kernels.paged_rope_attention import paged_rope_attention_gpu
+from kernels.paged_rope_store import paged_rope_store_gpu
 from kernels.rms_norm import GPU_BLOCK as NORM_BLOCK, _rms_norm_gpu
 from kernels.rope import GPU_BLOCK as ROPE_BLOCK, RopeFreqs, _rope_gpu, _rope_gpu_launch
 
@@ -96,6 +99,58 @@ def fused_attention_all[dtype: DType](ctx: DeviceContext) raises:
             o.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
             2, 4, 8, 6, 2, 96, scale, Int32(causal), freqs, ctx,
         )
+
+
+def _u32_buffer(ctx: DeviceContext, values: List[Int]) raises -> DeviceBuffer[DType.uint32]:
+    var host = ctx.enqueue_create_host_buffer[DType.uint32](len(values))
+    ctx.synchronize()
+    for i in range(len(values)):
+        host[i] = UInt32(values[i])
+    var buf = ctx.enqueue_create_buffer[DType.uint32](len(values))
+    ctx.enqueue_copy(buf, host)
+    return buf
+
+
+def paged_all[dtype: DType](ctx: DeviceContext) raises:
+    """kt.paged_rope_store's and kt.paged_rope_attention's GPU branches, as the ops call them:
+    two sequences (3 new tokens after 2 cached, 1 after 5) in pages of 4 of a 5-page cache,
+    2 layers, 2 kv heads, 4 q heads, writing and reading layer 1; then a decode step (one
+    token per sequence), which takes the split-KV kernel for 16-bit dtypes at D 64 and 128.
+    """
+    var freqs = RopeFreqs(500000.0, 8.0, 1.0, 4.0, 8192.0)
+    var cache_lengths = _u32_buffer(ctx, [2, 5])
+    var table = _u32_buffer(ctx, [3, 1, 0, 4, 2, 0])
+    var row_offsets = _u32_buffer(ctx, [0, 3, 4])
+    var decode_offsets = _u32_buffer(ctx, [0, 1, 2])
+    # The ops pass `Pointer[..., MutAnyOrigin]` (InputTensor.unsafe_ptr()).
+    var cl = cache_lengths.unsafe_ptr().as_unsafe_any_origin()
+    var lt = table.unsafe_ptr().as_unsafe_any_origin()
+    var ro = row_offsets.unsafe_ptr().as_unsafe_any_origin()
+    var dro = decode_offsets.unsafe_ptr().as_unsafe_any_origin()
+    for d in [16, 64, 128]:
+        var lay = PagedLayout(4, 2, 2, d, 1, 3)
+        var blocks = ctx.enqueue_create_buffer[dtype](5 * 2 * 2 * 4 * 2 * d)
+        var k = ctx.enqueue_create_buffer[dtype](4 * 2 * d)
+        var v = ctx.enqueue_create_buffer[dtype](4 * 2 * d)
+        var q = ctx.enqueue_create_buffer[dtype](4 * 4 * d)
+        var o = ctx.enqueue_create_buffer[dtype](4 * 4 * d)
+        var bp = blocks.unsafe_ptr().as_unsafe_any_origin()
+        _fill_random(ctx, k, 4 * 2 * d, 1)
+        _fill_random(ctx, v, 4 * 2 * d, 2)
+        _fill_random(ctx, q, 4 * 4 * d, 3)
+        paged_rope_store_gpu[dtype](
+            bp, k.unsafe_ptr().as_unsafe_any_origin(), v.unsafe_ptr().as_unsafe_any_origin(),
+            cl, lt, ro, 4, 2, lay, freqs, ctx,
+        )
+        paged_rope_attention_gpu[dtype](
+            o.unsafe_ptr().as_unsafe_any_origin(), q.unsafe_ptr().as_unsafe_any_origin(), bp,
+            cl, lt, ro, 4, 2, 4, Float32(0.25), lay, freqs, ctx,
+        )
+        paged_rope_attention_gpu[dtype](
+            o.unsafe_ptr().as_unsafe_any_origin(), q.unsafe_ptr().as_unsafe_any_origin(), bp,
+            cl, lt, dro, 2, 2, 4, Float32(0.25), lay, freqs, ctx,
+        )
+        ctx.synchronize()
 
 
 def _fill_random(ctx: DeviceContext, buf: DeviceBuffer, n: Int, seed: Int) raises:
@@ -191,6 +246,9 @@ def main() raises:
     fused_attention_all[DType.float32](ctx)
     fused_attention_all[DType.bfloat16](ctx)
     fused_attention_all[DType.float16](ctx)
+    paged_all[DType.float32](ctx)
+    paged_all[DType.bfloat16](ctx)
+    paged_all[DType.float16](ctx)
     ctx.synchronize()
     for arg in argv():
         if arg == "--check":
