@@ -91,8 +91,10 @@ class Child:
             yield event
 
     def how_it_ended(self) -> str | None:
-        """'exit code N' / 'signal NAME' once the child exited with a failure, else None."""
+        """'exit code N' / 'signal NAME' once the child exited with a failure, else None;
+        whatever it left in its group is killed."""
         rc = self.proc.wait()
+        _signal_group(self.proc.pid, signal.SIGKILL)
         if rc == 0:
             return None
         return f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"

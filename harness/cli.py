@@ -12,6 +12,7 @@ import sys
 import click
 from rich.console import Console
 
+from harness.children import interrupt_on_sigterm
 from harness.serving.cli import make_model, serve_bench
 
 out = Console(width=None if sys.stdout.isatty() else 200)
@@ -147,9 +148,11 @@ cli.add_command(serve_bench)
 
 
 def main() -> None:
-    """Entry point: bad input is one line on stderr and a non-zero exit, never a traceback."""
+    """Entry point: bad input is one line on stderr and a non-zero exit, never a traceback;
+    SIGTERM is Ctrl-C (serve-bench installs its own handlers), exit code 130."""
     try:
-        rv = cli.main(standalone_mode=False)
+        with interrupt_on_sigterm():
+            rv = cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         err.print("kt: interrupted")
         sys.exit(130)
