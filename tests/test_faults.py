@@ -154,6 +154,16 @@ def test_sigterm_stops_verify_and_its_worker_and_saves(spinning_pkg, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_worker_dies_with_kt_even_after_sigkill(spinning_pkg):
+    run = Running("verify", "rms_norm", "--device", "cpu", "--dtype", "bfloat16", "--kernels",
+                  str(spinning_pkg), "--profile", "ci", "--no-triton")
+    run.wait_for_line("compiled bfloat16")
+    assert _left_running(str(spinning_pkg))  # the worker, spinning
+    run.stop(signal.SIGKILL)
+    _assert_nothing_left(str(spinning_pkg))
+
+
+@pytest.mark.slow
 def test_ctrl_c_keeps_the_examples_that_passed(tmp_path):
     out = tmp_path / "v.json"
     run = Running("verify", "rms_norm", "--device", "cpu", "--dtype", "float32", "--profile",

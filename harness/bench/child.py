@@ -67,7 +67,7 @@ def run_in_child(spec: KernelSpec, device: str, families: list[Family], provider
                 elif kind == "row":
                     pending.append(ev["row"])
                 elif kind == "case_done":
-                    record["rows"].extend(ev["rows"])
+                    record["rows"].extend(_relabel(spec, families[pos[0]], ev["rows"]))
                     pending = []
                     step = {}
                     _advance(pos, families)
@@ -80,8 +80,8 @@ def run_in_child(spec: KernelSpec, device: str, families: list[Family], provider
         except KeyboardInterrupt:
             child.stop()
             record["interrupted"] = True
-            _finish_partial(record, pending, families[pos[0]] if pos[0] < len(families) else None,
-                            baseline)
+            if pending:
+                _finish_partial(spec, record, pending, families[pos[0]], baseline)
             return record
         except BaseException:
             child.stop()
@@ -93,7 +93,8 @@ def run_in_child(spec: KernelSpec, device: str, families: list[Family], provider
             if not started:  # not a provider's fault: the child could not start
                 raise MicrobenchError("the benchmark process failed before any work ("
                                       f"{how}): " + " | ".join(list(child.tail)[-3:]))
-            fate = ("crash", f"its process died ({how or 'exit code 0 before the end'})")
+            last = f"; its last output: {child.tail[-1][:200]}" if child.tail else ""
+            fate = ("crash", f"its process died ({how or 'exit code 0 before the end'}){last}")
         # A provider hung or crashed: its row, then a new child from this case, without it.
         fam = families[pos[0]]
         shape, params = fam.cases[pos[1]]
@@ -105,14 +106,14 @@ def run_in_child(spec: KernelSpec, device: str, families: list[Family], provider
                 record.get("backend"), "provider": pname, "family": fam.name, "shape": shape,
                 "params": params, "label": _label(spec, fam, pos[1]), "dtype": fam.dtype,
                 "status": fate[0], "note": (fate[1] if step.get("event") == "provider" else
-                                            f"the reference {fate[1]}") + where})
+                                            f"the case's reference: {fate[1]}") + where})
         on_event({"event": "case", "record": record})
         if culprits == names:
             _advance(pos, families)
         else:
             names = [n for n in names if n != step["provider"]]
             if not names:
-                _advance_family_rest(pos, families)
+                break
     record.setdefault("interrupted", False)
     record["complete"] = not any(r["status"] in ("hang", "crash") for r in record["rows"])
     return record
@@ -124,24 +125,30 @@ def _advance(pos: list[int], families: list[Family]) -> None:
         pos[0], pos[1] = pos[0] + 1, 0
 
 
-def _advance_family_rest(pos: list[int], families: list[Family]) -> None:
-    pos[0], pos[1] = len(families), 0
-
-
 def _label(spec: KernelSpec, fam: Family, i: int) -> str:
+    """The engine's label of case `i`, from the whole family (a child that started later in
+    it sees fewer cases, so fewer params that vary)."""
     varying = {k for k in fam.cases[0][1]
                if len({json.dumps(c[1][k]) for c in fam.cases}) > 1}
     shape, params = fam.cases[i]
     return shape_label(spec, shape, params, varying)
 
 
-def _finish_partial(record: dict, pending: list[dict], fam: Family | None,
+def _relabel(spec: KernelSpec, fam: Family, rows: list[dict]) -> list[dict]:
+    for r in rows:
+        i = next((i for i, c in enumerate(fam.cases) if c == (r["shape"], r["params"])), None)
+        if i is not None:
+            r["label"] = _label(spec, fam, i)
+    return rows
+
+
+def _finish_partial(spec: KernelSpec, record: dict, pending: list[dict], fam: Family,
                     baseline: str | None) -> None:
     """The rows of the case Ctrl-C cut short, with the metrics their case allows."""
-    if pending and fam is not None and "device" in record:
+    if "device" in record:
         derive_metrics(pending, record["device"], DTYPES[fam.dtype], fam.bound, baseline,
                        record.get("device_kind") == "gpu")
-    record["rows"].extend(pending)
+    record["rows"].extend(_relabel(spec, fam, pending))
 
 
 def main(argv: list[str]) -> int:
