@@ -6,7 +6,8 @@ every shape and parameter value Hypothesis draws. MAX caches compiled graphs on 
 second `kt verify` of an unchanged kernel skips the compile. MAX does not cache the step
 before it: given a source directory, every process re-runs `mojo precompile` on it (6 to 13
 s for kt's package). `precompiled_package` does that once per package content and compiler
-version, shared by every process (and by the parallel ones of benchmarks/gpu_run.sh).
+version, shared by every process (and by the parallel ones of benchmarks/gpu_run.sh). The
+cache keeps the `PRECOMPILED_KEEP` most recently used packages ($KT_PRECOMPILED_KEEP).
 
 Also here: binding a compiled MAX model to argument buffers as a `Bound` (`max_model_bound`),
 which the stock-MAX providers of the specs use. MAX and Mojo's Python modules are imported
@@ -19,6 +20,7 @@ import fcntl
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -34,6 +36,8 @@ from harness.spec import Bound, KernelSpec, Params, Tensors
 
 REPO = Path(__file__).resolve().parents[1]
 KERNELS = REPO / "kernels"
+
+PRECOMPILED_KEEP = 32
 
 _ERROR_LINE = re.compile(r"^(?P<loc>[^\s:][^:]*\.mojo:\d+:\d+): error: (?P<msg>.*)$", re.M)
 
@@ -101,23 +105,68 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kt"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_staging(out_dir: Path) -> list[Path]:
+    """Remove the `.staging.<pid>` folders of processes that are gone (killed while
+    precompiling); returns what was removed."""
+    removed = []
+    for d in out_dir.glob(".staging.*"):
+        pid = d.name.rsplit(".", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def prune_precompiled(out_dir: Path, keep: int) -> list[Path]:
+    """Keep the `keep` most recently used `.mojoc` files of the cache (a hit refreshes a
+    file's mtime), remove the others and the lock files nobody holds that no longer guard a
+    package; returns the packages removed."""
+    packages = sorted(out_dir.glob("*.mojoc"), key=lambda f: f.stat().st_mtime, reverse=True)
+    removed = packages[max(keep, 0):]
+    for f in removed:
+        f.unlink(missing_ok=True)
+    for lock_path in out_dir.glob("*.mojoc.lock"):
+        if lock_path.with_suffix("").exists():
+            continue
+        with open(lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # a build holds it
+                continue
+            lock_path.unlink(missing_ok=True)
+    return removed
+
+
 def precompiled_package(pkg: Path) -> Path:
     """The `.mojoc` of the source package `pkg`, built by `mojo precompile` at most once per
     content (`package_digest`): concurrent callers wait on a file lock for the one that
-    builds it. A `.mojoc` file is returned as it is. BuildError on a compile error."""
+    builds it. A `.mojoc` file is returned as it is. BuildError on a compile error. A build
+    happens in `.staging.<pid>`, removed on every exit path a process sees (a later build
+    removes those of processes killed outright), then prunes the cache."""
     if pkg.is_file():
         return pkg
     out_dir = cache_dir() / "mojo_pkg"
     out = out_dir / f"{pkg.name}_{package_digest(pkg)[:20]}.mojoc"
-    if out.exists():
+    if _cache_hit(out):
         return out
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / f"{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if out.exists():  # built by another process while this one waited
+        if _cache_hit(out):  # built by another process while this one waited
             return out
         from mojo.run import subprocess_run_mojo
 
+        clean_stale_staging(out_dir)
         # the compiler names the module after the output file: build under the final name
         staging = out_dir / f".staging.{os.getpid()}"
         staging.mkdir(exist_ok=True)
@@ -129,9 +178,21 @@ def precompiled_package(pkg: Path) -> Path:
         except subprocess.CalledProcessError as e:
             raise BuildError(mojo_error_summary(e.stderr.decode(errors="replace"))) from None
         finally:
-            tmp.unlink(missing_ok=True)
-            staging.rmdir()
+            shutil.rmtree(staging, ignore_errors=True)
+    keep = os.environ.get("KT_PRECOMPILED_KEEP", "")
+    prune_precompiled(out_dir, int(keep) if keep.isdigit() else PRECOMPILED_KEEP)
     return out
+
+
+def _cache_hit(out: Path) -> bool:
+    """`out` exists; its mtime is refreshed, which `prune_precompiled` orders by."""
+    try:
+        os.utime(out)
+    except FileNotFoundError:
+        return False
+    except OSError:  # a read-only cache still serves
+        return out.exists()
+    return True
 
 
 def max_dtype(dtype: torch.dtype):

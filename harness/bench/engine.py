@@ -98,6 +98,7 @@ class _Run:
     time_it: bool
     providers: dict[str, Callable] = field(default_factory=dict)
     prepared: dict[tuple[str, str], Any] = field(default_factory=dict)
+    on_event: Callable[[dict], None] = lambda ev: None
 
 
 def benchmark_families(spec: KernelSpec, device: str, families: list[Family],
@@ -109,12 +110,14 @@ def benchmark_families(spec: KernelSpec, device: str, families: list[Family],
     'gpu'); returns the JSON-ready record. Ctrl-C stops early and returns what was measured
     (`record['interrupted']`). `check=False, time_it=False` only compiles and runs each
     provider once per case (warming MAX's, Triton's and Inductor's caches). Events for
-    progress: reference, reference_done, provider, row, case (the record so far)."""
+    progress: start (the record, before any row), reference, reference_done, provider,
+    prepared (a provider compiled), row, case (the record so far)."""
     targets = devices.select(device)
     dev = targets[-1]
     backend = backend_of(dev.torch_device) if dev.kind == "gpu" else "cpu"
     settings = settings or (cpu_settings() if dev.kind == "cpu" else Settings())
-    ctx = _Run(spec, dev.torch_device, package, settings, time_it, providers_of(spec))
+    ctx = _Run(spec, dev.torch_device, package, settings, time_it, providers_of(spec),
+               on_event=on_event)
     prov = provenance(targets)
     gpu = prov.get("gpu") or {}
     rows: list[dict] = []
@@ -131,6 +134,7 @@ def benchmark_families(spec: KernelSpec, device: str, families: list[Family],
               "versions": prov["versions"], "git_sha": prov["git_sha"], "command": command,
               "metric": "time", "unit": "ms"}
     case_rows: list[dict] = []
+    on_event({"event": "start", "record": record})
 
     def finish_case(fam: Family) -> None:
         derive_metrics(case_rows, dev.name, DTYPES[fam.dtype], fam.bound, baseline,
@@ -193,6 +197,7 @@ def _bind(ctx: _Run, pname: str, dtype: torch.dtype, inputs: Tensors, params: Pa
         except Exception as e:  # a compile error is this provider's row, not the run's end
             ctx.prepared[key] = RuntimeError(error_line(e))
         out["prepare_s"] = round(time.perf_counter() - t0, 3)
+        ctx.on_event({"event": "prepared", "provider": pname, "seconds": out["prepare_s"]})
     bind = ctx.prepared[key]
     if isinstance(bind, Exception):
         out.update(status="n/a" if isinstance(bind, Unavailable) else "error", note=str(bind))

@@ -22,7 +22,7 @@ def render(record: dict, console) -> None:
         table.add_column(col, justify="right" if col in ("p50 ms", "host ms", "TFLOP/s", "GB/s",
                                                          "% peak", "speedup") else "left",
                          overflow="fold")
-    style = {"ok": "", "WRONG": "red", "error": "red", "n/a": "yellow"}
+    style = {"ok": "", "WRONG": "red", "error": "red", "n/a": "yellow", "hang": "red", "crash": "red"}
     last = None
     for r in rows:
         case = (r["family"], r["label"])
