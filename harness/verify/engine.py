@@ -100,7 +100,7 @@ def case_problem(spec: KernelSpec, case: Any) -> str | None:
         kinds = (int,) if p.dtype == "int32" else (int, float)
         if not isinstance(v, kinds) or isinstance(v, bool):
             kind = "an integer" if p.dtype == "int32" else "a number"
-            return f"param {p.name} is a {p.dtype} kernel argument: {kind}, got {v!r}"
+            return f"param {p.name} is a kernel argument ({p.dtype}): {kind}, got {v!r}"
     return spec.validate(case["shape"], case["params"])
 
 
