@@ -16,12 +16,15 @@ inside the functions that use them, for start-up time (`kt list` needs neither).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
 import re
 import shutil
 import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -150,6 +153,7 @@ def prune_precompiled(out_dir: Path, keep: int) -> list[Path]:
 def precompiled_package(pkg: Path) -> Path:
     """The `.mojoc` of the source package `pkg`, built by `mojo precompile` at most once per
     content (`package_digest`): concurrent callers wait on a file lock for the one that
+<<<<<<< HEAD
     builds it. A `.mojoc` file is returned as it is. BuildError on a compile error. A build
     happens in `.staging.<pid>`, removed on every exit path a process sees (a later build
     removes those of processes killed outright), then prunes the cache."""
@@ -158,6 +162,28 @@ def precompiled_package(pkg: Path) -> Path:
     out_dir = cache_dir() / "mojo_pkg"
     out = out_dir / f"{pkg.name}_{package_digest(pkg)[:20]}.mojoc"
     if _cache_hit(out):
+=======
+    builds it. A `.mojoc` file is returned as it is. BuildError on a compile error.
+
+    The compiler names the module after the output file, and MAX imports it by that name, so
+    the file is named by content alone (`kt_<digest>`): a folder whose name is not a Mojo
+    identifier (`my-kernels`, `mktemp -d`'s `tmp.Ab12`) builds like any other, and copies
+    of one package share one build. A `.mojoc` file whose name is not an identifier is
+    copied there under such a name."""
+    out_dir = cache_dir() / "mojo_pkg"
+    if pkg.is_file():
+        if pkg.stem.isidentifier():
+            return pkg
+        out = out_dir / f"kt_{hashlib.sha256(pkg.read_bytes()).hexdigest()[:20]}.mojoc"
+        if not out.exists():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            tmp = out_dir / f".{out.name}.{os.getpid()}"
+            tmp.write_bytes(pkg.read_bytes())
+            os.replace(tmp, out)
+        return out
+    out = out_dir / f"kt_{package_digest(pkg)[:20]}.mojoc"
+    if out.exists():
+>>>>>>> magn
         return out
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / f"{out.name}.lock", "w") as lock:
@@ -184,6 +210,7 @@ def precompiled_package(pkg: Path) -> Path:
     return out
 
 
+<<<<<<< HEAD
 def _cache_hit(out: Path) -> bool:
     """`out` exists; its mtime is refreshed, which `prune_precompiled` orders by."""
     try:
@@ -193,6 +220,76 @@ def _cache_hit(out: Path) -> bool:
     except OSError:  # a read-only cache still serves
         return out.exists()
     return True
+=======
+@contextlib.contextmanager
+def captured_stderr():
+    """File descriptor 2 (where MAX's compiler prints its diagnostics, below Python) goes to a
+    temporary file while the block runs; yields a dict whose "text" is what was printed. The
+    caller decides whether to show it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    got: dict[str, str] = {"text": ""}
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield got
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            got["text"] = tmp.read().decode(errors="replace")
+
+
+def expected_signature(spec: KernelSpec, dtype: torch.dtype) -> str:
+    """The call kt makes to the op's `execute`, as a Mojo-like signature: outputs, inputs,
+    scalar params (in the spec's order), then the device context."""
+    def tensor(kind: str, t) -> str:
+        dt = str(t.torch_dtype(dtype)).removeprefix("torch.")
+        return f"{t.name}: {kind}[{dt}, rank={len(t.dims)}]"
+
+    args = [tensor("OutputTensor", t) for t in spec.outputs]
+    args += [tensor("InputTensor", t) for t in spec.inputs]
+    args += [f"{p.name}: {'Int32' if p.dtype == 'int32' else 'Float32'}"
+             for p in spec.kernel_params()]
+    return f"execute({', '.join(args + ['ctx: DeviceContext'])})"
+
+
+_DIAG_ERROR = re.compile(r"^(?:(?P<loc>\S+\.mojo:\d+:\d+): )?error: (?P<msg>.+)$", re.M)
+_DIAG_DECL = re.compile(r"^(?P<loc>\S+\.mojo:\d+:\d+): note: (?P<msg>.+)$", re.M)
+_DIAG_NOTE = re.compile(r"^note: (?P<msg>.+)$", re.M)
+_FIRST_SECOND = re.compile(r"^\.?(?P<what>[\w.]+) of the first value is '(?P<a>.*)' but the second "
+                           r"value is '(?P<b>.*)'$")
+
+
+def op_mismatch_summary(spec: KernelSpec, dtype: torch.dtype, diagnostics: str) -> str | None:
+    """One line from the compiler's diagnostics of a graph calling `spec.op` that failed to
+    compile: where (the error's file:line, else where the op's `execute` is declared), the
+    compiler's message (conversion types shortened, "first/second value" notes named as what
+    kt passes and what the op declares) and the call kt makes. None when the text holds no
+    Mojo error."""
+    err = _DIAG_ERROR.search(diagnostics)
+    if err is None:
+        return None
+    msg = re.sub(r" cannot be converted from '.*' to '.*'$", " does not have the declared type",
+                 err["msg"].strip())
+    notes = []
+    for n in _DIAG_NOTE.finditer(diagnostics, err.end()):
+        m = _FIRST_SECOND.match(n["msg"].strip())
+        notes.append(f"{m['what']}: kt passes {_unwrap(m['a'])}, the op declares {_unwrap(m['b'])}"
+                     if m else n["msg"].strip())
+    decl = _DIAG_DECL.search(diagnostics, err.end())
+    loc = err["loc"] or (decl["loc"] if decl else None)
+    detail = f"{msg} ({'; '.join(notes)})" if notes else msg
+    where = f"{loc}: " if loc else ""
+    return f"{where}{spec.op}: {detail}; kt calls {expected_signature(spec, dtype)}"
+
+
+def _unwrap(value: str) -> str:
+    """'Int(2)' -> '2': a compile-time value as a kernel author wrote it."""
+    m = re.fullmatch(r"Int\((-?\d+)\)", value)
+    return m[1] if m else value
+>>>>>>> magn
 
 
 def max_dtype(dtype: torch.dtype):
@@ -311,6 +408,7 @@ def compile_op(spec: KernelSpec, dtype: torch.dtype, device: str = "cpu",
     name = f"kt_{spec.name}_{str(dtype).removeprefix('torch.')}_{device}"
     ext = precompiled_package(pkg)
     try:
+<<<<<<< HEAD
         with Graph(name, input_types=input_types, custom_extensions=[ext]) as graph:
             # an op that mutates a buffer is in-place: MAX orders it in the buffer's chain
             call = ops.inplace_custom if any(t.mutable for t in spec.inputs) else ops.custom
@@ -323,6 +421,21 @@ def compile_op(spec: KernelSpec, dtype: torch.dtype, device: str = "cpu",
             graph.output(*outs)
         session = engine.InferenceSession(devices=[max_device])
         model = session.load(graph)
+=======
+        # MAX's compiler prints why a graph does not compile (an op whose `execute` does not
+        # take what the graph passes) on fd 2 and raises only "Failed to compile the model".
+        with captured_stderr() as diagnostics:
+            with Graph(name, input_types=input_types, custom_extensions=[ext]) as graph:
+                outs = ops.custom(
+                    spec.op,
+                    device=dev_ref,
+                    values=list(graph.inputs),
+                    out_types=[tensor_type(t) for t in spec.outputs],
+                )
+                graph.output(*outs)
+            session = engine.InferenceSession(devices=[max_device])
+            model = session.load(graph)
+>>>>>>> magn
     except Exception as e:  # MAX raises several types; each becomes one line
         from mojo.paths import MojoCompilationError
 
@@ -330,8 +443,14 @@ def compile_op(spec: KernelSpec, dtype: torch.dtype, device: str = "cpu",
             raise BuildError(mojo_error_summary(str(e))) from None
         if "no kernel registered" in str(e):
             raise BuildError(f"{pkg} does not register op {spec.op!r}") from None
+        summary = op_mismatch_summary(spec, dtype, diagnostics["text"])
+        if summary:
+            raise BuildError(summary) from None
         first = str(e).strip().splitlines()
-        raise BuildError(f"MAX could not build {spec.op}: {first[0] if first else type(e).__name__}") from None
+        raise BuildError(f"MAX could not build {spec.op} ({first[0] if first else type(e).__name__}); "
+                         f"kt calls {expected_signature(spec, dtype)}") from None
+    if diagnostics["text"]:  # warnings of a graph that compiled stay visible
+        sys.stderr.write(diagnostics["text"])
     return CompiledOp(spec, dtype, device, pkg, time.perf_counter() - start, model, max_device)
 
 

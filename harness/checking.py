@@ -6,9 +6,11 @@ dtype, plus a rounding-noise atol. The spec's fp32 reference math is evaluated i
 every dtype: torch's fp32 `1 / theta**e` is an ulp off in a quarter of RoPE's frequencies,
 which at position 1e5 moves angles by far more than fp16 rounding, so an fp32 truth would
 fail kernels that compute their frequencies better than torch does. The atol is one ulp of
-the kernel's dtype at the reference's largest magnitude; for fp32, 16 ulps (~2e-6
-relative), because two correct fp32 sums of a few hundred terms taken in different orders
-differ by about that much, and PyTorch's blocked reductions are often the luckier order.
+the kernel's dtype at the reference's largest magnitude (at least at the dtype's smallest
+normal, so outputs of subnormal size are still checked: an all-zero reference lets through
+no more than one subnormal ulp); for fp32, 16 ulps (~2e-6 relative), because two correct
+fp32 sums of a few hundred terms taken in different orders differ by about that much, and
+PyTorch's blocked reductions are often the luckier order.
 NaN/Inf must appear exactly where the reference has them.
 
 `reference_and_baseline` and `check_outputs` are the rule applied to a spec's outputs: what
@@ -82,7 +84,7 @@ def compare(name: str, out: torch.Tensor, ref: torch.Tensor, baseline: torch.Ten
     err = torch.where(both_finite, (o - r).abs(), torch.zeros_like(o))
     base_err = torch.where(torch.isfinite(b) & torch.isfinite(r), (b - r).abs(), torch.zeros_like(b))
     ref_scale = _finite_max(r.abs())
-    atol = eps * max(ref_scale, 1e-30)
+    atol = eps * max(ref_scale, torch.finfo(out.dtype).tiny)
     baseline_err = _finite_max(base_err)
     tolerance = k * baseline_err + atol
     bad = (err > tolerance) | nan_mismatch

@@ -113,16 +113,25 @@ def gpu_info() -> dict | None:
     return info
 
 
-def provenance(devices=None) -> dict:
-    """A JSON-ready record of the machine and software a result was measured with;
-    `devices` are `harness.devices.Device`s."""
+def host_provenance() -> dict:
+    """Where a result came from, without torch (`kt serve-bench` starts without it): time,
+    host, platform, Python, kt's package versions and git sha (`git_sha`, KT_GIT_SHA first).
+    Every command's record is built on it."""
     return {
         "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "devices": [d.label for d in devices] if devices else None,
-        "gpu": gpu_info(),
         "versions": versions(),
         "git_sha": git_sha(),
+    }
+
+
+def provenance(devices=None) -> dict:
+    """A JSON-ready record of the machine and software a result was measured with
+    (`host_provenance`, plus the devices and torch's GPU); `devices` are
+    `harness.devices.Device`s."""
+    return host_provenance() | {
+        "devices": [d.label for d in devices] if devices else None,
+        "gpu": gpu_info(),
     }

@@ -57,7 +57,9 @@ class Axis:
     """A symbolic size. Values are `lo + step*k` up to `hi`, or one of `choices`.
 
     `edges` are the awkward sizes Hypothesis always tries (1, 127/128/129, primes, ...);
-    `ci_hi` caps the range under the CI profile so a 2-core machine stays fast.
+    `ci_hi` caps the range under the CI profile so a 2-core machine stays fast; `draw_hi`
+    caps what Hypothesis draws under any profile, for an axis whose largest values
+    (a model's whole context) only golden cases and `--replay` reach.
     """
 
     name: str
@@ -67,6 +69,7 @@ class Axis:
     choices: tuple[int, ...] = ()
     edges: tuple[int, ...] = ()
     ci_hi: int | None = None
+    draw_hi: int | None = None
     doc: str = ""
 
     def allowed(self, value: int) -> bool:

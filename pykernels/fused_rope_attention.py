@@ -440,8 +440,9 @@ SPEC = KernelSpec(
         Axis("B", lo=1, hi=4, edges=(1,), ci_hi=2, doc="batch"),
         Axis("Sq", lo=1, hi=512, edges=(1, 2, 127, 128, 129), ci_hi=129,
              doc="new tokens (queries)"),
-        Axis("cache", lo=0, hi=1024, edges=(0, 1, 127, 128), ci_hi=128,
-             doc="tokens already in the KV cache before the queries"),
+        Axis("cache", lo=0, hi=131071, edges=(0, 1, 127, 128), ci_hi=128, draw_hi=1024,
+             doc="tokens already in the KV cache before the queries (up to Llama 3.1's "
+                 "131072-token context; drawn up to 1024, golden cases reach the end)"),
         Axis("Hk", lo=1, hi=8, edges=(1,), ci_hi=2, doc="kv heads"),
         Axis("group", lo=1, hi=8, edges=(1, 3, 4, 8), ci_hi=4, doc="q heads per kv head (GQA)"),
         Axis("D", choices=(16, 32, 64, 80, 96, 128, 256), doc="head dim"),
@@ -492,5 +493,8 @@ SPEC = KernelSpec(
         _case(2, 1, 1000, 2, 8, 64, "long decode, 8 q heads per kv head: the decode kernel's "
               "blocks take 4 q heads each, 4 splits of 251 keys (a ragged last one)"),
         _case(1, 1, 77, 1, 3, 128, "decode with 3 q heads per kv head: one q head per block"),
+        _case(1, 1, 131071, 1, 2, 64, "decode at the last position of Llama 3.1's 128k context: "
+              "keys rotated at positions up to 131071 (positions held in fp16, or a cos/sin "
+              "table of 8192 rows, fail)"),
     ),
 )

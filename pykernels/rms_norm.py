@@ -3,6 +3,12 @@
 Zhang & Sennrich, "Root Mean Square Layer Normalization" (NeurIPS 2019), as used by Llama
 (HF transformers `LlamaRMSNorm`). The kernel (`kernels/rms_norm.mojo`) sums squares, scales
 and multiplies by w in fp32 and rounds to the input dtype once, at the end.
+
+Inputs span the magnitudes a model feeds RMSNorm (`make_inputs`): besides N(0, s) rows,
+the "massive activations" of LLMs (Sun et al. 2024, "Massive Activations in Large Language
+Models": a few channels of 1e3-1e4 in every token), values up to fp16's limit 65504, rows of
+the dtype's subnormals, and all-zero rows (padding) among ordinary ones. Squared in fp16, an
+activation above 256 overflows; HF squares and sums in fp32, and so does the reference.
 """
 
 from __future__ import annotations
@@ -18,21 +24,56 @@ from harness.spec import Axis, Bound, Case, KernelSpec, Param, Params, Shape, Te
 from pykernels._common import bf16_rne, block_elems, f32
 
 
+# Largest finite fp16: the "fp16_max" inputs reach it in every dtype (bf16 and fp32 models
+# see such values too, and their squares need fp32 whatever the dtype).
+FP16_MAX = 65504.0
+
+
 def make_inputs(shape: Shape, params: Params, dtype: torch.dtype, device: torch.device,
                 gen: torch.Generator) -> Tensors:
-    """x ~ input_scale * N(0, 1) (input_scale 0 gives all-zero rows, where only eps keeps
-    0/0 away); w ~ N(0, 1), so a weight indexed by the wrong axis shows."""
+    """x by `magnitude`, w ~ N(0, 1) (a weight indexed by the wrong axis shows):
+    - "normal": x ~ input_scale * N(0, 1) (input_scale 0: all-zero rows, where only eps keeps
+      0/0 away; 0.01: mean(x^2) ~ eps);
+    - "outliers": the same, plus 1 to 3 channels (the same in every row) of magnitude
+      log-uniform in 1e3..1e4 with random signs, LLMs' massive activations;
+    - "fp16_max": |x| log-uniform in 1..65504, the largest element of each row 65504 (fp16's
+      limit, rounded to the dtype);
+    - "subnormal": |x| uniform below the dtype's smallest normal, random signs (mean(x^2)
+      underflows even in fp32: y = x / sqrt(eps) * w);
+    - "zero_rows": "normal" with every third row all zero (padding tokens)."""
     m, n = shape["M"], shape["N"]
-    x = torch.randn(m, n, generator=gen, device=gen.device) * params["input_scale"]
+    regime = params["magnitude"]
+    x = (torch.randn(m, n, generator=gen, device=gen.device) * params["input_scale"]).double()
+    if regime == "outliers":
+        k = int(torch.randint(1, 4, (), generator=gen, device=gen.device))
+        cols = torch.randperm(n, generator=gen, device=gen.device)[:k]
+        mag = 10.0 ** (3.0 + torch.rand(m, len(cols), generator=gen, device=gen.device,
+                                        dtype=torch.float64))
+        sign = torch.randint(0, 2, (m, len(cols)), generator=gen, device=gen.device) * 2 - 1
+        x[:, cols] = mag * sign
+    elif regime == "fp16_max":
+        mag = FP16_MAX ** torch.rand(m, n, generator=gen, device=gen.device, dtype=torch.float64)
+        mag[torch.arange(m), torch.randint(0, n, (m,), generator=gen, device=gen.device)] = FP16_MAX
+        x = mag * x.sign().where(x != 0, torch.ones_like(x))
+    elif regime == "subnormal":
+        tiny = torch.finfo(dtype).tiny if dtype.is_floating_point else 0.0
+        x = torch.rand(m, n, generator=gen, device=gen.device, dtype=torch.float64) * tiny * \
+            x.sign().where(x != 0, torch.ones_like(x))
+    elif regime == "zero_rows":
+        x[::3] = 0.0
     w = torch.randn(n, generator=gen, device=gen.device)
     return {"x": x.to(device=device, dtype=dtype), "w": w.to(device=device, dtype=dtype)}
 
 
 def reference(inputs: Tensors, params: Params) -> tuple[torch.Tensor]:
-    """y = x * rsqrt(mean(x^2, -1) + eps) * w, every step in the inputs' dtype."""
+    """HF `LlamaRMSNorm.forward`: h = x in fp32 (or wider), y = h * rsqrt(mean(h^2, -1) + eps)
+    cast back to the inputs' dtype, then times w in that dtype. Run on 16-bit inputs it is
+    PyTorch in the kernel's precision as a model runs it: the statistics in fp32, as HF takes
+    them, so squares of large activations do not overflow."""
     x, w = inputs["x"], inputs["w"]
-    ms = x.square().mean(dim=-1, keepdim=True)
-    return (x * torch.rsqrt(ms + f32(params["eps"])) * w,)
+    h = x.to(torch.promote_types(x.dtype, torch.float32))
+    ms = h.square().mean(dim=-1, keepdim=True)
+    return (w * (h * torch.rsqrt(ms + f32(params["eps"]))).to(x.dtype),)
 
 
 @triton.jit
@@ -163,7 +204,11 @@ SPEC = KernelSpec(
     params=(
         Param("eps", (1e-5, 1e-6), doc="added to mean(x^2) inside the square root"),
         Param("input_scale", (1.0, 4.0, 0.01, 0.0), kernel_arg=False,
-              doc="std of x; 0.01 makes eps matter, 0 gives zero rows, 4 keeps fp16 x^2 finite"),
+              doc="std of x (normal, outliers, zero_rows); 0.01 makes eps matter, 0 gives zero rows"),
+        Param("magnitude", ("normal", "outliers", "fp16_max", "subnormal", "zero_rows"),
+              kernel_arg=False,
+              doc="what x looks like (see make_inputs): N(0, input_scale), plus 1e3-1e4 outlier "
+                  "channels, up to 65504, subnormals, every third row zero"),
     ),
     inputs=(TensorArg("x", ("M", "N")), TensorArg("w", ("N",))),
     outputs=(TensorArg("y", ("M", "N")),),
@@ -186,5 +231,13 @@ SPEC = KernelSpec(
              "mean(x^2) ~ 1e-4 is comparable to eps: eps outside the sqrt or dropped shows"),
         Case({"M": 5, "N": 128}, {"eps": 1e-6, "input_scale": 0.0},
              "all-zero rows: y must be 0, not 0/0 = NaN"),
+        Case({"M": 9, "N": 4096}, {"eps": 1e-5, "input_scale": 1.0, "magnitude": "outliers"},
+             "massive activations (1e3-1e4 in a few channels): squared in fp16 they overflow"),
+        Case({"M": 4, "N": 8192}, {"eps": 1e-6, "input_scale": 1.0, "magnitude": "fp16_max"},
+             "values up to 65504: the sum of squares reaches ~1e12, far past fp16's range"),
+        Case({"M": 3, "N": 257}, {"eps": 1e-6, "input_scale": 1.0, "magnitude": "subnormal"},
+             "subnormal x: mean(x^2) underflows, y = x / sqrt(eps) * w (flushed to 0 it fails)"),
+        Case({"M": 7, "N": 129}, {"eps": 1e-5, "input_scale": 4.0, "magnitude": "zero_rows"},
+             "zero rows (padding) among ordinary ones: each row is normalized on its own"),
     ),
 )

@@ -20,6 +20,7 @@ The frequency math (`llama3_inv_freq`, `rope_cos_sin`, `apply_rope`, `triton_inv
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import torch
@@ -36,10 +37,39 @@ from pykernels._common import (apply_rope, bf16_rne, block_elems, freq_param_dec
 _POSITION_MAX = {"random": 8192, "long": 131072}
 
 
+# fp16's largest finite value over sqrt(2), less 1 %: a rotated pair (x1, x2) keeps its norm,
+# so pairs this large stay finite in fp16 whatever the angle.
+_FP16_PAIR_MAX = 0.99 * 65504.0 / math.sqrt(2.0)
+
+
+def _magnitude(x: torch.Tensor, regime: str, dtype: torch.dtype,
+               gen: torch.Generator) -> torch.Tensor:
+    """x ~ N(0, 1) (B, S, H, D) reshaped to `regime`'s magnitudes (see `make_inputs`)."""
+    if regime == "outliers":
+        d = x.shape[-1]
+        dims = torch.randperm(d, generator=gen, device=gen.device)[: min(d, 3)]
+        mag = 10.0 ** (3.0 + torch.rand(*x.shape[:-1], len(dims), generator=gen, device=gen.device))
+        x[..., dims] = mag * torch.where(x[..., dims] < 0, -1.0, 1.0)
+    elif regime == "fp16_max":
+        mag = _FP16_PAIR_MAX ** torch.rand(x.shape, generator=gen, device=gen.device,
+                                           dtype=torch.float64)
+        x = (mag * torch.where(x < 0, -1.0, 1.0)).float()
+    elif regime == "subnormal":
+        tiny = torch.finfo(dtype).tiny
+        x = torch.rand(x.shape, generator=gen, device=gen.device, dtype=torch.float64) * tiny * \
+            torch.where(x < 0, -1.0, 1.0)
+    return x
+
+
 def make_inputs(shape: Shape, params: Params, dtype: torch.dtype, device: torch.device,
                 gen: torch.Generator) -> Tensors:
     """q, k ~ N(0, 1); positions 0..S-1 per sequence ("arange") or uniform below 8192
-    ("random") or 131072 ("long"), different in every batch row."""
+    ("random") or 131072 ("long", Llama 3.1's context), different in every batch row. Then
+    q and k by `magnitude`: "normal" leaves them; "outliers" sets 3 head dims (the same in
+    every token and head) to 1e3-1e4, log-uniform with random signs, as the massive
+    activations of LLMs reach q and k; "fp16_max" draws |x| log-uniform in 1..46000, pairs
+    whose norm comes near fp16's limit 65504; "subnormal" draws |x| below the dtype's
+    smallest normal."""
     b, s, d = shape["B"], shape["S"], shape["D"]
     q = torch.randn(b, s, shape["Hq"], d, generator=gen, device=gen.device)
     k = torch.randn(b, s, shape["Hk"], d, generator=gen, device=gen.device)
@@ -48,6 +78,7 @@ def make_inputs(shape: Shape, params: Params, dtype: torch.dtype, device: torch.
     else:
         pos = torch.randint(0, _POSITION_MAX[params["positions"]], (b, s), generator=gen,
                             device=gen.device)
+    q, k = (_magnitude(x, params["magnitude"], dtype, gen) for x in (q, k))
     return {"q": q.to(device=device, dtype=dtype), "k": k.to(device=device, dtype=dtype),
             "positions": pos.to(device=device, dtype=torch.int64).contiguous()}
 
@@ -239,6 +270,9 @@ SPEC = KernelSpec(
         Param("positions", ("arange", "random", "long"), kernel_arg=False,
               doc="arange: 0..S-1; random: uniform < 8192; long: uniform < 131072 (fp32 angle "
                   "rounding reaches ~8e-3 rad there)"),
+        Param("magnitude", ("normal", "outliers", "fp16_max", "subnormal"), kernel_arg=False,
+              doc="q and k: N(0, 1), with 1e3-1e4 outlier dims, up to 46000 (pairs near "
+                  "fp16's limit), or subnormal (see make_inputs)"),
     ),
     inputs=(TensorArg("q", ("B", "S", "Hq", "D")), TensorArg("k", ("B", "S", "Hk", "D")),
             TensorArg("positions", ("B", "S"), dtype="int64")),
@@ -268,5 +302,14 @@ SPEC = KernelSpec(
               positions="long", theta=500000.0, factor=8.0),
         _case(2, 1, 4, 1, 6, "decode step (S = 1) at a random position with 3 pairs",
               positions="random", theta=10000.0, factor=1.0),
+        _case(1, 65, 2, 4, 128, "outlier dims of 1e3-1e4 in q and k at positions up to 128k: "
+              "the rotation must keep their magnitude", positions="long", theta=500000.0,
+              factor=8.0, magnitude="outliers"),
+        _case(2, 9, 1, 2, 64, "|q|, |k| up to 46000: rotated pairs come near fp16's limit "
+              "65504 and must not overflow", positions="random", theta=500000.0, factor=8.0,
+              magnitude="fp16_max"),
+        _case(1, 7, 1, 1, 32, "subnormal q and k: rotated, they stay subnormal (flushing them "
+              "to 0 fails)", positions="arange", theta=10000.0, factor=1.0,
+              magnitude="subnormal"),
     ),
 )

@@ -51,3 +51,37 @@ def test_concurrent_callers_share_one_build(tmp_path, monkeypatch):
     (pkg / "ops.mojo").write_text("def twice(x: Int) -> Int:\n    return x +\n")
     with pytest.raises(build.BuildError, match=r"ops\.mojo:\d+:\d+: "):
         build.precompiled_package(pkg)
+
+
+def test_a_compiled_package_file_named_unlike_an_identifier_is_copied(tmp_path, monkeypatch):
+    """MAX imports a `.mojoc` by its file name: `my-kernels.mojoc` is copied under a valid one."""
+    monkeypatch.setenv("KT_CACHE_DIR", str(tmp_path / "cache"))
+    mojoc = tmp_path / "my-kernels.mojoc"
+    mojoc.write_bytes(b"\0\1")
+    got = build.precompiled_package(mojoc)
+    assert got.stem.isidentifier() and got.read_bytes() == b"\0\1"
+    assert build.precompiled_package(mojoc) == got
+
+
+def test_compiler_diagnostics_become_one_line_naming_the_argument():
+    """The shape of MAX 26.7's message for an op whose `w` is declared rank 2 (the real
+    compiler's: tests/test_cli.py)."""
+    import pykernels
+    import torch
+
+    text = (
+        "error: invalid call to 'execute': value passed to 'w' cannot be converted from "
+        "'ManagedTensorSlice[IOSpec(), static_spec=StaticTensorSpec(Int(64))]' to "
+        "'ManagedTensorSlice[IOSpec[_, _].Input, static_spec=w.static_spec]'\n"
+        "            pkg.rms_norm.RMSNorm.execute[target = \"cpu\"](a, b, c, d, e)\n"
+        "Imported from <unknown>:19:\n"
+        "/p/rms_norm.mojo:90:9: note: function declared here\n"
+        "    def execute[\n"
+        "note: .rank of the first value is 'Int(1)' but the second value is 'Int(2)'\n")
+    line = build.op_mismatch_summary(pykernels.get("rms_norm"), torch.bfloat16, text)
+    assert line == (
+        "/p/rms_norm.mojo:90:9: kt.rms_norm: invalid call to 'execute': value passed to 'w' "
+        "does not have the declared type (rank: kt passes 1, the op declares 2); kt calls "
+        "execute(y: OutputTensor[bfloat16, rank=2], x: InputTensor[bfloat16, rank=2], "
+        "w: InputTensor[bfloat16, rank=1], eps: Float32, ctx: DeviceContext)")
+    assert build.op_mismatch_summary(pykernels.get("rms_norm"), torch.float32, "warning: x") is None

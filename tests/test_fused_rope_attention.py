@@ -175,7 +175,39 @@ PLANTS = [
           "fused_rope_attention.mojo",
           "_rotated_row(q_rot, qp.unsafe_offset(r * head_dim), head_dim, q_pos, freqs)",
           "_rotated_row(q_rot, qp.unsafe_offset(r * head_dim), head_dim, i, freqs)"),
+    # correct at every position below 2048 (fp16 holds those integers exactly), which is all
+    # kt drew before the golden case at Llama 3.1's last position
+    Plant("attention_positions_in_fp16", "fused_rope_attention", "fused_rope_attention.mojo",
+          "var angle = Float32(pos) * freqs.inv_freq(i, head_dim)",
+          "var angle = Float32(pos).cast[DType.float16]().cast[DType.float32]() * "
+          "freqs.inv_freq(i, head_dim)"),
 ]
+
+
+def test_only_the_whole_context_catches_positions_in_fp16():
+    """RoPE at positions rounded to fp16 (inf above 65504) passes every case that stays below
+    2048 tokens and fails the decode at position 131071."""
+    spec = SPEC
+
+    def fp16_positions(inp, params):
+        q, k, v = (inp[n].float() for n in ("q", "k", "v"))
+        b, sq, hq, d = q.shape
+        skv = k.shape[1]
+        qpos, kpos = torch.arange(skv - sq, skv), torch.arange(skv)
+        q = apply_rope(q, *rope_cos_sin(qpos.half().float().expand(b, sq), d, params, q.dtype))
+        k = apply_rope(k, *rope_cos_sin(kpos.half().float().expand(b, skv), d, params, q.dtype))
+        g = hq // k.shape[2]
+        scores = torch.einsum("bqhd,bkhd->bhqk", q * fra.softmax_scale(params, d),
+                              k.repeat_interleave(g, 2))
+        if params["causal"]:
+            scores = scores.masked_fill(kpos[None, :] > qpos[:, None], float("-inf"))
+        o = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.repeat_interleave(g, 2))
+        return (o.to(inp["q"].dtype),)
+
+    for fragment in ("Llama 3 8B heads (32 q, 8 kv, D 128)", "long decode, 8 q heads"):
+        assert not fails_rule(spec, golden_case(spec, fragment), torch.float32, fp16_positions)
+    assert fails_rule(spec, golden_case(spec, "last position of Llama 3.1"), torch.float32,
+                      fp16_positions)
 
 
 @pytest.mark.slow

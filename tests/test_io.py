@@ -67,3 +67,22 @@ def test_provenance_names_versions_and_devices():
     assert {"time_utc", "host", "platform", "python", "gpu", "versions", "git_sha"} <= set(prov)
     assert {"torch", "triton", "max", "mojo"} <= set(prov["versions"])
     assert os.environ.get("KT_GIT_SHA") or prov["git_sha"] is None or len(prov["git_sha"]) >= 40
+
+
+def test_every_command_takes_provenance_from_one_helper(monkeypatch):
+    """verify and microbench records are `io.provenance()`, serve-bench's are built on
+    `io.host_provenance()`: all honour KT_GIT_SHA, and nothing else in harness/ computes a
+    git sha or a host name (end to end: tests/serving/test_serve_process.py)."""
+    from harness.serving.records import kt_provenance
+
+    monkeypatch.setenv("KT_GIT_SHA", "f00d")
+    assert io.provenance()["git_sha"] == "f00d"
+    assert kt_provenance()["kt_git_sha"] == "f00d"
+    for f in (io.REPO / "harness").rglob("*.py"):
+        if f == io.REPO / "harness" / "io.py":
+            continue
+        text = f.read_text()
+        for own in ("rev-parse", "KT_GIT_SHA", "platform.node"):
+            assert own not in text, f"{f.relative_to(io.REPO)} computes its own provenance ({own})"
+    for f in ("verify/cli.py", "bench/engine.py"):
+        assert "provenance(" in (io.REPO / "harness" / f).read_text()

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 
 import pykernels
-from harness.verify.engine import PROFILES, case_json, case_strategy, make_inputs
+from harness.verify.engine import PROFILES, case_json, case_problem, case_strategy, make_inputs
 from plants import Plant, plant
 
 SPECS = list(pykernels.discover().values())
@@ -32,6 +32,39 @@ def test_drawn_cases_are_valid_for_the_spec(spec, profile):
                 assert case["shape"][a.name] <= a.ci_hi
 
     check()
+
+
+def test_a_replay_case_is_checked_in_full():
+    """What `kt verify --replay` rejects before any kernel runs (one line each, exit 2)."""
+    spec = pykernels.get("rope")
+    good = {"data_seed": 0, "dtype": "float32", "layout": "strided",
+            "params": {"theta": 10000.0, "positions": "long"},
+            "shape": {"B": 1, "S": 3, "Hk": 1, "group": 1, "D": 8}}
+    assert case_problem(spec, good) is None
+    bad = {
+        "data_seed must be an integer": [{"data_seed": "x"}, {"data_seed": True},
+                                         {"data_seed": -1}, {"data_seed": 2**31}],
+        "layout must be one of": [{"layout": "diagonal"}],
+        "dtype must be one of": [{"dtype": "int8"}],
+        "param positions must be one of": [{"params": {"positions": "far"}}],
+        "param theta is a kernel argument (float32): a number": [{"params": {"theta": "big"}}],
+        "shape must be a JSON object": [{"shape": [1, 3]}],
+        "unknown keys extra": [{"extra": 1}],
+        "axis B": [{"shape": {"B": 0, "S": 3, "Hk": 1, "group": 1, "D": 8}}],
+        "unknown params": [{"params": {"nope": 1}}],
+    }
+    for needle, changes in bad.items():
+        for change in changes:
+            problem = case_problem(spec, {**good, **change})
+            assert problem and needle in problem, (change, problem)
+    for key in good:
+        assert "the case lacks " + key in case_problem(
+            spec, {k: v for k, v in good.items() if k != key})
+    assert "JSON object" in case_problem(spec, [good])
+    att = pykernels.get("fused_rope_attention")
+    case = {"data_seed": 0, "dtype": "bfloat16", "layout": "dense", "params": {"causal": 1.5},
+            "shape": {"B": 1, "Sq": 1, "cache": 0, "Hk": 1, "group": 1, "D": 16}}
+    assert "param causal is a kernel argument (int32): an integer" in case_problem(att, case)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)

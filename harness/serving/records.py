@@ -5,13 +5,12 @@ the GPUs nvidia-smi sees)."""
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
-from harness.io import git_sha
+from harness.io import host_provenance
 
 from . import client
 from .config import BenchConfig, EngineRun, Live, Workload, prompts_for
@@ -33,6 +32,15 @@ def gpu_info() -> list[dict] | None:
         if len(parts) == 4:
             out.append({"index": parts[0], "name": parts[1], "driver": parts[2], "memory_total_mib": parts[3]})
     return out
+
+
+def kt_provenance() -> dict:
+    """kt's side of a serving record, from the helper every kt command uses: host, platform,
+    Python and versions of kt's own environment (each engine's are in its own record) and
+    kt's git sha as `kt_git_sha`."""
+    prov = host_provenance()
+    return {"kt_git_sha": prov.pop("git_sha"), **{k: prov[k] for k in ("host", "platform")},
+            "kt_python": prov["python"], "kt_versions": prov["versions"]}
 
 
 def model_provenance(model: Path) -> dict:
@@ -92,9 +100,8 @@ def result_row(cfg: BenchConfig, live: Live, wl: Workload, load_order: int, poin
         "startup": live.startup,
         "idle_engines_during_load": idle,
         "gpu_memory": mem,
-        "provenance": live.prov | {
-            "model": model_provenance(cfg.model), "command": cfg.command, "kt_git_sha": git_sha(),
-            "host": platform.node(), "platform": platform.platform(), "gpus": gpus,
+        "provenance": live.prov | kt_provenance() | {
+            "model": model_provenance(cfg.model), "command": cfg.command, "gpus": gpus,
             "workload_hash": whash,
         },
         "engine_order": live.order, "load_order": load_order, "dataset_order": wl.order,
@@ -108,7 +115,7 @@ def run_record(cfg: BenchConfig, *, started: str, gpus: list[dict] | None, workl
     return {
         "date": started,
         "command": cfg.command,
-        "kt_git_sha": git_sha(),
+        **kt_provenance(),
         "model": model_provenance(cfg.model),
         "startup_mode": cfg.startup,
         "datasets": [w.dataset for w in workloads],

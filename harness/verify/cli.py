@@ -13,7 +13,7 @@ from harness.build import resolve_run
 from harness.children import INTERRUPT_EXIT, interrupt_on_sigterm
 from harness.io import command_line, provenance, unwritable, write_json_atomic
 from harness.spec import KernelSpec, canonical_dtype
-from harness.verify.engine import PROFILES
+from harness.verify.engine import PROFILES, case_problem
 from harness.verify.jobs import JobInterrupted, run_job_in_child
 from harness.verify.report import all_passed, render
 
@@ -49,17 +49,22 @@ def dtypes_for(spec: KernelSpec, requested: tuple[str, ...]) -> list[str]:
 
 
 def parse_replay(specs: list[KernelSpec], replay: str) -> dict:
-    """The case of `--replay`, checked against the one kernel's spec."""
+    """The case of `--replay`, checked in full against the one kernel's spec before any kernel
+    runs (`case_problem`); a dtype alias (bf16) is accepted and named canonically."""
     if len(specs) != 1:
         raise VerifyError("--replay takes exactly one kernel")
     try:
         case = json.loads(replay)
-        problem = specs[0].validate(case["shape"], case["params"])
-        _ = case["dtype"]  # a printed case names its dtype
-    except (ValueError, KeyError, TypeError) as e:
-        raise VerifyError(f"--replay is not a case printed by kt verify ({e})") from None
+    except ValueError as e:
+        raise VerifyError(f"--replay is not JSON ({e})") from None
+    if isinstance(case, dict) and isinstance(case.get("dtype"), str):
+        try:
+            case["dtype"] = canonical_dtype(case["dtype"])
+        except ValueError:
+            pass  # case_problem names the dtypes the kernel runs
+    problem = case_problem(specs[0], case)
     if problem:
-        raise VerifyError(f"--replay: {problem}")
+        raise VerifyError(f"--replay is not a case of {specs[0].name}: {problem}")
     return case
 
 

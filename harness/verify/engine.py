@@ -71,14 +71,58 @@ def case_limit_s(spec: KernelSpec, case: dict, override: float | None = None) ->
     return round(CASE_LIMIT_FLOOR_S + flops / CASE_LIMIT_FLOPS_PER_S, 1)
 
 
+CASE_KEYS = ("data_seed", "dtype", "layout", "params", "shape")
+SEED_MAX = 2**31 - 1
+
+
 def case_json(case: dict) -> str:
     return json.dumps(case, sort_keys=True, separators=(",", ":"))
+
+
+def case_problem(spec: KernelSpec, case: Any) -> str | None:
+    """Why `case` (a `--replay` argument, parsed JSON) is not a case of `spec` that kt verify
+    could have printed, or None: every key present and nothing else, a dtype the spec runs,
+    a known layout, an integer data seed in the drawn range, the shape and params the spec
+    accepts (a kernel argument a number of its type; a param that only shapes the data one of
+    its choices, which `make_inputs` knows)."""
+    if not isinstance(case, dict):
+        return f"a case is a JSON object with keys {', '.join(CASE_KEYS)}"
+    missing = [k for k in CASE_KEYS if k not in case]
+    if missing:
+        return f"the case lacks {', '.join(missing)} (a case has {', '.join(CASE_KEYS)})"
+    unknown = sorted(set(case) - set(CASE_KEYS))
+    if unknown:
+        return f"unknown keys {', '.join(map(str, unknown))} (a case has {', '.join(CASE_KEYS)})"
+    if case["dtype"] not in spec.dtypes:
+        return f"dtype must be one of {', '.join(spec.dtypes)} for {spec.name}, got {case['dtype']!r}"
+    if case["layout"] not in LAYOUTS:
+        return f"layout must be one of {', '.join(LAYOUTS)}, got {case['layout']!r}"
+    seed = case["data_seed"]
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= SEED_MAX:
+        return f"data_seed must be an integer in 0..{SEED_MAX}, got {seed!r}"
+    for key in ("shape", "params"):
+        if not isinstance(case[key], dict):
+            return f"{key} must be a JSON object, got {case[key]!r}"
+    for p in spec.params:
+        if p.name not in case["params"]:
+            continue
+        v = case["params"][p.name]
+        if not p.kernel_arg:
+            if v not in p.choices or isinstance(v, bool) != any(isinstance(c, bool) for c in p.choices):
+                return f"param {p.name} must be one of {', '.join(map(repr, p.choices))}, got {v!r}"
+            continue
+        kinds = (int,) if p.dtype == "int32" else (int, float)
+        if not isinstance(v, kinds) or isinstance(v, bool):
+            kind = "an integer" if p.dtype == "int32" else "a number"
+            return f"param {p.name} is a kernel argument ({p.dtype}): {kind}, got {v!r}"
+    return spec.validate(case["shape"], case["params"])
 
 
 def case_strategy(spec: KernelSpec, dtypes: list[str], profile: Profile):
     """Cases derived from the spec: axes (awkward edges first), params, dtype, layout, seed."""
     def axis(a):
-        hi = a.ci_hi if profile.capped and a.ci_hi is not None else a.hi
+        hi = a.draw_hi if a.draw_hi is not None else a.hi
+        hi = min(hi, a.ci_hi) if profile.capped and a.ci_hi is not None else hi
         if a.choices:
             opts = [c for c in a.choices if c <= hi] or [min(a.choices)]
             return st.sampled_from(sorted(opts))

@@ -36,7 +36,8 @@ def test_full_report_with_fake_engine(tmp_path, tiny_model, fake_python):
     out = tmp_path / "out"
     r = kt("serve-bench", "--model", str(tiny_model), "--engines", "vllm", "--python", f"vllm={fake_python}",
            "--num-prompts", "6", "--input-len", "16", "--output-len", "5", "--max-concurrency", "1,2",
-           "--goodput", "ttft:1000", "--out", str(out), env={"FAKE_TOKEN_DELAY": "0.005"})
+           "--goodput", "ttft:1000", "--out", str(out),
+           env={"FAKE_TOKEN_DELAY": "0.005", "KT_GIT_SHA": "0123abc"})
     assert r.returncode == 0, r.stderr
     assert "vllm" in r.stdout and "c2" in r.stdout  # the table
     for point in ("c1", "c2"):
@@ -50,6 +51,8 @@ def test_full_report_with_fake_engine(tmp_path, tiny_model, fake_python):
         prov = d["provenance"]
         assert prov["engine_version"] == "0.0.0+fake" and prov["workload_hash"] and d["startup"]["cold_start_s"] > 0
         assert "127.0.0.1" in prov["server_command"]
+        assert prov["kt_git_sha"] == "0123abc"  # harness.io's provenance, as verify and microbench
+    assert json.loads((out / "run.json").read_text())["kt_git_sha"] == "0123abc"
     for png in ("throughput.png", "ttft.png", "itl.png"):
         assert (out / png).stat().st_size > 1000
     assert (out / "report.md").read_text().count("| vllm | random |") == 2  # one line per load point
