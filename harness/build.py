@@ -153,17 +153,9 @@ def prune_precompiled(out_dir: Path, keep: int) -> list[Path]:
 def precompiled_package(pkg: Path) -> Path:
     """The `.mojoc` of the source package `pkg`, built by `mojo precompile` at most once per
     content (`package_digest`): concurrent callers wait on a file lock for the one that
-<<<<<<< HEAD
     builds it. A `.mojoc` file is returned as it is. BuildError on a compile error. A build
     happens in `.staging.<pid>`, removed on every exit path a process sees (a later build
-    removes those of processes killed outright), then prunes the cache."""
-    if pkg.is_file():
-        return pkg
-    out_dir = cache_dir() / "mojo_pkg"
-    out = out_dir / f"{pkg.name}_{package_digest(pkg)[:20]}.mojoc"
-    if _cache_hit(out):
-=======
-    builds it. A `.mojoc` file is returned as it is. BuildError on a compile error.
+    removes those of processes killed outright), then prunes the cache.
 
     The compiler names the module after the output file, and MAX imports it by that name, so
     the file is named by content alone (`kt_<digest>`): a folder whose name is not a Mojo
@@ -175,15 +167,14 @@ def precompiled_package(pkg: Path) -> Path:
         if pkg.stem.isidentifier():
             return pkg
         out = out_dir / f"kt_{hashlib.sha256(pkg.read_bytes()).hexdigest()[:20]}.mojoc"
-        if not out.exists():
+        if not _cache_hit(out):
             out_dir.mkdir(parents=True, exist_ok=True)
             tmp = out_dir / f".{out.name}.{os.getpid()}"
             tmp.write_bytes(pkg.read_bytes())
             os.replace(tmp, out)
         return out
     out = out_dir / f"kt_{package_digest(pkg)[:20]}.mojoc"
-    if out.exists():
->>>>>>> magn
+    if _cache_hit(out):
         return out
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / f"{out.name}.lock", "w") as lock:
@@ -210,7 +201,6 @@ def precompiled_package(pkg: Path) -> Path:
     return out
 
 
-<<<<<<< HEAD
 def _cache_hit(out: Path) -> bool:
     """`out` exists; its mtime is refreshed, which `prune_precompiled` orders by."""
     try:
@@ -220,7 +210,8 @@ def _cache_hit(out: Path) -> bool:
     except OSError:  # a read-only cache still serves
         return out.exists()
     return True
-=======
+
+
 @contextlib.contextmanager
 def captured_stderr():
     """File descriptor 2 (where MAX's compiler prints its diagnostics, below Python) goes to a
@@ -249,7 +240,7 @@ def expected_signature(spec: KernelSpec, dtype: torch.dtype) -> str:
         return f"{t.name}: {kind}[{dt}, rank={len(t.dims)}]"
 
     args = [tensor("OutputTensor", t) for t in spec.outputs]
-    args += [tensor("InputTensor", t) for t in spec.inputs]
+    args += [tensor("MutableInputTensor" if t.mutable else "InputTensor", t) for t in spec.inputs]
     args += [f"{p.name}: {'Int32' if p.dtype == 'int32' else 'Float32'}"
              for p in spec.kernel_params()]
     return f"execute({', '.join(args + ['ctx: DeviceContext'])})"
@@ -289,7 +280,6 @@ def _unwrap(value: str) -> str:
     """'Int(2)' -> '2': a compile-time value as a kernel author wrote it."""
     m = re.fullmatch(r"Int\((-?\d+)\)", value)
     return m[1] if m else value
->>>>>>> magn
 
 
 def max_dtype(dtype: torch.dtype):
@@ -408,25 +398,13 @@ def compile_op(spec: KernelSpec, dtype: torch.dtype, device: str = "cpu",
     name = f"kt_{spec.name}_{str(dtype).removeprefix('torch.')}_{device}"
     ext = precompiled_package(pkg)
     try:
-<<<<<<< HEAD
-        with Graph(name, input_types=input_types, custom_extensions=[ext]) as graph:
-            # an op that mutates a buffer is in-place: MAX orders it in the buffer's chain
-            call = ops.inplace_custom if any(t.mutable for t in spec.inputs) else ops.custom
-            outs = call(
-                spec.op,
-                device=dev_ref,
-                values=list(graph.inputs),
-                out_types=[tensor_type(t) for t in spec.outputs],
-            )
-            graph.output(*outs)
-        session = engine.InferenceSession(devices=[max_device])
-        model = session.load(graph)
-=======
         # MAX's compiler prints why a graph does not compile (an op whose `execute` does not
         # take what the graph passes) on fd 2 and raises only "Failed to compile the model".
         with captured_stderr() as diagnostics:
             with Graph(name, input_types=input_types, custom_extensions=[ext]) as graph:
-                outs = ops.custom(
+                # an op that mutates a buffer is in-place: MAX orders it in the buffer's chain
+                call = ops.inplace_custom if any(t.mutable for t in spec.inputs) else ops.custom
+                outs = call(
                     spec.op,
                     device=dev_ref,
                     values=list(graph.inputs),
@@ -435,7 +413,6 @@ def compile_op(spec: KernelSpec, dtype: torch.dtype, device: str = "cpu",
                 graph.output(*outs)
             session = engine.InferenceSession(devices=[max_device])
             model = session.load(graph)
->>>>>>> magn
     except Exception as e:  # MAX raises several types; each becomes one line
         from mojo.paths import MojoCompilationError
 
