@@ -73,11 +73,13 @@ def halfwidth(ratio: float, lo: float, hi: float) -> float:
 
 @dataclass
 class Throughput:
-    """harness/timing.py item 9: the per-call time of back-to-back batches (median of `samples_ms`, one per
-    batch of `calls` calls) and their relative spread (max - min) / median."""
+    """harness/timing.py item 9: the per-call time of back-to-back batches (median of
+    `samples_ms`, one per batch of `calls` calls) and their relative spread
+    (max - min) / median."""
 
     samples_ms: list[float]
     calls: int
+    flush_ms: float = 0.0  # one cache flush (subtracted from each batch)
     per_call_ms: float = field(init=False)
     spread: float = field(init=False)
 
@@ -98,6 +100,9 @@ def timings_agree(event, second: Throughput,
                       f" ms > half the GPU time {event.p50:.3f} ms)")
     if event.p50 <= 0:
         return None, "back-to-back timing not compared: no event time"
+    if second.flush_ms > 5.0 * event.p50 or second.per_call_ms <= 0:
+        return None, (f"back-to-back timing not compared: the cache flush between calls "
+                      f"({second.flush_ms:.3f} ms) dwarfs the call")
     noise = (event.p90 - event.p10) / event.p50
     limit = max(floor, 2.0 * math.hypot(noise, second.spread))
     change = second.per_call_ms / event.p50 - 1.0

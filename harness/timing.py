@@ -59,7 +59,9 @@
    device is the bottleneck it measures the same GPU time as the events; `timings_agree`
    flags a row whose two timings differ by more than twice their combined relative noise
    (at least 5 %). A host-bound call behind a spin (enqueue longer than half its GPU time) is
-   not compared: back to back it measures the host, the events the GPU.
+   not compared: back to back it measures the host, the events the GPU; nor is a call that
+   a flush outlasts five times (the CPU's 64 MiB flush against a small op): the difference
+   of two batches is then mostly the flushes' noise.
 
 10. Work on another stream (MAX enqueues on its own): `prepare_on_stream` makes that stream
    torch's current one for every sample, so the flush, the spin and the events land there
@@ -225,7 +227,7 @@ class Sampler:
                 both = self._batch_ms(calls, True)
                 flushes = self._batch_ms(calls, False) if self.buf is not None else 0.0
                 out.append((both - flushes) / calls)
-        return Throughput(out, calls)
+        return Throughput(out, calls, flush_ms)
 
 
 def _waits_for_device(fn: Callable[[], object], clock: Clock, cover: float) -> bool:

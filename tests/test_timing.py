@@ -453,7 +453,7 @@ def test_the_second_timing_subtracts_the_flushes_on_a_real_cpu():
     s = timing.prepare(lambda: _busy(2.0), warmup_ms=0)
     s.sample()
     second = s.throughput(repeats=3)
-    assert 1.0 < second.per_call_ms < 20.0 and second.calls >= 2
+    assert second.flush_ms > 0 and second.calls >= 2 and len(second.samples_ms) == 3
 
 
 def test_agreement_rule_on_synthetic_timings():

@@ -18,6 +18,7 @@ from harness.bench.families import load_bench_file, select_families
 from harness.bench.plots import plot
 from harness.bench.providers import providers_of, select_providers
 from harness.bench.report import render, render_comparison, row_seconds
+from harness.bench.summary import target_changes
 from harness.build import resolve_run
 from harness.io import command_line, write_json_atomic
 
@@ -109,7 +110,7 @@ def microbench_command(kernel: str, device: str, families: list[str], providers:
     code = 0
     if old_rows is not None:
         cmp = compare_records(record["rows"], old_rows)
-        render_comparison(cmp, out, compare_path)
+        render_comparison(cmp, out, compare_path, target_changes(spec, record["rows"], old_rows))
         code = 1 if cmp["regressions"] else 0
     if plot_path:
         try:

@@ -45,7 +45,7 @@ class Settings:
     min_reps: int = 10
     max_reps: int = 200
     rse_target: float = 0.01
-    budget_s: float = 0.4
+    budget_s: float = 0.3
     seed: int = 0
     # interleaved rounds (harness/timing.py item 8): min_reps / max_reps bound the rounds, the
     # budget is budget_s per provider of the case, and rounds stop once every ratio to

@@ -11,10 +11,14 @@ import pykernels
 from harness.spec import KernelSpec, RatioTarget, ThroughputTarget
 
 
+# A file saved before rows were interleaved: a ratio of p50s, and no verdict without an interval.
+NO_INTERVAL = "p50s, no interval: no verdict"
+
+
 def target_ratio(target_provider: str, by: dict[str, dict]) -> tuple[dict | None, str]:
     """kt_graph's ratio to `target_provider` in one case: ({"ratio", "lo", "hi"}, "") from the
-    interleaved rounds; from the p50s, with lo = hi = ratio and a note, for a file saved
-    before rows were interleaved; (None, why) when a side is kept out of ratios."""
+    interleaved rounds; from the p50s, with lo = hi = ratio and `NO_INTERVAL`, for a file
+    saved before rows were interleaved; (None, why) when a side is kept out of ratios."""
     kt, other = by.get("kt_graph"), by.get(target_provider)
     if kt is None or other is None:
         return None, ""
@@ -25,7 +29,7 @@ def target_ratio(target_provider: str, by: dict[str, dict]) -> tuple[dict | None
     if entry is not None:
         return entry, ""
     ratio = kt["p50"] / other["p50"]
-    return {"ratio": ratio, "lo": ratio, "hi": ratio}, "no interval: p50s of a run without rounds"
+    return {"ratio": ratio, "lo": ratio, "hi": ratio}, NO_INTERVAL
 
 
 def ratio_text(entry: dict) -> str:
@@ -40,9 +44,39 @@ def _ratio_parts(target: RatioTarget, by: dict[str, dict]) -> list[str]:
     text = f"{target.name + ' ' if target.name else ''}kt/{target.provider}"
     if entry is None:
         return [f"{text}: {why}"] if why else []
-    verdict = target.verdict(entry["lo"], entry["hi"]) if target.levels else ""
+    verdict = target.verdict(entry["lo"], entry["hi"]) if target.levels and not why else ""
     detail = "; ".join(x for x in (verdict, why) if x)
     return [f"{text} {ratio_text(entry)}" + (f" ({detail})" if detail else "")]
+
+
+def _target_cells(target: RatioTarget, by: dict[str, dict]) -> str:
+    entry, why = target_ratio(target.provider, by)
+    if entry is None:
+        return why or "-"
+    verdict = target.verdict(entry["lo"], entry["hi"]) if target.levels and not why else ""
+    return f"{ratio_text(entry)}" + "".join(f"; {x}" for x in (verdict, why) if x)
+
+
+def target_changes(spec: KernelSpec, new_rows: list[dict], old_rows: list[dict]) -> list[dict]:
+    """Per case and ratio target of `spec` in either run: {"case", "target", "old", "new"},
+    each side its ratio, interval and verdict (an old file without intervals: its p50s)."""
+    ratios = [t for t in spec.targets if isinstance(t, RatioTarget)]
+    sides = []
+    for rows in (old_rows, new_rows):
+        cases: dict[tuple[str, str], dict[str, dict]] = {}
+        for r in rows:
+            if r.get("status") == "ok" and "p50" in r and any(r.get("family") in t.families
+                                                              for t in ratios):
+                cases.setdefault((r["family"], r.get("label", "")), {})[r["provider"]] = r
+        sides.append(cases)
+    out = []
+    for fam, label in dict.fromkeys(list(sides[1]) + list(sides[0])):
+        for t in (t for t in ratios if fam in t.families):
+            old, new = (_target_cells(t, s.get((fam, label), {})) for s in sides)
+            if old != "-" or new != "-":
+                out.append({"case": f"{fam} {label}", "target": f"{t.name or 'kt'}/{t.provider}",
+                            "old": old, "new": new})
+    return out
 
 
 def _throughput_line(target: ThroughputTarget, r: dict) -> str:
@@ -79,7 +113,7 @@ def target_lines(spec: KernelSpec, rows: list[dict]) -> list[str]:
     return out
 
 
-def _spec_or_none(name: str | None) -> KernelSpec | None:
+def spec_or_none(name: str | None) -> KernelSpec | None:
     try:
         return pykernels.get(name or "")
     except KeyError:
@@ -122,7 +156,7 @@ def summary(paths: list[str], console) -> None:
                         parts.append(f"{status}: {','.join(bad)}")
                 console.print(f"  {fam} {label} [ms]: " + " | ".join(parts),
                               markup=False, highlight=False)
-        spec = _spec_or_none(doc.get("kernel"))
+        spec = spec_or_none(doc.get("kernel"))
         for line in (target_lines(spec, rows) if spec else []) + flag_lines(rows):
             console.print("  " + line, markup=False, highlight=False)
 
