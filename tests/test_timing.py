@@ -480,3 +480,24 @@ def test_target_levels_are_met_only_by_an_interval_below_them():
     assert goal.verdict(0.96, 0.98) == "goal met, moonshot missed"
     assert goal.verdict(0.93, 0.97) == "goal met, moonshot within noise"
     assert goal.verdict(0.99, 1.02) == "goal within noise, moonshot missed"
+
+
+def test_interleaved_rounds_keep_each_providers_launch_hidden(sim):
+    """On the simulated GPU: a host-bound provider (2 ms of host work before 0.3 ms of GPU
+    work) and a GPU-bound one (0.6 ms): each sample of the rounds runs behind its own spin,
+    so the ratio is of GPU times, 0.5, not of host times."""
+    from harness.stats import ratio_interval
+
+    def host_bound():
+        time.sleep(0.002)
+        sim.launch(0.3)
+
+    samplers = {"host": timing.prepare(host_bound, device="cuda", warmup_ms=5, flush=False),
+                "gpu": timing.prepare(lambda: sim.launch(0.6), device="cuda", warmup_ms=5,
+                                      flush=False)}
+    assert samplers["host"].cover > 4.0
+    inter = timing.bench_interleaved(samplers, anchor="gpu", min_rounds=6, max_rounds=8,
+                                     ci_target=0.0, budget_s=2.0)
+    assert all(t.hidden for t in inter.timings.values())
+    ratio, _, _ = ratio_interval(inter.timings["host"].samples_ms, inter.timings["gpu"].samples_ms)
+    assert 0.4 < ratio < 0.7
