@@ -29,10 +29,13 @@ comptime FAST_BLOCK = 256
 comptime FAST_HEADS_PER_THREAD = 2
 # Token-tile kernel (`_rope_tile_gpu`, the one the op launches): threads per block, heads
 # whose loads one thread issues together (TILE_HEADS * 32 bytes in flight per thread with
-# 16-byte vectors), and resident blocks per SM the grid is sized for.
+# 16-byte vectors: 64 KiB per SM at 2 blocks), blocks per SM the grid is sized for (2 are
+# resident at up to 128 registers per thread, so the grid is one wave and each block walks
+# an equal share of the tokens) and the threads per SM below which heads split over grid.y.
 comptime TILE_BLOCK = 256
 comptime TILE_HEADS = 4
-comptime TILE_BLOCKS_PER_SM = 8
+comptime TILE_BLOCKS_PER_SM = 2
+comptime TILE_RESIDENT_THREADS = 2 * TILE_BLOCK
 
 
 @fieldwise_init
@@ -331,28 +334,29 @@ def _rotate_token_heads[
     dst: Pointer[Scalar[dtype], MutAnyOrigin],
     src: Pointer[Scalar[dtype], MutAnyOrigin],
     base: Int,
-    heads: Int,
+    h_begin: Int,
+    h_end: Int,
     head_dim: Int,
     c: SIMD[DType.float32, width],
     s: SIMD[DType.float32, width],
 ):
-    """Rotates pairs [i0, i0 + width) of every head of one token, base = the token's first
-    element + i0, with one cos/sin vector held in registers. Heads go in batches of `group`:
+    """Rotates pairs [i0, i0 + width) of heads [h_begin, h_end) of one token, base = the
+    token's first element + i0, with one cos/sin vector held in registers. Heads go in batches of `group`:
     all loads of a batch are issued before its first store (the compiler cannot prove that
     src and dst do not alias, so it would not hoist loads above stores itself)."""
     var half = head_dim // 2
     comptime align = width * size_of[dtype]()
-    var h0 = 0
-    while h0 < heads:
+    var h0 = h_begin
+    while h0 < h_end:
         var x1s = StaticTuple[SIMD[dtype, width], group](fill=0)
         var x2s = StaticTuple[SIMD[dtype, width], group](fill=0)
         comptime for j in range(group):
-            if h0 + j < heads:
+            if h0 + j < h_end:
                 var row = base + (h0 + j) * head_dim
                 x1s[j] = src.unsafe_load[width=width, alignment=align](row)
                 x2s[j] = src.unsafe_load[width=width, alignment=align](row + half)
         comptime for j in range(group):
-            if h0 + j < heads:
+            if h0 + j < h_end:
                 var row = base + (h0 + j) * head_dim
                 var x1 = x1s[j].cast[DType.float32]()
                 var x2 = x2s[j].cast[DType.float32]()
@@ -378,6 +382,7 @@ def _rope_tile_gpu[
     hq_: Int32,
     hk_: Int32,
     head_dim_: Int32,
+    parts_: Int32,
     theta: Float32,
     factor: Float32,
     low_freq_factor: Float32,
@@ -393,7 +398,9 @@ def _rope_tile_gpu[
     16 / size_of[dtype]). The block computes the inv_freq schedule (fp64, rounded once) into
     shared memory once; then every thread walks tokens with a grid stride, computes its
     pairs' cos/sin once per token in fp32 and rotates them in all q heads and all k heads
-    of that token from registers. The position is positions[token] when
+    of that token from registers; with grid.y = parts > 1 (few tokens: more threads to
+    fill the GPU), block row p takes the p-th of `parts` equal runs of the q heads and of
+    the k heads instead. The position is positions[token] when
     explicit_positions (q and k share it), else token % seq + pos_offset for q and k
     separately (the fused attention's query / key positions, q_tokens != k_tokens). Same
     rounding as the CPU path: angle = Float32(pos) * inv_freq, fp32 cos/sin
@@ -418,6 +425,14 @@ def _rope_tile_gpu[
     var i0 = (tid % chunks) * width
     var inv = inv_s.unsafe_load[width=width](i0)
     var tokens = max(q_tokens if hq > 0 else 0, k_tokens if hk > 0 else 0)
+    var parts = Int(parts_)
+    var part = block_idx.y
+    var q_run = ceildiv(hq, parts)
+    var k_run = ceildiv(hk, parts)
+    var q_h0 = min(hq, part * q_run)
+    var q_h1 = min(hq, q_h0 + q_run)
+    var k_h0 = min(hk, part * k_run)
+    var k_h1 = min(hk, k_h0 + k_run)
     var t = block_idx.x * slots + slot
     var stride = grid_dim.x * slots
     while t < tokens:
@@ -433,7 +448,7 @@ def _rope_tile_gpu[
         var sc = sincos_f32_fast(angle) if q_pos < 131072 else sincos_f32_accurate(angle)
         if t < q_tokens:
             _rotate_token_heads[dtype, width, group](
-                q_out, q, t * hq * head_dim + i0, hq, head_dim, sc[1], sc[0]
+                q_out, q, t * hq * head_dim + i0, q_h0, q_h1, head_dim, sc[1], sc[0]
             )
         if t < k_tokens:
             comptime if not explicit_positions:
@@ -441,7 +456,7 @@ def _rope_tile_gpu[
                     angle = Float32(k_pos) * inv
                     sc = sincos_f32_fast(angle) if k_pos < 131072 else sincos_f32_accurate(angle)
             _rotate_token_heads[dtype, width, group](
-                k_out, k, t * hk * head_dim + i0, hk, head_dim, sc[1], sc[0]
+                k_out, k, t * hk * head_dim + i0, k_h0, k_h1, head_dim, sc[1], sc[0]
             )
         t += stride
 
@@ -489,17 +504,22 @@ def _rope_gpu_launch[
         and Int(k) % 16 == 0
     )
     var width = W if aligned else 1
-    var slots = TILE_BLOCK // (half // width)
+    var chunks = half // width
+    var slots = TILE_BLOCK // chunks
     var sms = ctx.get_attribute(DeviceAttribute.MULTIPROCESSOR_COUNT)
-    var blocks = max(1, min(ceildiv(max_tokens, slots), sms * TILE_BLOCKS_PER_SM))
+    # Split the heads over grid.y only when the tokens alone leave SMs short of threads.
+    var parts = max(1, (sms * TILE_RESIDENT_THREADS) // (max_tokens * chunks))
+    parts = min(parts, max(1, max(hq, hk) // TILE_HEADS))
+    var blocks = max(1, min(ceildiv(max_tokens, slots), (sms * TILE_BLOCKS_PER_SM) // parts))
     if aligned:
         ctx.enqueue_function[_rope_tile_gpu[dtype, W, explicit_positions]](
             q_out, k_out, q, k, positions,
             Int32(q_tokens), Int32(k_tokens), Int32(max(q_seq, 1)), Int32(max(k_seq, 1)),
             Int32(q_pos_offset), Int32(k_pos_offset), Int32(hq), Int32(hk), Int32(head_dim),
+            Int32(parts),
             freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
             freqs.original_max_position,
-            grid_dim=blocks,
+            grid_dim=(blocks, parts),
             block_dim=TILE_BLOCK,
         )
     else:
@@ -507,9 +527,10 @@ def _rope_gpu_launch[
             q_out, k_out, q, k, positions,
             Int32(q_tokens), Int32(k_tokens), Int32(max(q_seq, 1)), Int32(max(k_seq, 1)),
             Int32(q_pos_offset), Int32(k_pos_offset), Int32(hq), Int32(hk), Int32(head_dim),
+            Int32(parts),
             freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
             freqs.original_max_position,
-            grid_dim=blocks,
+            grid_dim=(blocks, parts),
             block_dim=TILE_BLOCK,
         )
 
