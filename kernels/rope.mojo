@@ -341,7 +341,8 @@ def _rotate_token_heads[
     s: SIMD[DType.float32, width],
 ):
     """Rotates pairs [i0, i0 + width) of heads [h_begin, h_end) of one token, base = the
-    token's first element + i0, with one cos/sin vector held in registers. Heads go in batches of `group`:
+    token's first element + i0, with one cos/sin vector held in registers. Heads go in
+    batches of `group`:
     all loads of a batch are issued before its first store (the compiler cannot prove that
     src and dst do not alias, so it would not hoist loads above stores itself)."""
     var half = head_dim // 2
