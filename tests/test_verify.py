@@ -96,8 +96,9 @@ def test_inputs_are_reproducible_from_the_case(spec):
         pytest.skip("default shape violates the spec's constraint")
     one = make_inputs(spec, case, "cpu")
     two = make_inputs(spec, case, "cpu")
-    for name in one:
-        assert one[name].equal(two[name]) or one[name].isnan().all()
+    for name in one:  # NaN where the spec puts NaN (a paged cache's unused slots)
+        a, b = one[name], two[name]
+        assert a.equal(b) or (a.isnan().equal(b.isnan()) and a.nan_to_num(0).equal(b.nan_to_num(0)))
     floats = [t for t in one.values() if t.dtype.is_floating_point and t.ndim > 1]
     assert floats and not floats[0].is_contiguous()
 

@@ -92,6 +92,8 @@ def test_max_kt_agrees_with_stock_max(e2e):
     check = json.loads((out / "agreement.json").read_text())["max+kt vs max"]
     assert check["ok"], check["summary"]
     assert check["steps_compared"] > 0
+    log = (out / "logs" / "max_kt.log").read_text(errors="replace")
+    assert "kt: 2 attention layers call kt.paged_rope_store + kt.paged_rope_attention" in log
 
 
 def planted_package(broken: Path, tmp_path: Path) -> Path:
