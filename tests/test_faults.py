@@ -130,6 +130,7 @@ def test_hanging_kernel_is_a_hang_with_its_case_and_a_replay_line(kt, spinning_p
     assert res["last_case"]["dtype"] == "bfloat16"
     assert "HANG" in r.stdout and "no result within 3 s" in r.stdout
     assert "replay: kt verify rms_norm --device cpu --replay" in r.stdout
+    assert "--case-timeout 3" in r.stdout.split("replay: ")[1]
     assert "Traceback" not in r.output
     _assert_nothing_left(str(spinning_pkg))
 
