@@ -5,9 +5,8 @@ the spec's axes) and every kernel parameter is a scalar graph input, so one comp
 every shape and parameter value Hypothesis draws. MAX caches compiled graphs on disk, so a
 second `kt verify` of an unchanged kernel skips the compile. MAX does not cache the step
 before it: given a source directory, every process re-runs `mojo precompile` on it (6 to 13
-s for kt's package). `precompiled_package` does that once per package content and compiler
-version, shared by every process (and by the parallel ones of benchmarks/gpu_run.sh). The
-cache keeps the `PRECOMPILED_KEEP` most recently used packages ($KT_PRECOMPILED_KEEP).
+s for kt's package); `harness.precompiled` does that once per package content and compiler
+version.
 
 Also here: binding a compiled MAX model to argument buffers as a `Bound` (`max_model_bound`),
 which the stock-MAX providers of the specs use. MAX and Mojo's Python modules are imported
@@ -17,17 +16,12 @@ inside the functions that use them, for start-up time (`kt list` needs neither).
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import os
 import re
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,28 +29,11 @@ import numpy as np
 import torch
 
 from harness import devices
+from harness.precompiled import BuildError, mojo_error_summary, precompiled_package
 from harness.spec import Bound, KernelSpec, Params, Tensors
 
 REPO = Path(__file__).resolve().parents[1]
 KERNELS = REPO / "kernels"
-
-PRECOMPILED_KEEP = 32
-
-_ERROR_LINE = re.compile(r"^(?P<loc>[^\s:][^:]*\.mojo:\d+:\d+): error: (?P<msg>.*)$", re.M)
-
-
-class BuildError(Exception):
-    """A Mojo package that does not compile, or lacks the op; `str()` is one line."""
-
-
-def mojo_error_summary(text: str) -> str:
-    """The first compiler error as 'file:line:col: message', or the text's last line."""
-    match = _ERROR_LINE.search(text)
-    if match:
-        return f"{match['loc']}: {match['msg'].strip()}"
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else "unknown Mojo compile error"
-
 
 def resolve_package(path: str | Path | None) -> Path:
     """The Mojo package directory to build: kt's own, or a user's `--kernels PATH`."""
@@ -79,137 +56,6 @@ def resolve_run(device: str, package: str | Path | None) -> tuple[list, str | No
         return targets, str(resolve_package(package))
     except BuildError as e:
         raise ValueError(str(e)) from None
-
-
-def _mojo_version() -> str:
-    for dist in ("mojo-compiler", "mojo", "max"):
-        try:
-            return f"{dist} {metadata.version(dist)}"
-        except metadata.PackageNotFoundError:
-            continue
-    return "unknown"
-
-
-def package_digest(pkg: Path) -> str:
-    """sha256 of a source package's Mojo files (relative paths and bytes) and the compiler's
-    version: what its precompiled form depends on."""
-    h = hashlib.sha256(_mojo_version().encode())
-    for f in sorted(p for p in pkg.rglob("*") if p.suffix in (".mojo", ".🔥") and p.is_file()):
-        h.update(str(f.relative_to(pkg)).encode() + b"\0")
-        h.update(f.read_bytes())
-        h.update(b"\0")
-    return h.hexdigest()
-
-
-def cache_dir() -> Path:
-    """kt's on-disk cache: $KT_CACHE_DIR, else $XDG_CACHE_HOME/kt, else ~/.cache/kt."""
-    if os.environ.get("KT_CACHE_DIR"):
-        return Path(os.environ["KT_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kt"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def clean_stale_staging(out_dir: Path) -> list[Path]:
-    """Remove the `.staging.<pid>` folders of processes that are gone (killed while
-    precompiling); returns what was removed."""
-    removed = []
-    for d in out_dir.glob(".staging.*"):
-        pid = d.name.rsplit(".", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(d)
-    return removed
-
-
-def prune_precompiled(out_dir: Path, keep: int) -> list[Path]:
-    """Keep the `keep` most recently used `.mojoc` files of the cache (a hit refreshes a
-    file's mtime), remove the others and the lock files nobody holds that no longer guard a
-    package; returns the packages removed."""
-    packages = sorted(out_dir.glob("*.mojoc"), key=lambda f: f.stat().st_mtime, reverse=True)
-    removed = packages[max(keep, 0):]
-    for f in removed:
-        f.unlink(missing_ok=True)
-    for lock_path in out_dir.glob("*.mojoc.lock"):
-        if lock_path.with_suffix("").exists():
-            continue
-        with open(lock_path, "a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:  # a build holds it
-                continue
-            lock_path.unlink(missing_ok=True)
-    return removed
-
-
-def precompiled_package(pkg: Path) -> Path:
-    """The `.mojoc` of the source package `pkg`, built by `mojo precompile` at most once per
-    content (`package_digest`): concurrent callers wait on a file lock for the one that
-    builds it. A `.mojoc` file is returned as it is. BuildError on a compile error. A build
-    happens in `.staging.<pid>`, removed on every exit path a process sees (a later build
-    removes those of processes killed outright), then prunes the cache.
-
-    The compiler names the module after the output file, and MAX imports it by that name, so
-    the file is named by content alone (`kt_<digest>`): a folder whose name is not a Mojo
-    identifier (`my-kernels`, `mktemp -d`'s `tmp.Ab12`) builds like any other, and copies
-    of one package share one build. A `.mojoc` file whose name is not an identifier is
-    copied there under such a name."""
-    out_dir = cache_dir() / "mojo_pkg"
-    if pkg.is_file():
-        if pkg.stem.isidentifier():
-            return pkg
-        out = out_dir / f"kt_{hashlib.sha256(pkg.read_bytes()).hexdigest()[:20]}.mojoc"
-        if not _cache_hit(out):
-            out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = out_dir / f".{out.name}.{os.getpid()}"
-            tmp.write_bytes(pkg.read_bytes())
-            os.replace(tmp, out)
-        return out
-    out = out_dir / f"kt_{package_digest(pkg)[:20]}.mojoc"
-    if _cache_hit(out):
-        return out
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / f"{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _cache_hit(out):  # built by another process while this one waited
-            return out
-        from mojo.run import subprocess_run_mojo
-
-        clean_stale_staging(out_dir)
-        # the compiler names the module after the output file: build under the final name
-        staging = out_dir / f".staging.{os.getpid()}"
-        staging.mkdir(exist_ok=True)
-        tmp = staging / out.name
-        try:
-            subprocess_run_mojo(["precompile", str(pkg), "-o", str(tmp)], capture_output=True,
-                                check=True)
-            os.replace(tmp, out)
-        except subprocess.CalledProcessError as e:
-            raise BuildError(mojo_error_summary(e.stderr.decode(errors="replace"))) from None
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    keep = os.environ.get("KT_PRECOMPILED_KEEP", "")
-    prune_precompiled(out_dir, int(keep) if keep.isdigit() else PRECOMPILED_KEEP)
-    return out
-
-
-def _cache_hit(out: Path) -> bool:
-    """`out` exists; its mtime is refreshed, which `prune_precompiled` orders by."""
-    try:
-        os.utime(out)
-    except FileNotFoundError:
-        return False
-    except OSError:  # a read-only cache still serves
-        return out.exists()
-    return True
 
 
 @contextlib.contextmanager

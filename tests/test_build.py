@@ -1,4 +1,4 @@
-"""`harness.build`'s precompiled-package cache: keyed by the package's Mojo sources and the
+"""`harness.precompiled`'s package cache: keyed by the package's Mojo sources and the
 compiler version, built once however many processes ask at the same time."""
 
 import threading
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import build
+from harness import build, precompiled
 
 
 def _package(root: Path, body: str = "def twice(x: Int) -> Int:\n    return 2 * x\n") -> Path:
@@ -19,18 +19,18 @@ def _package(root: Path, body: str = "def twice(x: Int) -> Int:\n    return 2 * 
 
 def test_digest_follows_the_mojo_sources_only(tmp_path):
     pkg = _package(tmp_path)
-    first = build.package_digest(pkg)
-    assert build.package_digest(pkg) == first
+    first = precompiled.package_digest(pkg)
+    assert precompiled.package_digest(pkg) == first
     (pkg / "NOTES.md").write_text("not compiled")
-    assert build.package_digest(pkg) == first
+    assert precompiled.package_digest(pkg) == first
     (pkg / "ops.mojo").write_text("def twice(x: Int) -> Int:\n    return x + x\n")
-    assert build.package_digest(pkg) != first
+    assert precompiled.package_digest(pkg) != first
 
 
 def test_a_compiled_package_file_is_used_as_it_is(tmp_path):
     mojoc = tmp_path / "k.mojoc"
     mojoc.write_bytes(b"\0")
-    assert build.precompiled_package(mojoc) == mojoc
+    assert precompiled.precompiled_package(mojoc) == mojoc
 
 
 @pytest.mark.slow
@@ -38,7 +38,7 @@ def test_concurrent_callers_share_one_build(tmp_path, monkeypatch):
     monkeypatch.setenv("KT_CACHE_DIR", str(tmp_path / "cache"))
     pkg = _package(tmp_path)
     got: list[Path] = []
-    threads = [threading.Thread(target=lambda: got.append(build.precompiled_package(pkg)))
+    threads = [threading.Thread(target=lambda: got.append(precompiled.precompiled_package(pkg)))
                for _ in range(3)]
     for t in threads:
         t.start()
@@ -46,11 +46,11 @@ def test_concurrent_callers_share_one_build(tmp_path, monkeypatch):
         t.join()
     assert len(set(got)) == 1 and got[0].exists() and got[0].suffix == ".mojoc"
     assert [p.name for p in got[0].parent.glob("*.mojoc")] == [got[0].name]
-    built = got[0].stat().st_ino  # a hit refreshes the mtime (the pruning order), a build replaces the file
-    assert build.precompiled_package(pkg) == got[0] and got[0].stat().st_ino == built
+    built = got[0].stat().st_mtime_ns
+    assert precompiled.precompiled_package(pkg) == got[0] and got[0].stat().st_mtime_ns == built
     (pkg / "ops.mojo").write_text("def twice(x: Int) -> Int:\n    return x +\n")
     with pytest.raises(build.BuildError, match=r"ops\.mojo:\d+:\d+: "):
-        build.precompiled_package(pkg)
+        precompiled.precompiled_package(pkg)
 
 
 def test_a_compiled_package_file_named_unlike_an_identifier_is_copied(tmp_path, monkeypatch):
@@ -58,9 +58,9 @@ def test_a_compiled_package_file_named_unlike_an_identifier_is_copied(tmp_path, 
     monkeypatch.setenv("KT_CACHE_DIR", str(tmp_path / "cache"))
     mojoc = tmp_path / "my-kernels.mojoc"
     mojoc.write_bytes(b"\0\1")
-    got = build.precompiled_package(mojoc)
+    got = precompiled.precompiled_package(mojoc)
     assert got.stem.isidentifier() and got.read_bytes() == b"\0\1"
-    assert build.precompiled_package(mojoc) == got
+    assert precompiled.precompiled_package(mojoc) == got
 
 
 def test_compiler_diagnostics_become_one_line_naming_the_argument():

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.build import KERNELS, clean_stale_staging, prune_precompiled
+from harness.build import KERNELS
+from harness.precompiled import clean_stale_staging, prune_precompiled
 from plants import Plant, plant
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,6 +130,7 @@ def test_hanging_kernel_is_a_hang_with_its_case_and_a_replay_line(kt, spinning_p
     assert res["last_case"]["dtype"] == "bfloat16"
     assert "HANG" in r.stdout and "no result within 3 s" in r.stdout
     assert "replay: kt verify rms_norm --device cpu --replay" in r.stdout
+    assert "--case-timeout 3" in r.stdout.split("replay: ")[1]
     assert "Traceback" not in r.output
     _assert_nothing_left(str(spinning_pkg))
 
@@ -266,8 +268,10 @@ def test_stale_staging_folders_of_dead_processes_are_removed(tmp_path):
     for d in (dead, live):
         d.mkdir()
         (d / "half.mojoc").write_bytes(b"x")
-    assert clean_stale_staging(tmp_path) == [dead]
-    assert not dead.exists() and live.exists()
+    dead_copy = tmp_path / f".kt_0123.mojoc.{gone.pid}"
+    dead_copy.write_bytes(b"x")
+    assert sorted(clean_stale_staging(tmp_path)) == sorted([dead, dead_copy])
+    assert not dead.exists() and not dead_copy.exists() and live.exists()
 
 
 def test_prune_keeps_the_most_recently_used_packages(tmp_path):
@@ -275,8 +279,10 @@ def test_prune_keeps_the_most_recently_used_packages(tmp_path):
     for i in range(5):
         f = tmp_path / f"pkg{i}_digest.mojoc"
         f.write_bytes(b"x")
-        (tmp_path / f"{f.name}.lock").touch()
-        os.utime(f, (now - 100 * i, now - 100 * i))  # pkg0 the most recent
+        os.utime(f, (now - 1000, now - 1000))  # built in this order: 4 last
+        lock = tmp_path / f"{f.name}.lock"
+        lock.touch()
+        os.utime(lock, (now - 100 * i, now - 100 * i))  # used in this order: 0 last
     (tmp_path / "broken_digest.mojoc.lock").touch()  # a build that failed: no package
     held = open(tmp_path / "pkg4_digest.mojoc.lock", "a")
     fcntl.flock(held, fcntl.LOCK_EX)  # another process building pkg4 right now

@@ -14,6 +14,8 @@ def replay_command(result: dict, case: dict, package: str | None) -> str:
     cmd = ["kt", "verify", result["kernel"], "--device", result["device"], "--replay", case_json(case)]
     if package:
         cmd += ["--kernels", package]
+    if result.get("status") == "hang":  # the same limit, so the replay hangs as soon
+        cmd += ["--case-timeout", f"{result['limit_s']:g}"]
     return " ".join(shlex.quote(c) for c in cmd)
 
 
