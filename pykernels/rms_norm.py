@@ -21,7 +21,7 @@ import triton.language as tl
 
 from harness.build import max_dtype, max_model_bound
 from harness.spec import Axis, Bound, Case, KernelSpec, Param, Params, Shape, TensorArg, Tensors
-from pykernels._common import bf16_rne, block_elems, f32
+from pykernels._common import bf16_bits, bf16_rne, block_elems, f32
 
 
 # Largest finite fp16: the "fp16_max" inputs reach it in every dtype (bf16 and fp32 models
@@ -85,8 +85,13 @@ def _rms_norm_kernel(X, W, Y, M, N, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
     cols = tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     offs = rows[:, None].to(tl.int64) * N + cols[None, :]
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+    if BF16_RNE:  # X, W are bf16 bit patterns (int16): see `bf16_bits`
+        x = (tl.load(X + offs, mask=mask, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        w = (tl.load(W + cols, mask=cols < N, other=0).to(tl.int32) << 16).to(tl.float32,
+                                                                             bitcast=True)
+    else:
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
     y = x * rstd[:, None] * w[None, :]
     if BF16_RNE:
@@ -102,7 +107,7 @@ def triton_rms_norm(inputs: Tensors, params: Params) -> tuple[torch.Tensor]:
     block_m = max(1, min(triton.next_power_of_2(m), block_elems() // block_n))
     num_warps = 8 if block_m * block_n >= 4096 else 4
     _rms_norm_kernel[(triton.cdiv(m, block_m),)](
-        x, w, y, m, n, f32(params["eps"]), BLOCK_M=block_m, BLOCK_N=block_n,
+        bf16_bits(x), bf16_bits(w), y, m, n, f32(params["eps"]), BLOCK_M=block_m, BLOCK_N=block_n,
         BF16_RNE=bf16_rne(x.dtype), num_warps=num_warps)
     return (y,)
 

@@ -30,7 +30,7 @@ import triton.language as tl
 from harness.build import buffers_to_torch, max_dtype, max_model_bound
 from harness.spec import (Axis, Bound, Case, KernelSpec, Param, Params, Shape, TensorArg,
                           ThroughputTarget, Tensors)
-from pykernels._common import (apply_rope, bf16_rne, block_elems, freq_param_decls,
+from pykernels._common import (apply_rope, bf16_bits, bf16_rne, block_elems, freq_param_decls,
                                rope_cos_sin, triton_inv_freq)
 
 # Largest position per `positions` choice: Llama 3's original 8k context and 3.1's 128k.
@@ -106,13 +106,24 @@ def _rope_kernel(X, OUT, POS, INV_FREQ, T, H, HALF: tl.constexpr, BLOCK_T: tl.co
     s = tl.sin(angle)[:, None, :]
     offs = (t[:, None, None].to(tl.int64) * H + h[None, :, None]) * (2 * HALF) + i[None, None, :]
     mask = (t[:, None, None] < T) & (h[None, :, None] < H) & (i[None, None, :] < HALF)
-    x1 = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(X + offs + HALF, mask=mask, other=0.0).to(tl.float32)
+    if BF16_RNE:  # X holds bf16 bit patterns (int16): see `bf16_bits`
+        x1 = (tl.load(X + offs, mask=mask, other=0).to(tl.int32) << 16).to(tl.float32,
+                                                                          bitcast=True)
+        x2 = (tl.load(X + offs + HALF, mask=mask, other=0).to(tl.int32) << 16).to(tl.float32,
+                                                                                 bitcast=True)
+    else:
+        x1 = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(X + offs + HALF, mask=mask, other=0.0).to(tl.float32)
     o1, o2 = x1 * c - x2 * s, x2 * c + x1 * s
-    if BF16_RNE:
-        o1, o2 = o1 * 65537.0 - (o1 * 65537.0 - o1), o2 * 65537.0 - (o2 * 65537.0 - o2)
-    tl.store(OUT + offs, o1.to(OUT.dtype.element_ty), mask=mask)
-    tl.store(OUT + offs + HALF, o2.to(OUT.dtype.element_ty), mask=mask)
+    if BF16_RNE:  # OUT too: the fp32 bits rounded to nearest even at bit 16, subnormals included
+        b1, b2 = o1.to(tl.int32, bitcast=True), o2.to(tl.int32, bitcast=True)
+        b1 = (b1 + 0x7FFF + ((b1 >> 16) & 1)) >> 16
+        b2 = (b2 + 0x7FFF + ((b2 >> 16) & 1)) >> 16
+        tl.store(OUT + offs, b1.to(tl.int16), mask=mask)
+        tl.store(OUT + offs + HALF, b2.to(tl.int16), mask=mask)
+    else:
+        tl.store(OUT + offs, o1.to(OUT.dtype.element_ty), mask=mask)
+        tl.store(OUT + offs + HALF, o2.to(OUT.dtype.element_ty), mask=mask)
 
 
 def _rope_launch(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -125,7 +136,7 @@ def _rope_launch(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tenso
     block_h = min(triton.next_power_of_2(h), max(1, elems // half_p))
     block_t = min(triton.next_power_of_2(b * s), max(1, elems // (block_h * half_p)))
     grid = (triton.cdiv(b * s, block_t), triton.cdiv(h, block_h))
-    _rope_kernel[grid](x, out, positions, inv_freq, b * s, h, HALF=half, BLOCK_T=block_t,
+    _rope_kernel[grid](bf16_bits(x), bf16_bits(out), positions, inv_freq, b * s, h, HALF=half, BLOCK_T=block_t,
                        BLOCK_H=block_h, HALF_P=half_p, BF16_RNE=bf16_rne(x.dtype))
     return out
 
