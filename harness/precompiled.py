@@ -130,10 +130,11 @@ def precompiled_package(pkg: Path) -> Path:
     removes those of processes killed outright), then prunes the cache.
 
     The compiler names the module after the output file, and MAX imports it by that name, so
-    the file is named by content alone (`kt_<digest>`): a folder whose name is not a Mojo
-    identifier (`my-kernels`, `mktemp -d`'s `tmp.Ab12`) builds like any other, and copies
-    of one package share one build. A `.mojoc` file whose name is not an identifier is
-    copied there under such a name."""
+    the file is named `kt_<digest>` whatever the folder: one whose name is not a Mojo
+    identifier (`my-kernels`, `mktemp -d`'s `tmp.Ab12`) builds like any other. The digest
+    covers the folder's path too, because a build records its source paths and the
+    compiler's messages (an op's wrong signature) point there. A `.mojoc` file whose name is
+    not an identifier is copied there under such a name."""
     out_dir = cache_dir() / "mojo_pkg"
     if pkg.is_file():
         if pkg.stem.isidentifier():
@@ -145,7 +146,8 @@ def precompiled_package(pkg: Path) -> Path:
             tmp.write_bytes(pkg.read_bytes())
             os.replace(tmp, out)
         return out
-    out = out_dir / f"kt_{package_digest(pkg)[:20]}.mojoc"
+    key = hashlib.sha256(f"{pkg.resolve()}\0{package_digest(pkg)}".encode()).hexdigest()
+    out = out_dir / f"kt_{key[:20]}.mojoc"
     if _cache_hit(out):
         return out
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,15 @@ def bf16_rne(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def bf16_bits(x: torch.Tensor) -> torch.Tensor:
+    """`x` as a Triton twin must pass it: under the interpreter a bf16 tensor goes as its
+    int16 bit patterns, which the twin widens to fp32 itself (bits << 16) and, for subnormal
+    outputs, rounds to (fp32 bits rounded to nearest even at bit 16), because the
+    interpreter's bf16 <-> fp32 conversions change subnormals (Triton 3.9: 1.19e-39 loads as
+    7.3e-39). Elsewhere `x` itself."""
+    return x.view(torch.int16) if bf16_rne(x.dtype) else x
+
+
 def freq_params(params: Params) -> tuple[float, ...]:
     """The five frequency params, fp32-rounded, in kernel-argument order."""
     return tuple(f32(params[name]) for name in FREQ_PARAMS)

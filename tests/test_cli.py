@@ -121,7 +121,7 @@ def test_op_with_a_wrong_signature_names_its_file_line_and_argument(kt, tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize("folder", ["my-kernels", "tmp.Ab12"])
 def test_package_folder_that_is_not_a_mojo_identifier_works(kt, tmp_path, folder):
-    """The compiled package is named by its content, not by the folder (a `mktemp -d` name or
+    """The compiled package is named by a digest, not by the folder (a `mktemp -d` name or
     one with a dash would be an invalid module name)."""
     pkg = tmp_path / folder
     shutil.copytree(KERNELS, pkg)

@@ -101,7 +101,7 @@ def test_magnitudes_are_what_they_say(magnitude, dtype):
     elif magnitude == "fp16_max":
         assert torch.isfinite(x).all() and (x.max(1).values >= 65504).all() and x.min() >= 0.99
     elif magnitude == "subnormal":
-        assert (x <= torch.finfo(dtype).tiny).all() and (x > 0).float().mean() > 0.9
+        assert (x <= torch.finfo(torch.float16).tiny).all() and (x > 0).float().mean() > 0.9
     else:
         assert (x[::3] == 0).all() and (x[1::3] > 0).any()
 
