@@ -1,11 +1,13 @@
 """The run of `kt microbench`: every provider on every case of some families, checked by the
-gate, then timed by `harness.timing` (the one timer), then throughput, % of peak and speedups.
+gate and warmed up, then the case's ready providers timed together in interleaved rounds by
+`harness.timing` (the one timer), each also timed back to back; then throughput, % of peak,
+speedups and ratios with their intervals (`metrics`).
 
 Timing: GPU work is timed with device events (CUDA; ROCm keeps torch's `cuda` event API and
-Apple Metal uses `torch.mps` events, through `timing`'s backend table, but no kt machine has
-either, so those numbers are labelled untested); a MAX provider's events are recorded on
-MAX's stream and cross-checked with the host clock (`timing.bench_on_stream`). On the CPU the
-timer is `perf_counter`, labelled as such: CPU numbers are not comparable with GPU numbers.
+Apple Metal uses `torch.mps` events, through `harness.clocks`' backend table, but no kt machine
+has either, so those numbers are labelled untested); a MAX provider's events are recorded on
+MAX's stream and cross-checked with the host clock (`timing.prepare_on_stream`). On the CPU
+the timer is `perf_counter`, labelled as such: CPU numbers are not comparable with GPU numbers.
 
 A provider may be a *yardstick* (`Bound.yardstick` says what it computes): a different
 computation timed beside the op as a reference point. Its output is not the op's, so it skips
