@@ -10,7 +10,7 @@
 # 2. `kt verify KERNEL --device gpu` with a small Hypothesis budget plus every golden case,
 #    one JSON per kernel ($OUT/verify_<kernel>.json). The Triton twin JIT-compiles per shape
 #    on a GPU, so the budget stays small (VERIFY_EXAMPLES); each cold MAX compile of a
-#    (kernel, dtype) graph takes 50-75 s there.
+#    (kernel, dtype) graph takes 50-75 s there. VERIFY_PARALLEL=1 runs the kernels side by side.
 # Each step has a time limit; the summary line says which steps passed.
 set -u
 OUT=${OUT:?set OUT to the folder the results go to}
@@ -22,6 +22,7 @@ CHECK_S=${CHECK_S:-200}
 VERIFY_S=${VERIFY_S:-240}
 VERIFY_EXAMPLES=${VERIFY_EXAMPLES:-6}
 VERIFY_FLAGS=${VERIFY_FLAGS:-}  # e.g. --no-triton, when the twin was verified already
+VERIFY_PARALLEL=${VERIFY_PARALLEL:-0}  # 1: every kernel's verify at once, in its own process
 kernels=("$@")
 if [ ${#kernels[@]} -eq 0 ]; then
   mapfile -t kernels < <($PY -m harness list --names) || exit 1
@@ -40,11 +41,29 @@ timeout -k 10 "$CHECK_S" bash -c 'mojo run -I . tests/mojo/gpu_launch.mojo --che
   | grep -v Crashpad
 rc=${PIPESTATUS[0]}
 status+=("mojo-check:$([ "$rc" = 0 ] && echo PASS || echo "FAIL($rc)")")
-for k in "${kernels[@]}"; do
-  stamp "kt verify $k --device gpu --examples $VERIFY_EXAMPLES $VERIFY_FLAGS (limit ${VERIFY_S} s)"
-  timeout -s INT -k 20 "$VERIFY_S" $PY -m harness verify "$k" --device gpu \
-    --examples "$VERIFY_EXAMPLES" $VERIFY_FLAGS --json "$OUT/verify_$k.json"
-  rc=$?
-  status+=("$k:$([ "$rc" = 0 ] && echo PASS || echo "FAIL($rc)")")
-done
+verify_one() {  # kernel
+  timeout -s INT -k 20 "$VERIFY_S" $PY -m harness verify "$1" --device gpu \
+    --examples "$VERIFY_EXAMPLES" $VERIFY_FLAGS --json "$OUT/verify_$1.json"
+}
+if [ "$VERIFY_PARALLEL" = 1 ]; then
+  # Every kernel at once, each in its own process (its output to verify_<kernel>.log, printed
+  # when it ends): the cold MAX compiles run side by side, the GPU is shared.
+  stamp "kt verify ${kernels[*]} --device gpu --examples $VERIFY_EXAMPLES $VERIFY_FLAGS, in parallel (limit ${VERIFY_S} s)"
+  pids=()
+  for k in "${kernels[@]}"; do
+    verify_one "$k" >"$OUT/verify_$k.log" 2>&1 & pids+=($!)
+  done
+  for i in "${!kernels[@]}"; do
+    wait "${pids[$i]}"; rc=$?
+    k=${kernels[$i]}
+    stamp "kt verify $k: exit code $rc"; cat "$OUT/verify_$k.log"
+    status+=("$k:$([ "$rc" = 0 ] && echo PASS || echo "FAIL($rc)")")
+  done
+else
+  for k in "${kernels[@]}"; do
+    stamp "kt verify $k --device gpu --examples $VERIFY_EXAMPLES $VERIFY_FLAGS (limit ${VERIFY_S} s)"
+    verify_one "$k"; rc=$?
+    status+=("$k:$([ "$rc" = 0 ] && echo PASS || echo "FAIL($rc)")")
+  done
+fi
 stamp "summary: ${status[*]}"

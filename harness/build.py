@@ -6,7 +6,8 @@ every shape and parameter value Hypothesis draws. MAX caches compiled graphs on 
 second `kt verify` of an unchanged kernel skips the compile. MAX does not cache the step
 before it: given a source directory, every process re-runs `mojo precompile` on it (6 to 13
 s for kt's package). `precompiled_package` does that once per package content and compiler
-version, shared by every process (and by the parallel ones of benchmarks/gpu_run.sh).
+version, shared by every process (and by the parallel ones of benchmarks/gpu_run.sh). The
+cache keeps the `PRECOMPILED_KEEP` most recently used packages ($KT_PRECOMPILED_KEEP).
 
 Also here: binding a compiled MAX model to argument buffers as a `Bound` (`max_model_bound`),
 which the stock-MAX providers of the specs use. MAX and Mojo's Python modules are imported
@@ -20,6 +21,7 @@ import fcntl
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,6 +39,8 @@ from harness.spec import Bound, KernelSpec, Params, Tensors
 
 REPO = Path(__file__).resolve().parents[1]
 KERNELS = REPO / "kernels"
+
+PRECOMPILED_KEEP = 32
 
 _ERROR_LINE = re.compile(r"^(?P<loc>[^\s:][^:]*\.mojo:\d+:\d+): error: (?P<msg>.*)$", re.M)
 
@@ -104,10 +108,54 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kt"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_staging(out_dir: Path) -> list[Path]:
+    """Remove the `.staging.<pid>` folders of processes that are gone (killed while
+    precompiling); returns what was removed."""
+    removed = []
+    for d in out_dir.glob(".staging.*"):
+        pid = d.name.rsplit(".", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def prune_precompiled(out_dir: Path, keep: int) -> list[Path]:
+    """Keep the `keep` most recently used `.mojoc` files of the cache (a hit refreshes a
+    file's mtime), remove the others and the lock files nobody holds that no longer guard a
+    package; returns the packages removed."""
+    packages = sorted(out_dir.glob("*.mojoc"), key=lambda f: f.stat().st_mtime, reverse=True)
+    removed = packages[max(keep, 0):]
+    for f in removed:
+        f.unlink(missing_ok=True)
+    for lock_path in out_dir.glob("*.mojoc.lock"):
+        if lock_path.with_suffix("").exists():
+            continue
+        with open(lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # a build holds it
+                continue
+            lock_path.unlink(missing_ok=True)
+    return removed
+
+
 def precompiled_package(pkg: Path) -> Path:
     """The `.mojoc` of the source package `pkg`, built by `mojo precompile` at most once per
     content (`package_digest`): concurrent callers wait on a file lock for the one that
-    builds it. A `.mojoc` file is returned as it is. BuildError on a compile error.
+    builds it. A `.mojoc` file is returned as it is. BuildError on a compile error. A build
+    happens in `.staging.<pid>`, removed on every exit path a process sees (a later build
+    removes those of processes killed outright), then prunes the cache.
 
     The compiler names the module after the output file, and MAX imports it by that name, so
     the file is named `kt_<digest>` whatever the folder: one whose name is not a Mojo
@@ -120,7 +168,7 @@ def precompiled_package(pkg: Path) -> Path:
         if pkg.stem.isidentifier():
             return pkg
         out = out_dir / f"kt_{hashlib.sha256(pkg.read_bytes()).hexdigest()[:20]}.mojoc"
-        if not out.exists():
+        if not _cache_hit(out):
             out_dir.mkdir(parents=True, exist_ok=True)
             tmp = out_dir / f".{out.name}.{os.getpid()}"
             tmp.write_bytes(pkg.read_bytes())
@@ -128,15 +176,16 @@ def precompiled_package(pkg: Path) -> Path:
         return out
     key = hashlib.sha256(f"{pkg.resolve()}\0{package_digest(pkg)}".encode()).hexdigest()
     out = out_dir / f"kt_{key[:20]}.mojoc"
-    if out.exists():
+    if _cache_hit(out):
         return out
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / f"{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if out.exists():  # built by another process while this one waited
+        if _cache_hit(out):  # built by another process while this one waited
             return out
         from mojo.run import subprocess_run_mojo
 
+        clean_stale_staging(out_dir)
         # the compiler names the module after the output file: build under the final name
         staging = out_dir / f".staging.{os.getpid()}"
         staging.mkdir(exist_ok=True)
@@ -148,9 +197,21 @@ def precompiled_package(pkg: Path) -> Path:
         except subprocess.CalledProcessError as e:
             raise BuildError(mojo_error_summary(e.stderr.decode(errors="replace"))) from None
         finally:
-            tmp.unlink(missing_ok=True)
-            staging.rmdir()
+            shutil.rmtree(staging, ignore_errors=True)
+    keep = os.environ.get("KT_PRECOMPILED_KEEP", "")
+    prune_precompiled(out_dir, int(keep) if keep.isdigit() else PRECOMPILED_KEEP)
     return out
+
+
+def _cache_hit(out: Path) -> bool:
+    """`out` exists; its mtime is refreshed, which `prune_precompiled` orders by."""
+    try:
+        os.utime(out)
+    except FileNotFoundError:
+        return False
+    except OSError:  # a read-only cache still serves
+        return out.exists()
+    return True
 
 
 @contextlib.contextmanager
@@ -181,7 +242,7 @@ def expected_signature(spec: KernelSpec, dtype: torch.dtype) -> str:
         return f"{t.name}: {kind}[{dt}, rank={len(t.dims)}]"
 
     args = [tensor("OutputTensor", t) for t in spec.outputs]
-    args += [tensor("InputTensor", t) for t in spec.inputs]
+    args += [tensor("MutableInputTensor" if t.mutable else "InputTensor", t) for t in spec.inputs]
     args += [f"{p.name}: {'Int32' if p.dtype == 'int32' else 'Float32'}"
              for p in spec.kernel_params()]
     return f"execute({', '.join(args + ['ctx: DeviceContext'])})"
@@ -232,6 +293,7 @@ def max_dtype(dtype: torch.dtype):
         torch.float16: DType.float16,
         torch.int64: DType.int64,
         torch.int32: DType.int32,
+        torch.uint32: DType.uint32,
     }[dtype]
 
 
@@ -248,12 +310,19 @@ class CompiledOp:
     _max_device: Any
 
     def __call__(self, inputs: Tensors, params: Params) -> tuple[torch.Tensor, ...]:
+        """The op's outputs, then the contents of its mutated inputs after it ran (it
+        mutates copies: `inputs` are left as they are)."""
         from max import driver
 
-        args = []
+        args, mutated = [], []
         for t in self.spec.inputs:
             x = inputs[t.name]
-            args.append(x if x.is_contiguous() else x.contiguous())
+            if t.mutable:
+                x = x.clone(memory_format=torch.contiguous_format)
+                mutated.append(x)
+                args.append(driver.Buffer.from_dlpack(x))
+            else:
+                args.append(x if x.is_contiguous() else x.contiguous())
         for p in self.spec.kernel_params():
             args.append(np.array(params[p.name], dtype=np.int32 if p.dtype == "int32" else np.float32))
         if self.device != "cpu":
@@ -263,17 +332,20 @@ class CompiledOp:
         result = tuple(torch.from_dlpack(o.to(host)) for o in outs)
         if self.device != "cpu":
             result = tuple(r.to(self.device) for r in result)
-        return result
+            self.synchronize()
+        return result + tuple(mutated)
 
     def bind(self, inputs: Tensors, params: Params):
         """A zero-argument call running the model on `inputs` (already on the op's device)
         and returning its MAX device buffers: arguments are converted once, here, and
         nothing is copied to or from the host per call, so it is what a microbenchmark times.
+        Mutated inputs are copied once, here; the op updates the copies (`run.mutated`).
         `to_torch(buffers)` views the buffers as torch tensors (DLPack, no copy where MAX
         allows it). The call is enqueued on the MAX device's stream (`stream_handle`)."""
         from max import driver
 
-        keep = [inputs[t.name] if inputs[t.name].is_contiguous() else inputs[t.name].contiguous()
+        keep = [inputs[t.name].clone(memory_format=torch.contiguous_format) if t.mutable
+                else inputs[t.name] if inputs[t.name].is_contiguous() else inputs[t.name].contiguous()
                 for t in self.spec.inputs]
         args = [driver.Buffer.from_dlpack(x) for x in keep]
         args += [driver.Buffer.from_numpy(np.array(
@@ -285,6 +357,8 @@ class CompiledOp:
             return model.execute(*args)
 
         run.keep_alive = keep  # the buffers alias these tensors' memory
+        # the mutated inputs' copies, which the op updates on every call
+        run.mutated = tuple(x for t, x in zip(self.spec.inputs, keep) if t.mutable)
         return run
 
     def stream_handle(self) -> int | None:
@@ -302,7 +376,7 @@ def compile_op(spec: KernelSpec, dtype: torch.dtype, device: str = "cpu",
     """Build the symbolic-shape graph for `spec` and load it into a MAX session."""
     from max import driver, engine
     from max.dtype import DType
-    from max.graph import DeviceRef, Graph, TensorType, ops
+    from max.graph import BufferType, DeviceRef, Graph, TensorType, ops
 
     pkg = resolve_package(package)
     dev_ref = DeviceRef.CPU() if device == "cpu" else DeviceRef.GPU(0)
@@ -312,7 +386,12 @@ def compile_op(spec: KernelSpec, dtype: torch.dtype, device: str = "cpu",
     def tensor_type(arg) -> TensorType:
         return TensorType(max_dtype(arg.torch_dtype(dtype)), shape=list(arg.dims), device=dev_ref)
 
-    input_types = [tensor_type(t) for t in spec.inputs]
+    def input_type(arg):
+        if arg.mutable:
+            return BufferType(max_dtype(arg.torch_dtype(dtype)), shape=list(arg.dims), device=dev_ref)
+        return tensor_type(arg)
+
+    input_types = [input_type(t) for t in spec.inputs]
     input_types += [
         TensorType(DType.int32 if p.dtype == "int32" else DType.float32, shape=[], device=cpu)
         for p in spec.kernel_params()
@@ -325,7 +404,9 @@ def compile_op(spec: KernelSpec, dtype: torch.dtype, device: str = "cpu",
         # take what the graph passes) on fd 2 and raises only "Failed to compile the model".
         with captured_stderr() as diagnostics:
             with Graph(name, input_types=input_types, custom_extensions=[ext]) as graph:
-                outs = ops.custom(
+                # an op that mutates a buffer is in-place: MAX orders it in the buffer's chain
+                call = ops.inplace_custom if any(t.mutable for t in spec.inputs) else ops.custom
+                outs = call(
                     spec.op,
                     device=dev_ref,
                     values=list(graph.inputs),

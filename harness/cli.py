@@ -12,16 +12,30 @@ import sys
 import click
 from rich.console import Console
 
+from harness.children import interrupt_on_sigterm
 from harness.serving.cli import make_model, serve_bench
 
 out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 
 
-class KtError(click.ClickException):
-    """A user-facing failure: printed as one line, exit code 2."""
+MAX_EXAMPLES = 100_000
 
-    exit_code = 2
+
+class KtError(click.ClickException):
+    """A user-facing failure: printed as one line, exit code 2 (bad input or environment) or
+    130 (interrupted, after saving what finished)."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def case_timeout_option(what: str):
+    return click.option(
+        "--case-timeout", type=click.FloatRange(0.1, 86400), default=None, metavar="SECONDS",
+        help=f"Time limit of {what}; past it the child running it is stopped and the verdict "
+             "is HANG [derived from the case's size].")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -56,8 +70,8 @@ def list_kernels(names) -> None:
 @click.option("--device", type=click.Choice(["cpu", "gpu", "all"]), default="all", show_default=True,
               help="Where to run: the CPU, the GPU, or every device present.")
 @click.option("--dtype", "dtypes", multiple=True, help="float32 / bfloat16 / float16 (repeatable).")
-@click.option("--examples", type=click.IntRange(1), default=None,
-              help="Hypothesis examples per kernel and device [profile default].")
+@click.option("--examples", type=click.IntRange(1, MAX_EXAMPLES), default=None,
+              help="Hypothesis examples per kernel and device, at most 100000 [profile default].")
 @click.option("--seed", type=int, default=None, help="Hypothesis seed (replays a run).")
 @click.option("--kernels", "package", type=click.Path(), default=None,
               help="Verify your own Mojo package registering the same op names.")
@@ -67,15 +81,20 @@ def list_kernels(names) -> None:
               help="Hypothesis profile [ci when $CI is set, else local].")
 @click.option("--replay", default=None, help="Run one case, as printed by a failing run.")
 @click.option("--no-triton", is_flag=True, help="Skip the Triton twin column.")
-def verify(kernels, device, dtypes, examples, seed, package, json_path, profile, replay, no_triton):
-    """Check Mojo kernels against PyTorch and Triton on Hypothesis-drawn shapes."""
+@case_timeout_option("one case (every implementation on it)")
+def verify(kernels, device, dtypes, examples, seed, package, json_path, profile, replay, no_triton,
+           case_timeout):
+    """Check Mojo kernels against PyTorch and Triton on Hypothesis-drawn shapes.
+
+    Exit code 0 when every verdict is PASS, 1 for any other verdict, 2 on bad input, 130 on
+    Ctrl-C or SIGTERM (after saving the results so far)."""
     from harness.verify.cli import VerifyError, verify_command
 
     try:
         return verify_command(kernels, device, dtypes, examples, seed, package, json_path,
-                              profile, replay, no_triton, out, err)
+                              profile, replay, no_triton, out, err, case_timeout)
     except VerifyError as e:
-        raise KtError(str(e)) from None
+        raise KtError(str(e), e.exit_code) from None
 
 
 @cli.command()
@@ -100,13 +119,17 @@ def verify(kernels, device, dtypes, examples, seed, package, json_path, profile,
               help="Benchmark your own Mojo package registering the same op names.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Input data seed.")
 @click.option("--budget", type=click.FloatRange(0.01), default=None,
-              help="Seconds of timed calls per measurement [0.4 GPU, 0.25 CPU].")
+              help="Seconds of interleaved rounds per provider of a case [0.3 GPU, "
+                   "0.25 CPU].")
 @click.option("--list", "list_only", is_flag=True, help="List families and providers; run nothing.")
+@case_timeout_option("one step of a provider (its check and timing; compiling is not limited)")
 def microbench(kernel, device, families, providers, baseline, save, compare_path, plot_path,
-               package, seed, budget, list_only):
+               package, seed, budget, list_only, case_timeout):
     """Check, then time, every provider of KERNEL's op on named shape families.
 
-    Exit code 0, 1 when --compare finds a regression, 2 on bad input or Ctrl-C."""
+    Exit code 0; 1 when --compare finds a regression or a provider hung or crashed; 2 on bad
+    input (or when --compare matched no row); 130 on Ctrl-C or SIGTERM, after saving the rows
+    finished."""
     from harness import devices
 
     device = devices.prepare_bench_device(device)
@@ -116,9 +139,9 @@ def microbench(kernel, device, families, providers, baseline, save, compare_path
     try:
         return microbench_command(kernel, device, list(families), providers, baseline, save,
                                   compare_path, plot_path, package, seed, budget, list_only,
-                                  out, err)
+                                  out, err, case_timeout)
     except MicrobenchError as e:
-        raise KtError(str(e)) from None
+        raise KtError(str(e), e.exit_code) from None
 
 
 cli.add_command(make_model)
@@ -126,9 +149,11 @@ cli.add_command(serve_bench)
 
 
 def main() -> None:
-    """Entry point: bad input is one line on stderr and a non-zero exit, never a traceback."""
+    """Entry point: bad input is one line on stderr and a non-zero exit, never a traceback;
+    SIGTERM is Ctrl-C (serve-bench installs its own handlers), exit code 130."""
     try:
-        rv = cli.main(standalone_mode=False)
+        with interrupt_on_sigterm():
+            rv = cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         err.print("kt: interrupted")
         sys.exit(130)

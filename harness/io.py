@@ -38,6 +38,23 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         raise
 
 
+def unwritable(path: str | Path, flag: str) -> str | None:
+    """Why `flag`'s result file `path` cannot be written (None: it can), found before any work:
+    its folder is made if missing, and a file is created in it and removed, as
+    `write_json_atomic` will."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{flag} {path}: is a folder"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"{flag} {path}: cannot write there ({e.strerror or e})"
+    return None
+
+
 def command_line(argv: list[str] | None = None) -> str:
     """The `kt ...` command that reproduces this run, shell-quoted."""
     return "kt " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))

@@ -13,7 +13,8 @@ Conventions shared by every spec:
   the reference, run on the kernel-dtype inputs it is "PyTorch in the kernel's own precision".
 - `triton(inputs, params)` runs the Triton twin on the inputs' device (under
   TRITON_INTERPRET=1 on CPU) and returns outputs in the kernel dtype.
-- Both return a tuple of tensors in `outputs` order.
+- Both return a tuple of tensors in `checked` order: the outputs, then the final contents
+  of the inputs the op mutates in place (`TensorArg.mutable`, e.g. a KV cache it writes).
 
 The provider contract (`kt microbench`): a spec's `providers` maps a name to
 `prepare(device, dtype)`, which returns `bind(inputs, params)`, which returns a `Bound` (or a
@@ -91,11 +92,17 @@ class Param:
 
 @dataclass(frozen=True)
 class TensorArg:
-    """A tensor argument. `dims` name axes; `dtype` is 'io' (the kernel's dtype) or a fixed one."""
+    """A tensor argument. `dims` name axes; `dtype` is 'io' (the kernel's dtype) or a fixed one.
+
+    `mutable`: an input the op updates in place (a MAX buffer: `ops.inplace_custom`); its
+    contents after the op are checked like an output. `partial`: the op touches only part of
+    it (a paged cache), so the byte formula counts that part, not the whole tensor."""
 
     name: str
     dims: tuple[str, ...]
     dtype: str = "io"
+    mutable: bool = False
+    partial: bool = False
 
     def concrete_shape(self, shape: Shape) -> tuple[int, ...]:
         return tuple(shape[d] for d in self.dims)
@@ -138,23 +145,32 @@ class Bound:
 Provider = Callable[[str, torch.dtype], Callable[[Tensors, Params], Any]]
 
 
+def interval_verdict(at_most: float, lo: float, hi: float) -> str:
+    """A ratio target `at_most` against a ratio's interval [lo, hi]: "met" only when the
+    interval lies below it, "missed" when it lies above, else "within noise"."""
+    if hi < at_most:
+        return "met"
+    if lo > at_most:
+        return "missed"
+    return "within noise"
+
+
 @dataclass(frozen=True)
 class RatioTarget:
-    """kt_graph's p50 over `provider`'s p50, per case of `families` timed in one run (below 1:
-    kt is faster). `levels` are (ratio at most, verdict), tightest first; `missed` is the
-    verdict when none is met; without levels the ratio is stated alone."""
+    """kt_graph's time over `provider`'s, per case of `families` timed in one run's
+    interleaved rounds (below 1: kt is faster), as a median with a 95 % interval. `levels`
+    are (ratio at most, name), e.g. ((1.0, "goal"), (0.95, "moonshot")): each is met, missed
+    or within noise (`interval_verdict`); without levels the ratio is stated alone."""
 
     name: str
     provider: str
     families: tuple[str, ...]
     levels: tuple[tuple[float, str], ...] = ()
-    missed: str = ""
 
-    def verdict(self, ratio: float) -> str:
-        for at_most, verdict in self.levels:
-            if ratio <= at_most:
-                return verdict
-        return self.missed
+    def verdict(self, lo: float, hi: float) -> str:
+        """Every level's standing, e.g. "goal met, moonshot within noise"."""
+        return ", ".join(f"{name} {interval_verdict(at_most, lo, hi)}"
+                         for at_most, name in self.levels)
 
 
 @dataclass(frozen=True)
@@ -235,6 +251,12 @@ class KernelSpec:
         out = {p.name: p.choices[0] for p in self.params}
         out.update(params)
         return out
+
+    @property
+    def checked(self) -> tuple[TensorArg, ...]:
+        """What the reference returns and the rule checks: the outputs, then the mutated
+        inputs (their contents after the op)."""
+        return self.outputs + tuple(t for t in self.inputs if t.mutable)
 
     def kernel_params(self) -> tuple[Param, ...]:
         return tuple(p for p in self.params if p.kernel_arg)

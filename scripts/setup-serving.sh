@@ -14,8 +14,10 @@ PY=${PYTHON:-python3.11}
 ENGINES=("$@")
 [ ${#ENGINES[@]} -eq 0 ] && ENGINES=(max vllm)
 
-CONSTRAINTS=$(mktemp)
-LOG=$(mktemp)
+# Beside the environments, not in /tmp: a shared /tmp may be cleaned while pip still reads it.
+mkdir -p "$ROOT/.venvs"
+CONSTRAINTS="$ROOT/.venvs/.constraints.$$.txt"
+LOG="$ROOT/.venvs/.setup.$$.log"
 trap 'rm -f "$CONSTRAINTS" "$LOG"' EXIT
 echo "torch==2.13.0+cpu" >"$CONSTRAINTS"
 

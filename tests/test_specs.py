@@ -42,7 +42,8 @@ def test_targets_and_providers_name_what_exists(name):
         assert isinstance(t, (RatioTarget, ThroughputTarget))
         if isinstance(t, RatioTarget):
             assert t.provider in providers and t.families
-            assert [lv for lv, _ in t.levels] == sorted(lv for lv, _ in t.levels)
+            # loosest first: 'goal met, moonshot within noise'
+            assert [lv for lv, _ in t.levels] == sorted((lv for lv, _ in t.levels), reverse=True)
         else:
             assert (t.min_pct_peak is None) != (t.min_tb_s is None)
 
@@ -62,11 +63,16 @@ def test_golden_cases_are_valid_and_bytes_count_every_tensor_once(name, dtype):
             assert tuple(inp[arg.name].shape) == arg.concrete_shape(case.shape)
             assert inp[arg.name].dtype == arg.torch_dtype(DTYPES[dtype])
         out = spec.reference(inp, params)
-        for arg, o in zip(spec.outputs, out, strict=True):
+        for arg, o in zip(spec.checked, out, strict=True):
             assert tuple(o.shape) == arg.concrete_shape(case.shape)
-            assert o.dtype == DTYPES[dtype]
-        moved = sum(t.numel() * t.element_size() for t in list(inp.values()) + list(out))
-        assert spec.bytes(case.shape, params, DTYPES[dtype]) == moved
+            assert o.dtype == arg.torch_dtype(DTYPES[dtype])
+        every = [(arg, inp[arg.name]) for arg in spec.inputs] + list(zip(spec.checked, out))
+        moved = sum(t.numel() * t.element_size() for arg, t in every if not arg.partial)
+        whole = sum(t.numel() * t.element_size() for _, t in every)
+        # a tensor the op touches in part (a paged cache) counts for what it touches
+        assert moved <= spec.bytes(case.shape, params, DTYPES[dtype]) <= whole
+        if not any(arg.partial for arg, _ in every):
+            assert spec.bytes(case.shape, params, DTYPES[dtype]) == moved
         assert spec.flops(case.shape, params) > 0
 
 

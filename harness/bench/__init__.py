@@ -12,4 +12,9 @@ the helpers `benchmarks/gpu_run.sh` calls.
 
 
 class MicrobenchError(Exception):
-    """A user-facing problem (unknown family, provider, bad family file); one line."""
+    """A user-facing problem (unknown family, provider, bad family file); one line, exit code
+    `exit_code`: 2 for bad input, 130 for Ctrl-C / SIGTERM after saving."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

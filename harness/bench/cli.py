@@ -12,14 +12,17 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 
 import pykernels
 from harness.bench import MicrobenchError
+from harness.bench.child import run_in_child
 from harness.bench.compare import compare_records, load_rows
-from harness.bench.engine import CPU_TIMER_LABEL, Settings, benchmark_families, cpu_settings
+from harness.bench.engine import CPU_TIMER_LABEL, Settings, cpu_settings
 from harness.bench.families import load_bench_file, select_families
 from harness.bench.plots import plot
 from harness.bench.providers import providers_of, select_providers
 from harness.bench.report import render, render_comparison, row_seconds
+from harness.bench.summary import target_changes
 from harness.build import resolve_run
-from harness.io import command_line, write_json_atomic
+from harness.children import INTERRUPT_EXIT, interrupt_on_sigterm
+from harness.io import command_line, unwritable, write_json_atomic
 
 
 def process_age_s() -> float:
@@ -34,9 +37,12 @@ def process_age_s() -> float:
 
 def microbench_command(kernel: str, device: str, families: list[str], providers: str | None,
                        baseline: str | None, save, compare_path, plot_path, package, seed: int,
-                       budget: float | None, list_only: bool, out, err) -> int:
+                       budget: float | None, list_only: bool, out, err,
+                       case_timeout: float | None = None) -> int:
     """`kt microbench` on `device` ("cpu" or "gpu", from `devices.prepare_bench_device`, called
-    before this module was imported); returns the exit code, raises MicrobenchError."""
+    before this module was imported); returns the exit code (0; 1 for a regression, or a
+    provider that hung or crashed), raises MicrobenchError (bad input, found before any work;
+    nothing matched by --compare; Ctrl-C or SIGTERM, after saving the rows finished)."""
     t_start = time.perf_counter() - process_age_s()
     try:
         spec = pykernels.get(kernel)
@@ -61,7 +67,14 @@ def microbench_command(kernel: str, device: str, families: list[str], providers:
         _, package = resolve_run(device, package)
     except ValueError as e:
         raise MicrobenchError(str(e)) from None
+    for flag, path in (("--save", save), ("--plot", plot_path)):
+        if path and (problem := unwritable(path, flag)):
+            raise MicrobenchError(problem)
     old_rows = load_rows(compare_path) if compare_path else None
+    if old_rows is not None and not any(r.get("kernel") == spec.name for r in old_rows):
+        kernels = sorted({str(r.get("kernel")) for r in old_rows})
+        raise MicrobenchError(f"--compare {compare_path}: no row of kernel {spec.name} to compare "
+                              f"with (its rows: {', '.join(kernels) or 'none'})")
     settings = cpu_settings() if device == "cpu" else Settings()
     settings.seed = seed
     if budget is not None:
@@ -78,9 +91,10 @@ def microbench_command(kernel: str, device: str, families: list[str], providers:
 
     log(f"{spec.name}: {sum(len(f.cases) for f in chosen)} shapes x {len(names)} providers "
         "(seconds since the process started)")
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                  console=err, transient=True) as progress:
+    with interrupt_on_sigterm(), Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+            TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+            console=err, transient=True) as progress:
         task = progress.add_task(f"{spec.name}", total=total)
 
         def on_event(ev: dict) -> None:
@@ -100,17 +114,21 @@ def microbench_command(kernel: str, device: str, families: list[str], providers:
                 log(f"{r['family']} {r['label']} {r['provider']}: {r['status']} {p50} "
                     f"[{row_seconds(r)}]")
 
-        record = benchmark_families(spec, device, chosen, names, package, settings, baseline,
-                                    command_line(), on_event)
-    render(record, out)
+        record = run_in_child(spec, device, chosen, names, package, settings, baseline,
+                              command_line(), on_event, case_timeout)
+    if "timer" in record:  # else stopped before the child said what it measures with
+        render(record, out)
     if save:
         write_json_atomic(save, record)
         out.print(f"results written to {save}")
-    code = 0
-    if old_rows is not None:
+    dead = [r for r in record["rows"] if r["status"] in ("hang", "crash")]
+    code = 1 if dead else 0
+    nothing_compared = False
+    if old_rows is not None and not record["interrupted"]:
         cmp = compare_records(record["rows"], old_rows)
-        render_comparison(cmp, out, compare_path)
-        code = 1 if cmp["regressions"] else 0
+        render_comparison(cmp, out, compare_path, target_changes(spec, record["rows"], old_rows))
+        code = 1 if cmp["regressions"] else code
+        nothing_compared = not cmp["matched"]
     if plot_path:
         try:
             plot(record, Path(plot_path))
@@ -119,7 +137,11 @@ def microbench_command(kernel: str, device: str, families: list[str], providers:
             err.print(f"no plot: {e}")
     if record["interrupted"]:
         raise MicrobenchError("interrupted: the rows measured so far are above"
-                              + (f" and in {save}" if save else ""))
+                              + (f" and in {save}" if save else ""), INTERRUPT_EXIT)
+    if nothing_compared:
+        raise MicrobenchError(f"--compare {compare_path}: no timed row of this run matches one "
+                              "of it (kernel, provider, shape, params, dtype, device): nothing "
+                              "was compared")
     return code
 
 

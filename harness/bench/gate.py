@@ -29,15 +29,15 @@ class Gate:
 
     def __init__(self, spec: KernelSpec, shape: Shape, params: Params, inputs: Tensors):
         self.spec, self.params = spec, params
-        self.shapes = [t.concrete_shape(shape) for t in spec.outputs]
+        self.shapes = [t.concrete_shape(shape) for t in spec.checked]
         self.views = spec.bench_views(shape) if spec.bench_views else None
-        self.ref: list[list[torch.Tensor]] = [[] for _ in spec.outputs]
-        self.base: list[list[torch.Tensor]] = [[] for _ in spec.outputs]
+        self.ref: list[list[torch.Tensor]] = [[] for _ in spec.checked]
+        self.base: list[list[torch.Tensor]] = [[] for _ in spec.checked]
         self.per_view = CHECK_ELEMENTS // max(1, len(self.views or [None]))
         for view in self.views or [None]:
             sub = {k: (v if view is None else v[view[k]]) for k, v in inputs.items()}
             ref, base = reference_and_baseline(spec, sub, params)
-            for i in range(len(spec.outputs)):
+            for i in range(len(spec.checked)):
                 self.ref[i].append(thin(ref[i], self.per_view).cpu())
                 self.base[i].append(thin(base[i], self.per_view).cpu())
             del ref, base
@@ -45,7 +45,7 @@ class Gate:
     def check(self, outputs: tuple[torch.Tensor, ...]) -> list[Check]:
         """One `Check` per output (compared where the reference was)."""
         checks = []
-        for i, t in enumerate(self.spec.outputs):
+        for i, t in enumerate(self.spec.checked):
             out = outputs[i]
             ref, base = torch.cat(self.ref[i]), torch.cat(self.base[i])
             if tuple(out.shape) != self.shapes[i]:

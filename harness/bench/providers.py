@@ -31,7 +31,8 @@ def kt_graph(spec: KernelSpec, device: str, dtype: torch.dtype, package):
 
     def bind(inputs: Tensors, params: Params) -> Bound:
         run = op.bind(inputs, params)
-        return Bound(run, lambda bufs: buffers_to_torch(bufs, device), op.stream_handle(),
+        return Bound(run, lambda bufs: buffers_to_torch(bufs, device) + run.mutated,
+                     op.stream_handle(),
                      op.synchronize, f"compiled in {op.compile_seconds:.1f} s")
 
     return bind
@@ -44,6 +45,8 @@ def kt_bridge(spec: KernelSpec, device: str, dtype: torch.dtype, package):
     """The Mojo op called with torch tensors through MAX's torch bridge
     (`max.experimental.torch.graph_op`), with symbolic dims so it compiles once (at the
     first call, absorbed by the correctness check): what a PyTorch user of the kernel runs."""
+    if any(t.mutable for t in spec.inputs):
+        raise Unavailable("n/a: the torch bridge has no in-place (mutated) operands")
     from max import driver
     from max.dtype import DType
     from max.experimental.torch import graph_op

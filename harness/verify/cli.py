@@ -10,15 +10,21 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 
 import pykernels
 from harness.build import resolve_run
-from harness.io import command_line, provenance, write_json_atomic
+from harness.children import INTERRUPT_EXIT, interrupt_on_sigterm
+from harness.io import command_line, provenance, unwritable, write_json_atomic
 from harness.spec import KernelSpec, canonical_dtype
 from harness.verify.engine import PROFILES, case_problem
-from harness.verify.jobs import run_job_in_child
+from harness.verify.jobs import JobInterrupted, run_job_in_child
 from harness.verify.report import all_passed, render
 
 
 class VerifyError(Exception):
-    """A user-facing problem (unknown kernel or dtype, bad --replay, ...); one line."""
+    """A user-facing problem (unknown kernel or dtype, bad --replay, ...); one line, exit
+    code `exit_code`: 2 for bad input, 130 for Ctrl-C / SIGTERM after saving."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def specs_named(names: tuple[str, ...] | list[str]) -> list[KernelSpec]:
@@ -63,11 +69,14 @@ def parse_replay(specs: list[KernelSpec], replay: str) -> dict:
 
 
 def verify_command(kernels, device, dtypes, examples, seed, package, json_path, profile, replay,
-                   no_triton, out, err) -> int:
-    """`kt verify`: returns the exit code (0: every verdict PASS); VerifyError on bad input,
-    on Ctrl-C (after the results so far are shown and saved) and when every job failed with
-    the same build error."""
+                   no_triton, out, err, case_timeout: float | None = None) -> int:
+    """`kt verify`: returns the exit code (0: every verdict PASS, 1: any other verdict);
+    VerifyError on bad input (before any work), on Ctrl-C or SIGTERM (after the results so
+    far, with the examples passed by the job it stopped, are shown and saved) and when every
+    job failed with the same build error."""
     specs = specs_named(kernels)
+    if json_path and (problem := unwritable(json_path, "--json")):
+        raise VerifyError(problem)
     try:
         targets, package = resolve_run(device, package)
     except ValueError as e:
@@ -80,16 +89,17 @@ def verify_command(kernels, device, dtypes, examples, seed, package, json_path, 
     jobs = [
         {"kernel": s.name, "dtypes": dtypes_for(s, dtypes), "device": d.kind, "package": package,
          "examples": examples or prof.examples, "seed": seed, "profile": prof.name,
-         "replay": case, "triton": not no_triton}
+         "replay": case, "triton": not no_triton, "case_timeout": case_timeout}
         for s in specs for d in targets
     ]
     results: list[dict] = []
     record = {"command": command_line(), "provenance": provenance(targets),
               "profile": prof.name, "results": results}
     interrupted = False
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                  console=err, transient=True) as progress:
+    with interrupt_on_sigterm(), Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+            TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+            console=err, transient=True) as progress:
         try:
             for job in jobs:
                 label = f"{job['kernel']} on {job['device']}"
@@ -109,6 +119,9 @@ def verify_command(kernels, device, dtypes, examples, seed, package, json_path, 
 
                 results.append(run_job_in_child(job, on_event))
                 progress.update(task, completed=progress.tasks[task].total)
+        except JobInterrupted as e:
+            results.append(e.result)
+            interrupted = True
         except KeyboardInterrupt:
             interrupted = True
     errors = {r["message"] for r in results if r["status"] == "error"}
@@ -123,5 +136,5 @@ def verify_command(kernels, device, dtypes, examples, seed, package, json_path, 
         out.print(f"results written to {json_path}")
     if interrupted:
         raise VerifyError("interrupted: the results so far are above"
-                          + (f" and in {json_path}" if json_path else ""))
+                          + (f" and in {json_path}" if json_path else ""), INTERRUPT_EXIT)
     return 0 if all_passed(results) else 1

@@ -56,6 +56,20 @@ PROFILES = {
 # examples up to this much work, and the report counts how many it saw.
 INTERPRETER_MAX_FLOPS = 3e7
 
+# The time limit of one case (every implementation on it, or the integrity runs) when
+# --case-timeout does not set one: a floor for first calls (CUDA context, Triton's JIT) plus
+# the case's FLOPs at a pessimistic 10 MFLOP/s, the pace of Triton's interpreter.
+CASE_LIMIT_FLOOR_S = 120.0
+CASE_LIMIT_FLOPS_PER_S = 1e7
+
+
+def case_limit_s(spec: KernelSpec, case: dict, override: float | None = None) -> float:
+    """Seconds one case may take before kt stops the child and reports a HANG."""
+    if override is not None:
+        return float(override)
+    flops = spec.flops(spec.complete(case["shape"]), spec.full_params(case["params"]))
+    return round(CASE_LIMIT_FLOOR_S + flops / CASE_LIMIT_FLOPS_PER_S, 1)
+
 
 CASE_KEYS = ("data_seed", "dtype", "layout", "params", "shape")
 SEED_MAX = 2**31 - 1
@@ -198,6 +212,7 @@ def run_case(spec: KernelSpec, ops: dict[str, Callable], case: dict, device: str
             twin = check_outputs(spec, spec.triton(inputs, params), ref, base)
         except Exception as e:  # a broken twin is reported, not fatal
             twin_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    # mutated inputs too: the op and the twin update copies of them (CompiledOp.__call__)
     return CaseResult(case, mojo, twin, twin_error, inputs_unchanged(before, inputs))
 
 
@@ -235,9 +250,11 @@ class Stats:
 
 def verify_kernel(spec: KernelSpec, dtypes: list[str], device: str, package: str | None,
                   examples: int, seed: int | None, profile: Profile, replay: dict | None,
-                  triton: bool, emit: Callable[[dict], None]) -> dict:
+                  triton: bool, emit: Callable[[dict], None],
+                  case_timeout: float | None = None) -> dict:
     """Compile, run golden cases and Hypothesis cases, shrink a failure; returns the result
-    dict and emits progress events (`compiling`, `compiled`, `case`, `example`)."""
+    dict and emits progress events (`compiling`, `compiled`, `case` and `integrity` with the
+    case's time limit `limit_s`, `example`)."""
     torch_device = "cpu" if device == "cpu" else "cuda"
     ops: dict[str, Callable] = {}
     compile_s: dict[str, float] = {}
@@ -254,7 +271,7 @@ def verify_kernel(spec: KernelSpec, dtypes: list[str], device: str, package: str
     started = time.perf_counter()
 
     def execute(case: dict) -> CaseResult:
-        emit({"event": "case", "case": case})
+        emit({"event": "case", "case": case, "limit_s": case_limit_s(spec, case, case_timeout)})
         twin = triton and (device != "cpu" or spec.flops(
             spec.complete(case["shape"]), spec.full_params(case["params"])) <= INTERPRETER_MAX_FLOPS)
         res = run_case(spec, ops, case, torch_device, twin)
@@ -265,7 +282,7 @@ def verify_kernel(spec: KernelSpec, dtypes: list[str], device: str, package: str
             st_.triton_examples += 1
             st_.add("triton", res.triton)
         state["count"] += 1
-        emit({"event": "example", "n": state["count"], "passed": res.passed})
+        emit({"event": "example", "n": state["count"], "passed": res.passed, "dtype": case["dtype"]})
         return res
 
     def record(res: CaseResult) -> None:
@@ -319,7 +336,10 @@ def verify_kernel(spec: KernelSpec, dtypes: list[str], device: str, package: str
         base_case = golden[0] if replay is None and spec.golden else (replay or None)
         if base_case is not None:
             for dt in dtypes:
-                checks[dt] = check_integrity(spec, ops[dt], dict(base_case, dtype=dt), torch_device)
+                case = dict(base_case, dtype=dt)
+                emit({"event": "integrity", "case": case,
+                      "limit_s": 3 * case_limit_s(spec, case, case_timeout)})
+                checks[dt] = check_integrity(spec, ops[dt], case, torch_device)
 
     return {
         "kernel": spec.name,

@@ -1,61 +1,66 @@
-"""Runs verify jobs in child processes (`harness.verify.worker`) and turns their deaths into
-reports. A child reports events on stdout as lines starting with `PREFIX`; anything else a
-kernel or MAX prints is kept for the crash report."""
+"""Runs verify jobs in child processes (`harness.verify.worker`, through `harness.children`)
+and turns their deaths into reports: a child that dies is a CRASH, one that sends nothing
+within its case's time limit is stopped and is a HANG, one stopped by Ctrl-C or SIGTERM keeps
+the examples it passed (status `interrupted`). Each names the case it was running."""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
-from collections import deque
 from typing import Callable
 
-PREFIX = "@@kt "
+from harness.children import Child, TimedOut
+
+
+class JobInterrupted(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM during a job: the child is stopped; `result` is what it had passed."""
+
+    def __init__(self, result: dict) -> None:
+        super().__init__("interrupted")
+        self.result = result
 
 
 def run_job_in_child(job: dict, on_event: Callable[[dict], None]) -> dict:
-    """Run one (kernel, device) job; returns {'status': ok|error|crash, ...}."""
+    """Run one (kernel, device) job; returns {'status': ok|error|crash|hang, ...}, raises
+    JobInterrupted on Ctrl-C or SIGTERM."""
     env = dict(os.environ)
     if job["device"] == "cpu":
         # The Triton twin runs in Triton's interpreter (set before triton is imported);
         # numpy's BLAS threads fighting torch's on a small CPU make it several times slower.
         env["TRITON_INTERPRET"] = "1"
         env.setdefault("OPENBLAS_NUM_THREADS", "1")
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "harness.verify.worker", json.dumps(job)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        text=True, env=env,
-    )
-    tail: deque[str] = deque(maxlen=30)
+    child = Child("harness.verify.worker", job, env)
     last_case, result, error = None, None, None
+    passed: dict[str, int] = {}
+
+    def partial(status: str, **extra) -> dict:
+        return {"status": status, "kernel": job["kernel"], "device": job["device"],
+                "dtypes": job["dtypes"], "last_case": last_case, "passed": dict(passed),
+                "examples": sum(passed.values()), "log_tail": list(child.tail), **extra}
+
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if not line.startswith(PREFIX):
-                tail.append(line.rstrip())
-                continue
-            event = json.loads(line[len(PREFIX):])
+        for event in child.events():
             kind = event["event"]
-            if kind == "case":
+            if kind in ("case", "integrity"):
                 last_case = event["case"]
+            elif kind == "example" and event["passed"]:
+                passed[event["dtype"]] = passed.get(event["dtype"], 0) + 1
             elif kind == "result":
                 result = event["result"]
             elif kind == "error":
                 error = event["message"]
             on_event(event)
-        proc.wait()
+    except TimedOut as e:
+        child.stop()
+        return partial("hang", limit_s=e.limit_s)
+    except KeyboardInterrupt:
+        child.stop()
+        raise JobInterrupted(partial("interrupted")) from None
     except BaseException:
-        proc.kill()
-        proc.wait()
+        child.stop()
         raise
+    how = child.how_it_ended()
     if result is not None:
         return {"status": "ok", **result}
     if error is not None:
         return {"status": "error", "kernel": job["kernel"], "device": job["device"], "message": error}
-    rc = proc.returncode
-    how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
-    return {"status": "crash", "kernel": job["kernel"], "device": job["device"], "how": how,
-            "last_case": last_case, "log_tail": list(tail)}
+    return partial("crash", how=how or "exit code 0 without a result")

@@ -18,12 +18,14 @@ def replay_command(result: dict, case: dict, package: str | None) -> str:
 
 
 def dtype_verdicts(result: dict) -> dict[str, str]:
-    """PASS / FAIL / ERROR / CRASH / SKIP per dtype of one job result."""
+    """PASS / FAIL / ERROR / CRASH / HANG / INTERRUPTED / SKIP per dtype of one job result."""
     if result["status"] == "error":
         return {"*": "ERROR"}
-    if result["status"] == "crash":
+    if result["status"] in ("crash", "hang"):
         dt = (result.get("last_case") or {}).get("dtype", "*")
-        return {dt: "CRASH"}
+        return {dt: result["status"].upper()}
+    if result["status"] == "interrupted":
+        return {dt: "INTERRUPTED" for dt in result["dtypes"]}
     out = {}
     failure = result.get("failure")
     for dt in result["dtypes"]:
@@ -51,7 +53,8 @@ def _worst(stats: dict, impl: str) -> tuple[str, str]:
     return f"{w['max_abs_err']:.2e} ({w['rel_err']:.1e})", f"{w['tolerance']:.2e}"
 
 
-_STYLE = {"PASS": "green", "FAIL": "red", "CRASH": "red", "ERROR": "red", "SKIP": "yellow"}
+_STYLE = {"PASS": "green", "FAIL": "red", "CRASH": "red", "HANG": "red", "ERROR": "red",
+          "SKIP": "yellow", "INTERRUPTED": "yellow"}
 
 
 def render(results: list[dict], console: Console, package: str | None = None) -> None:
@@ -62,9 +65,10 @@ def render(results: list[dict], console: Console, package: str | None = None) ->
     for r in results:
         verdicts = dtype_verdicts(r)
         for dt, verdict in verdicts.items():
-            if r["status"] != "ok":
-                table.add_row(r["kernel"], r["device"], dt, f"[{_STYLE[verdict]}]{verdict}", "-",
-                              "-", "-", "-", "-", "-")
+            if r["status"] != "ok":  # examples: those passed before it died or was stopped
+                passed = r.get("passed", {})
+                table.add_row(r["kernel"], r["device"], dt, f"[{_STYLE[verdict]}]{verdict}",
+                              str(passed.get(dt, 0)) if passed else "-", "-", "-", "-", "-", "-")
                 continue
             st = r["stats"][dt]
             mojo_err, tol = _worst(st, "mojo")
@@ -85,12 +89,22 @@ def _render_detail(r: dict, console: Console, package: str | None) -> None:
     if r["status"] == "error":
         console.print(f"{head}: [red]error[/]: {r['message']}")
         return
-    if r["status"] == "crash":
-        console.print(f"{head}: [red]the kernel process died ({r['how']})[/]")
+    if r["status"] in ("crash", "hang", "interrupted"):
+        if r["status"] == "crash":
+            console.print(f"{head}: [red]the kernel process died ({r['how']})[/]")
+        elif r["status"] == "hang":
+            console.print(f"{head}: [red]HANG[/]: no result within {r['limit_s']:g} s "
+                          "(--case-timeout; the default grows with the case's size); stopped")
+        else:
+            console.print(f"{head}: [yellow]interrupted[/] after {r['examples']} passed examples")
+        if r["status"] != "interrupted" and r.get("examples"):
+            console.print(f"  {r['examples']} examples passed before", highlight=False)
         if r.get("last_case"):
-            console.print(f"  while running case {case_json(r['last_case'])}")
-            console.print(f"  replay: {replay_command(r, r['last_case'], package)}")
-        for line in r.get("log_tail", [])[-8:]:
+            console.print(f"  while running case {case_json(r['last_case'])}", markup=False,
+                          highlight=False)
+            console.print(f"  replay: {replay_command(r, r['last_case'], package)}",
+                          markup=False, highlight=False)
+        for line in r.get("log_tail", [])[-8:] if r["status"] != "interrupted" else []:
             console.print(f"  | {line}", markup=False, highlight=False)
         return
     if r.get("flaky"):

@@ -4,12 +4,14 @@ tests skip, except under CI, where a missing environment is a failure.
 
 * the end-to-end run: every engine, concurrency 1 and 4, report table, JSON, PNGs;
 * MAX+kt agrees with stock MAX (greedy tokens, or logprobs at a near-tie);
-* a planted broken kt.rms_norm changes MAX+kt's output: the kernel is in the served path;
+* a planted broken kt.rms_norm, kt.paged_rope_store or kt.paged_rope_attention changes MAX+kt's
+  output: each kernel is in the served path;
 * killing kt (SIGKILL, which no handler sees) leaves no MAX process behind.
 """
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,14 +94,30 @@ def test_max_kt_agrees_with_stock_max(e2e):
     assert check["steps_compared"] > 0
 
 
-def test_broken_kernel_changes_the_output(e2e, tmp_path):
+def planted_package(broken: Path, tmp_path: Path) -> Path:
+    """kt's Mojo package with the kernel files of `broken` laid over it."""
+    pkg = tmp_path / f"kernels_{broken.name}"
+    shutil.copytree(REPO / "kernels", pkg)
+    for f in broken.glob("*.mojo"):
+        if f.name != "__init__.mojo":
+            assert (pkg / f.name).exists(), f"{f.name} replaces no kernel of kt's package"
+            shutil.copy(f, pkg / f.name)
+    return pkg
+
+
+@pytest.mark.parametrize("broken", ["broken_kernels", "broken_paged_rope_store",
+                                    "broken_paged_rope_attention"])
+def test_broken_kernel_changes_the_output(e2e, tmp_path, broken):
+    """kt.rms_norm without normalization, keys stored without RoPE, queries left unrotated:
+    each changes what max+kt serves, so each kernel is in every request's path."""
     model, out, r = e2e
     assert r.returncode == 0
+    pkg = planted_package(HERE / broken, tmp_path)
     broken = kt("serve-bench", "--model", str(model), "--engines", "max+kt", "--custom-kernel-path",
-                str(HERE / "broken_kernels"), "--num-prompts", "1", "--output-len", "4", "--out", str(tmp_path))
+                str(pkg), "--num-prompts", "1", "--output-len", "4", "--out", str(tmp_path / "out"))
     assert broken.returncode == 0, broken.stderr[-3000:]
     stock = json.loads((out / "max" / "probe.json").read_text())["steps"]
-    planted = json.loads((tmp_path / "max_kt" / "probe.json").read_text())["steps"]
+    planted = json.loads((tmp_path / "out" / "max_kt" / "probe.json").read_text())["steps"]
     res = agreement.compare(stock, planted)
     assert not res.ok and res.mismatches, res.summary()
     assert gone(str(model))

@@ -1,8 +1,21 @@
-"""MAX custom architecture: stock MAX Llama 3 whose RMSNorm layers call kt's `kt.rms_norm`.
+"""MAX custom architecture: stock MAX Llama 3 whose RMSNorm layers call kt's `kt.rms_norm` and
+whose attention layers call kt's `kt.paged_rope_store` + `kt.paged_rope_attention`.
 
 Loaded by `max serve --custom-architectures <this dir>:kt_max_llama`, which imports it inside
 MAX's own environment (no kt import here) and registers `ARCHITECTURES` over the built-in
-`LlamaForCausalLM`. Everything else (weights, attention, KV cache, sampler) is MAX's.
+`LlamaForCausalLM`. Everything else (weights, projections, MLP, KV cache manager, sampler) is
+MAX's.
+
+Attention, in every decoder layer: MAX's QKV projection, then kt.paged_rope_store (the new
+keys rotated as they are written, with the values, into MAX's paged KV cache, in place) and
+kt.paged_rope_attention (the unrotated queries rotated as the kernel loads them, causal GQA
+attention over the cache through MAX's block table), then MAX's output projection. kt's ops
+take the raw tensors MAX's paged collection is built of (the blocks buffer, cache lengths,
+lookup table) and the RoPE parameters of the model's config: they are called from this
+architecture rather than registered over MAX's kernel names, because MAX's named kernels
+(`mo.rope_split_store.ragged.paged`, `mo.mha.ragged.paged`) receive rotated queries and a
+precomputed cos/sin table, not the unrotated queries and frequency parameters a fused kernel
+needs.
 
 The Mojo package comes from $KT_CUSTOM_KERNEL_PATH and is attached to the decoder graph through
 `GraphSpec.custom_extensions`, MAX's mechanism for graphs that call custom ops.
@@ -17,12 +30,15 @@ from pathlib import Path
 
 from max.dtype import DType
 from max.graph import DeviceRef, TensorType, TensorValue, ops
+from max.nn.attention import AttentionWithRope
 from max.nn.norm import RMSNorm
 from max.pipelines.architectures.llama3.arch import llama_arch
 from max.pipelines.architectures.llama3.model import Llama3Model
 
 KERNELS = Path(os.environ["KT_CUSTOM_KERNEL_PATH"])
 OP = os.environ.get("KT_RMS_NORM_OP", "kt.rms_norm")
+STORE_OP = "kt.paged_rope_store"
+ATTENTION_OP = "kt.paged_rope_attention"
 
 
 class KtRMSNorm(RMSNorm):
@@ -46,6 +62,48 @@ class KtRMSNorm(RMSNorm):
         return y if x.rank == 2 else ops.reshape(y, shape)
 
 
+def _scalar(value, dtype=DType.float32) -> TensorValue:
+    return ops.constant(value, dtype, device=DeviceRef.CPU())
+
+
+class KtAttentionWithRope(AttentionWithRope):
+    """MAX's Llama attention with RoPE, the KV store and attention done by kt's paged ops."""
+
+    def rope_args(self) -> list[TensorValue]:
+        """theta and Llama 3's scaling (factor 1 = none), as kt's ops take them."""
+        rope = self.rope
+        if getattr(rope, "interleaved", False):
+            raise ValueError("kt's paged ops use the half-rotation RoPE layout, not interleaved")
+        scaling = getattr(rope, "scaling_params", None)
+        factor, low, high, orig = ((scaling.factor, scaling.low_freq_factor,
+                                    scaling.high_freq_factor, scaling.orig_max_position)
+                                   if scaling is not None else (1.0, 1.0, 4.0, 8192.0))
+        return [_scalar(float(x)) for x in (rope.theta, factor, low, high, orig)]
+
+    def __call__(self, layer_idx, x, kv_collection, freqs_cis, input_row_offsets):
+        if self.use_qk_norm or self.sliding_window is not None:
+            raise ValueError("kt's paged attention has no QK norm or sliding window")
+        head_dim = self.kv_params.head_dim
+        n_kv = self.num_key_value_heads
+        qkv = self.qkv_proj(x)
+        xq, xk, xv = ops.split(qkv, [self.n_heads * head_dim, n_kv * head_dim,
+                                     n_kv * head_dim], axis=-1)
+        xq = xq.reshape((-1, self.n_heads, head_dim))
+        xk = xk.reshape((-1, n_kv, head_dim))
+        xv = xv.reshape((-1, n_kv, head_dim))
+        layer = ops.cast(layer_idx, DType.int32)
+        index = [kv_collection.cache_lengths, kv_collection.lookup_table, input_row_offsets]
+        rope = self.rope_args()
+        blocks = kv_collection.kv_blocks
+        ops.inplace_custom(STORE_OP, device=x.device, values=[xk, xv, blocks, *index, layer, *rope],
+                           out_types=[])
+        attn = ops.inplace_custom(
+            ATTENTION_OP, device=x.device,
+            values=[xq, blocks, *index, layer, _scalar(float(self.scale)), *rope],
+            out_types=[TensorType(xq.dtype, xq.shape, x.device)])[0].tensor
+        return self.o_proj(ops.reshape(attn, [x.shape[0], self.q_weight_dim]))
+
+
 def _norms(module):
     """Every RMSNorm of the graph's module tree, also the per-device copies that MAX's
     tensor-parallel blocks keep in plain lists (`input_layernorm_shards`, `norm_shards`)."""
@@ -63,6 +121,13 @@ def _with_kt(spec):
             module.__class__ = KtRMSNorm
             swapped.add(id(module))
     print(f"kt: {len(swapped)} RMSNorm layers call {OP} from {KERNELS}", file=sys.stderr, flush=True)
+    attention = 0
+    for _, module in spec.module.named_modules():
+        if type(module) is AttentionWithRope:
+            module.__class__ = KtAttentionWithRope
+            attention += 1
+    print(f"kt: {attention} attention layers call {STORE_OP} + {ATTENTION_OP} from {KERNELS}",
+          file=sys.stderr, flush=True)
     return dataclasses.replace(spec, custom_extensions=[*spec.custom_extensions, KERNELS])
 
 

@@ -1,2 +1,3 @@
-"""A planted broken kt package: `kt.rms_norm` that forgets to normalize. Serving with it must
-change the model's output, which proves `--custom-kernel-path` puts kt's kernel in the path."""
+"""A planted broken `kt.rms_norm` that forgets to normalize, laid over a copy of kt's package.
+Serving with it must change the model's output, which proves `--custom-kernel-path` puts kt's
+kernel in the path."""

@@ -1,0 +1,595 @@
+"""Causal attention over MAX's paged KV cache, the queries rotated (RoPE) as they are loaded.
+
+For new token t of sequence b (row r = row_offsets[b] + t of q), at position
+pos = cache_lengths[b] + t, and q head h reading kv head h // (Hq / Hk) (GQA):
+
+    o[r, h] = softmax_j(scale * rope(q[r, h], pos) . K[b, j]) V[b, j],   j = 0 .. pos,
+
+where K[b, j], V[b, j] are the key and value of position j of sequence b in the paged cache
+(`paged_kv.mojo`), keys already rotated (`kt.paged_rope_store` wrote this step's). So prefill
+(cache_lengths 0), prefill after a cached prefix and decode (one new token) are one op, as
+MAX's `mo.mha.ragged.paged` with a causal mask. scale <= 0 means 1/sqrt(D). RoPE follows
+`rope.mojo` (half rotation, Llama 3 frequencies); softmax subtracts the running maximum and
+everything accumulates in fp32. The cache is read, never written (it is an in-place operand
+only so that MAX orders this op after the store).
+"""
+
+import extensibility
+from extensibility import InputTensor, OutputTensor
+from extensibility.managed_tensor_slice import _MutableInputTensor as MutableInputTensor
+from max.algorithm import sync_parallelize
+from max.gpu import block_idx, thread_idx
+from max.gpu.primitives.warp import shuffle_xor
+from max.gpu.host import DeviceContext
+from max.gpu.host.info import is_cpu
+from max.gpu.sync import barrier
+from std.math import ceildiv, cos, exp, exp2, inf, sin, sqrt
+from std.memory import alloc, unsafe_stack_allocation
+from std.sys import size_of
+from std.utils import StaticTuple
+
+from .fused_rope_attention import (
+    DECODE_MIN_CHUNK,
+    DECODE_TARGET_BLOCKS,
+    DECODE_THREADS,
+    DECODE_WARPS,
+    LOG2E,
+    _decode_combine_gpu,
+    _decode_heads_per_block,
+    _merge_scale,
+)
+from .paged_kv import PagedLayout, U32Ptr, seq_of_row
+from .rope import RopeFreqs, rotate_pair, sincos_f32_accurate
+
+comptime GPU_BLOCK = 128
+comptime MAX_HEAD_DIM = 256
+
+
+def _attend_row[
+    dtype: DType
+](
+    o: Pointer[Scalar[dtype], MutAnyOrigin],
+    q: Pointer[Scalar[dtype], MutAnyOrigin],
+    blocks: Pointer[Scalar[dtype], MutAnyOrigin],
+    cache_lengths: U32Ptr,
+    table: U32Ptr,
+    row_offsets: U32Ptr,
+    batch: Int,
+    q_heads: Int,
+    item: Int,
+    scale: Float32,
+    lay: PagedLayout,
+    freqs: RopeFreqs,
+):
+    """The CPU path for one (row, q head): scores against every visible key, max-subtracted
+    softmax, weighted sum of the values."""
+    var row = item // q_heads
+    var h = item % q_heads
+    var kvh = h // (q_heads // lay.kv_heads)
+    var b = seq_of_row(row_offsets, batch, row)
+    var pos = Int(cache_lengths[unsafe_offset=b]) + row - Int(row_offsets[unsafe_offset=b])
+    var d = lay.head_dim
+    var half = d // 2
+    var q_rot = alloc[Float32](d)
+    var acc = alloc[Float32](d)
+    var scores = alloc[Float32](pos + 1)
+    var src = q.unsafe_offset(item * d)
+    for i in range(half):
+        var angle = Float32(pos) * freqs.inv_freq(i, d)
+        var r = rotate_pair(
+            src[unsafe_offset=i].cast[DType.float32](),
+            src[unsafe_offset=i + half].cast[DType.float32](),
+            cos(angle),
+            sin(angle),
+        )
+        q_rot[unsafe_offset=i] = r[0]
+        q_rot[unsafe_offset=i + half] = r[1]
+    var m = -inf[DType.float32]()
+    for j in range(pos + 1):
+        var key = blocks.unsafe_offset(lay.token_row(table, b, j, 0, kvh))
+        var dot = Float32(0)
+        for i in range(d):
+            dot += q_rot[unsafe_offset=i] * key[unsafe_offset=i].cast[DType.float32]()
+        var s = dot * scale
+        scores[unsafe_offset=j] = s
+        m = max(m, s)
+    for i in range(d):
+        acc[unsafe_offset=i] = 0
+    var l = Float32(0)
+    for j in range(pos + 1):
+        var p = exp(scores[unsafe_offset=j] - m)
+        l += p
+        var val = blocks.unsafe_offset(lay.token_row(table, b, j, 1, kvh))
+        for i in range(d):
+            acc[unsafe_offset=i] += p * val[unsafe_offset=i].cast[DType.float32]()
+    var dst = o.unsafe_offset(item * d)
+    for i in range(d):
+        dst[unsafe_offset=i] = (acc[unsafe_offset=i] / l).cast[dtype]()
+    q_rot.unsafe_free()
+    acc.unsafe_free()
+    scores.unsafe_free()
+
+
+def _attention_gpu[
+    dtype: DType
+](
+    o: Pointer[Scalar[dtype], MutAnyOrigin],
+    q: Pointer[Scalar[dtype], MutAnyOrigin],
+    blocks: Pointer[Scalar[dtype], MutAnyOrigin],
+    cache_lengths: U32Ptr,
+    table: U32Ptr,
+    row_offsets: U32Ptr,
+    batch_: Int32,
+    q_heads_: Int32,
+    page_size: Int32,
+    layers: Int32,
+    kv_heads: Int32,
+    head_dim: Int32,
+    layer: Int32,
+    table_cols: Int32,
+    scale: Float32,
+    theta: Float32,
+    factor: Float32,
+    low_freq_factor: Float32,
+    high_freq_factor: Float32,
+    original_max_position: Float32,
+):
+    """One block per (row, q head): the rotated, pre-scaled query in shared memory, keys in
+    tiles of GPU_BLOCK (one per thread, looked up through the block table) with an online
+    softmax; each thread accumulates head dims tid and tid + GPU_BLOCK of the output."""
+    var lay = PagedLayout(
+        Int(page_size), Int(layers), Int(kv_heads), Int(head_dim), Int(layer), Int(table_cols)
+    )
+    var freqs = RopeFreqs(theta, factor, low_freq_factor, high_freq_factor, original_max_position)
+    var q_heads = Int(q_heads_)
+    var item = block_idx.x
+    var tid = thread_idx.x
+    var row = item // q_heads
+    var h = item % q_heads
+    var kvh = h // (q_heads // lay.kv_heads)
+    var b = seq_of_row(row_offsets, Int(batch_), row)
+    var pos = Int(cache_lengths[unsafe_offset=b]) + row - Int(row_offsets[unsafe_offset=b])
+    var d = lay.head_dim
+    var half = d // 2
+
+    var q_s = unsafe_stack_allocation[MAX_HEAD_DIM, Float32, address_space=.SHARED]()
+    var p_s = unsafe_stack_allocation[GPU_BLOCK, Float32, address_space=.SHARED]()
+    var red_s = unsafe_stack_allocation[GPU_BLOCK, Float32, address_space=.SHARED]()
+    var src = q.unsafe_offset(item * d)
+    for i in range(tid, half, GPU_BLOCK):
+        # Accurate fp32 sin/cos: std.math's lower to sin/cos.approx on NVIDIA GPUs.
+        var sc = sincos_f32_accurate(SIMD[DType.float32, 1](Float32(pos) * freqs.inv_freq(i, d)))
+        var r = rotate_pair(
+            src[unsafe_offset=i].cast[DType.float32](),
+            src[unsafe_offset=i + half].cast[DType.float32](),
+            sc[1][0],
+            sc[0][0],
+        )
+        q_s[unsafe_offset=i] = r[0] * scale
+        q_s[unsafe_offset=i + half] = r[1] * scale
+    barrier()
+
+    var m = -inf[DType.float32]()
+    var l = Float32(0)
+    var acc0 = Float32(0)
+    var acc1 = Float32(0)
+    var tile = 0
+    while tile <= pos:
+        var j = tile + tid
+        var s = -inf[DType.float32]()
+        if j <= pos:
+            var key = blocks.unsafe_offset(lay.token_row(table, b, j, 0, kvh))
+            var dot = Float32(0)
+            for i in range(d):
+                dot += q_s[unsafe_offset=i] * key[unsafe_offset=i].cast[DType.float32]()
+            s = dot
+        red_s[unsafe_offset=tid] = s
+        barrier()
+        var stride = GPU_BLOCK // 2
+        while stride > 0:
+            if tid < stride:
+                red_s[unsafe_offset=tid] = max(
+                    red_s[unsafe_offset=tid], red_s[unsafe_offset=tid + stride]
+                )
+            barrier()
+            stride //= 2
+        var m_new = max(m, red_s[unsafe_offset=0])
+        barrier()
+        var p = exp(s - m_new) if j <= pos else Float32(0)
+        p_s[unsafe_offset=tid] = p
+        red_s[unsafe_offset=tid] = p
+        barrier()
+        stride = GPU_BLOCK // 2
+        while stride > 0:
+            if tid < stride:
+                red_s[unsafe_offset=tid] += red_s[unsafe_offset=tid + stride]
+            barrier()
+            stride //= 2
+        var correction = exp(m - m_new)
+        l = l * correction + red_s[unsafe_offset=0]
+        acc0 *= correction
+        acc1 *= correction
+        var n = min(GPU_BLOCK, pos + 1 - tile)
+        for t in range(n):
+            var val = blocks.unsafe_offset(lay.token_row(table, b, tile + t, 1, kvh))
+            var pt = p_s[unsafe_offset=t]
+            if tid < d:
+                acc0 += pt * val[unsafe_offset=tid].cast[DType.float32]()
+            if tid + GPU_BLOCK < d:
+                acc1 += pt * val[unsafe_offset=tid + GPU_BLOCK].cast[DType.float32]()
+        m = m_new
+        tile += GPU_BLOCK
+        barrier()
+
+    var dst = o.unsafe_offset(item * d)
+    if tid < d:
+        dst[unsafe_offset=tid] = (acc0 / l).cast[dtype]()
+    if tid + GPU_BLOCK < d:
+        dst[unsafe_offset=tid + GPU_BLOCK] = (acc1 / l).cast[dtype]()
+
+
+# Decode (one new token per sequence, 16-bit dtypes, D 64 or 128): split-KV flash decoding
+# through the block table. Keys are rotated in the cache already, so only the queries are
+# rotated, once per block, into shared memory.
+
+
+def _split_decode_supported[dtype: DType](head_dim: Int) -> Bool:
+    """Whether `_split_decode_gpu` has an instantiation for this dtype and head dim."""
+    comptime if dtype != DType.bfloat16 and dtype != DType.float16:
+        return False
+    return head_dim == 64 or head_dim == 128
+
+
+def _split_decode_gpu[
+    dtype: DType, D: Int, GB: Int
+](
+    m_part: Pointer[Float32, MutAnyOrigin],
+    l_part: Pointer[Float32, MutAnyOrigin],
+    acc_part: Pointer[Float32, MutAnyOrigin],
+    q: Pointer[Scalar[dtype], MutAnyOrigin],
+    blocks: Pointer[Scalar[dtype], MutAnyOrigin],
+    cache_lengths: U32Ptr,
+    table: U32Ptr,
+    row_offsets: U32Ptr,
+    batch_: Int32,
+    q_heads_: Int32,
+    page_size: Int32,
+    layers: Int32,
+    kv_heads: Int32,
+    layer: Int32,
+    table_cols: Int32,
+    chunk_: Int32,
+    splits_: Int32,
+    scale_log2: Float32,
+    theta: Float32,
+    factor: Float32,
+    low_freq_factor: Float32,
+    high_freq_factor: Float32,
+    original_max_position: Float32,
+):
+    """One block per (split of the keys, kv head and GB of its q heads, query row):
+    grid = (splits, kv_heads * group / GB, rows), DECODE_THREADS threads.
+
+    The row's query sees keys 0..pos. The block rotates its GB queries (position pos,
+    pre-scaled by scale * log2 e) into shared memory. A key is read by TPK = D / W lanes,
+    each holding a W-element (16-byte) slice, found through the block table; the dot
+    products are summed by a TPK-lane butterfly. Each group of TPK lanes keeps an online
+    softmax (base 2) per head over the keys it visits; the groups merge through warp
+    shuffles, the warps through shared memory, and the block writes m, l and the
+    unnormalized output for `_decode_combine_gpu`. A split past the row's last key
+    writes an empty state (m = -inf, l = 0).
+    """
+    comptime W = 16 // size_of[dtype]()
+    comptime TPK = D // W
+    comptime KPW = 32 // TPK
+    comptime STREAMS = DECODE_WARPS * KPW
+    comptime F = SIMD[DType.float32, W]
+    comptime NEG_INF = -inf[DType.float32]()
+
+    var lay = PagedLayout(
+        Int(page_size), Int(layers), Int(kv_heads), D, Int(layer), Int(table_cols)
+    )
+    var freqs = RopeFreqs(theta, factor, low_freq_factor, high_freq_factor, original_max_position)
+    var q_heads = Int(q_heads_)
+    var group = q_heads // lay.kv_heads
+    var subs = group // GB
+    var split = block_idx.x
+    var kvh = block_idx.y // subs
+    var h0 = kvh * group + (block_idx.y % subs) * GB
+    var row = block_idx.z
+    var splits = Int(splits_)
+    var chunk = Int(chunk_)
+    var tid = thread_idx.x
+    var lane = tid % 32
+    var warp = tid // 32
+    var i0 = (lane % TPK) * W
+    var stream = warp * KPW + lane // TPK
+    var b = seq_of_row(row_offsets, Int(batch_), row)
+    var pos = Int(cache_lengths[unsafe_offset=b]) + row - Int(row_offsets[unsafe_offset=b])
+
+    comptime HALF = D // 2
+    var q_s = unsafe_stack_allocation[GB * D, Float32, address_space=.SHARED]()
+    for e in range(tid, GB * HALF, DECODE_THREADS):
+        var g = e // HALF
+        var i = e % HALF
+        var src = q.unsafe_offset((row * q_heads + h0 + g) * D)
+        # Accurate fp32 sin/cos: std.math's lower to sin/cos.approx on NVIDIA GPUs.
+        var sc = sincos_f32_accurate(SIMD[DType.float32, 1](Float32(pos) * freqs.inv_freq(i, D)))
+        var r = rotate_pair(
+            src[unsafe_offset=i].cast[DType.float32](),
+            src[unsafe_offset=i + HALF].cast[DType.float32](),
+            sc[1][0],
+            sc[0][0],
+        )
+        q_s[unsafe_offset=g * D + i] = r[0] * scale_log2
+        q_s[unsafe_offset=g * D + i + HALF] = r[1] * scale_log2
+    barrier()
+    var qv = StaticTuple[F, GB](fill=0)
+    comptime for g in range(GB):
+        comptime for e in range(W):
+            qv[g][e] = q_s[unsafe_offset=g * D + i0 + e]
+
+    var m = StaticTuple[Float32, GB](fill=NEG_INF)
+    var l = StaticTuple[Float32, GB](fill=0)
+    var acc = StaticTuple[F, GB](fill=0)
+    var start = split * chunk
+    var end = min(start + chunk, pos + 1)
+    # Warp-uniform trip count: every lane runs every iteration (the butterflies need the
+    # whole warp); a lane past the end masks its key out.
+    var warp_first = start + warp * KPW
+    var j = start + stream
+    while warp_first < end:
+        var live = j < end
+        var kr = SIMD[dtype, W](0)
+        var vr = SIMD[dtype, W](0)
+        if live:
+            var krow = lay.token_row(table, b, j, 0, kvh) + i0
+            kr = blocks.unsafe_load[width=W, alignment=16](krow)
+            vr = blocks.unsafe_load[width=W, alignment=16](krow + lay.layers * lay.page_size * lay.kv_heads * D)
+        var kf = kr.cast[DType.float32]()
+        var vf = vr.cast[DType.float32]()
+        comptime for g in range(GB):
+            var dot = (qv[g] * kf).reduce_add()
+            comptime for step in range(5):
+                comptime off = TPK >> (step + 1)
+                comptime if off > 0:
+                    dot += shuffle_xor(dot, UInt32(off))
+            if live:
+                var m_new = max(m[g], dot)
+                var corr = _merge_scale(m[g], m_new)
+                var p = exp2(dot - m_new)
+                l[g] = l[g] * corr + p
+                acc[g] = vf.fma(F(p), acc[g] * corr)
+                m[g] = m_new
+        j += STREAMS
+        warp_first += STREAMS
+
+    # Merge the KPW streams of each warp (lanes with the same slice, xor over the stream bits).
+    comptime for step in range(5):
+        comptime off = TPK << step
+        comptime if off < 32:
+            comptime for g in range(GB):
+                var m_o = shuffle_xor(m[g], UInt32(off))
+                var l_o = shuffle_xor(l[g], UInt32(off))
+                var m_new = max(m[g], m_o)
+                var a = _merge_scale(m[g], m_new)
+                var c = _merge_scale(m_o, m_new)
+                l[g] = l[g] * a + l_o * c
+                comptime for e in range(W):
+                    acc[g][e] = acc[g][e] * a + shuffle_xor(acc[g][e], UInt32(off)) * c
+                m[g] = m_new
+
+    # Then the warps, through shared memory.
+    var m_s = unsafe_stack_allocation[DECODE_WARPS * GB, Float32, address_space=.SHARED]()
+    var l_s = unsafe_stack_allocation[DECODE_WARPS * GB, Float32, address_space=.SHARED]()
+    var acc_s = unsafe_stack_allocation[DECODE_WARPS * GB * D, Float32, address_space=.SHARED]()
+    if lane < TPK:
+        comptime for g in range(GB):
+            comptime for e in range(W):
+                acc_s[unsafe_offset=(warp * GB + g) * D + i0 + e] = acc[g][e]
+            if lane == 0:
+                m_s[unsafe_offset=warp * GB + g] = m[g]
+                l_s[unsafe_offset=warp * GB + g] = l[g]
+    barrier()
+    for idx in range(tid, GB * D, DECODE_THREADS):
+        var g = idx // D
+        var d = idx % D
+        var m_all = NEG_INF
+        comptime for w in range(DECODE_WARPS):
+            m_all = max(m_all, m_s[unsafe_offset=w * GB + g])
+        var l_all = Float32(0)
+        var a_all = Float32(0)
+        comptime for w in range(DECODE_WARPS):
+            var c = _merge_scale(m_s[unsafe_offset=w * GB + g], m_all)
+            l_all += l_s[unsafe_offset=w * GB + g] * c
+            a_all += acc_s[unsafe_offset=(w * GB + g) * D + d] * c
+        var part = (row * q_heads + h0 + g) * splits + split
+        acc_part[unsafe_offset=part * D + d] = a_all
+        if d == 0:
+            m_part[unsafe_offset=part] = m_all
+            l_part[unsafe_offset=part] = l_all
+
+
+def _split_decode_launch[
+    dtype: DType, D: Int, GB: Int
+](
+    o: Pointer[Scalar[dtype], MutAnyOrigin],
+    q: Pointer[Scalar[dtype], MutAnyOrigin],
+    blocks: Pointer[Scalar[dtype], MutAnyOrigin],
+    cache_lengths: U32Ptr,
+    table: U32Ptr,
+    row_offsets: U32Ptr,
+    rows: Int,
+    batch: Int,
+    q_heads: Int,
+    scale: Float32,
+    lay: PagedLayout,
+    freqs: RopeFreqs,
+    ctx: DeviceContext,
+) raises:
+    """Splits sized from the longest sequence the block table can hold (table columns x
+    page size: the host does not see the cache lengths); splits past a row's keys are empty."""
+    var bound = max(1, lay.table_cols * lay.page_size)
+    var blocks_per_split = rows * lay.kv_heads * (q_heads // lay.kv_heads // GB)
+    var splits = max(
+        1, min(ceildiv(bound, DECODE_MIN_CHUNK), ceildiv(DECODE_TARGET_BLOCKS, blocks_per_split))
+    )
+    var chunk = ceildiv(bound, splits)
+    splits = ceildiv(bound, chunk)
+    var m_part = ctx.enqueue_create_buffer[DType.float32](rows * q_heads * splits)
+    var l_part = ctx.enqueue_create_buffer[DType.float32](rows * q_heads * splits)
+    var acc_part = ctx.enqueue_create_buffer[DType.float32](rows * q_heads * splits * D)
+    ctx.enqueue_function[_split_decode_gpu[dtype, D, GB]](
+        m_part.unsafe_ptr(), l_part.unsafe_ptr(), acc_part.unsafe_ptr(), q, blocks,
+        cache_lengths, table, row_offsets, Int32(batch), Int32(q_heads), Int32(lay.page_size),
+        Int32(lay.layers), Int32(lay.kv_heads), Int32(lay.layer), Int32(lay.table_cols),
+        Int32(chunk), Int32(splits), scale * LOG2E,
+        freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
+        freqs.original_max_position,
+        grid_dim=(splits, lay.kv_heads * (q_heads // lay.kv_heads // GB), rows),
+        block_dim=DECODE_THREADS,
+    )
+    ctx.enqueue_function[_decode_combine_gpu[dtype]](
+        o, m_part.unsafe_ptr(), l_part.unsafe_ptr(), acc_part.unsafe_ptr(),
+        Int32(splits), Int32(D),
+        grid_dim=rows * q_heads, block_dim=DECODE_THREADS,
+    )
+    # Frees are stream-ordered: the buffers outlive the kernels that use them.
+    _ = m_part^
+    _ = l_part^
+    _ = acc_part^
+
+
+def _split_decode_dispatch[
+    dtype: DType
+](
+    o: Pointer[Scalar[dtype], MutAnyOrigin],
+    q: Pointer[Scalar[dtype], MutAnyOrigin],
+    blocks: Pointer[Scalar[dtype], MutAnyOrigin],
+    cache_lengths: U32Ptr,
+    table: U32Ptr,
+    row_offsets: U32Ptr,
+    rows: Int,
+    batch: Int,
+    q_heads: Int,
+    scale: Float32,
+    lay: PagedLayout,
+    freqs: RopeFreqs,
+    ctx: DeviceContext,
+) raises:
+    """`_split_decode_launch` for the runtime head dim and heads per block; the caller
+    checks `_split_decode_supported` first."""
+    comptime if dtype == DType.bfloat16 or dtype == DType.float16:
+        var gb = _decode_heads_per_block(q_heads // lay.kv_heads)
+        comptime for D in [64, 128]:
+            if lay.head_dim == D:
+                comptime for GB in [1, 2, 4]:
+                    if gb == GB:
+                        _split_decode_launch[dtype, D, GB](
+                            o, q, blocks, cache_lengths, table, row_offsets, rows, batch,
+                            q_heads, scale, lay, freqs, ctx,
+                        )
+                        return
+    raise Error("kt.paged_rope_attention: no decode kernel for this shape")
+
+
+def paged_rope_attention_gpu[
+    dtype: DType
+](
+    o: Pointer[Scalar[dtype], MutAnyOrigin],
+    q: Pointer[Scalar[dtype], MutAnyOrigin],
+    blocks: Pointer[Scalar[dtype], MutAnyOrigin],
+    cache_lengths: U32Ptr,
+    table: U32Ptr,
+    row_offsets: U32Ptr,
+    rows: Int,
+    batch: Int,
+    q_heads: Int,
+    scale: Float32,
+    lay: PagedLayout,
+    freqs: RopeFreqs,
+    ctx: DeviceContext,
+) raises:
+    """The op's GPU branch (arguments validated, scale resolved). Decode (one new token per
+    sequence: rows == batch), 16-bit dtypes, D 64 or 128, a 16-byte aligned cache: the
+    split-KV kernel `_split_decode_gpu`, then `_decode_combine_gpu`. Otherwise
+    `_attention_gpu`, one block per (row, q head)."""
+    if rows * q_heads == 0:
+        return
+    var aligned = Int(blocks) % 16 == 0
+    if rows == batch and aligned and _split_decode_supported[dtype](lay.head_dim):
+        _split_decode_dispatch[dtype](
+            o, q, blocks, cache_lengths, table, row_offsets, rows, batch, q_heads, scale, lay,
+            freqs, ctx,
+        )
+        return
+    ctx.enqueue_function[_attention_gpu[dtype]](
+        o, q, blocks, cache_lengths, table, row_offsets,
+        Int32(batch), Int32(q_heads), Int32(lay.page_size), Int32(lay.layers),
+        Int32(lay.kv_heads), Int32(lay.head_dim), Int32(lay.layer), Int32(lay.table_cols),
+        scale, freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
+        freqs.original_max_position,
+        grid_dim=rows * q_heads, block_dim=GPU_BLOCK,
+    )
+
+
+@extensibility.register("kt.paged_rope_attention")
+struct PagedRopeAttention:
+    @staticmethod
+    def execute[
+        dtype: DType, //, target: StaticString
+    ](
+        o: OutputTensor[dtype=dtype, rank=3, ...],
+        q: InputTensor[dtype=dtype, rank=3, ...],
+        blocks: MutableInputTensor[dtype=dtype, rank=6, ...],
+        cache_lengths: InputTensor[dtype=DType.uint32, rank=1, ...],
+        lookup_table: InputTensor[dtype=DType.uint32, rank=2, ...],
+        row_offsets: InputTensor[dtype=DType.uint32, rank=1, ...],
+        layer: Int32,
+        scale: Float32,
+        theta: Float32,
+        factor: Float32,
+        low_freq_factor: Float32,
+        high_freq_factor: Float32,
+        original_max_position: Float32,
+        ctx: DeviceContext,
+    ) raises:
+        var rows = q.dim_size(0)
+        var q_heads = q.dim_size(1)
+        var head_dim = q.dim_size(2)
+        var kv_heads = blocks.dim_size(4)
+        var batch = cache_lengths.dim_size(0)
+        if blocks.dim_size(1) != 2 or blocks.dim_size(5) != head_dim:
+            raise Error("kt.paged_rope_attention: blocks must be [pages, 2, layers, page, kv heads, head dim] of q's head dim")
+        if kv_heads == 0 or q_heads % kv_heads != 0:
+            raise Error("kt.paged_rope_attention: kv heads must divide q heads")
+        if head_dim % 2 != 0 or head_dim > MAX_HEAD_DIM:
+            raise Error("kt.paged_rope_attention: head_dim must be even and at most ", MAX_HEAD_DIM)
+        if Int(layer) < 0 or Int(layer) >= blocks.dim_size(2):
+            raise Error("kt.paged_rope_attention: layer out of range")
+        if lookup_table.dim_size(0) != batch or row_offsets.dim_size(0) != batch + 1:
+            raise Error("kt.paged_rope_attention: lookup_table and row_offsets must cover the batch of cache_lengths")
+        var lay = PagedLayout(
+            blocks.dim_size(3), blocks.dim_size(2), kv_heads, head_dim, Int(layer),
+            lookup_table.dim_size(1),
+        )
+        var sm_scale = scale if scale > 0 else Float32(1.0) / sqrt(Float32(head_dim))
+        var freqs = RopeFreqs(theta, factor, low_freq_factor, high_freq_factor, original_max_position)
+        var op = o.unsafe_ptr()
+        var qp = q.unsafe_ptr()
+        var bp = blocks.unsafe_ptr()
+        var cl = cache_lengths.unsafe_ptr()
+        var lt = lookup_table.unsafe_ptr()
+        var ro = row_offsets.unsafe_ptr()
+        comptime if is_cpu[target]():
+            if batch == 0:
+                return
+
+            def attend(item: Int) {var op, var qp, var bp, var cl, var lt, var ro, var batch, var q_heads, var sm_scale, var lay, var freqs}:
+                _attend_row[dtype](op, qp, bp, cl, lt, ro, batch, q_heads, item, sm_scale, lay, freqs)
+
+            sync_parallelize(attend, rows * q_heads)
+        else:
+            paged_rope_attention_gpu[dtype](
+                op, qp, bp, cl, lt, ro, rows, batch, q_heads, sm_scale, lay, freqs, ctx
+            )
