@@ -185,14 +185,16 @@ def test_ctrl_c_keeps_the_examples_that_passed(spinning_pkg, tmp_path):
 @pytest.mark.slow
 def test_microbench_hang_is_a_row_and_the_others_are_timed(kt, spinning_pkg, tmp_path):
     save = tmp_path / "m.json"
+    # the limit covers every provider's check and timing: torch_eager's, on a loaded 2-core
+    # machine, can take several seconds
     r = kt("microbench", "rms_norm", "--device", "cpu", "--providers", "torch_eager,kt_graph",
-           "--kernels", str(spinning_pkg), "--case-timeout", "3", "--budget", "0.05",
+           "--kernels", str(spinning_pkg), "--case-timeout", "15", "--budget", "0.05",
            "--save", str(save))
     assert r.code == 1, r.output
     rows = json.loads(save.read_text())["rows"]
     hung = [row for row in rows if row["provider"] == "kt_graph"]
     assert [row["status"] for row in hung] == ["hang"]
-    assert "no result within 3 s" in hung[0]["note"]
+    assert "no result within 15 s" in hung[0]["note"]
     eager = [row for row in rows if row["provider"] == "torch_eager"]
     assert len(eager) == 2 and all(row["status"] == "ok" and row["p50"] > 0 for row in eager)
     assert _mode(save) == 0o644
