@@ -6,7 +6,9 @@
 #   OUT=/path/to/results bash benchmarks/gpu_run.sh [KERNEL...]
 #
 # Writes <kernel>.json and <kernel>.png per kernel to $OUT, and gpu_run.log (everything
-# printed, which ends with a summary). What runs comes from `python -m harness.bench plan`,
+# printed, which ends with a summary: per case every provider's p50, each speed target as
+# kt_graph's ratio [95% interval] met / missed / within noise, the rows whose two timings
+# disagree and the rows kept out of ratios, with why). What runs comes from `python -m harness.bench plan`,
 # which reads each kernel's benchmarks/<kernel>.toml (`warm`, `warm_split`, `time_limit_s`).
 #
 # Phase 1 compiles every provider that compiles (the kt op through a MAX graph and through

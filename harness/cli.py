@@ -119,7 +119,8 @@ def verify(kernels, device, dtypes, examples, seed, package, json_path, profile,
               help="Benchmark your own Mojo package registering the same op names.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Input data seed.")
 @click.option("--budget", type=click.FloatRange(0.01), default=None,
-              help="Seconds of timed calls per measurement [0.4 GPU, 0.25 CPU].")
+              help="Seconds of interleaved rounds per provider of a case [0.3 GPU, "
+                   "0.25 CPU].")
 @click.option("--list", "list_only", is_flag=True, help="List families and providers; run nothing.")
 @case_timeout_option("one step of a provider (its check and timing; compiling is not limited)")
 def microbench(kernel, device, families, providers, baseline, save, compare_path, plot_path,

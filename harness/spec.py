@@ -145,23 +145,32 @@ class Bound:
 Provider = Callable[[str, torch.dtype], Callable[[Tensors, Params], Any]]
 
 
+def interval_verdict(at_most: float, lo: float, hi: float) -> str:
+    """A ratio target `at_most` against a ratio's interval [lo, hi]: "met" only when the
+    interval lies below it, "missed" when it lies above, else "within noise"."""
+    if hi < at_most:
+        return "met"
+    if lo > at_most:
+        return "missed"
+    return "within noise"
+
+
 @dataclass(frozen=True)
 class RatioTarget:
-    """kt_graph's p50 over `provider`'s p50, per case of `families` timed in one run (below 1:
-    kt is faster). `levels` are (ratio at most, verdict), tightest first; `missed` is the
-    verdict when none is met; without levels the ratio is stated alone."""
+    """kt_graph's time over `provider`'s, per case of `families` timed in one run's
+    interleaved rounds (below 1: kt is faster), as a median with a 95 % interval. `levels`
+    are (ratio at most, name), e.g. ((1.0, "goal"), (0.95, "moonshot")): each is met, missed
+    or within noise (`interval_verdict`); without levels the ratio is stated alone."""
 
     name: str
     provider: str
     families: tuple[str, ...]
     levels: tuple[tuple[float, str], ...] = ()
-    missed: str = ""
 
-    def verdict(self, ratio: float) -> str:
-        for at_most, verdict in self.levels:
-            if ratio <= at_most:
-                return verdict
-        return self.missed
+    def verdict(self, lo: float, hi: float) -> str:
+        """Every level's standing, e.g. "goal met, moonshot within noise"."""
+        return ", ".join(f"{name} {interval_verdict(at_most, lo, hi)}"
+                         for at_most, name in self.levels)
 
 
 @dataclass(frozen=True)

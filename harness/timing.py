@@ -1,4 +1,5 @@
-"""The one timing function, `bench`. Its method, in order:
+"""The one timing function, `bench`, and its interleaved form for the providers of one case,
+`bench_interleaved`. The method, in order:
 
 1. Correctness first: `check()` runs the provider once and compares it with the reference; a
    provider that fails is never timed (`NotCorrect`).
@@ -8,17 +9,18 @@
 3. Each timed call starts from a cold last-level cache: a buffer twice the L2 (GPU) or 64 MiB
    (CPU) is overwritten before it, outside the timed region (as triton's `do_bench`).
 4. Timed with device events on GPUs (CUDA and ROCm share torch's `cuda` event API; Apple Metal
-   uses `torch.mps` events), and with the monotonic `perf_counter_ns` on the CPU.
+   uses `torch.mps` events), and with the monotonic `perf_counter_ns` on the CPU (the backend
+   table is `harness.clocks`).
 5. Launch overhead hidden (CUDA and ROCm), as nvbench's "blocking kernel" does: after the
    flush and before the start event, a GPU spin (`torch.cuda._sleep`) is queued on the
    current stream, long enough that the host has queued every launch of `fn` before the GPU
    reaches the start event; the events then measure GPU time alone. Without it a small op
    measures its host overhead (MAX's `execute`, torch.compile's guards), not its kernels.
-   - Length (`cover_ms`): twice the 90th percentile of the warmup enqueue times (the first
-     call left out) plus 50 us, at most `MAX_COVER_MS`.
-   - Calibration (`spin_rate`, once per process and device): three spins of 10^6 cycles timed
-     with events; the fastest gives the cycles per ms (the highest clock seen), so a spin
-     lasts at least its length at any lower clock.
+   - Length (`clocks.cover_ms`): twice the 90th percentile of the warmup enqueue times (the
+     first call left out) plus 50 us, at most `MAX_COVER_MS`.
+   - Calibration (`clocks.sleep_rate`, once per process and device): three spins of 10^6
+     cycles timed with events; the fastest gives the cycles per ms (the highest clock seen),
+     so a spin lasts at least its length at any lower clock.
    - A call that waits for the device itself (a host sync inside `fn`) cannot get ahead of
      the GPU. Two probe calls behind a spin tell: if in both the GPU had passed an event
      queued after the spin by the time `fn` returned (it waited, or enqueued for longer than
@@ -32,20 +34,41 @@
      caller pays per call when the GPU is not ahead of the host.
    `hide_launch=False` turns the spin off. Metal has no spin kernel: there, launches are not
    hidden and small ops include their launch overhead.
-6. Stopping rule: after `min_reps`, stop once the relative standard error of the mean falls
-   under `rse_target`, or at `max_reps`, or when the `budget_s` wall-clock budget runs out;
-   the reason is recorded.
+   Steps 1-5 make a provider ready (`prepare`, a `Sampler`); each `Sampler.sample()` is then
+   one timed call (flush, spin, events, `fn`).
+6. Stopping rule of `bench` (one provider): after `min_reps`, stop once the relative standard
+   error of the mean falls under `rse_target`, or at `max_reps`, or when the `budget_s`
+   wall-clock budget runs out; the reason is recorded.
 7. The raw samples are returned with p10/p50/p90; p50 is the number to quote.
 
-8. Work on another stream (MAX enqueues on its own): `bench_on_stream` makes that stream
-   torch's current one, so the flush, the spin and the events land there too, then checks
-   once that the events saw at least half of the time the device stays busy after a call
-   returns (`device_tail_ms`, a lower bound of its GPU time without the host's enqueue
-   time); else the call is timed host-synchronized (`run(); sync()`), and its note says so.
+8. Interleaved rounds (`bench_interleaved`, what `kt microbench` runs for the providers of one
+   case): the ready providers take one sample each per round, A B C, then B C A, C A B, ...
+   (the order rotated by one every round, `rotation`), so clock and power drift reaches every
+   provider alike instead of one provider's block of samples. Round i gives each provider's
+   sample i and the ratio of any two providers' samples in it; a ratio is reported as the
+   median of the per-round ratios with a 95 % percentile-bootstrap interval over rounds
+   (`harness.stats.ratio_interval`, seeded: reproducible from the saved samples). Stopping
+   rule: after `min_rounds`, stop once every provider's ratio to the `anchor` (kt_graph in
+   `kt microbench`) has an interval half-width under `ci_target` of the ratio, or at
+   `max_rounds`, or when the `budget_s` wall-clock budget runs out (before `min_rounds` only
+   at four times it, after 3 rounds); the reason and the half-width reached are recorded.
+   A provider that raises while sampled leaves the rounds (`failed`), the others continue.
+9. A second, independent timing (`Sampler.throughput`): `repeats` batches of N calls back to
+   back, each after a cache flush, timed on the host clock with one wait for the device at
+   the end, less the same batch of flushes alone, divided by N (no events, no spin). Where the
+   device is the bottleneck it measures the same GPU time as the events; `timings_agree`
+   flags a row whose two timings differ by more than twice their combined relative noise
+   (at least 5 %). A host-bound call behind a spin (enqueue longer than half its GPU time) is
+   not compared: back to back it measures the host, the events the GPU; nor is a call that
+   a flush outlasts five times (the CPU's 64 MiB flush against a small op): the difference
+   of two batches is then mostly the flushes' noise.
 
-The backend table (`_Clock` and its subclasses) is what ports this to a new device kind; ROCm
-and Metal cannot be measured on kt's machines, so their rows are untested here, and results
-say which backend timed them.
+10. Work on another stream (MAX enqueues on its own): `prepare_on_stream` makes that stream
+   torch's current one for every sample, so the flush, the spin and the events land there
+   too, then checks once that the events saw at least half of the time the device stays busy
+   after a call returns (`clocks.device_tail_ms`, a lower bound of its GPU time without the host's
+   enqueue time); else the call is timed host-synchronized (`run(); sync()`), and its note
+   says so.
 """
 
 from __future__ import annotations
@@ -59,7 +82,16 @@ from typing import Callable
 
 import torch
 
+from harness import clocks
+from harness.clocks import Clock, backend_of, device_tail_ms, events_missed_work
 from harness.io import error_line
+from harness.stats import (Throughput, halfwidth, ratio_interval, relative_standard_error,
+                           summarize, timings_agree)
+
+# The bootstrap of the stopping rule is coarser than the reported one (it runs every few rounds).
+_STOP_RESAMPLES = 500
+MAX_BATCH = 64  # most calls in one back-to-back batch
+
 
 class NotCorrect(Exception):
     """The provider failed its correctness check and was not timed."""
@@ -92,34 +124,9 @@ class Timing:
         return asdict(self)
 
 
-def quantile(sorted_samples: list[float], q: float) -> float:
-    """Linear-interpolated quantile of already sorted samples (numpy's default method)."""
-    if not sorted_samples:
-        return math.nan
-    pos = q * (len(sorted_samples) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_samples) - 1)
-    return sorted_samples[lo] + (sorted_samples[hi] - sorted_samples[lo]) * (pos - lo)
-
-
-def relative_standard_error(samples: list[float]) -> float:
-    """std / sqrt(n) / mean; infinite with fewer than two samples."""
-    if len(samples) < 2:
-        return math.inf
-    mean = statistics.fmean(samples)
-    return statistics.stdev(samples) / math.sqrt(len(samples)) / mean if mean > 0 else math.inf
-
-
-def summarize(samples: list[float]) -> dict[str, float]:
-    s = sorted(samples)
-    return {"p10": quantile(s, 0.1), "p50": quantile(s, 0.5), "p90": quantile(s, 0.9),
-            "mean": statistics.fmean(s) if s else math.nan, "rse": relative_standard_error(s),
-            "n": len(s)}
-
-
 def stop_reason(samples: list[float], elapsed_s: float, *, min_reps: int, max_reps: int,
                 rse_target: float, budget_s: float) -> str | None:
-    """Why sampling should stop now, or None to keep going."""
+    """Why sampling one provider should stop now, or None to keep going (item 6)."""
     n = len(samples)
     if n >= max_reps:
         return "max_reps"
@@ -130,140 +137,100 @@ def stop_reason(samples: list[float], elapsed_s: float, *, min_reps: int, max_re
     return None
 
 
-class _Clock:
-    """Backend table entry, the CPU's: timed regions on the host clock, no device to wait for
-    and no spin. Subclasses time regions with device events."""
-
-    can_spin = False
-
-    def __init__(self, backend: str, device: str):
-        self.backend, self.device = backend, device
-
-    def region(self):
-        return [0], [0]
-
-    def record(self, ev) -> None:
-        ev[0] = time.perf_counter_ns()
-
-    def reached(self, ev) -> bool:
-        """Whether the device has passed `ev` (the host clock always has)."""
-        return True
-
-    def sync(self) -> None:
-        pass
-
-    def elapsed_ms(self, start, end) -> float:
-        return (end[0] - start[0]) / 1e6
-
-    def spin(self, ms: float) -> None:
-        raise NotImplementedError(f"no spin kernel on {self.backend}")
-
-    def flush_buffer(self) -> torch.Tensor:
-        return torch.empty(64 * 2**20 // 4, dtype=torch.int32, device=self.device)
+def interleaved_stop(rounds: int, widest: float, elapsed_s: float, *, min_rounds: int,
+                     max_rounds: int, ci_target: float, budget_s: float) -> str | None:
+    """Why interleaved rounds should stop now (item 8), or None; `widest` is the largest
+    relative half-width of the ratios' intervals at the last check."""
+    if rounds >= max_rounds:
+        return "max_rounds"
+    if rounds >= min_rounds and widest <= ci_target:
+        return "ci"
+    if rounds >= min_rounds and elapsed_s >= budget_s:
+        return "budget"
+    if rounds >= min(min_rounds, 3) and elapsed_s >= 4 * budget_s:
+        return "budget"
+    return None
 
 
-class _CudaClock(_Clock):
-    """CUDA and ROCm (torch's HIP build keeps the `cuda` API): events and `_sleep` on the
-    current stream."""
-
-    can_spin = True
-
-    def region(self):
-        return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-    def record(self, ev) -> None:
-        ev.record()
-
-    def reached(self, ev) -> bool:
-        return ev.query()
-
-    def sync(self) -> None:
-        torch.cuda.synchronize()
-
-    def elapsed_ms(self, start, end) -> float:
-        return start.elapsed_time(end)
-
-    def spin(self, ms: float) -> None:
-        torch.cuda._sleep(spin_cycles(ms, _sleep_rate(self.device)))
-
-    def flush_buffer(self) -> torch.Tensor:
-        l2 = getattr(torch.cuda.get_device_properties(self.device), "L2_cache_size", 50 * 2**20)
-        return torch.empty(2 * l2 // 4, dtype=torch.int32, device=self.device)
+def rotation(names: list[str], round_index: int) -> tuple[str, ...]:
+    """The order of round `round_index`: `names` rotated left by that many places."""
+    k = round_index % len(names) if names else 0
+    return tuple(names[k:] + names[:k])
 
 
-class _MetalClock(_CudaClock):
-    """Apple Metal: `torch.mps` events; no spin kernel."""
-
-    can_spin = False
-
-    def region(self):
-        return torch.mps.event.Event(enable_timing=True), torch.mps.event.Event(enable_timing=True)
-
-    def sync(self) -> None:
-        torch.mps.synchronize()
-
-    def spin(self, ms: float) -> None:
-        _Clock.spin(self, ms)
-
-    def flush_buffer(self) -> torch.Tensor:
-        return _Clock.flush_buffer(self)
+def stream_context(stream: int | None, device: str):
+    """Make the native stream `stream` torch's current one (CUDA/ROCm), else do nothing."""
+    if stream is None or not device.startswith("cuda"):
+        return contextlib.nullcontext()
+    return torch.cuda.stream(torch.cuda.ExternalStream(stream))
 
 
-def backend_of(device: str) -> str:
-    if device.startswith("cuda"):
-        return "rocm" if torch.version.hip else "cuda"
-    if device.startswith("mps"):
-        return "metal"
-    return "cpu"
+class Sampler:
+    """A provider made ready by `prepare` (items 1-5): `sample()` times one call."""
+
+    def __init__(self, fn: Callable[[], object], clock: Clock, buf, cover: float, note: str,
+                 warmup_calls: int, stream: int | None, device: str):
+        self.fn, self.clock, self.buf, self.cover, self.note = fn, clock, buf, cover, note
+        self.warmup_calls, self.stream, self.device = warmup_calls, stream, device
+        self.samples: list[float] = []
+        self.host: list[float] = []
+        self.uncovered = 0
+
+    def reset(self) -> None:
+        self.samples, self.host, self.uncovered = [], [], 0
+
+    def sample(self) -> float:
+        clock = self.clock
+        with stream_context(self.stream, self.device):
+            if self.buf is not None:
+                self.buf.zero_()
+            if self.cover:
+                clock.spin(self.cover)
+            t0, t1 = clock.region()
+            clock.record(t0)
+            t = time.perf_counter()
+            self.fn()
+            self.host.append((time.perf_counter() - t) * 1e3)
+            if self.cover and clock.reached(t0):
+                self.uncovered += 1
+            clock.record(t1)
+            clock.sync()
+            ms = clock.elapsed_ms(t0, t1)
+        self.samples.append(ms)
+        return ms
+
+    def timing(self, stopped_by: str) -> Timing:
+        return Timing(list(self.samples), self.clock.backend, stopped_by, self.warmup_calls,
+                      list(self.host), self.cover, self.uncovered, hidden=self.cover > 0,
+                      launch_note=self.note)
+
+    def _batch_ms(self, calls: int, with_fn: bool) -> float:
+        self.clock.sync()
+        t = time.perf_counter()
+        for _ in range(calls):
+            if self.buf is not None:
+                self.buf.zero_()
+            if with_fn:
+                self.fn()
+        self.clock.sync()
+        return (time.perf_counter() - t) * 1e3
+
+    def throughput(self, repeats: int = 3, batch_ms: float = 20.0) -> Throughput:
+        """Item 9: `repeats` batches of N back-to-back calls (N filling about `batch_ms`)."""
+        out = []
+        with stream_context(self.stream, self.device):
+            flush_ms = self._batch_ms(1, False) if self.buf is not None else 0.0
+            per_call = max(statistics.median(self.samples) if self.samples else 1.0,
+                           statistics.median(self.host) if self.host else 0.0, 1e-3) + flush_ms
+            calls = min(MAX_BATCH, max(2, math.ceil(batch_ms / per_call)))
+            for _ in range(repeats):
+                both = self._batch_ms(calls, True)
+                flushes = self._batch_ms(calls, False) if self.buf is not None else 0.0
+                out.append((both - flushes) / calls)
+        return Throughput(out, calls, flush_ms)
 
 
-def _clock(backend: str, device: str) -> _Clock:
-    kind = {"cuda": _CudaClock, "rocm": _CudaClock, "metal": _MetalClock}.get(backend, _Clock)
-    return kind(backend, device)
-
-
-MAX_COVER_MS = 50.0
-SPIN_CALIBRATION_CYCLES = 1_000_000
-_SLEEP_RATE: dict[str, float] = {}
-
-
-def cover_ms(host_enqueue_ms: list[float], cap_ms: float = MAX_COVER_MS) -> float:
-    """How long the GPU spin before a timed region must last to cover the host's enqueue
-    time of the timed call: twice its 90th percentile plus 50 us, at most `cap_ms`."""
-    if not host_enqueue_ms:
-        return cap_ms
-    return min(cap_ms, 2.0 * quantile(sorted(host_enqueue_ms), 0.9) + 0.05)
-
-
-def spin_rate(cycles: int, elapsed_ms: list[float]) -> float:
-    """Spin-kernel cycles per millisecond from spins of `cycles` cycles that took
-    `elapsed_ms`: the fastest one's rate (the highest clock seen), so that a spin sized with
-    it lasts at least as long as asked at any lower clock."""
-    return cycles / max(min(elapsed_ms), 1e-6)
-
-
-def spin_cycles(ms: float, rate: float, cap_ms: float = MAX_COVER_MS) -> int:
-    """Cycles for a spin of `ms` milliseconds (at most `cap_ms`) at `rate` cycles per ms."""
-    return max(1, math.ceil(min(ms, cap_ms) * rate))
-
-
-def _sleep_rate(device: str) -> float:
-    """`torch.cuda._sleep`'s cycles per ms on `device`, measured once per process."""
-    if device not in _SLEEP_RATE:
-        torch.cuda._sleep(SPIN_CALIBRATION_CYCLES)  # first launch: loads the kernel
-        elapsed = []
-        for _ in range(3):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            torch.cuda._sleep(SPIN_CALIBRATION_CYCLES)
-            end.record()
-            end.synchronize()
-            elapsed.append(start.elapsed_time(end))
-        _SLEEP_RATE[device] = spin_rate(SPIN_CALIBRATION_CYCLES, elapsed)
-    return _SLEEP_RATE[device]
-
-
-def _waits_for_device(fn: Callable[[], object], clock: _Clock, cover: float) -> bool:
+def _waits_for_device(fn: Callable[[], object], clock: Clock, cover: float) -> bool:
     """One probe: `fn` behind a spin of `cover` ms; True if by the time it returned the GPU
     had already passed the spin (`fn` waited for the device, or enqueued for longer)."""
     clock.spin(cover)
@@ -275,128 +242,154 @@ def _waits_for_device(fn: Callable[[], object], clock: _Clock, cover: float) -> 
     return reached
 
 
-def bench(fn: Callable[[], object], *, device: str = "cpu", check: Callable[[], bool] | None = None,
-          warmup_ms: float = 50.0, min_reps: int = 10, max_reps: int = 500,
-          rse_target: float = 0.01, budget_s: float = 3.0, flush: bool = True,
-          hide_launch: bool = True) -> Timing:
-    """Time `fn()` on `device` by the method in this module's docstring."""
+_clock = clocks.clock_for  # (tests put a simulated device here)
+
+def prepare(fn: Callable[[], object], *, device: str = "cpu",
+            check: Callable[[], bool] | None = None, warmup_ms: float = 50.0, flush: bool = True,
+            hide_launch: bool = True, stream: int | None = None) -> Sampler:
+    """Items 1-5 for `fn` on `device` (with native `stream` made current): a ready `Sampler`."""
     if check is not None and not check():
         raise NotCorrect("output differs from the reference")
     backend = backend_of(device)
     clock = _clock(backend, device)
     buf = clock.flush_buffer() if flush else None
-
-    clock.sync()
-    start = time.perf_counter()
-    calls = 0
-    enqueue: list[float] = []
-    while calls < 3 or (time.perf_counter() - start) * 1e3 < warmup_ms:
-        t = time.perf_counter()
-        fn()
-        enqueue.append((time.perf_counter() - t) * 1e3)
-        calls += 1
+    with stream_context(stream, device):
         clock.sync()
+        start = time.perf_counter()
+        calls = 0
+        enqueue: list[float] = []
+        while calls < 3 or (time.perf_counter() - start) * 1e3 < warmup_ms:
+            t = time.perf_counter()
+            fn()
+            enqueue.append((time.perf_counter() - t) * 1e3)
+            calls += 1
+            clock.sync()
+        cover, note = 0.0, ""
+        if not hide_launch:
+            note = "launch not hidden: hide_launch=False"
+        elif not clock.can_spin:
+            note = "" if backend == "cpu" else f"launch not hidden: no spin kernel on {backend}"
+        else:
+            cover = clocks.cover_ms(enqueue[1:] or enqueue)  # the first call may still compile
+            if all(_waits_for_device(fn, clock, cover) for _ in range(2)):
+                cover, note = 0.0, ("launch not hidden: the call waits for the device (or "
+                                    "enqueues for longer than a spin covers)")
+    return Sampler(fn, clock, buf, cover, note, calls, stream, device)
 
-    cover, note = 0.0, ""
-    if not hide_launch:
-        note = "launch not hidden: hide_launch=False"
-    elif not clock.can_spin:
-        note = "" if backend == "cpu" else f"launch not hidden: no spin kernel on {backend}"
-    else:
-        cover = cover_ms(enqueue[1:] or enqueue)  # the first call may still compile
-        if all(_waits_for_device(fn, clock, cover) for _ in range(2)):
-            cover, note = 0.0, ("launch not hidden: the call waits for the device (or "
-                                "enqueues for longer than a spin covers)")
-    samples: list[float] = []
-    host: list[float] = []
-    uncovered = 0
+
+def bench(fn: Callable[[], object], *, device: str = "cpu", check: Callable[[], bool] | None = None,
+          warmup_ms: float = 50.0, min_reps: int = 10, max_reps: int = 500,
+          rse_target: float = 0.01, budget_s: float = 3.0, flush: bool = True,
+          hide_launch: bool = True) -> Timing:
+    """Time `fn()` alone on `device` by items 1-7 of this module's docstring."""
+    sampler = prepare(fn, device=device, check=check, warmup_ms=warmup_ms, flush=flush,
+                      hide_launch=hide_launch)
     began = time.perf_counter()
     while True:
-        if buf is not None:
-            buf.zero_()
-        if cover:
-            clock.spin(cover)
-        t0, t1 = clock.region()
-        clock.record(t0)
-        t = time.perf_counter()
-        fn()
-        host.append((time.perf_counter() - t) * 1e3)
-        if cover and clock.reached(t0):
-            uncovered += 1
-        clock.record(t1)
-        clock.sync()
-        samples.append(clock.elapsed_ms(t0, t1))
-        reason = stop_reason(samples, time.perf_counter() - began, min_reps=min_reps,
+        sampler.sample()
+        reason = stop_reason(sampler.samples, time.perf_counter() - began, min_reps=min_reps,
                              max_reps=max_reps, rse_target=rse_target, budget_s=budget_s)
         if reason:
-            return Timing(samples, backend, reason, calls, host, cover, uncovered,
-                          hidden=cover > 0, launch_note=note)
+            return sampler.timing(reason)
 
 
-def stream_context(stream: int | None, device: str):
-    """Make the native stream `stream` torch's current one (CUDA/ROCm), else do nothing."""
-    if stream is None or not device.startswith("cuda"):
-        return contextlib.nullcontext()
-    return torch.cuda.stream(torch.cuda.ExternalStream(stream))
+@dataclass
+class Interleaved:
+    """What `bench_interleaved` measured: a `Timing` per provider (sample i of each is round
+    i), the order of every round, why it stopped, the anchor of the stopping rule and the
+    widest relative interval half-width of the ratios to it at the last check; `failed`:
+    providers that raised while sampled, with the error."""
+
+    timings: dict[str, Timing]
+    orders: list[tuple[str, ...]]
+    stopped_by: str
+    anchor: str | None
+    halfwidth: float
+    failed: dict[str, str]
 
 
-def device_tail_ms(run: Callable[[], object], sync: Callable[[], None], calls: int = 5) -> float:
-    """A lower bound of the GPU time per call, from the host clock alone: how long `sync()`
-    takes after `run()` returns, less what it takes on an idle device (median of `calls`).
-    Whatever stream the work went to, the device was still busy with it that long; the host's
-    enqueue time is not in it, so a host-bound op does not inflate it."""
-    sync()
-    idle = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        sync()
-        idle.append(time.perf_counter() - t0)
-    tails = []
-    for _ in range(calls):
-        run()
-        t0 = time.perf_counter()
-        sync()
-        tails.append(time.perf_counter() - t0 - min(idle))
-    return max(0.0, sorted(tails)[len(tails) // 2] * 1e3)
+def widest_halfwidth(samples: dict[str, list[float]], anchor: str,
+                     resamples: int = _STOP_RESAMPLES) -> float:
+    """The largest relative half-width of the intervals of every provider's ratio to
+    `anchor`; alone, the anchor's 1.96 x relative standard error (a normal 95 % interval)."""
+    others = [n for n in samples if n != anchor]
+    if not others:
+        return 1.96 * relative_standard_error(samples[anchor])
+    return max(halfwidth(*ratio_interval(samples[n], samples[anchor], resamples=resamples))
+               for n in others)
 
 
-def events_missed_work(event_p50_ms: float, tail_ms: float) -> bool:
-    """Whether events recorded around a call saw less than half of `tail_ms`, a lower bound
-    of its GPU time (`device_tail_ms`), beyond 10 us of host-clock jitter: then they were
-    recorded on a stream the work did not run on."""
-    return event_p50_ms < 0.5 * tail_ms - 0.01
+def bench_interleaved(samplers: dict[str, Sampler], *, anchor: str | None = None,
+                      min_rounds: int = 10, max_rounds: int = 200, ci_target: float = 0.01,
+                      budget_s: float = 3.0) -> Interleaved:
+    """Time ready providers in rotated rounds by item 8 of this module's docstring."""
+    names = list(samplers)
+    failed: dict[str, str] = {}
+    orders: list[tuple[str, ...]] = []
+    widest, next_check, reason = math.inf, min_rounds, "failed"
+    began = time.perf_counter()
+    while True:
+        live = [n for n in names if n not in failed]
+        if not live:
+            break
+        order = rotation(live, len(orders))
+        for n in order:
+            try:
+                samplers[n].sample()
+            except Exception as e:  # its rounds end here; the others' go on
+                failed[n] = error_line(e)
+        orders.append(order)
+        live = [n for n in names if n not in failed]
+        if anchor not in live:
+            anchor = live[0] if live else None
+        rounds = len(orders)
+        if anchor is not None and rounds >= next_check:
+            widest = widest_halfwidth({n: samplers[n].samples for n in live}, anchor)
+            next_check = rounds + max(1, rounds // 5)
+        stop = interleaved_stop(rounds, widest, time.perf_counter() - began,
+                                min_rounds=min_rounds, max_rounds=max_rounds,
+                                ci_target=ci_target, budget_s=budget_s)
+        if stop:
+            reason = stop
+            if anchor is not None:
+                widest = widest_halfwidth({n: samplers[n].samples for n in live}, anchor)
+            break
+    timings = {n: samplers[n].timing(reason) for n in names if n not in failed}
+    return Interleaved(timings, orders, reason, anchor, widest, failed)
 
 
-def bench_on_stream(run: Callable[[], object], *, stream: int | None,
-                    sync: Callable[[], None] | None, device: str,
-                    check: Callable[[], bool] | None = None, **bench_kw) -> tuple[Timing, str]:
-    """`bench(run)` with `stream` (None: torch's current one) made current, cross-checked
-    with the host clock (item 8 of this module's docstring). A call whose work is all done
-    before it returns cannot be checked this way: its throughput then exceeds the datasheet
-    peak, which `kt microbench` flags. Returns the timing and a note, empty unless the call
-    was timed host-synchronized. `check` may be called again by the fallback: it must return
-    its first verdict without rerunning."""
+def prepare_on_stream(run: Callable[[], object], *, stream: int | None,
+                      sync: Callable[[], None] | None, device: str,
+                      check: Callable[[], bool] | None = None, **prepare_kw) -> tuple[Sampler, str]:
+    """`prepare(run)` with `stream` (None: torch's current one) made current, cross-checked
+    with the host clock (item 10 of this module's docstring) on three samples, which are then
+    discarded. A call whose work is all done before it returns cannot be checked this way:
+    its throughput then exceeds the datasheet peak, which `kt microbench` flags. Returns the
+    sampler and a note, empty unless the call is timed host-synchronized. `check` may be
+    called again by the fallback: it must return its first verdict without rerunning."""
 
-    def timed(fn, on, hide_launch=True) -> Timing:
-        with stream_context(on, device):
-            return bench(fn, device=device, check=check, hide_launch=hide_launch, **bench_kw)
+    def ready(fn, on, hide_launch=True) -> Sampler:
+        return prepare(fn, device=device, check=check, hide_launch=hide_launch, stream=on,
+                       **prepare_kw)
 
     def synced() -> None:
         run()
         sync()
 
     try:
-        timing = timed(run, stream)
+        sampler = ready(run, stream)
+        if stream is not None and sync is not None:
+            probe = statistics.median(sampler.sample() for _ in range(3))
+            sampler.reset()
+            tail = device_tail_ms(run, sync)
+            if events_missed_work(probe, tail):
+                return (ready(synced, None, hide_launch=False),
+                        f"events missed MAX's stream (GPU busy >= {tail:.3f} ms after each call "
+                        "returned): host-synced timing")
     except NotCorrect:
         raise
     except Exception as e:
         if stream is None or sync is None:
             raise
-        return timed(synced, None, hide_launch=False), f"host-synced timing ({error_line(e)})"
-    if stream is not None and sync is not None:
-        tail = device_tail_ms(run, sync)
-        if events_missed_work(timing.p50, tail):
-            return (timed(synced, None, hide_launch=False),
-                    f"events missed MAX's stream (GPU busy >= {tail:.3f} ms after each call "
-                    "returned): host-synced timing")
-    return timing, ""
+        return ready(synced, None, hide_launch=False), f"host-synced timing ({error_line(e)})"
+    return sampler, ""

@@ -11,12 +11,19 @@ from max.algorithm import sync_parallelize
 from max.gpu import block_idx, thread_idx
 from max.gpu.host import DeviceContext
 from max.gpu.host.info import is_cpu
+from max.gpu.primitives.warp import shuffle_xor
 from max.gpu.sync import barrier
-from std.math import rsqrt
+from std.math import ceildiv, rsqrt
 from std.memory import unsafe_stack_allocation
+from std.sys import size_of
+from std.utils import StaticTuple
 
 comptime GPU_BLOCK = 256
 comptime CPU_CHUNK = 64
+# Vectorized kernel (`_rms_norm_rows_gpu`): threads per block, and the largest row (in
+# 16-byte vectors per thread) it keeps in registers; longer rows take `_rms_norm_gpu`.
+comptime ROWS_BLOCK = 256
+comptime WARP = 32
 
 
 def _sum_squares[dtype: DType](x: Pointer[Scalar[dtype], MutAnyOrigin], n: Int) -> Float32:
@@ -59,7 +66,9 @@ def _rms_norm_gpu[
     n_: Int32,
     eps: Float32,
 ):
-    """One block per row: strided sum of squares, then a shared-memory tree reduction."""
+    """One block per row: strided sum of squares, then a shared-memory tree reduction; x is
+    read twice. The fallback for rows `_rms_norm_rows_gpu` does not take, and the reference
+    tests/mojo/gpu_launch.mojo --check compares it with."""
     var n = Int(n_)
     var row = block_idx.x
     var tid = thread_idx.x
@@ -82,6 +91,112 @@ def _rms_norm_gpu[
     for j in range(tid, n, GPU_BLOCK):
         var v = xr[unsafe_offset=j].cast[DType.float32]()
         yr[unsafe_offset=j] = (v * r * w[unsafe_offset=j].cast[DType.float32]()).cast[dtype]()
+
+
+def _rms_norm_rows_gpu[
+    dtype: DType, width: Int, row_threads: Int, vectors: Int
+](
+    y: Pointer[Scalar[dtype], MutAnyOrigin],
+    x: Pointer[Scalar[dtype], MutAnyOrigin],
+    w: Pointer[Scalar[dtype], MutAnyOrigin],
+    rows_: Int32,
+    n_: Int32,
+    eps: Float32,
+):
+    """RMSNorm of rows of at most row_threads * vectors * width elements (n a multiple of
+    width, 16-byte aligned rows), one pass over global memory.
+
+    `row_threads` threads per row (a warp, or the whole ROWS_BLOCK block) and
+    ROWS_BLOCK / row_threads rows per block. Each thread issues all its `vectors` loads of x
+    (and of w) up front, `width`-element (16-byte) accesses, keeps them in registers, sums
+    squares in fp32, reduces across the warp with shuffles and across warps through shared
+    memory (every thread adds the row's warp partials in the same order), then writes
+    y = x * r * w from the registers: x is read from global memory once."""
+    comptime rows_per_block = ROWS_BLOCK // row_threads
+    comptime warps_per_row = row_threads // WARP
+    comptime align = width * size_of[dtype]()
+    var n = Int(n_)
+    var tid = thread_idx.x
+    var lane = tid % row_threads
+    var row = block_idx.x * rows_per_block + tid // row_threads
+    var valid = row < Int(rows_)
+    var base = row * n
+    var xs = StaticTuple[SIMD[dtype, width], vectors](fill=0)
+    var ws = StaticTuple[SIMD[dtype, width], vectors](fill=0)
+    comptime for v in range(vectors):
+        var j = (v * row_threads + lane) * width
+        if valid and j < n:
+            xs[v] = x.unsafe_load[width=width, alignment=align](base + j)
+            ws[v] = w.unsafe_load[width=width, alignment=align](j)
+    var acc = SIMD[DType.float32, width](0)
+    comptime for v in range(vectors):
+        var f = xs[v].cast[DType.float32]()
+        acc += f * f
+    var total = acc.reduce_add()
+    comptime for k in range(5):
+        total += shuffle_xor(total, UInt32(16 >> k))
+    comptime if warps_per_row > 1:
+        var partial = unsafe_stack_allocation[ROWS_BLOCK // WARP, Float32, address_space=.SHARED]()
+        if tid % WARP == 0:
+            partial[unsafe_offset=tid // WARP] = total
+        barrier()
+        var first = (tid // row_threads) * warps_per_row
+        total = partial[unsafe_offset=first]
+        comptime for k in range(1, warps_per_row):
+            total += partial[unsafe_offset=first + k]
+    var r = rsqrt(total / Float32(n) + eps)
+    comptime for v in range(vectors):
+        var j = (v * row_threads + lane) * width
+        if valid and j < n:
+            var out = xs[v].cast[DType.float32]() * r * ws[v].cast[DType.float32]()
+            y.unsafe_store[alignment=align](base + j, out.cast[dtype]())
+
+
+def _rms_norm_gpu_launch[
+    dtype: DType
+](
+    ctx: DeviceContext,
+    y: Pointer[Scalar[dtype], _],
+    x: Pointer[Scalar[dtype], _],
+    w: Pointer[Scalar[dtype], _],
+    m: Int,
+    n: Int,
+    eps: Float32,
+) raises:
+    """Enqueues RMSNorm of m contiguous rows of n: `_rms_norm_rows_gpu` with the smallest
+    register footprint that holds the row (a warp per row up to 4 vectors per thread, else
+    a block per row with 1, 2, 4 or 8 vectors per thread) when n is a multiple of the
+    16-byte vector width and the pointers are 16-byte aligned; `_rms_norm_gpu` otherwise."""
+    if m == 0 or n == 0:
+        return
+    comptime W = max(1, 16 // size_of[dtype]())
+    var aligned = n % W == 0 and Int(y) % 16 == 0 and Int(x) % 16 == 0 and Int(w) % 16 == 0
+    var rows = Int32(m)
+    var cols = Int32(n)
+    if aligned and n <= WARP * W * 4:
+        ctx.enqueue_function[_rms_norm_rows_gpu[dtype, W, WARP, 4]](
+            y, x, w, rows, cols, eps, grid_dim=ceildiv(m, ROWS_BLOCK // WARP), block_dim=ROWS_BLOCK
+        )
+    elif aligned and n <= ROWS_BLOCK * W:
+        ctx.enqueue_function[_rms_norm_rows_gpu[dtype, W, ROWS_BLOCK, 1]](
+            y, x, w, rows, cols, eps, grid_dim=m, block_dim=ROWS_BLOCK
+        )
+    elif aligned and n <= ROWS_BLOCK * W * 2:
+        ctx.enqueue_function[_rms_norm_rows_gpu[dtype, W, ROWS_BLOCK, 2]](
+            y, x, w, rows, cols, eps, grid_dim=m, block_dim=ROWS_BLOCK
+        )
+    elif aligned and n <= ROWS_BLOCK * W * 4:
+        ctx.enqueue_function[_rms_norm_rows_gpu[dtype, W, ROWS_BLOCK, 4]](
+            y, x, w, rows, cols, eps, grid_dim=m, block_dim=ROWS_BLOCK
+        )
+    elif aligned and n <= ROWS_BLOCK * W * 8:
+        ctx.enqueue_function[_rms_norm_rows_gpu[dtype, W, ROWS_BLOCK, 8]](
+            y, x, w, rows, cols, eps, grid_dim=m, block_dim=ROWS_BLOCK
+        )
+    else:
+        ctx.enqueue_function[_rms_norm_gpu[dtype]](
+            y, x, w, cols, eps, grid_dim=m, block_dim=GPU_BLOCK
+        )
 
 
 @extensibility.register("kt.rms_norm")
@@ -108,7 +223,4 @@ struct RMSNorm:
 
             sync_parallelize(row, m)
         else:
-            if m > 0:
-                ctx.enqueue_function[_rms_norm_gpu[dtype]](
-                    yp, xp, wp, Int32(n), eps, grid_dim=m, block_dim=GPU_BLOCK
-                )
+            _rms_norm_gpu_launch[dtype](ctx, yp, xp, wp, m, n, eps)

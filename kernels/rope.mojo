@@ -10,8 +10,8 @@ once; angles and the rotation run in fp32.
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.algorithm import sync_parallelize
-from max.gpu import block_idx, thread_idx
-from max.gpu.host import DeviceContext
+from max.gpu import block_idx, grid_dim, thread_idx
+from max.gpu.host import DeviceAttribute, DeviceContext
 from max.gpu.host.info import is_cpu
 from max.gpu.sync import barrier
 from std.math import ceildiv, cos, floor, pi, sin
@@ -27,6 +27,15 @@ comptime MAX_HALF_DIM = 256
 # 4 heads 1.66, 1 head 1.45; sweeping whole token rows per block instead did not help.
 comptime FAST_BLOCK = 256
 comptime FAST_HEADS_PER_THREAD = 2
+# Token-tile kernel (`_rope_tile_gpu`, the one the op launches): threads per block, heads
+# whose loads one thread issues together (TILE_HEADS * 32 bytes in flight per thread with
+# 16-byte vectors: 64 KiB per SM at 2 blocks), blocks per SM the grid is sized for (2 are
+# resident at up to 128 registers per thread, so the grid is one wave and each block walks
+# an equal share of the tokens) and the threads per SM below which heads split over grid.y.
+comptime TILE_BLOCK = 256
+comptime TILE_HEADS = 4
+comptime TILE_BLOCKS_PER_SM = 2
+comptime TILE_RESIDENT_THREADS = 2 * TILE_BLOCK
 
 
 @fieldwise_init
@@ -102,7 +111,8 @@ def _rope_gpu[
 ):
     """One block per token: the block fills a cos/sin table in shared memory, then
     rotates every (head, pair) of q and k for that token. The original reference design,
-    no longer launched by the op (see `_rope_fast_gpu`)."""
+    no longer launched by the op (see `_rope_tile_gpu`); tests/mojo/gpu_launch.mojo --check
+    compares the op's GPU path against it."""
     var hq, hk, head_dim = Int(hq_), Int(hk_), Int(head_dim_)
     var freqs = RopeFreqs(theta, factor, low_freq_factor, high_freq_factor, original_max_position)
     var token = block_idx.x
@@ -236,7 +246,9 @@ def _rope_fast_gpu[
     high_freq_factor: Float32,
     original_max_position: Float32,
 ):
-    """Vectorized RoPE of q and k in one launch; memory bound.
+    """Vectorized RoPE of q and k in one launch, one (token, pair chunk, head group) per
+    thread: the op's previous GPU kernel, kept for tests/mojo/gpu_bench.mojo's comparison
+    (the op launches `_rope_tile_gpu`).
 
     grid = (ceildiv(max(q_tokens, k_tokens) * chunks, FAST_BLOCK), q_groups + k_groups)
     where chunks = head_dim / 2 / width and a group is `per_thread` heads:
@@ -316,6 +328,140 @@ def _rope_fast_gpu[
             dst.unsafe_store[alignment=align](row + half, (x2 * c + x1 * s).cast[dtype]())
 
 
+def _rotate_token_heads[
+    dtype: DType, width: Int, group: Int
+](
+    dst: Pointer[Scalar[dtype], MutAnyOrigin],
+    src: Pointer[Scalar[dtype], MutAnyOrigin],
+    base: Int,
+    h_begin: Int,
+    h_end: Int,
+    head_dim: Int,
+    c: SIMD[DType.float32, width],
+    s: SIMD[DType.float32, width],
+):
+    """Rotates pairs [i0, i0 + width) of heads [h_begin, h_end) of one token, base = the
+    token's first element + i0, with one cos/sin vector held in registers. Heads go in
+    batches of `group`:
+    all loads of a batch are issued before its first store (the compiler cannot prove that
+    src and dst do not alias, so it would not hoist loads above stores itself)."""
+    var half = head_dim // 2
+    comptime align = width * size_of[dtype]()
+    var h0 = h_begin
+    while h0 < h_end:
+        var x1s = StaticTuple[SIMD[dtype, width], group](fill=0)
+        var x2s = StaticTuple[SIMD[dtype, width], group](fill=0)
+        comptime for j in range(group):
+            if h0 + j < h_end:
+                var row = base + (h0 + j) * head_dim
+                x1s[j] = src.unsafe_load[width=width, alignment=align](row)
+                x2s[j] = src.unsafe_load[width=width, alignment=align](row + half)
+        comptime for j in range(group):
+            if h0 + j < h_end:
+                var row = base + (h0 + j) * head_dim
+                var x1 = x1s[j].cast[DType.float32]()
+                var x2 = x2s[j].cast[DType.float32]()
+                dst.unsafe_store[alignment=align](row, (x1 * c - x2 * s).cast[dtype]())
+                dst.unsafe_store[alignment=align](row + half, (x2 * c + x1 * s).cast[dtype]())
+        h0 += group
+
+
+def _rope_tile_gpu[
+    dtype: DType, width: Int, explicit_positions: Bool, group: Int = TILE_HEADS
+](
+    q_out: Pointer[Scalar[dtype], MutAnyOrigin],
+    k_out: Pointer[Scalar[dtype], MutAnyOrigin],
+    q: Pointer[Scalar[dtype], MutAnyOrigin],
+    k: Pointer[Scalar[dtype], MutAnyOrigin],
+    positions: Pointer[Int64, MutAnyOrigin],
+    q_tokens_: Int32,
+    k_tokens_: Int32,
+    q_seq_: Int32,
+    k_seq_: Int32,
+    q_pos_offset_: Int32,
+    k_pos_offset_: Int32,
+    hq_: Int32,
+    hk_: Int32,
+    head_dim_: Int32,
+    parts_: Int32,
+    theta: Float32,
+    factor: Float32,
+    low_freq_factor: Float32,
+    high_freq_factor: Float32,
+    original_max_position: Float32,
+):
+    """Vectorized RoPE of q and k in one launch, token tiles over a grid sized to the GPU;
+    memory bound.
+
+    A block's TILE_BLOCK threads split into slots = TILE_BLOCK / chunks token slots of
+    chunks = head_dim / 2 / width threads; a thread owns `width` consecutive pairs of its
+    slot's token (one `width`-element load from each half of a head: 16 bytes when width =
+    16 / size_of[dtype]). The block computes the inv_freq schedule (fp64, rounded once) into
+    shared memory once; then every thread walks tokens with a grid stride, computes its
+    pairs' cos/sin once per token in fp32 and rotates them in all q heads and all k heads
+    of that token from registers; with grid.y = parts > 1 (few tokens: more threads to
+    fill the GPU), block row p takes the p-th of `parts` equal runs of the q heads and of
+    the k heads instead. The position is positions[token] when
+    explicit_positions (q and k share it), else token % seq + pos_offset for q and k
+    separately (the fused attention's query / key positions, q_tokens != k_tokens). Same
+    rounding as the CPU path: angle = Float32(pos) * inv_freq, fp32 cos/sin
+    (`sincos_f32_fast`, within 2 fp32 ulps of correctly rounded, below position 2^17;
+    `sincos_f32_accurate` beyond) and rotation, one rounding to dtype.
+    """
+    var q_tokens, k_tokens = Int(q_tokens_), Int(k_tokens_)
+    var hq, hk, head_dim = Int(hq_), Int(hk_), Int(head_dim_)
+    var freqs = RopeFreqs(theta, factor, low_freq_factor, high_freq_factor, original_max_position)
+    var half = head_dim // 2
+    var chunks = half // width
+    var slots = TILE_BLOCK // chunks
+    var tid = thread_idx.x
+    var inv_s = unsafe_stack_allocation[MAX_HALF_DIM, Float32, address_space=.SHARED]()
+    for i in range(tid, half, TILE_BLOCK):
+        inv_s[unsafe_offset=i] = freqs.inv_freq(i, head_dim)
+    barrier()
+
+    var slot = tid // chunks
+    if slot >= slots:
+        return
+    var i0 = (tid % chunks) * width
+    var inv = inv_s.unsafe_load[width=width](i0)
+    var tokens = max(q_tokens if hq > 0 else 0, k_tokens if hk > 0 else 0)
+    var parts = Int(parts_)
+    var part = block_idx.y
+    var q_run = ceildiv(hq, parts)
+    var k_run = ceildiv(hk, parts)
+    var q_h0 = min(hq, part * q_run)
+    var q_h1 = min(hq, q_h0 + q_run)
+    var k_h0 = min(hk, part * k_run)
+    var k_h1 = min(hk, k_h0 + k_run)
+    var t = block_idx.x * slots + slot
+    var stride = grid_dim.x * slots
+    while t < tokens:
+        var q_pos: Int
+        var k_pos: Int
+        comptime if explicit_positions:
+            q_pos = Int(positions[unsafe_offset=t])
+            k_pos = q_pos
+        else:
+            q_pos = t % Int(q_seq_) + Int(q_pos_offset_)
+            k_pos = t % Int(k_seq_) + Int(k_pos_offset_)
+        var angle = Float32(q_pos) * inv
+        var sc = sincos_f32_fast(angle) if q_pos < 131072 else sincos_f32_accurate(angle)
+        if t < q_tokens:
+            _rotate_token_heads[dtype, width, group](
+                q_out, q, t * hq * head_dim + i0, q_h0, q_h1, head_dim, sc[1], sc[0]
+            )
+        if t < k_tokens:
+            comptime if not explicit_positions:
+                if k_pos != q_pos:
+                    angle = Float32(k_pos) * inv
+                    sc = sincos_f32_fast(angle) if k_pos < 131072 else sincos_f32_accurate(angle)
+            _rotate_token_heads[dtype, width, group](
+                k_out, k, t * hk * head_dim + i0, k_h0, k_h1, head_dim, sc[1], sc[0]
+            )
+        t += stride
+
+
 def _rope_vector_width[dtype: DType]() -> Int:
     """Elements per 16-byte access."""
     return max(1, 16 // size_of[dtype]())
@@ -341,10 +487,11 @@ def _rope_gpu_launch[
     head_dim: Int,
     freqs: RopeFreqs,
 ) raises:
-    """Enqueues `_rope_fast_gpu` (16-byte accesses when head_dim / 2 is a multiple of
-    the vector width and every pointer is 16-byte aligned, scalar ones otherwise).
-    Tokens are rows of heads * head_dim contiguous elements (BSHD flattened over B, S);
-    k_tokens = 0 or hk = 0 rotates q only. head_dim must be even, at most 2 * MAX_HALF_DIM."""
+    """Enqueues `_rope_tile_gpu` (16-byte accesses when head_dim / 2 is a multiple of
+    the vector width and every pointer is 16-byte aligned, scalar ones otherwise) on a grid
+    of at most TILE_BLOCKS_PER_SM blocks per SM. Tokens are rows of heads * head_dim
+    contiguous elements (BSHD flattened over B, S); k_tokens = 0 or hk = 0 rotates q only.
+    head_dim must be even, at most 2 * MAX_HALF_DIM."""
     var max_tokens = max(q_tokens if hq > 0 else 0, k_tokens if hk > 0 else 0)
     if max_tokens == 0 or head_dim == 0:
         return
@@ -357,27 +504,35 @@ def _rope_gpu_launch[
         and Int(q) % 16 == 0
         and Int(k) % 16 == 0
     )
-    var q_groups = ceildiv(hq, FAST_HEADS_PER_THREAD) if q_tokens > 0 else 0
-    var k_groups = ceildiv(hk, FAST_HEADS_PER_THREAD) if k_tokens > 0 else 0
+    var width = W if aligned else 1
+    var chunks = half // width
+    var slots = TILE_BLOCK // chunks
+    var sms = ctx.get_attribute(DeviceAttribute.MULTIPROCESSOR_COUNT)
+    # Split the heads over grid.y only when the tokens alone leave SMs short of threads.
+    var parts = max(1, (sms * TILE_RESIDENT_THREADS) // (max_tokens * chunks))
+    parts = min(parts, max(1, max(hq, hk) // TILE_HEADS))
+    var blocks = max(1, min(ceildiv(max_tokens, slots), (sms * TILE_BLOCKS_PER_SM) // parts))
     if aligned:
-        ctx.enqueue_function[_rope_fast_gpu[dtype, W, explicit_positions]](
+        ctx.enqueue_function[_rope_tile_gpu[dtype, W, explicit_positions]](
             q_out, k_out, q, k, positions,
             Int32(q_tokens), Int32(k_tokens), Int32(max(q_seq, 1)), Int32(max(k_seq, 1)),
             Int32(q_pos_offset), Int32(k_pos_offset), Int32(hq), Int32(hk), Int32(head_dim),
+            Int32(parts),
             freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
             freqs.original_max_position,
-            grid_dim=(ceildiv(max_tokens * (half // W), FAST_BLOCK), q_groups + k_groups),
-            block_dim=FAST_BLOCK,
+            grid_dim=(blocks, parts),
+            block_dim=TILE_BLOCK,
         )
     else:
-        ctx.enqueue_function[_rope_fast_gpu[dtype, 1, explicit_positions]](
+        ctx.enqueue_function[_rope_tile_gpu[dtype, 1, explicit_positions]](
             q_out, k_out, q, k, positions,
             Int32(q_tokens), Int32(k_tokens), Int32(max(q_seq, 1)), Int32(max(k_seq, 1)),
             Int32(q_pos_offset), Int32(k_pos_offset), Int32(hq), Int32(hk), Int32(head_dim),
+            Int32(parts),
             freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
             freqs.original_max_position,
-            grid_dim=(ceildiv(max_tokens * half, FAST_BLOCK), q_groups + k_groups),
-            block_dim=FAST_BLOCK,
+            grid_dim=(blocks, parts),
+            block_dim=TILE_BLOCK,
         )
 
 

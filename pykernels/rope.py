@@ -196,29 +196,61 @@ def _torch_provider(compiled: bool):
     return prepare
 
 
-def max_rope(device: str, dtype: torch.dtype):
-    """Stock MAX 26.7: `rope_ragged_with_position_ids` (non-interleaved) on q and on k, with
-    a fp32 (cos, sin) table as MAX's `RotaryEmbedding.freqs_cis` builds it; one graph per
-    dtype (tokens, heads and table length symbolic, D static per graph)."""
+def _max_rope(wrapper: bool):
+    """Stock MAX 26.7's RoPE kernel (`mo.rope.ragged.with_position_id`, non-interleaved) on q
+    and on k, with a fp32 (cos, sin) table as MAX's `RotaryEmbedding.freqs_cis` builds it; one
+    graph per (dtype, D), tokens, heads and table length symbolic.
+
+    `max_rope` calls the kernel with every input a device buffer made at bind time, so
+    `execute` only enqueues, as kt_graph's does. `max_rope_wrapper` goes through MAX's Python
+    wrapper `rope_ragged_with_position_ids`, which builds the kernel's row offsets inside the
+    graph from the input's shape: a host value copied to the device in every call, a copy
+    that waits for the stream, so the call waits for the GPU; its row is timed
+    host-synchronized and kept out of ratios (it shows what that costs)."""
+
+    def prepare(device: str, dtype: torch.dtype):
+        return _max_rope_bind(device, dtype, wrapper)
+
+    return prepare
+
+
+def max_rope_graph(dtype: torch.dtype, d: int, dev, wrapper: bool):
+    """The graph of `max_rope` (`wrapper` False) or `max_rope_wrapper` on MAX device `dev`."""
+    from max.dtype import DType
+    from max.graph import Graph, TensorType, ops
+    from max.nn.kernels import rope_ragged_with_position_ids
+
+    io = max_dtype(dtype)
+    types = [TensorType(io, ["T", "Hq", d], device=dev), TensorType(io, ["T", "Hk", d], device=dev),
+             TensorType(DType.float32, ["P", d], device=dev),
+             TensorType(DType.uint32, [1, "T"], device=dev),
+             TensorType(DType.uint32, [2], device=dev), TensorType(DType.uint32, [1], device=dev)]
+    with Graph(f"max_rope_{d}{'_wrapper' if wrapper else ''}", input_types=types) as g:
+        q, k, freqs, pos, offsets, start = (x.tensor for x in g.inputs)
+
+        def rope(x):
+            if wrapper:
+                return rope_ragged_with_position_ids(x, freqs, pos, interleaved=False)
+            return ops.custom("mo.rope.ragged.with_position_id", device=dev,
+                              values=[x, offsets, start, freqs, pos],
+                              out_types=[TensorType(x.dtype, x.shape, device=dev)],
+                              parameters={"interleaved": False})[0].tensor
+
+        g.output(rope(q), rope(k))
+    return g
+
+
+def _max_rope_bind(device: str, dtype: torch.dtype, wrapper: bool):
     models: dict = {}
 
     def build(d: int):
         from max import driver, engine
-        from max.dtype import DType
-        from max.graph import DeviceRef, Graph, TensorType
-        from max.nn.kernels import rope_ragged_with_position_ids
+        from max.graph import DeviceRef
 
         dev = DeviceRef.CPU() if device == "cpu" else DeviceRef.GPU(0)
-        io = max_dtype(dtype)
-        types = [TensorType(io, ["T", "Hq", d], device=dev), TensorType(io, ["T", "Hk", d], device=dev),
-                 TensorType(DType.float32, ["P", d], device=dev),
-                 TensorType(DType.uint32, ["T"], device=dev)]
-        with Graph(f"max_rope_{d}", input_types=types) as g:
-            q, k, freqs, pos = (x.tensor for x in g.inputs)
-            g.output(rope_ragged_with_position_ids(q, freqs, pos, interleaved=False),
-                     rope_ragged_with_position_ids(k, freqs, pos, interleaved=False))
         mdev = driver.CPU() if device == "cpu" else driver.Accelerator(0)
-        return engine.InferenceSession(devices=[mdev]).load(g), mdev
+        graph = max_rope_graph(dtype, d, dev, wrapper)
+        return engine.InferenceSession(devices=[mdev]).load(graph), mdev
 
     def bind(inputs: Tensors, params: Params) -> Bound:
         from max import driver
@@ -234,8 +266,11 @@ def max_rope(device: str, dtype: torch.dtype):
         freqs = torch.stack((angle.cos(), angle.sin()), dim=-1).reshape(table, d).contiguous()
         keep = [q.reshape(b * s, hq, d).contiguous(), k.reshape(b * s, -1, d).contiguous(), freqs]
         args = [driver.Buffer.from_dlpack(x) for x in keep]
-        args.append(driver.Buffer.from_numpy(pos.reshape(-1).cpu().numpy().astype(np.uint32))
-                    .to(mdev))
+        # the kernel's ragged view: one "sequence" of all B*S tokens, starting at position 0,
+        # with each token's own position from `positions`
+        host = [pos.reshape(1, -1).cpu().numpy().astype(np.uint32),
+                np.array([0, b * s], dtype=np.uint32), np.zeros(1, dtype=np.uint32)]
+        args += [driver.Buffer.from_numpy(a).to(mdev) for a in host]
 
         def to_torch(bufs):
             qo, ko = buffers_to_torch(bufs, device)
@@ -247,7 +282,8 @@ def max_rope(device: str, dtype: torch.dtype):
 
 
 PROVIDERS = {
-    "max_rope": max_rope,
+    "max_rope": _max_rope(wrapper=False),
+    "max_rope_wrapper": _max_rope(wrapper=True),
     "torch_eager": _torch_provider(compiled=False),
     "torch_compile": _torch_provider(compiled=True),
 }

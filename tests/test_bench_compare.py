@@ -28,3 +28,23 @@ def test_compare_lists_rows_that_cannot_be_compared():
     assert not cmp["matched"] and not cmp["regressions"] and len(cmp["not_comparable"]) == 1
 
 
+
+
+def test_compare_states_the_targets_of_an_old_file_without_intervals_beside_the_new_run():
+    import pykernels
+    from harness.bench.summary import target_changes
+
+    spec = pykernels.get("fused_rope_attention")
+
+    def att(provider, p50, **kw):
+        return dict(_row(provider, p50, **kw), kernel="fused_rope_attention", family="prefill",
+                    label="B=1 Sq=8192 causal=0")
+
+    old = [att("kt_graph", 1.9), att("cudnn_alone", 2.0)]  # saved before interleaving
+    new = [att("kt_graph", 1.9, ratios={"cudnn_alone": {"ratio": 0.95, "lo": 0.94,
+                                                        "hi": 0.97}}),
+           att("cudnn_alone", 2.0)]
+    assert compare_records(new, old)["matched"]  # old rows compare by p50 as before
+    (goal,) = [c for c in target_changes(spec, new, old) if c["target"] == "goal/cudnn_alone"]
+    assert goal["old"] == "0.950; p50s, no interval: no verdict"
+    assert goal["new"] == "0.950 [0.940, 0.970]; goal met, moonshot within noise"

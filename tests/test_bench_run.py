@@ -214,3 +214,37 @@ def test_rows_say_where_their_time_went():
     assert "prepare_s" in second  # each provider's own prepare
 
 
+
+
+def test_the_rows_of_a_case_are_timed_in_interleaved_rounds_with_intervals_and_a_second_timing():
+    rec = _tiny_run({}, ["torch_eager", "torch_functional"], baseline="torch_eager")
+    eager, functional = rec["rows"]
+    for r in (eager, functional):
+        assert r["status"] == "ok" and r["interleaved"] is True
+        assert r["rounds"] == len(r["samples_ms"]) == eager["rounds"] >= 3
+        assert r["stopped_by"] in ("ci", "budget", "max_rounds")
+        assert "throughput_ms" in r and r["throughput_calls"] >= 2
+        assert r["timings_agree"] in (True, False, None)
+        assert (r["timings_agree"] is None) == ("timings_note" in r and "not compared" in
+                                                 r["timings_note"])
+        assert (r["timings_agree"] is False) == ("timings disagree" in r["note"])
+    vs = functional["vs_baseline"]
+    assert vs["lo"] <= vs["ratio"] <= vs["hi"] and vs["halfwidth"] >= 0
+    assert functional["speedup_ci"][0] <= functional["speedup_ci"][1]
+
+
+def _timed(provider, samples, **kw):
+    return _row(provider, sorted(samples)[len(samples) // 2], samples_ms=samples,
+                rounds=len(samples), interleaved=True, flops=1.0, bytes=1.0, host_ms=0.01, **kw)
+
+
+def test_ratios_come_from_the_rounds_and_rows_timed_otherwise_are_kept_out():
+    drift = [1.0, 1.5, 1.0, 1.5, 1.0, 1.5, 1.0]
+    rows = [_timed("kt_graph", [0.9 * d for d in drift]), _timed("torch_a", drift),
+            _timed("max_x", [0.5 * d for d in drift], ratio_excluded="host-synced timing")]
+    derive_metrics(rows, "cpu", None, "memory", None, gpu=False)
+    kt, a, mx = rows
+    assert kt["ratios"]["torch_a"]["ratio"] == pytest.approx(0.9)
+    assert kt["ratios"]["torch_a"]["lo"] == pytest.approx(0.9)  # no noise left in the rounds
+    assert "max_x" not in kt["ratios"] and kt["baseline"] == "torch_a"  # not the faster max_x
+    assert "speedup" not in mx and "kept out of ratios" in mx["note"]

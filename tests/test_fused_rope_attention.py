@@ -296,21 +296,37 @@ def _att(provider, p50, family="prefill", label="B=1 Sq=8192 causal=0", **kw):
 
 
 def test_target_lines_state_each_target_as_a_ratio_from_one_run():
+    """A file saved before interleaving (no `ratios`): the p50s' ratio, said to have no
+    interval."""
     lines = target_lines(SPEC, [_att("kt_graph", 1.9), _att("cudnn_alone", 2.0),
                                 _att("torch_compile", 2.5), _att("max_flash", 1.8),
                                 _att("kt_graph", 0.5, family="decode", gb_s=2700.0,
                                      pct_peak=80.6)])
     (prefill,) = [ln for ln in lines if "prefill" in ln]
-    assert "goal kt/cudnn_alone 0.950 (moonshot met)" in prefill
-    assert "milestone kt/torch_compile 0.760" in prefill and "kt/max_flash 1.056" in prefill
+    assert "goal kt/cudnn_alone 0.950 (p50s, no interval: no verdict)" in prefill
+    assert "milestone kt/torch_compile 0.760 (p50s, no interval: no verdict)" in prefill
+    assert "kt/max_flash 1.056 (p50s, no interval: no verdict)" in prefill
     assert any("decode" in ln and "80.6% of HBM" in ln for ln in lines)
+
+
+def test_target_lines_use_the_interleaved_interval_and_keep_out_what_was_timed_otherwise():
+    ratios = {"cudnn_alone": {"ratio": 0.965, "lo": 0.93, "hi": 0.99},
+              "torch_compile": {"ratio": 0.97, "lo": 0.96, "hi": 1.01}}
+    lines = target_lines(SPEC, [_att("kt_graph", 1.9, ratios=ratios), _att("cudnn_alone", 2.0),
+                                _att("torch_compile", 2.5),
+                                _att("max_flash", 1.8, ratio_excluded="host-synced timing")])
+    (prefill,) = lines
+    assert "goal kt/cudnn_alone 0.965 [0.930, 0.990] (goal met, moonshot within noise)" in prefill
+    assert "milestone kt/torch_compile 0.970 [0.960, 1.010] (milestone within noise)" in prefill
+    assert "kt/max_flash: max_flash kept out: host-synced timing" in prefill
 
 
 def test_goal_verdicts_at_their_thresholds():
     (goal,) = [t for t in SPEC.targets if getattr(t, "name", "") == "goal"]
-    assert goal.verdict(0.95) == "moonshot met"
-    assert goal.verdict(0.951) == goal.verdict(1.0) == "goal met"
-    assert goal.verdict(1.001) == "goal not met"
+    assert goal.verdict(0.90, 0.94) == "goal met, moonshot met"
+    assert goal.verdict(0.96, 0.99) == "goal met, moonshot missed"
+    assert goal.verdict(0.97, 1.03) == "goal within noise, moonshot missed"
+    assert goal.verdict(1.001, 1.1) == "goal missed, moonshot missed"
 
 
 def test_summary_prints_the_goal_ratio_for_every_prefill_case(tmp_path):
@@ -331,8 +347,9 @@ def test_summary_prints_the_goal_ratio_for_every_prefill_case(tmp_path):
     console = Console(width=250, record=True)
     summary([str(path)], console)
     text = console.export_text()
-    assert ("targets prefill B=8 Sq=1024 causal=0: goal kt/cudnn_alone 1.111 (goal not met)"
-            in text)
-    assert "targets prefill B=8 Sq=1024 causal=1: goal kt/cudnn_alone 0.938 (moonshot met)" in text
+    assert ("targets prefill B=8 Sq=1024 causal=0: goal kt/cudnn_alone 1.111 (p50s, no "
+            "interval: no verdict)" in text)
+    assert ("targets prefill B=8 Sq=1024 causal=1: goal kt/cudnn_alone 0.938 (p50s, no "
+            "interval: no verdict)" in text)
     assert "cudnn_alone [yardstick] 0.450" in text
     assert "goal kt/cudnn_alone" not in "".join(ln for ln in text.splitlines() if "decode" in ln)

@@ -221,3 +221,42 @@ def test_target_is_stated_in_tb_per_s_on_a_gpu_only():
     assert target_lines(SPEC, [row]) == [
         "targets prefill S=4096: kt_graph 3.10 TB/s (target >= 2.9)"]
     assert target_lines(SPEC, [dict(row, backend="cpu")]) == []
+
+
+# --- stock MAX timed like kt (issue 11 part 2) ----------------------------------------------
+
+def _ops(graph) -> set[str]:
+    import re
+
+    return set(re.findall(r"\b(?:r?mo)\.[a-z_.]+", str(graph)))
+
+
+def test_stock_max_rope_graph_holds_no_host_value_and_the_wrapper_copies_one_per_call():
+    """Why `max_rope` could not be timed like kt_graph, and that it now can: MAX's wrapper
+    `rope_ragged_with_position_ids` turns the input's shape into a host tensor and copies it
+    to the GPU in every call (a copy that waits for the stream); the provider's own graph
+    takes every value as a device input."""
+    from max.graph import DeviceRef
+
+    from pykernels.rope import max_rope_graph
+
+    direct = _ops(max_rope_graph(torch.bfloat16, 128, DeviceRef.GPU(0), wrapper=False))
+    wrapper = _ops(max_rope_graph(torch.bfloat16, 128, DeviceRef.GPU(0), wrapper=True))
+    assert "mo.rope.ragged.with_position_id" in direct
+    assert not {op for op in direct if "transfer" in op or "shape_to_tensor" in op}
+    assert {"rmo.shape_to_tensor", "rmo.mo.transfer"} <= wrapper
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("provider", ["max_rope", "max_rope_wrapper"])
+def test_stock_max_rope_passes_the_gate_on_the_cpu(provider):
+    from harness.bench.gate import Gate
+
+    prep = SPEC.providers[provider]("cpu", torch.bfloat16)
+    shape = SPEC.complete({"B": 2, "S": 33, "Hk": 2, "group": 3, "D": 80})
+    params = SPEC.full_params({"positions": "random", "theta": 500000.0, "factor": 8.0})
+    inputs = SPEC.make_inputs(shape, params, torch.bfloat16, torch.device("cpu"),
+                              torch.Generator().manual_seed(0))
+    bound = prep(inputs, params)
+    checks = Gate(SPEC, shape, params, inputs).check(bound.to_torch(bound.run()))
+    assert checks and all(c.passed for c in checks), checks

@@ -8,19 +8,10 @@ import time
 
 import pytest
 
-from harness import timing
-from harness.timing import (
-    MAX_COVER_MS,
-    NotCorrect,
-    bench,
-    cover_ms,
-    quantile,
-    relative_standard_error,
-    spin_cycles,
-    spin_rate,
-    stop_reason,
-    summarize,
-)
+from harness import clocks, timing
+from harness.clocks import MAX_COVER_MS, cover_ms, spin_cycles, spin_rate
+from harness.stats import quantile, relative_standard_error, summarize
+from harness.timing import NotCorrect, bench, stop_reason
 
 
 def test_quantiles_match_linear_interpolation():
@@ -84,7 +75,7 @@ def test_spin_calibration_takes_the_highest_clock_and_the_cap_bounds_every_spin(
     assert spin_cycles(0.0, 2e6) == 1
 
 
-class SimGpu(timing._Clock):
+class SimGpu(clocks.Clock):
     """A GPU with one in-order stream, simulated on the host clock: work starts when it is
     enqueued or when the work before it ends, whichever is later; an event completes when
     the work queued before it has."""
@@ -218,10 +209,10 @@ def test_gpu_hidden_launch_times_the_kernel_not_the_host():
 @pytest.mark.gpu
 def test_gpu_spin_lasts_at_least_what_it_was_sized_for():
     torch = _gpu()
-    timing._sleep_rate("cuda")
+    clocks.sleep_rate("cuda")
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    timing._CudaClock("cuda", "cuda").spin(2.0)
+    clocks.CudaClock("cuda", "cuda").spin(2.0)
     end.record()
     end.synchronize()
     assert 1.6 <= start.elapsed_time(end) < 6.0  # 2 ms, within clock drift since calibration
@@ -261,11 +252,11 @@ def test_the_stream_check_passes_host_bound_ops_and_catches_missed_work():
     # rope through MAX on an H100: 30 us of GPU work behind 150 us of host enqueue; hidden
     # events see 0.030 ms, the device is busy ~0.02 ms after execute returns: no alarm
     # (the old rule, events < half the host-synchronized wall time, fired here)
-    assert not timing.events_missed_work(0.030, 0.020)
-    assert not timing.events_missed_work(1.0, 1.0)
+    assert not clocks.events_missed_work(0.030, 0.020)
+    assert not clocks.events_missed_work(1.0, 1.0)
     # events on a stream the work did not run on see ~2 us of a 1 ms kernel
-    assert timing.events_missed_work(0.002, 1.0)
-    assert not timing.events_missed_work(0.002, 0.02)  # within the host clock's jitter
+    assert clocks.events_missed_work(0.002, 1.0)
+    assert not clocks.events_missed_work(0.002, 0.02)  # within the host clock's jitter
 
 
 class _Device:
@@ -283,12 +274,230 @@ class _Device:
 
 def test_tail_is_the_device_time_after_the_call_returns_not_the_host_time():
     dev = _Device()
-    assert 2.5 <= timing.device_tail_ms(lambda: dev.busy(3.0), dev.sync) < 6.0
+    assert 2.5 <= clocks.device_tail_ms(lambda: dev.busy(3.0), dev.sync) < 6.0
 
     def host_bound():
         time.sleep(0.003)
         dev.busy(0.0)
 
-    assert timing.device_tail_ms(host_bound, dev.sync) < 0.5
+    assert clocks.device_tail_ms(host_bound, dev.sync) < 0.5
 
 
+
+
+# --- interleaved rounds, ratio intervals, the second timing (harness/timing.py items 8, 9) ---
+
+def _busy(ms: float) -> None:
+    end = time.perf_counter() + ms / 1e3
+    while time.perf_counter() < end:
+        pass
+
+
+def test_bootstrap_interval_covers_the_true_ratio_about_95_percent_of_the_time():
+    import numpy as np
+
+    from harness.stats import ratio_interval
+
+    rng = np.random.default_rng(7)
+    covered, trials = 0, 200
+    for _ in range(trials):
+        base = rng.uniform(0.8, 1.2, 25)  # drift shared by both providers in a round
+        den = base * rng.lognormal(0.0, 0.03, 25)
+        num = 1.5 * base * rng.lognormal(0.0, 0.03, 25)
+        _, lo, hi = ratio_interval(list(num), list(den))
+        covered += lo <= 1.5 <= hi
+    assert 0.88 <= covered / trials <= 0.995
+    # seeded: the same samples give the same interval
+    assert ratio_interval([2.0, 2.2, 1.9, 2.1], [1.0] * 4) == ratio_interval([2.0, 2.2, 1.9, 2.1],
+                                                                             [1.0] * 4)
+
+
+def test_rounds_rotate_the_order():
+    assert [timing.rotation(["a", "b", "c"], r) for r in range(4)] == [
+        ("a", "b", "c"), ("b", "c", "a"), ("c", "a", "b"), ("a", "b", "c")]
+
+
+class Virtual(clocks.Clock):
+    """A CPU whose clock moves only when a provider works (`work(ms)`): the statistics are
+    tested exactly, whatever else loads the machine. `timing`'s host clock reads it too."""
+
+    def __init__(self):
+        super().__init__("cpu", "cpu")
+        self.now_ms = 0.0
+
+    def work(self, ms: float) -> None:
+        self.now_ms += ms
+
+    def record(self, ev) -> None:
+        ev[0] = self.now_ms * 1e6
+
+    def perf_counter(self) -> float:
+        return self.now_ms / 1e3
+
+
+@pytest.fixture
+def virtual(monkeypatch):
+    import types
+
+    v = Virtual()
+    monkeypatch.setattr(timing, "_clock", lambda backend, device: v)
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=v.perf_counter))
+    return v
+
+
+def test_interleaved_providers_of_known_cost_give_their_true_ratio_despite_drift(virtual):
+    """Two providers costing 2 ms and 1 ms (3 % noise each), both 60 % slower in every
+    third round (a clock drop) and slower and slower as time goes on (heat): interleaved,
+    the per-round ratio stays 2 and its interval holds it."""
+    import numpy as np
+
+    from harness.stats import ratio_interval
+
+    rng = np.random.default_rng(3)
+    calls = {"n": 0}
+
+    def provider(ms):
+        def run():
+            rnd = calls["n"] // 2  # the round (two calls each, after the warmups)
+            calls["n"] += 1
+            drift = (1.6 if rnd % 3 == 0 else 1.0) * (1 + virtual.now_ms / 200)
+            virtual.work(ms * drift * rng.lognormal(0.0, 0.03))
+        return run
+
+    samplers = {name: timing.prepare(provider(ms), warmup_ms=0, flush=False)
+                for name, ms in (("slow", 2.0), ("fast", 1.0))}
+    calls["n"] = 0
+    inter = timing.bench_interleaved(samplers, anchor="fast", min_rounds=10, max_rounds=400,
+                                     ci_target=0.01, budget_s=99.0)
+    assert inter.orders[:3] == [("slow", "fast"), ("fast", "slow"), ("slow", "fast")]
+    assert inter.stopped_by == "ci" and not inter.failed and inter.halfwidth <= 0.01
+    a, b = inter.timings["slow"].samples_ms, inter.timings["fast"].samples_ms
+    assert len(a) == len(b) == len(inter.orders) >= 10
+    ratio, lo, hi = ratio_interval(a, b)
+    assert lo <= 2.0 <= hi and abs(ratio / 2.0 - 1) < 0.02
+
+
+def test_blocks_of_samples_carry_drift_that_rounds_cancel(virtual):
+    """The same two providers on a clock that slows down steadily, timed one after the other
+    (`bench`, one block each) and interleaved: the blocks' ratio is off by the drift, the
+    interleaved interval holds the true ratio."""
+    from harness.stats import ratio_interval
+
+    def provider(ms):
+        return lambda: virtual.work(ms * (1 + virtual.now_ms / 50))
+
+    kw = dict(device="cpu", warmup_ms=0, flush=False, min_reps=20, max_reps=20, budget_s=99)
+    blocked = bench(provider(2.0), **kw).p50 / bench(provider(1.0), **kw).p50
+    assert abs(blocked / 2.0 - 1) > 0.15
+    samplers = {n: timing.prepare(provider(ms), warmup_ms=0, flush=False)
+                for n, ms in (("slow", 2.0), ("fast", 1.0))}
+    inter = timing.bench_interleaved(samplers, min_rounds=20, max_rounds=20, budget_s=99)
+    _, lo, hi = ratio_interval(inter.timings["slow"].samples_ms, inter.timings["fast"].samples_ms)
+    assert lo <= 2.0 * 1.02 and hi >= 2.0 * 0.98 and hi < 2.2
+
+
+def test_a_provider_that_raises_leaves_the_rounds_and_the_others_go_on(virtual):
+    calls = {"n": 0}
+
+    def broken():
+        calls["n"] += 1
+        virtual.work(0.2)
+        if calls["n"] > 5:  # after warmup and two rounds
+            raise RuntimeError("device lost\nmore")
+
+    samplers = {"ok": timing.prepare(lambda: virtual.work(0.2), warmup_ms=0, flush=False),
+                "broken": timing.prepare(broken, warmup_ms=0, flush=False)}
+    inter = timing.bench_interleaved(samplers, anchor="broken", min_rounds=5, max_rounds=8,
+                                     ci_target=0.0, budget_s=99)
+    assert inter.failed == {"broken": "RuntimeError: device lost"}
+    assert "broken" not in inter.timings and len(inter.timings["ok"].samples_ms) == 8
+    assert inter.anchor == "ok"
+
+
+def test_interleaved_stopping_rule():
+    kw = dict(min_rounds=10, max_rounds=50, ci_target=0.01, budget_s=1.0)
+    assert timing.interleaved_stop(9, 0.001, 0.1, **kw) is None  # below min_rounds
+    assert timing.interleaved_stop(10, 0.009, 0.1, **kw) == "ci"
+    assert timing.interleaved_stop(10, 0.05, 0.1, **kw) is None
+    assert timing.interleaved_stop(10, 0.05, 1.1, **kw) == "budget"
+    assert timing.interleaved_stop(5, 0.05, 1.1, **kw) is None  # long case: min_rounds first
+    assert timing.interleaved_stop(3, 0.05, 4.1, **kw) == "budget"  # unless 4x over budget
+    assert timing.interleaved_stop(50, 0.05, 0.1, **kw) == "max_rounds"
+
+
+def test_the_second_timing_agrees_on_a_steady_call_and_flags_one_that_changes_back_to_back(
+        virtual):
+    steady = timing.prepare(lambda: virtual.work(1.0), warmup_ms=0, flush=False)
+    last = {"end": -1.0}
+
+    def throttles():  # 1 ms after a pause, 3 ms when called back to back
+        virtual.work(3.0 if virtual.now_ms - last["end"] < 0.5 else 1.0)
+        last["end"] = virtual.now_ms
+
+    throttled = timing.prepare(throttles, warmup_ms=0, flush=False)
+    spacer = timing.prepare(lambda: virtual.work(3.0), warmup_ms=0, flush=False)
+    inter = timing.bench_interleaved({"steady": steady, "throttles": throttled,
+                                      "spacer": spacer}, min_rounds=6, max_rounds=6, budget_s=99)
+    second = steady.throughput()
+    assert second.per_call_ms == pytest.approx(1.0) and second.calls == 20
+    assert timing.timings_agree(inter.timings["steady"], second) == (True, "")
+    t = inter.timings["throttles"]
+    assert t.p50 == pytest.approx(1.0)
+    second = throttled.throughput()
+    assert second.per_call_ms > 2.5
+    agree, why = timing.timings_agree(t, second)
+    assert agree is False and "timings disagree" in why
+
+
+def test_the_second_timing_subtracts_the_flushes_on_a_real_cpu():
+    s = timing.prepare(lambda: _busy(2.0), warmup_ms=0)
+    s.sample()
+    second = s.throughput(repeats=3)
+    assert second.flush_ms > 0 and second.calls >= 2 and len(second.samples_ms) == 3
+
+
+def test_agreement_rule_on_synthetic_timings():
+    from harness.stats import Throughput, timings_agree
+
+    event = timing.Timing([1.0, 1.01, 0.99, 1.0], "cuda", "ci", 3, [0.1] * 4, cover_ms=0.3,
+                          hidden=True)
+    assert timings_agree(event, Throughput([1.03, 1.02, 1.04], 8))[0] is True
+    assert timings_agree(event, Throughput([1.2, 1.21, 1.19], 8))[0] is False
+    assert timings_agree(event, Throughput([1.2, 0.8, 1.0], 8))[0] is True  # noisy: no verdict
+    host_bound = timing.Timing([0.03] * 4, "cuda", "ci", 3, [0.15] * 4, cover_ms=0.4,
+                               hidden=True)
+    agree, why = timings_agree(host_bound, Throughput([0.16] * 3, 64))
+    assert agree is None and "host-bound" in why
+
+
+def test_target_levels_are_met_only_by_an_interval_below_them():
+    from harness.spec import RatioTarget, interval_verdict
+
+    assert interval_verdict(1.0, 0.90, 0.97) == "met"
+    assert interval_verdict(1.0, 1.01, 1.10) == "missed"
+    assert interval_verdict(1.0, 0.97, 1.02) == "within noise"
+    goal = RatioTarget("goal", "x", ("f",), levels=((1.0, "goal"), (0.95, "moonshot")))
+    assert goal.verdict(0.96, 0.98) == "goal met, moonshot missed"
+    assert goal.verdict(0.93, 0.97) == "goal met, moonshot within noise"
+    assert goal.verdict(0.99, 1.02) == "goal within noise, moonshot missed"
+
+
+def test_interleaved_rounds_keep_each_providers_launch_hidden(sim):
+    """On the simulated GPU: a host-bound provider (2 ms of host work before 0.3 ms of GPU
+    work) and a GPU-bound one (0.6 ms): each sample of the rounds runs behind its own spin,
+    so the ratio is of GPU times, 0.5, not of host times."""
+    from harness.stats import ratio_interval
+
+    def host_bound():
+        time.sleep(0.002)
+        sim.launch(0.3)
+
+    samplers = {"host": timing.prepare(host_bound, device="cuda", warmup_ms=5, flush=False),
+                "gpu": timing.prepare(lambda: sim.launch(0.6), device="cuda", warmup_ms=5,
+                                      flush=False)}
+    assert samplers["host"].cover > 4.0
+    inter = timing.bench_interleaved(samplers, anchor="gpu", min_rounds=6, max_rounds=8,
+                                     ci_target=0.0, budget_s=2.0)
+    assert all(t.hidden for t in inter.timings.values())
+    ratio, _, _ = ratio_interval(inter.timings["host"].samples_ms, inter.timings["gpu"].samples_ms)
+    assert 0.4 < ratio < 0.7

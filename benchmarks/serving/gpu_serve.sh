@@ -19,7 +19,8 @@
 # PER_LOAD (4), DURATION (10 s per load point), IN_LEN (1024), OUT_LEN (128), DATASETS
 # (random,sonnet), TP (1), COST_PER_HOUR (3.5: $/h of one H200, for cost per 1M tokens),
 # SERVE_LIMIT_S (1080: kt gets SIGINT then, and saves what finished), KT_GIT_SHA (recorded),
-# MEASURE_AFTER (a file: engines start at once, load points wait for it; another GPU job's end).
+# MEASURE_AFTER (a file: engines start at once, load points wait for it; another GPU job's end),
+# SERVE_KERNELS (the kernels package max+kt serves; default the repository's kernels/).
 # DEVICE=cpu rehearses the whole flow on a CPU: tiny model, .venvs engines, a small sweep.
 #
 # Progress: $RESULTS/status.txt (one line per phase), $RESULTS/serve/serve-bench.log (kt's
@@ -84,6 +85,11 @@ main() {
   for item in harness pykernels kernels benchmarks scripts pyproject.toml; do
     [ -e "$SRC/$item" ] && cp -a "$SRC/$item" "$RUN/"
   done
+  # SERVE_KERNELS: the Mojo package max+kt serves (default the repository's kernels/), e.g. the
+  # last GPU-verified one while a newer kernels/ is verified and timed beside this run.
+  if [ -n "${SERVE_KERNELS:-}" ]; then
+    mkdir -p "$RUN/serve_kernels" && cp -a "$SERVE_KERNELS" "$RUN/serve_kernels/kernels" || exit 2
+  fi
   export PYTHONPATH="$RUN"
   cd "$RUN" || exit 1
 
@@ -185,6 +191,7 @@ main() {
   [ -n "$KV_SHARE" ] && args+=(--kv-cache-memory "$KV_SHARE")
   [ -n "$COST_PER_HOUR" ] && args+=(--cost-per-hour "$COST_PER_HOUR")
   [ -n "${MEASURE_AFTER:-}" ] && args+=(--measure-after "$MEASURE_AFTER")
+  [ -n "${SERVE_KERNELS:-}" ] && args+=(--custom-kernel-path "$RUN/serve_kernels/kernels")
   stamp "kt serve-bench ${args[*]} (limit ${SERVE_LIMIT_S} s)"
   # kt writes to a file, not a pipe: nothing that a signal can kill stands between kt and its log.
   timeout -s INT -k 90 "$SERVE_LIMIT_S" $PY -m harness serve-bench "${args[@]}" >"$RESULTS/serve/serve-bench.log" 2>&1 &

@@ -19,6 +19,7 @@ from harness.bench.families import load_bench_file, select_families
 from harness.bench.plots import plot
 from harness.bench.providers import providers_of, select_providers
 from harness.bench.report import render, render_comparison, row_seconds
+from harness.bench.summary import target_changes
 from harness.build import resolve_run
 from harness.children import INTERRUPT_EXIT, interrupt_on_sigterm
 from harness.io import command_line, unwritable, write_json_atomic
@@ -125,7 +126,7 @@ def microbench_command(kernel: str, device: str, families: list[str], providers:
     nothing_compared = False
     if old_rows is not None and not record["interrupted"]:
         cmp = compare_records(record["rows"], old_rows)
-        render_comparison(cmp, out, compare_path)
+        render_comparison(cmp, out, compare_path, target_changes(spec, record["rows"], old_rows))
         code = 1 if cmp["regressions"] else code
         nothing_compared = not cmp["matched"]
     if plot_path:

@@ -29,7 +29,9 @@ from harness.bench.providers import KT_PROVIDERS, providers_of
 from harness.checking import Check
 from harness.io import error_line, provenance
 from harness.spec import DTYPES, Bound, KernelSpec, Params, Shape, Tensors, Unavailable
-from harness.timing import NotCorrect, Timing, backend_of, bench_on_stream
+from harness.bench.metrics import derive_metrics, join_notes
+from harness.timing import (NotCorrect, Sampler, Timing, backend_of, bench_interleaved,
+                            prepare_on_stream, timings_agree)
 
 CPU_TIMER_LABEL = "CPU timing (perf_counter), not comparable with GPU"
 UNTESTED_BACKENDS = ("rocm", "metal")
@@ -43,12 +45,18 @@ class Settings:
     min_reps: int = 10
     max_reps: int = 200
     rse_target: float = 0.01
-    budget_s: float = 0.4
+    budget_s: float = 0.3
     seed: int = 0
+    # interleaved rounds (harness/timing.py item 8): min_reps / max_reps bound the rounds, the
+    # budget is budget_s per provider of the case, and rounds stop once every ratio to
+    # kt_graph is known to +-ci_target; then `throughput_repeats` back-to-back batches (item 9)
+    ci_target: float = 0.01
+    throughput_repeats: int = 3
 
 
 def cpu_settings() -> Settings:
-    return Settings(warmup_ms=10.0, min_reps=5, max_reps=50, rse_target=0.02, budget_s=0.25)
+    return Settings(warmup_ms=10.0, min_reps=5, max_reps=50, rse_target=0.02, budget_s=0.25,
+                    ci_target=0.02)
 
 
 def timer_label(backend: str) -> str:
@@ -72,19 +80,6 @@ def shape_label(spec: KernelSpec, shape: Shape, params: Params, varying: set[str
     parts = [f"{a.name}={shape[a.name]}" for a in spec.axes]
     parts += [f"{k}={params[k]}" for k in sorted(varying)]
     return " ".join(parts)
-
-
-def datasheet_peak(device_name: str, dtype: torch.dtype, bound: str) -> tuple[float | None, str]:
-    """The peak "% of peak" refers to: HBM GB/s for memory-bound families, else tensor (or
-    fp32) TFLOP/s; (None, "") for a device kt has no datasheet numbers for."""
-    peak = devices.peak_for(device_name)
-    if peak is None:
-        return None, ""
-    if bound == "memory":
-        return peak.tb_per_s * 1e3, "GB/s (HBM)"
-    if dtype == torch.float32:
-        return peak.tflops_fp32, "TFLOP/s (fp32)"
-    return peak.tflops_bf16, "TFLOP/s (dense tensor, bf16)"
 
 
 @dataclass
@@ -158,16 +153,25 @@ def benchmark_families(spec: KernelSpec, device: str, families: list[Family],
                     on_event({"event": "reference_done", **where,
                               "seconds": time.perf_counter() - t0})
                 case_rows = []
+                ready: dict[str, tuple[Sampler, dict]] = {}
                 for pname in provider_names:
                     on_event({"event": "provider", **where, "provider": pname})
                     row = {**common, "provider": pname, "family": fam.name, "shape": shape,
                            "params": params, "label": label, "dtype": fam.dtype,
                            "flops": spec.flops(shape, params),
                            "bytes": spec.bytes(shape, params, dtype), "bound": fam.bound}
-                    row.update(measure_provider(ctx, pname, dtype, inputs, params, gate))
+                    out, sampler = prepare_provider(ctx, pname, dtype, inputs, params, gate)
+                    row.update(out)
                     case_rows.append(row)
                     rows.append(row)
-                    if time_it:
+                    if sampler is not None:
+                        ready[pname] = (sampler, row)
+                    elif time_it:
+                        on_event({"event": "row", "row": row})
+                if ready:
+                    on_event({"event": "provider", **where, "provider": "interleaved rounds"})
+                    time_case(ctx, ready, baseline)
+                    for _, row in ready.values():
                         on_event({"event": "row", "row": row})
                 finish_case(fam)
                 on_event({"event": "case", "record": record})
@@ -215,13 +219,15 @@ def _bind(ctx: _Run, pname: str, dtype: torch.dtype, inputs: Tensors, params: Pa
     return bound if isinstance(bound, Bound) else Bound(bound)
 
 
-def measure_provider(ctx: _Run, pname: str, dtype: torch.dtype, inputs: Tensors,
-                     params: Params, gate: Gate | None) -> dict:
-    """One provider on one case: prepare, bind, check against `gate`, time; the row's fields."""
+def prepare_provider(ctx: _Run, pname: str, dtype: torch.dtype, inputs: Tensors,
+                     params: Params, gate: Gate | None) -> tuple[dict, Sampler | None]:
+    """One provider on one case: prepare, bind, check against `gate`, warm up (items 1-5 of
+    `harness.timing`); the row's fields so far, and the provider ready to be timed (None when
+    it is not: unavailable, failing, WRONG, or `time_it` is off)."""
     out: dict[str, Any] = {}
     bound = _bind(ctx, pname, dtype, inputs, params, out)
     if bound is None:
-        return out
+        return out, None
     out["note"] = bound.note
     checks: list[Check] = []
     if bound.yardstick:
@@ -246,42 +252,87 @@ def measure_provider(ctx: _Run, pname: str, dtype: torch.dtype, inputs: Tensors,
             checks.extend(gate.check(outputs))
         return all(c.passed for c in checks)
 
+    sampler = None
     try:
         if not ctx.time_it:
             out["status"] = "ok" if check() else "WRONG"
-            return out
+            return out, None
         t0 = time.perf_counter()
-        s = ctx.settings
-        timing, note = bench_on_stream(
-            bound.run, stream=bound.stream, sync=bound.sync, device=ctx.device, check=check,
-            warmup_ms=s.warmup_ms, min_reps=s.min_reps, max_reps=s.max_reps,
-            rse_target=s.rse_target, budget_s=s.budget_s)
+        sampler, note = prepare_on_stream(bound.run, stream=bound.stream, sync=bound.sync,
+                                          device=ctx.device, check=check,
+                                          warmup_ms=ctx.settings.warmup_ms)
+        sampler.keep_alive = bound  # the sampler's call needs what the binding holds
         out["note"] = join_notes(out["note"], note)
+        out["sync_note"] = note
         out["bench_s"] = round(time.perf_counter() - t0, 3)
+        out["status"] = "ok"
     except NotCorrect:
         out["status"] = "WRONG"
     except Exception as e:
         out["status"] = "error"
         out["note"] = join_notes(out["note"], error_line(e))
-        return out
-    else:
-        out["status"] = "ok"
-        out.update(_timing_fields(timing, out["note"]))
+        return out, None
     if checks:
         out.update(_check_fields(checks, out))
-    return out
+    return out, sampler
 
 
-def _timing_fields(t: Timing, note: str) -> dict:
+def time_case(ctx: _Run, ready: dict[str, tuple[Sampler, dict]], baseline: str | None) -> None:
+    """The ready providers of one case timed in interleaved rounds (item 8 of
+    `harness.timing`; the stopping rule's anchor is kt_graph, else the baseline, else the
+    first), then each one's back-to-back timing (item 9); their rows filled in."""
+    s = ctx.settings
+    anchor = next((p for p in ("kt_graph", baseline) if p in ready), None)
+    t0 = time.perf_counter()
+    inter = bench_interleaved({p: smp for p, (smp, _) in ready.items()}, anchor=anchor,
+                              min_rounds=s.min_reps, max_rounds=s.max_reps,
+                              ci_target=s.ci_target, budget_s=s.budget_s * len(ready))
+    shared = round(time.perf_counter() - t0, 3)
+    for p, (smp, row) in ready.items():
+        row["rounds_s"] = shared
+        if p in inter.failed:
+            row.update(status="error", note=join_notes(row["note"], inter.failed[p]))
+            continue
+        timing = inter.timings[p]
+        row.update(_timing_fields(timing, row["note"], ctx.device))
+        row.update(rounds=len(inter.orders), interleaved=len(ready) > 1,
+                   rounds_anchor=inter.anchor, rounds_halfwidth=_finite(inter.halfwidth))
+        t1 = time.perf_counter()
+        try:
+            second = smp.throughput(repeats=s.throughput_repeats)
+        except Exception as e:
+            row["note"] = join_notes(row["note"], f"back-to-back timing failed: {error_line(e)}")
+            continue
+        agree, why = timings_agree(timing, second)
+        row.update(throughput_ms=second.per_call_ms, throughput_spread=_finite(second.spread),
+                   throughput_calls=second.calls, throughput_samples_ms=second.samples_ms,
+                   timings_agree=agree)
+        if why:
+            row["timings_note"] = why
+        if agree is False:
+            row["note"] = join_notes(row["note"], why)
+        row["bench_s"] = round(row.get("bench_s", 0.0) + time.perf_counter() - t1, 3)
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _timing_fields(t: Timing, note: str, device: str) -> dict:
     out = {"p10": t.p10, "p50": t.p50, "p90": t.p90, "mean": t.mean, "n": len(t.samples_ms),
            "stopped_by": t.stopped_by, "samples_ms": [round(s, 6) for s in t.samples_ms],
            "host_ms": t.host_ms, "launch_hidden": t.hidden,
            "launch_cover_ms": round(t.cover_ms, 4), "uncovered": t.uncovered}
     if t.launch_note and "host-synced" not in note:
         note = join_notes(note, t.launch_note)
-    if t.uncovered > len(t.samples_ms) // 10:
+    uncovered = t.uncovered > len(t.samples_ms) // 10
+    if uncovered:
         note = join_notes(note, f"{t.uncovered}/{len(t.samples_ms)} calls enqueued for longer "
                                 "than the spin covered: GPU idle time timed")
+    # Timed unlike the others (events that include the host's time): kept out of ratios.
+    if backend_of(device) in ("cuda", "rocm") and (not t.hidden or uncovered):
+        out["ratio_excluded"] = ("host-synced timing" if "host-synced" in note else
+                                 t.launch_note if not t.hidden else "GPU idle time timed")
     out["note"] = note
     return out
 
@@ -297,40 +348,3 @@ def _check_fields(checks: list[Check], out: dict) -> dict:
                                                  f" > tolerance {worst.tolerance:.3g} "
                                                  f"({worst.n_bad}/{worst.numel} elements)")
     return fields
-
-
-def derive_metrics(rows: list[dict], device_name: str, dtype: torch.dtype, bound: str,
-                   baseline: str | None, gpu: bool) -> None:
-    """Throughput, % of peak, speedup vs the baseline and the bridge's overhead, per case.
-    The baseline is `baseline` if it was timed, else the fastest provider that is neither
-    kt's nor a yardstick; a yardstick is never the baseline, even when asked for."""
-    peak, peak_unit = datasheet_peak(device_name, dtype, bound) if gpu else (None, "")
-    ok = {r["provider"]: r for r in rows if r["status"] == "ok" and "p50" in r}
-    base = ok.get(baseline) if baseline else None
-    if base is not None and base.get("yardstick"):
-        base = None
-    if base is None:
-        others = [r for r in ok.values()
-                  if r["provider"] not in KT_PROVIDERS and not r.get("yardstick")]
-        base = min(others, key=lambda r: r["p50"]) if others else None
-    for r in ok.values():
-        sec = r["p50"] * 1e-3
-        r["tflops"] = r["flops"] / sec / 1e12
-        r["gb_s"] = r["bytes"] / sec / 1e9
-        if peak:
-            achieved = r["gb_s"] if bound == "memory" else r["tflops"]
-            r["pct_peak"] = 100.0 * achieved / peak
-            r["peak"] = f"{peak:g} {peak_unit}"
-            if r["pct_peak"] > 105.0:  # no kernel beats the datasheet: the timing missed work
-                r["note"] = join_notes(r.get("note", ""), "above the datasheet peak: suspect timing")
-        if base is not None:
-            r["baseline"] = base["provider"]
-            r["speedup"] = base["p50"] / r["p50"]
-    if "kt_bridge" in ok and "kt_graph" in ok:  # the same op: the bridge's cost, on each side
-        bridge, graph = ok["kt_bridge"], ok["kt_graph"]
-        bridge["bridge_overhead_ms"] = bridge["p50"] - graph["p50"]
-        bridge["bridge_host_overhead_ms"] = bridge["host_ms"] - graph["host_ms"]
-
-
-def join_notes(a: str, b: str) -> str:
-    return "; ".join(x for x in (a, b) if x)

@@ -37,8 +37,13 @@ def render(record: dict, console) -> None:
                     if r.get("launch_hidden") else "")
             note = join_notes(f"bridge overhead {r['bridge_overhead_ms'] * 1e3:+.1f} us{host}", note)
         sp = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
+        if "speedup_ci" in r:  # the median per-round ratio's, as the interval is
+            sp = (f"{1.0 / r['vs_baseline']['ratio']:.2f}x [{r['speedup_ci'][0]:.2f}–"
+                  f"{r['speedup_ci'][1]:.2f}]")
         if "speedup" in r and r["provider"] == r.get("baseline"):
             sp = "1.00x (base)"
+        elif r.get("ratio_excluded"):
+            sp = "kept out"
         table.add_row(
             r["family"] if first else "", r["label"] if first else "", r["provider"],
             f"[{style[status]}]{status}" if style[status] else status,
@@ -47,6 +52,16 @@ def render(record: dict, console) -> None:
             _fmt(r.get("host_ms"), ".3f"), _fmt(r.get("tflops"), ".3g"), _fmt(r.get("gb_s"), ".4g"),
             _fmt(r.get("pct_peak"), ".1f"), sp, note)
     console.print(table)
+    rounds = [r["rounds"] for r in rows if r.get("interleaved")]
+    if rounds:
+        console.print(f"The providers of each case were timed in interleaved rounds "
+                      f"({min(rounds)}–{max(rounds)} per case, the order rotated each round); "
+                      "speedup [95% interval]: the baseline's time over the row's, median of the "
+                      "per-round ratios and its bootstrap interval.", highlight=False)
+    flagged = sum(r.get("timings_agree") is False for r in rows)
+    if flagged:
+        console.print(f"[yellow]{flagged} row(s) whose back-to-back timing disagrees with the "
+                      "events beyond their noise (see the note).[/]", highlight=False)
     peaks = {r["peak"] for r in rows if "peak" in r}
     if peaks:
         console.print(f"% peak: of the datasheet peak ({'; '.join(sorted(peaks))}) for "
@@ -66,8 +81,9 @@ def render(record: dict, console) -> None:
         console.print("[red]interrupted[/]: the table holds what was measured before Ctrl-C")
 
 
-def render_comparison(cmp: dict, console, path) -> None:
-    """`compare_records`' verdicts against the saved run at `path`."""
+def render_comparison(cmp: dict, console, path, targets: list[dict] = ()) -> None:
+    """`compare_records`' verdicts against the saved run at `path`, then the speed targets
+    of both runs side by side (`summary.target_changes`)."""
     table = Table(title=f"against {path}", header_style="bold", title_justify="left")
     for col in ("provider", "shape", "old p50 ms", "new p50 ms", "change", "noise limit",
                 "verdict"):
@@ -88,6 +104,14 @@ def render_comparison(cmp: dict, console, path) -> None:
     for n in cmp["not_comparable"]:
         console.print(f"not comparable: {n['key'][1]} [{n['label']}]: old {n['old']}, new {n['new']}",
                       highlight=False, markup=False)
+    if targets:
+        t = Table(title="speed targets: kt_graph's ratio [95% interval], old run -> this run",
+                  header_style="bold", title_justify="left")
+        for col in ("case", "target", "old", "new"):
+            t.add_column(col)
+        for c in targets:
+            t.add_row(c["case"], c["target"], c["old"], c["new"])
+        console.print(t)
     verdict = (f"[red]{len(cmp['regressions'])} regression(s)[/]" if cmp["regressions"]
                else "[green]no regressions[/]")
     console.print(f"{verdict} in {len(cmp['matched'])} matched rows "
@@ -100,7 +124,8 @@ def row_seconds(r: dict) -> str:
     first = r.get("first_call_s", 0.0)
     parts = [("prepare", r.get("prepare_s", 0.0)), ("bind", r.get("bind_s", 0.0)),
              ("first call + check", first),
-             ("timing", max(0.0, r["bench_s"] - first) if "bench_s" in r else 0.0)]
+             ("timing", max(0.0, r["bench_s"] - first) if "bench_s" in r else 0.0),
+             ("the case's interleaved rounds", r.get("rounds_s", 0.0))]
     return ", ".join(f"{name} {sec:.1f} s" for name, sec in parts if sec >= 0.05) or "< 0.1 s"
 
 

@@ -11,13 +11,72 @@ import pykernels
 from harness.spec import KernelSpec, RatioTarget, ThroughputTarget
 
 
-def _ratio_parts(target: RatioTarget, by: dict[str, dict]) -> list[str]:
-    kt, other = by.get("kt_graph"), by.get(target.provider)
+# A file saved before rows were interleaved: a ratio of p50s, and no verdict without an interval.
+NO_INTERVAL = "p50s, no interval: no verdict"
+
+
+def target_ratio(target_provider: str, by: dict[str, dict]) -> tuple[dict | None, str]:
+    """kt_graph's ratio to `target_provider` in one case: ({"ratio", "lo", "hi"}, "") from the
+    interleaved rounds; from the p50s, with lo = hi = ratio and `NO_INTERVAL`, for a file
+    saved before rows were interleaved; (None, why) when a side is kept out of ratios."""
+    kt, other = by.get("kt_graph"), by.get(target_provider)
     if kt is None or other is None:
-        return []
+        return None, ""
+    for r in (kt, other):
+        if r.get("ratio_excluded"):
+            return None, f"{r['provider']} kept out: {r['ratio_excluded']}"
+    entry = (kt.get("ratios") or {}).get(target_provider)
+    if entry is not None:
+        return entry, ""
     ratio = kt["p50"] / other["p50"]
-    text = f"{target.name + ' ' if target.name else ''}kt/{target.provider} {ratio:.3f}"
-    return [text + (f" ({target.verdict(ratio)})" if target.levels else "")]
+    return {"ratio": ratio, "lo": ratio, "hi": ratio}, NO_INTERVAL
+
+
+def ratio_text(entry: dict) -> str:
+    """'0.965 [0.958, 0.971]', or the ratio alone without an interval."""
+    if entry["lo"] == entry["hi"] == entry["ratio"]:
+        return f"{entry['ratio']:.3f}"
+    return f"{entry['ratio']:.3f} [{entry['lo']:.3f}, {entry['hi']:.3f}]"
+
+
+def _ratio_parts(target: RatioTarget, by: dict[str, dict]) -> list[str]:
+    entry, why = target_ratio(target.provider, by)
+    text = f"{target.name + ' ' if target.name else ''}kt/{target.provider}"
+    if entry is None:
+        return [f"{text}: {why}"] if why else []
+    verdict = target.verdict(entry["lo"], entry["hi"]) if target.levels and not why else ""
+    detail = "; ".join(x for x in (verdict, why) if x)
+    return [f"{text} {ratio_text(entry)}" + (f" ({detail})" if detail else "")]
+
+
+def _target_cells(target: RatioTarget, by: dict[str, dict]) -> str:
+    entry, why = target_ratio(target.provider, by)
+    if entry is None:
+        return why or "-"
+    verdict = target.verdict(entry["lo"], entry["hi"]) if target.levels and not why else ""
+    return f"{ratio_text(entry)}" + "".join(f"; {x}" for x in (verdict, why) if x)
+
+
+def target_changes(spec: KernelSpec, new_rows: list[dict], old_rows: list[dict]) -> list[dict]:
+    """Per case and ratio target of `spec` in either run: {"case", "target", "old", "new"},
+    each side its ratio, interval and verdict (an old file without intervals: its p50s)."""
+    ratios = [t for t in spec.targets if isinstance(t, RatioTarget)]
+    sides = []
+    for rows in (old_rows, new_rows):
+        cases: dict[tuple[str, str], dict[str, dict]] = {}
+        for r in rows:
+            if r.get("status") == "ok" and "p50" in r and any(r.get("family") in t.families
+                                                              for t in ratios):
+                cases.setdefault((r["family"], r.get("label", "")), {})[r["provider"]] = r
+        sides.append(cases)
+    out = []
+    for fam, label in dict.fromkeys(list(sides[1]) + list(sides[0])):
+        for t in (t for t in ratios if fam in t.families):
+            old, new = (_target_cells(t, s.get((fam, label), {})) for s in sides)
+            if old != "-" or new != "-":
+                out.append({"case": f"{fam} {label}", "target": f"{t.name or 'kt'}/{t.provider}",
+                            "old": old, "new": new})
+    return out
 
 
 def _throughput_line(target: ThroughputTarget, r: dict) -> str:
@@ -28,9 +87,10 @@ def _throughput_line(target: ThroughputTarget, r: dict) -> str:
 
 
 def target_lines(spec: KernelSpec, rows: list[dict]) -> list[str]:
-    """One line per case a target of `spec` applies to, from the p50s of one run: the ratio
-    targets of a case together (kt_graph against each provider, with the verdict where the
-    target has levels), then each throughput target of kt_graph (GPU rows only)."""
+    """One line per case a target of `spec` applies to, from one run: the ratio targets of a
+    case together (kt_graph against each provider, median and 95 % interval over the
+    interleaved rounds, each level met / missed / within noise), then each throughput target
+    of kt_graph (GPU rows only)."""
     ratios = [t for t in spec.targets if isinstance(t, RatioTarget)]
     timed = [r for r in rows if r.get("kernel", spec.name) == spec.name
              and r["status"] == "ok" and "p50" in r]
@@ -53,7 +113,7 @@ def target_lines(spec: KernelSpec, rows: list[dict]) -> list[str]:
     return out
 
 
-def _spec_or_none(name: str | None) -> KernelSpec | None:
+def spec_or_none(name: str | None) -> KernelSpec | None:
     try:
         return pykernels.get(name or "")
     except KeyError:
@@ -96,6 +156,16 @@ def summary(paths: list[str], console) -> None:
                         parts.append(f"{status}: {','.join(bad)}")
                 console.print(f"  {fam} {label} [ms]: " + " | ".join(parts),
                               markup=False, highlight=False)
-        spec = _spec_or_none(doc.get("kernel"))
-        for line in target_lines(spec, rows) if spec else []:
+        spec = spec_or_none(doc.get("kernel"))
+        for line in (target_lines(spec, rows) if spec else []) + flag_lines(rows):
             console.print("  " + line, markup=False, highlight=False)
+
+
+def flag_lines(rows: list[dict]) -> list[str]:
+    """Rows whose two timings disagree (harness/timing.py item 9), and rows kept out of
+    ratios, with why."""
+    out = [f"timings disagree: {r['family']} {r['label']} {r['provider']}: "
+           f"{r.get('timings_note', '')}" for r in rows if r.get("timings_agree") is False]
+    out += [f"kept out of ratios: {r['family']} {r['label']} {r['provider']}: "
+            f"{r['ratio_excluded']}" for r in rows if r.get("ratio_excluded")]
+    return out

@@ -2,8 +2,10 @@
 # them (no GPU), but building this program for a GPU target type-checks the kernels, lowers
 # them to PTX and checks that every launch argument can cross to the device:
 #   mojo build -I <repo> --target-accelerator=sm_90a tests/mojo/gpu_launch.mojo -o /dev/null
-# On a GPU, `--check` also compares the fused op's fast path (RoPE pre-pass + MAX flash
-# attention) with the simple fused kernel `_attention_gpu` on random bf16 inputs:
+# On a GPU, `--check` also compares kt.rms_norm's and kt.rope's vectorized kernels with the
+# simple kernels `_rms_norm_gpu` and `_rope_gpu` (every dtype, awkward sizes), and the fused
+# op's fast path (RoPE pre-pass + MAX flash attention) with the simple fused kernel
+# `_attention_gpu` on random bf16 inputs:
 #   mojo run -I <repo> tests/mojo/gpu_launch.mojo --check
 from max.gpu.host import DeviceBuffer, DeviceContext
 from std.sys import argv
@@ -18,7 +20,7 @@ from kernels.fused_rope_attention import (
 from kernels.paged_kv import PagedLayout
 from kernels.paged_rope_attention import paged_rope_attention_gpu
 from kernels.paged_rope_store import paged_rope_store_gpu
-from kernels.rms_norm import GPU_BLOCK as NORM_BLOCK, _rms_norm_gpu
+from kernels.rms_norm import GPU_BLOCK as NORM_BLOCK, _rms_norm_gpu, _rms_norm_gpu_launch
 from kernels.rope import GPU_BLOCK as ROPE_BLOCK, RopeFreqs, _rope_gpu, _rope_gpu_launch
 
 
@@ -33,6 +35,14 @@ def launch_all[dtype: DType](ctx: DeviceContext) raises:
         a.unsafe_ptr(), b.unsafe_ptr(), c.unsafe_ptr(), Int32(16), f,
         grid_dim=4, block_dim=NORM_BLOCK,
     )
+    # kt.rms_norm's GPU branch: warp-per-row, block-per-row (1, 2, 4, 8 vectors) and fallback.
+    var big = ctx.enqueue_create_buffer[dtype](4 * 16384)
+    var big_w = ctx.enqueue_create_buffer[dtype](16384)
+    for n in [64, 2048, 4096, 8192, 16384, 15]:
+        _rms_norm_gpu_launch[dtype](
+            ctx, big.unsafe_ptr().as_unsafe_any_origin(), big.unsafe_ptr().as_unsafe_any_origin(),
+            big_w.unsafe_ptr().as_unsafe_any_origin(), 3, n, f,
+        )
     ctx.enqueue_function[_rope_gpu[dtype]](
         a.unsafe_ptr(), b.unsafe_ptr(), c.unsafe_ptr(), d.unsafe_ptr(), pos.unsafe_ptr(),
         Int32(1), Int32(1), Int32(16), f, f, f, f, f,
@@ -164,6 +174,138 @@ def _fill_random(ctx: DeviceContext, buf: DeviceBuffer, n: Int, seed: Int) raise
     ctx.enqueue_copy(buf, host)
 
 
+def _tolerance[dtype: DType]() -> Float32:
+    """Relative bound for two fp32 computations rounded to dtype: a couple of dtype ulps."""
+    comptime if dtype == DType.bfloat16:
+        return Float32(0.0078125)
+    elif dtype == DType.float16:
+        return Float32(0.0009765625)
+    else:
+        return 1e-5
+
+
+def _compare[dtype: DType](
+    ctx: DeviceContext, fast: DeviceBuffer[dtype], reference: DeviceBuffer[dtype], n: Int
+) raises -> Tuple[Bool, Float32]:
+    """(every element within tolerance and finite, max |diff|)."""
+    var hf = ctx.enqueue_create_host_buffer[dtype](n)
+    var hr = ctx.enqueue_create_host_buffer[dtype](n)
+    ctx.enqueue_copy(hf, fast)
+    ctx.enqueue_copy(hr, reference)
+    ctx.synchronize()
+    var ok = True
+    var max_err = Float32(0)
+    var tol = _tolerance[dtype]()
+    for i in range(n):
+        var a = hf[i].cast[DType.float32]()
+        var b = hr[i].cast[DType.float32]()
+        var err = abs(a - b)
+        if a != a or b != b or err > tol * (abs(b) + 0.0625):
+            ok = False
+        max_err = max(max_err, err)
+    return (ok, max_err)
+
+
+def check_rms_norm_case[dtype: DType](ctx: DeviceContext, m: Int, n: Int) raises -> Bool:
+    """The kt.rms_norm GPU launch vs the scalar two-pass `_rms_norm_gpu` on one shape."""
+    var x = ctx.enqueue_create_buffer[dtype](m * n)
+    var w = ctx.enqueue_create_buffer[dtype](n)
+    var y_fast = ctx.enqueue_create_buffer[dtype](m * n)
+    var y_ref = ctx.enqueue_create_buffer[dtype](m * n)
+    _fill_random(ctx, x, m * n, 11 + n)
+    _fill_random(ctx, w, n, 12 + n)
+    var eps = Float32(1e-5)
+    _rms_norm_gpu_launch[dtype](ctx, y_fast.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), m, n, eps)
+    ctx.enqueue_function[_rms_norm_gpu[dtype]](
+        y_ref.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), Int32(n), eps,
+        grid_dim=m, block_dim=NORM_BLOCK,
+    )
+    var res = _compare[dtype](ctx, y_fast, y_ref, m * n)
+    print("rms_norm", dtype, "M", m, "N", n, "max|diff|", res[1], "PASS" if res[0] else "FAIL")
+    return res[0]
+
+
+def check_rope_case[dtype: DType](
+    ctx: DeviceContext, tokens: Int, hq: Int, hk: Int, d: Int, max_pos: Int
+) raises -> Bool:
+    """The kt.rope GPU launch vs the one-block-per-token `_rope_gpu` (fp64-based cos/sin) on
+    one shape, positions pseudo-random in [0, max_pos)."""
+    var freqs = RopeFreqs(500000.0, 8.0, 1.0, 4.0, 8192.0)
+    var nq = max(1, tokens * hq * d)
+    var nk = max(1, tokens * hk * d)
+    var q = ctx.enqueue_create_buffer[dtype](nq)
+    var k = ctx.enqueue_create_buffer[dtype](nk)
+    var qo_fast = ctx.enqueue_create_buffer[dtype](nq)
+    var ko_fast = ctx.enqueue_create_buffer[dtype](nk)
+    var qo_ref = ctx.enqueue_create_buffer[dtype](nq)
+    var ko_ref = ctx.enqueue_create_buffer[dtype](nk)
+    _fill_random(ctx, q, nq, 21 + d)
+    _fill_random(ctx, k, nk, 22 + d)
+    _fill_random(ctx, qo_fast, nq, 23)
+    _fill_random(ctx, ko_fast, nk, 24)
+    _fill_random(ctx, qo_ref, nq, 23)
+    _fill_random(ctx, ko_ref, nk, 24)
+    var pos = ctx.enqueue_create_buffer[DType.int64](max(1, tokens))
+    var hp = ctx.enqueue_create_host_buffer[DType.int64](max(1, tokens))
+    ctx.synchronize()
+    var state = UInt64(tokens * 977 + d)
+    for t in range(max(1, tokens)):
+        state = state * 6364136223846793005 + 1442695040888963407
+        hp[t] = Int64(Int((state >> 33) % UInt64(max_pos)))
+    ctx.enqueue_copy(pos, hp)
+    _rope_gpu_launch[dtype, explicit_positions=True](
+        ctx, qo_fast.unsafe_ptr(), ko_fast.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(),
+        pos.unsafe_ptr(), tokens, tokens, 1, 1, 0, 0, hq, hk, d, freqs,
+    )
+    if tokens > 0:
+        ctx.enqueue_function[_rope_gpu[dtype]](
+            qo_ref.unsafe_ptr(), ko_ref.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(),
+            pos.unsafe_ptr(), Int32(hq), Int32(hk), Int32(d),
+            freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
+            freqs.original_max_position,
+            grid_dim=tokens, block_dim=ROPE_BLOCK,
+        )
+    var rq = _compare[dtype](ctx, qo_fast, qo_ref, nq)
+    var rk = _compare[dtype](ctx, ko_fast, ko_ref, nk)
+    var ok = rq[0] and rk[0]
+    print(
+        "rope", dtype, "tokens", tokens, "Hq", hq, "Hk", hk, "D", d, "max_pos", max_pos,
+        "max|diff| q", rq[1], "k", rk[1], "PASS" if ok else "FAIL",
+    )
+    return ok
+
+
+def check_norm_and_rope[dtype: DType](ctx: DeviceContext) raises -> Bool:
+    var ok = True
+    # Warp per row (N <= 4 vectors per lane), block per row with 1/2/4/8 vectors per thread,
+    # ragged last vectors, rows past the last block's, and the scalar fallback (odd N, N
+    # past 8 vectors per thread).
+    for mn in [
+        (1, 8), (9, 24), (17, 1000), (5, 1024), (3, 1032), (2, 2048), (3, 2056), (4, 4096),
+        (2, 4104), (3, 8192), (2, 8200), (2, 16384), (2, 16392), (4, 13), (3, 4095),
+        (2, 32768), (300, 128),
+    ]:
+        ok = check_rms_norm_case[dtype](ctx, mn[0], mn[1]) and ok
+    # 16-byte and scalar variants, GQA and MHA, q only, tails of token tiles, positions
+    # past 2^17 (the fp64-based cos/sin), head_dim up to 512.
+    for shape in [
+        (1, 32, 8, 128), (129, 32, 8, 128), (77, 5, 1, 64), (300, 4, 4, 256), (33, 3, 2, 6),
+        (65, 2, 1, 96), (40, 3, 0, 128), (17, 1, 1, 512), (5, 2, 2, 2), (1000, 8, 2, 64),
+    ]:
+        ok = check_rope_case[dtype](ctx, shape[0], shape[1], shape[2], shape[3], 131072) and ok
+    ok = check_rope_case[dtype](ctx, 257, 8, 2, 128, 1 << 20) and ok
+    return ok
+
+
+def check_norm_and_rope_all(ctx: DeviceContext) raises:
+    var ok = check_norm_and_rope[DType.bfloat16](ctx)
+    ok = check_norm_and_rope[DType.float16](ctx) and ok
+    ok = check_norm_and_rope[DType.float32](ctx) and ok
+    if not ok:
+        raise Error("rms_norm / rope check failed")
+    print("rms_norm / rope check: all PASS")
+
+
 def check_fast_case(
     ctx: DeviceContext, batch: Int, sq: Int, skv: Int, hq: Int, hk: Int, d: Int, causal: Int
 ) raises -> Bool:
@@ -252,4 +394,5 @@ def main() raises:
     ctx.synchronize()
     for arg in argv():
         if arg == "--check":
+            check_norm_and_rope_all(ctx)
             check_fast_path(ctx)
