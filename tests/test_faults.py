@@ -207,13 +207,13 @@ def test_sigterm_stops_microbench_in_a_hanging_kernel_and_saves_the_rows(spinnin
     run = Running("microbench", "rms_norm", "--device", "cpu", "--providers",
                   "torch_eager,kt_graph", "--kernels", str(spinning_pkg), "--budget", "0.05",
                   "--save", str(save))
-    run.wait_for_line("torch_eager: ok")
-    time.sleep(3)  # kt_graph compiles (cached), then spins
+    run.wait_for_line("inputs and reference")
+    time.sleep(8)  # torch_eager timed, kt_graph compiled (cached) and spinning
     rc = run.stop(signal.SIGTERM)
     _one_error_line("".join(run.err), 130, rc, "interrupted", str(save))
     doc = json.loads(save.read_text())
-    assert doc["interrupted"] is True
-    assert [(row["provider"], row["status"]) for row in doc["rows"]] == [("torch_eager", "ok")]
+    # a case's rows finish together (its providers' rounds are interleaved): none finished yet
+    assert doc["interrupted"] is True and doc["rows"] == []
     _assert_nothing_left(str(spinning_pkg))
 
 
