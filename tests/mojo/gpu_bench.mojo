@@ -4,7 +4,7 @@
 # Each line: a kernel variant, its mean milliseconds over back-to-back launches (the host
 # enqueues far faster than the GPU runs them, so launch overhead is hidden) and GB/s of the
 # bytes it must move.
-from max.gpu.host import DeviceBuffer, DeviceContext
+from max.gpu.host import DeviceAttribute, DeviceBuffer, DeviceContext
 from std.math import ceildiv
 from std.time import perf_counter_ns
 
@@ -15,7 +15,14 @@ from kernels.fused_rope_attention import (
     _decode_partial_gpu,
     _fused_rope_attention_gpu,
 )
-from kernels.rope import FAST_BLOCK, RopeFreqs, _rope_fast_gpu
+from kernels.rms_norm import (
+    GPU_BLOCK as NORM_BLOCK,
+    ROWS_BLOCK,
+    _rms_norm_gpu,
+    _rms_norm_gpu_launch,
+    _rms_norm_rows_gpu,
+)
+from kernels.rope import FAST_BLOCK, TILE_BLOCK, RopeFreqs, _rope_fast_gpu, _rope_tile_gpu
 
 comptime BF16 = DType.bfloat16
 comptime WARM = 3
@@ -58,6 +65,52 @@ def rope_variant[per: Int](
     ctx.synchronize()
     report(String("rope heads_per_thread=", per), t0,
            Float64(4 * tokens * (hq + hk) * 128))
+
+
+def rope_tile_variant[group: Int](
+    ctx: DeviceContext, qo: DeviceBuffer[BF16], ko: DeviceBuffer[BF16], q: DeviceBuffer[BF16],
+    k: DeviceBuffer[BF16], pos: DeviceBuffer[DType.int64], tokens: Int, hq: Int, hk: Int,
+    freqs: RopeFreqs, blocks_per_sm: Int,
+) raises:
+    """The op's token-tile kernel at D 128 (16 threads' worth of slots: 32 tokens a block)
+    with `group` heads per load batch on a grid of blocks_per_sm blocks per SM."""
+    var sms = ctx.get_attribute(DeviceAttribute.MULTIPROCESSOR_COUNT)
+    var blocks = min(ceildiv(tokens, TILE_BLOCK // 8), sms * blocks_per_sm)
+    var t0 = perf_counter_ns()
+    for it in range(WARM + ITERS):
+        if it == WARM:
+            ctx.synchronize()
+            t0 = perf_counter_ns()
+        ctx.enqueue_function[_rope_tile_gpu[BF16, 8, False, group]](
+            qo.unsafe_ptr(), ko.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), pos.unsafe_ptr(),
+            Int32(tokens), Int32(tokens), Int32(tokens), Int32(tokens), Int32(0), Int32(0),
+            Int32(hq), Int32(hk), Int32(128), Int32(1),
+            freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
+            freqs.original_max_position,
+            grid_dim=(blocks, 1),
+            block_dim=TILE_BLOCK,
+        )
+    ctx.synchronize()
+    report(String("rope tile heads_per_batch=", group, " blocks_per_sm=", blocks_per_sm), t0,
+           Float64(4 * tokens * (hq + hk) * 128))
+
+
+def rms_rows_variant[row_threads: Int, vectors: Int](
+    ctx: DeviceContext, y: DeviceBuffer[BF16], x: DeviceBuffer[BF16], w: DeviceBuffer[BF16],
+    m: Int, n: Int,
+) raises:
+    var t0 = perf_counter_ns()
+    for it in range(WARM + ITERS):
+        if it == WARM:
+            ctx.synchronize()
+            t0 = perf_counter_ns()
+        ctx.enqueue_function[_rms_norm_rows_gpu[BF16, 8, row_threads, vectors]](
+            y.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), Int32(m), Int32(n), Float32(1e-5),
+            grid_dim=ceildiv(m, ROWS_BLOCK // row_threads), block_dim=ROWS_BLOCK,
+        )
+    ctx.synchronize()
+    report(String("rms_norm N=", n, " threads_per_row=", row_threads, " vectors=", vectors), t0,
+           Float64(2 * m * n * 2))
 
 
 def same(ctx: DeviceContext, a: DeviceBuffer[BF16], b: DeviceBuffer[BF16], n: Int) raises -> Bool:
@@ -125,6 +178,50 @@ def main() raises:
         rope_variant[per](ctx, qo2, ko2, q, k, pos, tokens, 32, 8, freqs)
         print("  same output as 8 heads per thread:",
               same(ctx, qo, qo2, tokens * 32 * 128) and same(ctx, ko, ko2, tokens * 8 * 128))
+    # The op's kernel (`_rope_tile_gpu`; the op uses 4 heads per batch, 2 blocks per SM).
+    comptime for group in [2, 4, 8]:
+        for bps in [1, 2, 4, 8]:
+            rope_tile_variant[group](ctx, qo2, ko2, q, k, pos, tokens, 32, 8, freqs, bps)
+        print("  same output as 8 heads per thread:",
+              same(ctx, qo, qo2, tokens * 32 * 128) and same(ctx, ko, ko2, tokens * 8 * 128))
+
+    # RMSNorm: 32768 x 4096 and 16384 x 8192 (bf16, 256 MiB in, 256 MiB out).
+    for n in [4096, 8192]:
+        var m = 32768 * 4096 // n
+        var x = ctx.enqueue_create_buffer[BF16](m * n)
+        var y = ctx.enqueue_create_buffer[BF16](m * n)
+        var w = ctx.enqueue_create_buffer[BF16](n)
+        fill(ctx, x, m * n)
+        fill(ctx, w, n)
+        var t0 = perf_counter_ns()
+        for it in range(WARM + ITERS):
+            if it == WARM:
+                ctx.synchronize()
+                t0 = perf_counter_ns()
+            _rms_norm_gpu_launch[BF16](
+                ctx, y.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), m, n, Float32(1e-5)
+            )
+        ctx.synchronize()
+        report(String("rms_norm N=", n, " op (default)"), t0, Float64(2 * m * n * 2))
+        t0 = perf_counter_ns()
+        for it in range(WARM + ITERS):
+            if it == WARM:
+                ctx.synchronize()
+                t0 = perf_counter_ns()
+            ctx.enqueue_function[_rms_norm_gpu[BF16]](
+                y.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), Int32(n), Float32(1e-5),
+                grid_dim=m, block_dim=NORM_BLOCK,
+            )
+        ctx.synchronize()
+        report(String("rms_norm N=", n, " scalar two-pass"), t0, Float64(2 * m * n * 2))
+        if n == 4096:
+            rms_rows_variant[256, 2](ctx, y, x, w, m, n)
+            rms_rows_variant[128, 4](ctx, y, x, w, m, n)
+            rms_rows_variant[64, 8](ctx, y, x, w, m, n)
+            rms_rows_variant[32, 16](ctx, y, x, w, m, n)
+        else:
+            rms_rows_variant[256, 4](ctx, y, x, w, m, n)
+            rms_rows_variant[128, 8](ctx, y, x, w, m, n)
 
     # Decode: batch 8, 32 q heads on 8 kv heads, D 128.
     var batch = 8
