@@ -86,7 +86,7 @@ from harness import clocks
 from harness.clocks import Clock, backend_of, device_tail_ms, events_missed_work
 from harness.io import error_line
 from harness.stats import (Throughput, halfwidth, ratio_interval, relative_standard_error,
-                           summarize, timings_agree)
+                           summarize, timings_agree)  # noqa: F401  (timing.timings_agree: the rule beside the method)
 
 # The bootstrap of the stopping rule is coarser than the reported one (it runs every few rounds).
 _STOP_RESAMPLES = 500

@@ -27,7 +27,7 @@ import torch
 from harness import devices
 from harness.bench.families import Family
 from harness.bench.gate import Gate
-from harness.bench.providers import KT_PROVIDERS, providers_of
+from harness.bench.providers import providers_of
 from harness.checking import Check
 from harness.io import error_line, provenance
 from harness.spec import DTYPES, Bound, KernelSpec, Params, Shape, Tensors, Unavailable
