@@ -91,7 +91,8 @@ def make_cache(shape: Shape, dtype: torch.dtype, device, gen: torch.Generator,
     b, page = shape["B"], shape["page"]
     cache, new, npages = cached_tokens(shape), new_tokens(shape), pages_per_seq(shape)
     blocks = torch.full([shape[d] for d in BLOCKS], float("nan"))
-    order = (torch.randperm(shape["P"] - 1, generator=gen) + 1).tolist()
+    # draws on the generator's device (kt microbench's is the GPU's), the cache built on the CPU
+    order = (torch.randperm(shape["P"] - 1, generator=gen, device=gen.device) + 1).tolist()
     table = torch.zeros(b, shape["NP"], dtype=torch.int64)
     for i in range(b):
         owned, order = order[: npages[i]], order[npages[i]:]
@@ -99,7 +100,7 @@ def make_cache(shape: Shape, dtype: torch.dtype, device, gen: torch.Generator,
         pos = torch.arange(cache[i] + (new[i] if filled else 0))
         pages = torch.tensor(owned, dtype=torch.int64)[pos // page]
         blocks[pages, :, :, pos % page] = torch.randn(
-            (len(pos), *blocks.shape[1:3], *blocks.shape[4:]), generator=gen)
+            (len(pos), *blocks.shape[1:3], *blocks.shape[4:]), generator=gen, device=gen.device).cpu()
     offsets = torch.tensor([0] + new, dtype=torch.int64).cumsum(0)
     return {"blocks": blocks.to(device=device, dtype=dtype),
             "cache_lengths": _u32(torch.tensor(cache), device),

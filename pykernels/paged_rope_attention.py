@@ -44,7 +44,7 @@ def make_inputs(shape: Shape, params: Params, dtype: torch.dtype, device: torch.
     from the softmax scale so that the logits are ~N(0, 1); every slot no position maps to,
     every unowned page and the null page are NaN."""
     s = 1.0 / (softmax_scale(params, shape["D"]) * math.sqrt(shape["D"]))
-    q = torch.randn((shape["T"], shape["Hq"], shape["D"]), generator=gen) * s
+    q = torch.randn((shape["T"], shape["Hq"], shape["D"]), generator=gen, device=gen.device).cpu() * s
     cache = pkv.make_cache(shape, dtype, device, gen, filled=True)
     return {"q": q.to(device=device, dtype=dtype), **cache}
 

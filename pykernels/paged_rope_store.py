@@ -31,8 +31,8 @@ def make_inputs(shape: Shape, params: Params, dtype: torch.dtype, device: torch.
     """k, v ~ N(0, 1); a cache with random contents at the cached positions and NaN in every
     slot the step writes, every unowned page and the null page."""
     rows = (shape["T"], shape["Hk"], shape["D"])
-    k = torch.randn(rows, generator=gen)
-    v = torch.randn(rows, generator=gen)
+    k = torch.randn(rows, generator=gen, device=gen.device).cpu()
+    v = torch.randn(rows, generator=gen, device=gen.device).cpu()
     cache = pkv.make_cache(shape, dtype, device, gen, filled=False)
     return {"k": k.to(device=device, dtype=dtype), "v": v.to(device=device, dtype=dtype), **cache}
 
