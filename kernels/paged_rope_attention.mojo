@@ -57,6 +57,8 @@ def _attend_row[
     batch: Int,
     q_heads: Int,
     item: Int,
+    q_rs: Int,
+    q_hs: Int,
     scale: Float32,
     lay: PagedLayout,
     freqs: RopeFreqs,
@@ -73,7 +75,7 @@ def _attend_row[
     var q_rot = alloc[Float32](d)
     var acc = alloc[Float32](d)
     var scores = alloc[Float32](pos + 1)
-    var src = q.unsafe_offset(item * d)
+    var src = q.unsafe_offset(row * q_rs + h * q_hs)
     for i in range(half):
         var angle = Float32(pos) * freqs.inv_freq(i, d)
         var r = rotate_pair(
@@ -127,6 +129,8 @@ def _attention_gpu[
     head_dim: Int32,
     layer: Int32,
     table_cols: Int32,
+    q_rs: Int32,
+    q_hs: Int32,
     scale: Float32,
     theta: Float32,
     factor: Float32,
@@ -155,7 +159,7 @@ def _attention_gpu[
     var q_s = unsafe_stack_allocation[MAX_HEAD_DIM, Float32, address_space=.SHARED]()
     var p_s = unsafe_stack_allocation[GPU_BLOCK, Float32, address_space=.SHARED]()
     var red_s = unsafe_stack_allocation[GPU_BLOCK, Float32, address_space=.SHARED]()
-    var src = q.unsafe_offset(item * d)
+    var src = q.unsafe_offset(row * Int(q_rs) + h * Int(q_hs))
     for i in range(tid, half, GPU_BLOCK):
         # Accurate fp32 sin/cos: std.math's lower to sin/cos.approx on NVIDIA GPUs.
         var sc = sincos_f32_accurate(SIMD[DType.float32, 1](Float32(pos) * freqs.inv_freq(i, d)))
@@ -258,6 +262,8 @@ def _split_decode_gpu[
     kv_heads: Int32,
     layer: Int32,
     table_cols: Int32,
+    q_rs: Int32,
+    q_hs: Int32,
     chunk_: Int32,
     splits_: Int32,
     scale_log2: Float32,
@@ -312,7 +318,7 @@ def _split_decode_gpu[
     for e in range(tid, GB * HALF, DECODE_THREADS):
         var g = e // HALF
         var i = e % HALF
-        var src = q.unsafe_offset((row * q_heads + h0 + g) * D)
+        var src = q.unsafe_offset(row * Int(q_rs) + (h0 + g) * Int(q_hs))
         # Accurate fp32 sin/cos: std.math's lower to sin/cos.approx on NVIDIA GPUs.
         var sc = sincos_f32_accurate(SIMD[DType.float32, 1](Float32(pos) * freqs.inv_freq(i, D)))
         var r = rotate_pair(
@@ -422,6 +428,8 @@ def _split_decode_launch[
     rows: Int,
     batch: Int,
     q_heads: Int,
+    q_rs: Int,
+    q_hs: Int,
     scale: Float32,
     lay: PagedLayout,
     freqs: RopeFreqs,
@@ -443,7 +451,7 @@ def _split_decode_launch[
         m_part.unsafe_ptr(), l_part.unsafe_ptr(), acc_part.unsafe_ptr(), q, blocks,
         cache_lengths, table, row_offsets, Int32(batch), Int32(q_heads), Int32(lay.page_size),
         Int32(lay.layers), Int32(lay.kv_heads), Int32(lay.layer), Int32(lay.table_cols),
-        Int32(chunk), Int32(splits), scale * LOG2E,
+        Int32(q_rs), Int32(q_hs), Int32(chunk), Int32(splits), scale * LOG2E,
         freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
         freqs.original_max_position,
         grid_dim=(splits, lay.kv_heads * (q_heads // lay.kv_heads // GB), rows),
@@ -472,6 +480,8 @@ def _split_decode_dispatch[
     rows: Int,
     batch: Int,
     q_heads: Int,
+    q_rs: Int,
+    q_hs: Int,
     scale: Float32,
     lay: PagedLayout,
     freqs: RopeFreqs,
@@ -487,7 +497,7 @@ def _split_decode_dispatch[
                     if gb == GB:
                         _split_decode_launch[dtype, D, GB](
                             o, q, blocks, cache_lengths, table, row_offsets, rows, batch,
-                            q_heads, scale, lay, freqs, ctx,
+                            q_heads, q_rs, q_hs, scale, lay, freqs, ctx,
                         )
                         return
     raise Error("kt.paged_rope_attention: no decode kernel for this shape")
@@ -505,6 +515,8 @@ def paged_rope_attention_gpu[
     rows: Int,
     batch: Int,
     q_heads: Int,
+    q_rs: Int,
+    q_hs: Int,
     scale: Float32,
     lay: PagedLayout,
     freqs: RopeFreqs,
@@ -519,15 +531,15 @@ def paged_rope_attention_gpu[
     var aligned = Int(blocks) % 16 == 0
     if rows == batch and aligned and _split_decode_supported[dtype](lay.head_dim):
         _split_decode_dispatch[dtype](
-            o, q, blocks, cache_lengths, table, row_offsets, rows, batch, q_heads, scale, lay,
-            freqs, ctx,
+            o, q, blocks, cache_lengths, table, row_offsets, rows, batch, q_heads, q_rs, q_hs,
+            scale, lay, freqs, ctx,
         )
         return
     ctx.enqueue_function[_attention_gpu[dtype]](
         o, q, blocks, cache_lengths, table, row_offsets,
         Int32(batch), Int32(q_heads), Int32(lay.page_size), Int32(lay.layers),
         Int32(lay.kv_heads), Int32(lay.head_dim), Int32(lay.layer), Int32(lay.table_cols),
-        scale, freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
+        Int32(q_rs), Int32(q_hs), scale, freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
         freqs.original_max_position,
         grid_dim=rows * q_heads, block_dim=GPU_BLOCK,
     )
@@ -573,6 +585,17 @@ struct PagedRopeAttention:
             blocks.dim_size(3), blocks.dim_size(2), kv_heads, head_dim, Int(layer),
             lookup_table.dim_size(1),
         )
+        # q may be a strided view (MAX's GPU graphs hand a slice of the QKV projection to its
+        # consumer as a view): rows and heads are addressed through q's strides. o and the cache
+        # must be dense.
+        var q_rs = q.stride_length[0]()
+        var q_hs = q.stride_length[1]()
+        if q.stride_length[2]() != 1:
+            raise Error("kt.paged_rope_attention: q's head dim must be contiguous")
+        if o.stride_length[2]() != 1 or o.stride_length[1]() != head_dim or o.stride_length[0]() != q_heads * head_dim:
+            raise Error("kt.paged_rope_attention: the output must be dense")
+        if blocks.stride_length[5]() != 1 or blocks.stride_length[4]() != head_dim or blocks.stride_length[0]() != 2 * lay.layers * lay.page_size * kv_heads * head_dim:
+            raise Error("kt.paged_rope_attention: the cache's pages must be dense (a padded page stride is not supported)")
         var sm_scale = scale if scale > 0 else Float32(1.0) / sqrt(Float32(head_dim))
         var freqs = RopeFreqs(theta, factor, low_freq_factor, high_freq_factor, original_max_position)
         var op = o.unsafe_ptr()
@@ -585,11 +608,11 @@ struct PagedRopeAttention:
             if batch == 0:
                 return
 
-            def attend(item: Int) {var op, var qp, var bp, var cl, var lt, var ro, var batch, var q_heads, var sm_scale, var lay, var freqs}:
-                _attend_row[dtype](op, qp, bp, cl, lt, ro, batch, q_heads, item, sm_scale, lay, freqs)
+            def attend(item: Int) {var op, var qp, var bp, var cl, var lt, var ro, var batch, var q_heads, var q_rs, var q_hs, var sm_scale, var lay, var freqs}:
+                _attend_row[dtype](op, qp, bp, cl, lt, ro, batch, q_heads, item, q_rs, q_hs, sm_scale, lay, freqs)
 
             sync_parallelize(attend, rows * q_heads)
         else:
             paged_rope_attention_gpu[dtype](
-                op, qp, bp, cl, lt, ro, rows, batch, q_heads, sm_scale, lay, freqs, ctx
+                op, qp, bp, cl, lt, ro, rows, batch, q_heads, q_rs, q_hs, sm_scale, lay, freqs, ctx
             )

@@ -31,6 +31,16 @@ comptime GPU_BLOCK = 128
 comptime MAX_HEAD_DIM = 256
 
 
+@fieldwise_init
+struct RowStrides(TrivialRegisterPassable):
+    """Element strides of k's and v's rows and heads (their head dims are contiguous)."""
+
+    var k_row: Int
+    var k_head: Int
+    var v_row: Int
+    var v_head: Int
+
+
 def _store_row[
     dtype: DType
 ](
@@ -42,6 +52,7 @@ def _store_row[
     row_offsets: U32Ptr,
     batch: Int,
     row: Int,
+    st: RowStrides,
     lay: PagedLayout,
     freqs: RopeFreqs,
 ):
@@ -51,7 +62,8 @@ def _store_row[
     var d = lay.head_dim
     var half = d // 2
     for h in range(lay.kv_heads):
-        var src = (row * lay.kv_heads + h) * d
+        var src = row * st.k_row + h * st.k_head
+        var vsrc = row * st.v_row + h * st.v_head
         var kdst = lay.token_row(table, b, pos, 0, h)
         var vdst = lay.token_row(table, b, pos, 1, h)
         for i in range(half):
@@ -65,7 +77,7 @@ def _store_row[
             blocks[unsafe_offset=kdst + i] = r[0].cast[dtype]()
             blocks[unsafe_offset=kdst + i + half] = r[1].cast[dtype]()
         for i in range(d):
-            blocks[unsafe_offset=vdst + i] = v[unsafe_offset=src + i]
+            blocks[unsafe_offset=vdst + i] = v[unsafe_offset=vsrc + i]
 
 
 def _store_gpu[
@@ -84,6 +96,10 @@ def _store_gpu[
     head_dim: Int32,
     layer: Int32,
     table_cols: Int32,
+    k_rs: Int32,
+    k_hs: Int32,
+    v_rs: Int32,
+    v_hs: Int32,
     theta: Float32,
     factor: Float32,
     low_freq_factor: Float32,
@@ -96,6 +112,7 @@ def _store_gpu[
         Int(page_size), Int(layers), Int(kv_heads), Int(head_dim), Int(layer), Int(table_cols)
     )
     var freqs = RopeFreqs(theta, factor, low_freq_factor, high_freq_factor, original_max_position)
+    var st = RowStrides(Int(k_rs), Int(k_hs), Int(v_rs), Int(v_hs))
     var row = block_idx.x
     var tid = thread_idx.x
     var d = lay.head_dim
@@ -109,7 +126,7 @@ def _store_gpu[
     for e in range(tid, lay.kv_heads * half, GPU_BLOCK):
         var h = e // half
         var i = e % half
-        var src = (row * lay.kv_heads + h) * d
+        var src = row * st.k_row + h * st.k_head
         var dst = lay.token_row(table, b, pos, 0, h)
         # Accurate fp32 sin/cos: std.math's lower to sin/cos.approx on NVIDIA GPUs.
         var sc = sincos_f32_accurate(SIMD[DType.float32, 1](Float32(pos) * inv_s[unsafe_offset=i]))
@@ -125,7 +142,7 @@ def _store_gpu[
         var h = e // d
         var i = e % d
         blocks[unsafe_offset=lay.token_row(table, b, pos, 1, h) + i] = v[
-            unsafe_offset=(row * lay.kv_heads + h) * d + i
+            unsafe_offset=row * st.v_row + h * st.v_head + i
         ]
 
 
@@ -140,6 +157,7 @@ def paged_rope_store_gpu[
     row_offsets: U32Ptr,
     rows: Int,
     batch: Int,
+    st: RowStrides,
     lay: PagedLayout,
     freqs: RopeFreqs,
     ctx: DeviceContext,
@@ -151,6 +169,7 @@ def paged_rope_store_gpu[
         blocks, k, v, cache_lengths, table, row_offsets,
         Int32(batch), Int32(lay.page_size), Int32(lay.layers), Int32(lay.kv_heads),
         Int32(lay.head_dim), Int32(lay.layer), Int32(lay.table_cols),
+        Int32(st.k_row), Int32(st.k_head), Int32(st.v_row), Int32(st.v_head),
         freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
         freqs.original_max_position,
         grid_dim=rows, block_dim=GPU_BLOCK,
@@ -195,6 +214,15 @@ struct PagedRopeStore:
             blocks.dim_size(3), blocks.dim_size(2), kv_heads, head_dim, Int(layer),
             lookup_table.dim_size(1),
         )
+        # k and v may be strided views (MAX's GPU graphs hand slices of the QKV projection to
+        # their consumers as views): rows and heads are addressed through their strides.
+        if k.stride_length[2]() != 1 or v.stride_length[2]() != 1:
+            raise Error("kt.paged_rope_store: k's and v's head dims must be contiguous")
+        if blocks.stride_length[5]() != 1 or blocks.stride_length[4]() != head_dim or blocks.stride_length[0]() != 2 * lay.layers * lay.page_size * kv_heads * head_dim:
+            raise Error("kt.paged_rope_store: the cache's pages must be dense (a padded page stride is not supported)")
+        var st = RowStrides(
+            k.stride_length[0](), k.stride_length[1](), v.stride_length[0](), v.stride_length[1]()
+        )
         var freqs = RopeFreqs(theta, factor, low_freq_factor, high_freq_factor, original_max_position)
         var bp = blocks.unsafe_ptr()
         var kp = k.unsafe_ptr()
@@ -206,9 +234,9 @@ struct PagedRopeStore:
             if batch == 0:
                 return
 
-            def store_row(row: Int) {var bp, var kp, var vp, var cl, var lt, var ro, var batch, var lay, var freqs}:
-                _store_row[dtype](bp, kp, vp, cl, lt, ro, batch, row, lay, freqs)
+            def store_row(row: Int) {var bp, var kp, var vp, var cl, var lt, var ro, var batch, var st, var lay, var freqs}:
+                _store_row[dtype](bp, kp, vp, cl, lt, ro, batch, row, st, lay, freqs)
 
             sync_parallelize(store_row, rows)
         else:
-            paged_rope_store_gpu[dtype](bp, kp, vp, cl, lt, ro, rows, batch, lay, freqs, ctx)
+            paged_rope_store_gpu[dtype](bp, kp, vp, cl, lt, ro, rows, batch, st, lay, freqs, ctx)

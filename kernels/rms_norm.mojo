@@ -213,6 +213,15 @@ struct RMSNorm:
     ) raises:
         var m = x.dim_size(0)
         var n = x.dim_size(1)
+        # The kernels address dense rows; a strided view (a slice MAX hands over as a view)
+        # is refused in one line rather than read wrong.
+        if m > 0 and n > 0:
+            if x.stride_length[1]() != 1 or (m > 1 and x.stride_length[0]() != n):
+                raise Error("kt.rms_norm: x must be dense (got a strided view)")
+            if y.stride_length[1]() != 1 or (m > 1 and y.stride_length[0]() != n):
+                raise Error("kt.rms_norm: the output must be dense")
+            if w.stride_length[0]() != 1:
+                raise Error("kt.rms_norm: w must be dense")
         var yp = y.unsafe_ptr()
         var xp = x.unsafe_ptr()
         var wp = w.unsafe_ptr()

@@ -20,7 +20,9 @@
 # (random,sonnet), TP (1), COST_PER_HOUR (3.5: $/h of one H200, for cost per 1M tokens),
 # SERVE_LIMIT_S (1080: kt gets SIGINT then, and saves what finished), KT_GIT_SHA (recorded),
 # MEASURE_AFTER (a file: engines start at once, load points wait for it; another GPU job's end),
-# SERVE_KERNELS (the kernels package max+kt serves; default the repository's kernels/).
+# SERVE_KERNELS (the kernels package max+kt serves; default the repository's kernels/), SERVE_ARGS
+# (more kt serve-bench arguments). ENGINES may name max+kt variants, e.g. max,max+kt,max+kt:attention
+# (kt's per-op ablation, each checked against max); RATES= (empty) runs no open-loop sweep.
 # DEVICE=cpu rehearses the whole flow on a CPU: tiny model, .venvs engines, a small sweep.
 #
 # Progress: $RESULTS/status.txt (one line per phase), $RESULTS/serve/serve-bench.log (kt's
@@ -48,7 +50,7 @@ main() {
   MAX_NUM_SEQS=${MAX_NUM_SEQS:-128}
   MAX_MODEL_LEN=${MAX_MODEL_LEN:-2048}
   CONCURRENCY=${CONCURRENCY:-1,8,32,64,128}
-  RATES=${RATES:-4,16,64}
+  RATES=${RATES-4,16,64}
   NUM_PROMPTS=${NUM_PROMPTS:-16}
   PER_LOAD=${PER_LOAD:-4}
   DURATION=${DURATION:-10}
@@ -185,10 +187,15 @@ main() {
   args=(--model "$MODEL_DIR" --engines "$ENGINES" --device "$DEVICE" "${engine_args[@]}"
         --dtype "$dtype" --max-num-seqs "$MAX_NUM_SEQS" --max-model-len "$MAX_MODEL_LEN" --no-prefix-caching
         --tensor-parallel "$TP" --startup "$STARTUP" --dataset "$DATASETS" --input-len "$IN_LEN" --output-len "$OUT_LEN"
-        --max-concurrency "$CONCURRENCY" --request-rate "$RATES" --num-prompts "$NUM_PROMPTS"
+        --num-prompts "$NUM_PROMPTS"
         --prompts-per-load "$PER_LOAD" --duration "$DURATION" --num-warmups 2 --seed "$SEED"
         --startup-timeout 1200 --request-timeout 300 --out "$RESULTS/serve")
+  [ -n "$CONCURRENCY" ] && args+=(--max-concurrency "$CONCURRENCY")
+  [ -n "$RATES" ] && args+=(--request-rate "$RATES")
   [ -n "$KV_SHARE" ] && args+=(--kv-cache-memory "$KV_SHARE")
+  # SERVE_ARGS: more serve-bench arguments, word-split (e.g. "--engine-arg max+kt=--no-device-graph-capture").
+  # shellcheck disable=SC2206
+  [ -n "${SERVE_ARGS:-}" ] && args+=($SERVE_ARGS)
   [ -n "$COST_PER_HOUR" ] && args+=(--cost-per-hour "$COST_PER_HOUR")
   [ -n "${MEASURE_AFTER:-}" ] && args+=(--measure-after "$MEASURE_AFTER")
   [ -n "${SERVE_KERNELS:-}" ] && args+=(--custom-kernel-path "$RUN/serve_kernels/kernels")

@@ -42,6 +42,16 @@ def check_out_dir(out: Path) -> None:
         raise UsageError(f"--out {out}: cannot write there ({e.strerror or e})") from None
 
 
+def _engine_args(items: tuple[str, ...]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for item in items:
+        engine, sep, arg = item.partition("=")
+        if not (sep and engine and arg):
+            raise click.BadParameter(f"{item!r}: use ENGINE=ARG", param_hint="--engine-arg")
+        out.setdefault(engine, []).append(arg)
+    return out
+
+
 def _engine_env(items: tuple[str, ...]) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
     for item in items:
@@ -75,14 +85,19 @@ def make_model(preset: str, out: Path, seed: int, gen_device: str) -> None:
 @click.option("--model", "model", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Model directory (kt make-model writes one).")
 @click.option("--engines", default="max,max+kt,vllm", show_default=True,
-              help="Comma-separated: max, max+kt, vllm, llamacpp.")
+              help="Comma-separated: max, max+kt, vllm, llamacpp. max+kt:OP+OP puts only those of kt's ops "
+                   "(rms_norm, attention) into MAX's graph, e.g. max+kt:attention; each is checked against max.")
 @click.option("--custom-kernel-path", "--kernels", "custom_kernel_path", type=click.Path(exists=True, path_type=Path),
               help="Mojo package for max+kt [default: kt's kernels/].")
 @click.option("--python", "pythons", multiple=True, metavar="ENGINE=PATH",
               help="Interpreter of an engine's environment (else $KT_<ENGINE>_PYTHON, else .venvs/<engine>).")
 @click.option("--engine-env", "engine_env", multiple=True, metavar="ENGINE=VAR=VALUE",
               help="A variable of an engine's environment, e.g. max=PYTHONPATH=/tmp/site-max (max covers "
-                   "max+kt); $KT_<ENGINE>_PYTHONPATH sets PYTHONPATH the same way.")
+                   "max+kt); $KT_<ENGINE>_PYTHONPATH sets PYTHONPATH the same way. An exact name from "
+                   "--engines (max+kt:attention) sets it for that run only.")
+@click.option("--engine-arg", "engine_arg", multiple=True, metavar="ENGINE=ARG",
+              help="One more argument of an engine's server command, e.g. max+kt=--no-device-graph-capture "
+                   "(repeat for several; an engine name or an exact name from --engines).")
 @click.option("--base-url", help="Attach to a running OpenAI server instead of starting one.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface servers bind to.")
 @click.option("--port", type=int, help="First server port [default: a free one].")
@@ -130,7 +145,7 @@ def make_model(preset: str, out: Path, seed: int, gen_device: str) -> None:
 @click.option("--cost-per-hour", type=click.FloatRange(0), help="$/hour of the machine, for cost per 1M output tokens.")
 @click.option("--agreement-tol", type=click.FloatRange(0), help="Logprob tolerance (nats) of the max+kt vs max check "
               "[default: 0.01 for float32, 1.0 for 16-bit weights].")
-def serve_bench(model, engines, custom_kernel_path, pythons, engine_env, base_url, host, port, device,
+def serve_bench(model, engines, custom_kernel_path, pythons, engine_env, engine_arg, base_url, host, port, device,
                 tensor_parallel, dtype, max_num_seqs, max_model_len, kv_cache_memory, prefix_caching, startup, measure_after,
                 dataset, num_prompts, prompts_per_load, input_len, output_len, max_concurrency, request_rate,
                 rate_max_concurrency, burstiness, duration, num_warmups, goodput, seed, out, startup_timeout,
@@ -151,6 +166,7 @@ def serve_bench(model, engines, custom_kernel_path, pythons, engine_env, base_ur
             raise click.BadParameter(f"{item!r}: use ENGINE=PATH", param_hint="--python")
         py[name] = path
     envs = _engine_env(engine_env)
+    eargs = _engine_args(engine_arg)
     concs = _csv(max_concurrency, int, "--max-concurrency") if max_concurrency else []
     rates = _csv(request_rate, float, "--request-rate") if request_rate else []
     if any(c < 1 for c in concs):
@@ -177,7 +193,7 @@ def serve_bench(model, engines, custom_kernel_path, pythons, engine_env, base_ur
     try:
         if base_url and len(names) != 1:
             raise BenchError("--base-url measures one engine: give --engines with one name (its label)")
-        runs = parse_engines(names, custom_kernel_path, py, base_url, device, seed, settings, envs)
+        runs = parse_engines(names, custom_kernel_path, py, base_url, device, seed, settings, envs, eargs)
         cfg = BenchConfig(
             model=model, runs=runs, out=out, datasets=datasets, num_prompts=num_prompts,
             prompts_per_load=prompts_per_load, input_len=input_len, output_len=output_len, points=points,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,23 +68,34 @@ class BenchConfig:
 
 def parse_engines(names: list[str], custom_kernel_path: Path | None, pythons: dict[str, str],
                   base_url: str | None, device: str, seed: int, settings: ServingSettings | None = None,
-                  engine_env: dict[str, dict[str, str]] | None = None) -> list[EngineRun]:
-    """'max', 'max+kt' (MAX with --custom-kernel-path, default kt's kernels/), 'vllm', ...
-    `engine_env` maps an engine's plug-in name (max covers max+kt) to its extra variables."""
+                  engine_env: dict[str, dict[str, str]] | None = None,
+                  engine_args: dict[str, list[str]] | None = None) -> list[EngineRun]:
+    """'max', 'max+kt' (MAX with --custom-kernel-path, default kt's kernels/), 'max+kt:OP+OP' (only
+    those of kt's ops, `KT_OPS`, in MAX's graph: the per-op ablation), 'vllm', ...
+    `engine_env` / `engine_args` map an engine's plug-in name (max covers every max+kt) or one
+    exact name from `names` to its extra variables / server arguments."""
     runs = []
     settings = settings or ServingSettings()
+    if len(set(names)) != len(names):
+        raise BenchError("--engines names an engine twice")
     for name in names:
         base, _, variant = name.partition("+")
+        variant, _, ops = variant.partition(":")
         if variant not in ("", "kt"):
-            raise BenchError(f"unknown engine variant {name!r} (use ENGINE or max+kt)")
+            raise BenchError(f"unknown engine variant {name!r} (use ENGINE, max+kt or max+kt:OP+OP)")
         if variant == "kt" and base != "max":
             raise BenchError(f"{name!r}: kt's kernels plug into MAX only (max+kt)")
+        kt_ops = parse_kt_ops(name, ops) if variant == "kt" else None
         try:
             engine = get_engine(base)
         except EngineNotFound as e:
             raise BenchError(str(e)) from None
-        opts = EngineOptions(python=pythons.get(base), device=device, seed=seed, settings=settings,
-                             env=dict((engine_env or {}).get(base, {})))
+        env = dict((engine_env or {}).get(base, {})) | dict((engine_env or {}).get(name, {}) if name != base else {})
+        args = list((engine_args or {}).get(base, [])) + (list((engine_args or {}).get(name, [])) if name != base else [])
+        opts = EngineOptions(python=pythons.get(base), device=device, seed=seed, settings=settings, env=env,
+                             extra_args=args)
+        if kt_ops is not None:
+            opts.kt_ops = kt_ops
         if variant == "kt" or (base == "max" and custom_kernel_path and len(names) == 1):
             path = custom_kernel_path or REPO / "kernels"
             try:
@@ -96,6 +108,21 @@ def parse_engines(names: list[str], custom_kernel_path: Path | None, pythons: di
             raise BenchError(str(e)) from None
         runs.append(EngineRun(base, name if variant else engine.label(opts), opts, base_url))
     return runs
+
+
+KT_OPS = ("rms_norm", "attention")  # what kt's MAX architecture can swap in (max_arch/kt_max_llama.py)
+
+
+def parse_kt_ops(name: str, ops: str) -> tuple[str, ...]:
+    """The kt ops a max+kt variant puts into MAX's graph: all of KT_OPS for 'max+kt', else the
+    '+'-separated list after the colon ('max+kt:attention'), in the order given."""
+    if not ops:
+        return KT_OPS
+    chosen = tuple(o for o in ops.split("+"))
+    bad = [o for o in chosen if o not in KT_OPS]
+    if bad or len(set(chosen)) != len(chosen):
+        raise BenchError(f"{name!r}: kt ops are {', '.join(KT_OPS)}, each at most once, joined by '+'")
+    return chosen
 
 
 def read_model_config(model: Path) -> dict:
@@ -172,7 +199,7 @@ class Live:
 
     @property
     def slug(self) -> str:
-        return self.run.label.replace("+", "_")
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", self.run.label)
 
     @property
     def up(self) -> bool:

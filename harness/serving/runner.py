@@ -360,7 +360,7 @@ class Bench:
         cfg = self.cfg
         checks = {}
         for label, probe in self.probes.items():
-            base = label.removesuffix("+kt")
+            base = label.split("+kt", 1)[0]  # max+kt and max+kt:OP+OP against max
             if label != base and base in self.probes:
                 dtype = next((lv.run.opts.settings.dtype for lv in self.lives if lv.run.label == label), None)
                 tol = cfg.agreement_tol if cfg.agreement_tol is not None else agreement.default_tol(dtype)

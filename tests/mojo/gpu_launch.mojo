@@ -19,7 +19,7 @@ from kernels.fused_rope_attention import (
 )
 from kernels.paged_kv import PagedLayout
 from kernels.paged_rope_attention import paged_rope_attention_gpu
-from kernels.paged_rope_store import paged_rope_store_gpu
+from kernels.paged_rope_store import RowStrides, paged_rope_store_gpu
 from kernels.rms_norm import GPU_BLOCK as NORM_BLOCK, _rms_norm_gpu, _rms_norm_gpu_launch
 from kernels.rope import GPU_BLOCK as ROPE_BLOCK, RopeFreqs, _rope_gpu, _rope_gpu_launch
 
@@ -140,25 +140,22 @@ def paged_all[dtype: DType](ctx: DeviceContext) raises:
     for d in [16, 64, 128]:
         var lay = PagedLayout(4, 2, 2, d, 1, 3)
         var blocks = ctx.enqueue_create_buffer[dtype](5 * 2 * 2 * 4 * 2 * d)
-        var k = ctx.enqueue_create_buffer[dtype](4 * 2 * d)
-        var v = ctx.enqueue_create_buffer[dtype](4 * 2 * d)
-        var q = ctx.enqueue_create_buffer[dtype](4 * 4 * d)
+        # q, k and v as MAX's GPU graphs can hand them over: strided views of one QKV row
+        # (4 q heads, 2 k heads, 2 v heads per token).
+        var qkv = ctx.enqueue_create_buffer[dtype](4 * 8 * d)
         var o = ctx.enqueue_create_buffer[dtype](4 * 4 * d)
         var bp = blocks.unsafe_ptr().as_unsafe_any_origin()
-        _fill_random(ctx, k, 4 * 2 * d, 1)
-        _fill_random(ctx, v, 4 * 2 * d, 2)
-        _fill_random(ctx, q, 4 * 4 * d, 3)
-        paged_rope_store_gpu[dtype](
-            bp, k.unsafe_ptr().as_unsafe_any_origin(), v.unsafe_ptr().as_unsafe_any_origin(),
-            cl, lt, ro, 4, 2, lay, freqs, ctx,
+        _fill_random(ctx, qkv, 4 * 8 * d, 1)
+        var qp = qkv.unsafe_ptr().as_unsafe_any_origin()
+        var st = RowStrides(8 * d, d, 8 * d, d)
+        paged_rope_store_gpu[dtype](bp, qp + 4 * d, qp + 6 * d, cl, lt, ro, 4, 2, st, lay, freqs, ctx)
+        paged_rope_attention_gpu[dtype](
+            o.unsafe_ptr().as_unsafe_any_origin(), qp, bp, cl, lt, ro, 4, 2, 4, 8 * d, d, Float32(0.25),
+            lay, freqs, ctx,
         )
         paged_rope_attention_gpu[dtype](
-            o.unsafe_ptr().as_unsafe_any_origin(), q.unsafe_ptr().as_unsafe_any_origin(), bp,
-            cl, lt, ro, 4, 2, 4, Float32(0.25), lay, freqs, ctx,
-        )
-        paged_rope_attention_gpu[dtype](
-            o.unsafe_ptr().as_unsafe_any_origin(), q.unsafe_ptr().as_unsafe_any_origin(), bp,
-            cl, lt, dro, 2, 2, 4, Float32(0.25), lay, freqs, ctx,
+            o.unsafe_ptr().as_unsafe_any_origin(), qp, bp, cl, lt, dro, 2, 2, 4, 8 * d, d, Float32(0.25),
+            lay, freqs, ctx,
         )
         ctx.synchronize()
 

@@ -162,3 +162,30 @@ def test_vllm_kv_cache_sized_as_max_sizes_it():
     assert "--kv-cache-memory-bytes" not in a and pairs(a)["--gpu-memory-utilization"] == "0.28"
     with pytest.raises(ValueError, match="leaves nothing for the KV cache"):
         argv("vllm", device="gpu", kv_cache_memory=0.05, gpu_memory_bytes=80 * gib, weights_bytes=16 * gib)
+
+
+def test_max_kt_op_variants_ablate_kts_ops_and_are_checked_against_max():
+    runs = parse_engines(["max", "max+kt", "max+kt:attention", "max+kt:rms_norm"], None, {}, None, "gpu", 0,
+                         ServingSettings())
+    e = get_engine("max")
+    envs = {r.label: e.environment(r.opts) for r in runs}
+    assert "KT_OPS" not in envs["max"] and "KT_CUSTOM_KERNEL_PATH" not in envs["max"]
+    assert envs["max+kt"]["KT_OPS"] == "rms_norm,attention"
+    assert envs["max+kt:attention"]["KT_OPS"] == "attention" and envs["max+kt:rms_norm"]["KT_OPS"] == "rms_norm"
+    assert all(envs[k]["KT_CUSTOM_KERNEL_PATH"] for k in ("max+kt", "max+kt:attention"))
+    assert e.settings_record(runs[2].opts)["kt_ops"] == ["attention"]
+    for bad in (["max+kt:softmax"], ["max+kt:attention+attention"], ["vllm+kt:attention"], ["max", "max"]):
+        with pytest.raises(BenchError):
+            parse_engines(bad, None, {}, None, "gpu", 0, ServingSettings())
+
+
+def test_engine_args_reach_one_run_or_every_run_of_an_engine():
+    runs = parse_engines(["max", "max+kt", "max+kt:attention"], None, {}, None, "gpu", 0, ServingSettings(),
+                         {"max+kt:attention": {"FOO": "1"}},
+                         {"max": ["--max-num-steps", "1"], "max+kt:attention": ["--no-device-graph-capture"]})
+    e = get_engine("max")
+    argv = {r.label: e.command(PY, MODEL, "127.0.0.1", 1, r.opts) for r in runs}
+    assert all(a[-2:] == ["--max-num-steps", "1"] for a in (argv["max"], argv["max+kt"]))
+    assert argv["max+kt:attention"][-3:] == ["--max-num-steps", "1", "--no-device-graph-capture"]
+    assert e.environment(runs[2].opts)["FOO"] == "1" and "FOO" not in e.environment(runs[1].opts)
+    assert e.settings_record(runs[2].opts)["extra_args"] == ["--max-num-steps", "1", "--no-device-graph-capture"]

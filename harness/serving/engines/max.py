@@ -70,7 +70,11 @@ class MaxServe(Engine):
         env["MAX_SERVE_DISABLE_TELEMETRY"] = "1"
         env["MODULAR_TELEMETRY_ENABLED"] = "0"
         if opts.custom_kernel_path is not None:
-            env["KT_CUSTOM_KERNEL_PATH"] = str(Path(opts.custom_kernel_path).resolve())
+            # --engine-env max+kt:...=KT_CUSTOM_KERNEL_PATH=... serves another package in one run.
+            env["KT_CUSTOM_KERNEL_PATH"] = opts.env.get("KT_CUSTOM_KERNEL_PATH") or str(
+                Path(opts.custom_kernel_path).resolve())
+            if opts.kt_ops:
+                env["KT_OPS"] = ",".join(opts.kt_ops)
         return env
 
     def label(self, opts: EngineOptions) -> str:
@@ -79,6 +83,12 @@ class MaxServe(Engine):
     def settings_record(self, opts: EngineOptions) -> dict:
         rec = super().settings_record(opts)
         rec["engine_flags"] = {k: " ".join(v) for k, v in self.flags(opts).items()}
+        if opts.custom_kernel_path is not None:
+            from ..config import KT_OPS
+
+            rec["kt_ops"] = list(opts.kt_ops or KT_OPS)
+        if opts.extra_args:
+            rec["extra_args"] = list(opts.extra_args)
         rec["engine_defaults_kept"] = {
             "device_graph_capture": "MAX's default (--device-graph-capture not given)",
             "kv_cache_memory": "share of the memory free when MAX starts, weights included",

@@ -39,6 +39,10 @@ KERNELS = Path(os.environ["KT_CUSTOM_KERNEL_PATH"])
 OP = os.environ.get("KT_RMS_NORM_OP", "kt.rms_norm")
 STORE_OP = "kt.paged_rope_store"
 ATTENTION_OP = "kt.paged_rope_attention"
+# Which of kt's ops go into the graph (kt serve-bench's max+kt:OP+OP): all by default.
+KT_OPS = {o for o in os.environ.get("KT_OPS", "rms_norm,attention").split(",") if o}
+if not KT_OPS <= {"rms_norm", "attention"}:
+    raise ValueError(f"KT_OPS={os.environ['KT_OPS']!r}: kt's ops here are rms_norm and attention")
 
 
 class KtRMSNorm(RMSNorm):
@@ -116,13 +120,13 @@ def _norms(module):
 
 def _with_kt(spec):
     swapped = set()
-    for module in _norms(spec.module):
+    for module in _norms(spec.module) if "rms_norm" in KT_OPS else ():
         if type(module) is RMSNorm:
             module.__class__ = KtRMSNorm
             swapped.add(id(module))
     print(f"kt: {len(swapped)} RMSNorm layers call {OP} from {KERNELS}", file=sys.stderr, flush=True)
     attention = 0
-    for _, module in spec.module.named_modules():
+    for _, module in spec.module.named_modules() if "attention" in KT_OPS else ():
         if type(module) is AttentionWithRope:
             module.__class__ = KtAttentionWithRope
             attention += 1
