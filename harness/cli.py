@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 
 from harness.children import interrupt_on_sigterm
-from harness.serving.cli import make_model, serve_bench
+from harness.serving.cli import make_model, serve_bench, serve_compile
 
 out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
@@ -146,6 +146,7 @@ def microbench(kernel, device, families, providers, baseline, save, compare_path
 
 cli.add_command(make_model)
 cli.add_command(serve_bench)
+cli.add_command(serve_compile)
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 
 import click
 
-from .cli import make_model, serve_bench
+from .cli import make_model, serve_bench, serve_compile
 
 
 @click.group()
@@ -13,6 +13,7 @@ def main() -> None:
 
 main.add_command(make_model)
 main.add_command(serve_bench)
+main.add_command(serve_compile)
 
 if __name__ == "__main__":
     main()

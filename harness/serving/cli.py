@@ -209,3 +209,38 @@ def serve_bench(model, engines, custom_kernel_path, pythons, engine_env, engine_
     except RunInterrupted as e:
         click.echo(f"kt serve-bench: {e}", err=True)
         raise SystemExit(130) from None
+
+
+@click.command("serve-compile")
+@click.option("--model", "model", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Model directory (kt make-model writes one).")
+@click.option("--target", default="cuda:sm_90a", show_default=True,
+              help="GPU to compile for, API[:ARCH]: cuda:sm_90a (H100, H200), cuda:sm_100a, hip:gfx942, ...")
+@click.option("--custom-kernel-path", "--kernels", "custom_kernel_path", type=click.Path(exists=True, path_type=Path),
+              help="Mojo package max+kt serves [default: kt's kernels/].")
+@click.option("--kt-ops", default="", help="Only these of kt's ops, '+'-joined (rms_norm, attention) [default: all].")
+@click.option("--python", "python", help="MAX's interpreter (else $KT_MAX_PYTHON, else .venvs/max).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Weights' encoding [default: the checkpoint's].")
+@click.option("--max-num-seqs", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--max-model-len", default=2048, show_default=True, type=click.IntRange(16))
+@click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), help="Write MAX's whole output here.")
+@click.option("--timeout", "timeout_s", default=3600.0, show_default=True, help="Seconds MAX may take.")
+def serve_compile(model, target, custom_kernel_path, kt_ops, python, dtype, max_num_seqs, max_model_len, log_path,
+                  timeout_s) -> None:
+    """Compile max+kt's served graph (kt's architecture and kernels, MAX's Llama) for a GPU that is
+    not here, through MAX's virtual devices: GPU-only compile errors before a GPU session."""
+    from .compile_check import compile_check
+    from .config import REPO, BenchError
+    from .engines.base import ServingSettings
+
+    settings = ServingSettings(dtype=dtype, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+    try:
+        res = compile_check(model, target, custom_kernel_path or REPO / "kernels", kt_ops, python, settings,
+                            timeout_s, announce=lambda m: click.echo(f"kt serve-compile: {m}", err=True))
+    except BenchError as e:
+        raise UsageError(str(e)) from None
+    if log_path:
+        log_path.write_text(res.log)
+    if not res.ok:
+        raise click.ClickException(f"max+kt does not compile for {target}: {res.error}")
+    click.echo(f"max+kt compiles for {target} ({res.seconds:.0f} s)")

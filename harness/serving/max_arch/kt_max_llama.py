@@ -43,6 +43,19 @@ ATTENTION_OP = "kt.paged_rope_attention"
 KT_OPS = {o for o in os.environ.get("KT_OPS", "rms_norm,attention").split(",") if o}
 if not KT_OPS <= {"rms_norm", "attention"}:
     raise ValueError(f"KT_OPS={os.environ['KT_OPS']!r}: kt's ops here are rms_norm and attention")
+# KT_CHECK=1: every kt op also runs MAX's own layer on the same input, and the graph prints, per
+# call, the largest |kt| and |kt - MAX| ("kt check ..." lines in the model worker's log). The
+# served output stays kt's. Prints run where the graph runs eagerly (prefill; captured device
+# graphs may skip them: serve with --no-device-graph-capture to see decode steps too).
+CHECK = os.environ.get("KT_CHECK", "") not in ("", "0")
+
+
+def _check(label: str, kt: TensorValue, ref: TensorValue) -> None:
+    """Print max |kt| and max |kt - ref| over the whole tensor, in fp32."""
+    a = ops.cast(kt, DType.float32)
+    diff = ops.max(ops.reshape(ops.abs(a - ops.cast(ref, DType.float32)), [-1]), axis=0)
+    size = ops.max(ops.reshape(ops.abs(a), [-1]), axis=0)
+    ops.print(ops.concat([size, diff], axis=0).to(DeviceRef.CPU()), label=f"kt check {label} [max|kt|, max|kt-max|]")
 
 
 class KtRMSNorm(RMSNorm):
@@ -63,7 +76,10 @@ class KtRMSNorm(RMSNorm):
             values=[x2, w, eps],
             out_types=[TensorType(x.dtype, x2.shape, x.device)],
         )[0].tensor
-        return y if x.rank == 2 else ops.reshape(y, shape)
+        y = y if x.rank == 2 else ops.reshape(y, shape)
+        if CHECK:
+            _check("rms_norm", y, RMSNorm.__call__(self, x))
+        return y
 
 
 def _scalar(value, dtype=DType.float32) -> TensorValue:
@@ -87,6 +103,10 @@ class KtAttentionWithRope(AttentionWithRope):
     def __call__(self, layer_idx, x, kv_collection, freqs_cis, input_row_offsets):
         if self.use_qk_norm or self.sliding_window is not None:
             raise ValueError("kt's paged attention has no QK norm or sliding window")
+        # MAX's own layer first (it writes the same keys and values, rotated by MAX, which kt's
+        # store then overwrites with its own), so that both read one cache.
+        ref = AttentionWithRope.__call__(self, layer_idx, x, kv_collection, freqs_cis,
+                                         input_row_offsets) if CHECK else None
         head_dim = self.kv_params.head_dim
         n_kv = self.num_key_value_heads
         qkv = self.qkv_proj(x)
@@ -105,7 +125,11 @@ class KtAttentionWithRope(AttentionWithRope):
             ATTENTION_OP, device=x.device,
             values=[xq, blocks, *index, layer, _scalar(float(self.scale)), *rope],
             out_types=[TensorType(xq.dtype, xq.shape, x.device)])[0].tensor
-        return self.o_proj(ops.reshape(attn, [x.shape[0], self.q_weight_dim]))
+        out = self.o_proj(ops.reshape(attn, [x.shape[0], self.q_weight_dim]))
+        if ref is not None:
+            ops.print(ops.cast(layer_idx, DType.int32), label="kt check attention layer")
+            _check("attention", out, ref)
+        return out
 
 
 def _norms(module):

@@ -1,0 +1,60 @@
+"""KT_CHECK in kt's MAX architecture: a graph that prints, where it runs, the largest |kt| and
+|kt - MAX| of an op's output (the per-layer diagnostic of `--engine-env max+kt=KT_CHECK=1`).
+Run in MAX's environment with MAX's engine on the CPU."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from harness.serving.engines import EngineNotFound, get_engine
+from harness.serving.maxkt import ARCH_DIR
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+SCRIPT = """
+import numpy as np
+import kt_max_llama as kt
+from max.driver import CPU, Buffer
+from max.dtype import DType
+from max.engine import InferenceSession
+from max.graph import DeviceRef, Graph, TensorType
+assert kt.CHECK and kt.KT_OPS == {"attention"}
+t = TensorType(DType.float32, [2, 3], DeviceRef.CPU())
+with Graph("check", input_types=[t, t]) as g:
+    a, b = (v.tensor for v in g.inputs)
+    kt._check("probe", a, b)
+    g.output(a)
+model = InferenceSession(devices=[CPU()]).load(g)
+model.execute(Buffer.from_numpy(np.array([[1, -7, 2], [0, 3, 4]], np.float32)),
+              Buffer.from_numpy(np.array([[1, -6.5, 2], [0, 3, 4.25]], np.float32)))
+"""
+
+
+def test_check_prints_the_largest_output_and_difference():
+    try:
+        python = get_engine("max").find_python()
+    except EngineNotFound as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(e))
+    env = dict(os.environ, KT_CUSTOM_KERNEL_PATH=str(REPO / "kernels"), PYTHONPATH=str(ARCH_DIR),
+               KT_CHECK="1", KT_OPS="attention")
+    r = subprocess.run([str(python), "-c", SCRIPT], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("kt check probe"))
+    assert "[7.0000, 0.5000]" in line  # max |a| = 7 (a -7), max |a - b| = 0.5
+
+
+def test_bad_kt_ops_stop_the_architecture_in_one_line():
+    try:
+        python = get_engine("max").find_python()
+    except EngineNotFound as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(e))
+    env = dict(os.environ, KT_CUSTOM_KERNEL_PATH=str(REPO / "kernels"), PYTHONPATH=str(ARCH_DIR), KT_OPS="softmax")
+    r = subprocess.run([str(python), "-c", "import kt_max_llama"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode != 0 and "KT_OPS='softmax'" in r.stderr
