@@ -2,8 +2,6 @@
 CPU and for the GPU (`--device gpu`, `--tensor-parallel N`), checked against the flags of the
 engines kt runs: MAX 26.7's `serve` (its --help) and vLLM 0.26.0's arg_utils / cli_args."""
 
-import json
-import os
 
 import pytest
 
