@@ -2,10 +2,11 @@
 vLLM, with the tiny model. Needs the environments of scripts/setup-serving.sh; without them the
 tests skip, except under CI, where a missing environment is a failure.
 
-* the end-to-end run: every engine, concurrency 1 and 4, report table, JSON, PNGs;
+* the end-to-end run: every engine, started at once (`--startup concurrent`: their cold starts,
+  each a model compile, overlap), concurrency 1 and 4, report table, JSON, PNGs;
 * MAX+kt agrees with stock MAX (greedy tokens, or logprobs at a near-tie);
 * a planted broken kt.rms_norm, kt.paged_rope_store or kt.paged_rope_attention changes MAX+kt's
-  output: each kernel is in the served path;
+  output: each kernel is in the served path (the three planted servers start together);
 * killing kt (SIGKILL, which no handler sees) leaves no MAX process behind.
 """
 
@@ -61,8 +62,9 @@ def e2e(tmp_path_factory):
     model = make_model("tiny", tmp_path_factory.mktemp("m") / "tiny", seed=0)
     out = tmp_path_factory.mktemp("report")
     t0 = time.monotonic()
-    r = kt("serve-bench", "--model", str(model), "--engines", "max,max+kt,vllm", "--num-prompts", "4",
-           "--input-len", "32", "--output-len", "8", "--max-concurrency", "1,4", "--out", str(out))
+    r = kt("serve-bench", "--model", str(model), "--engines", "max,max+kt,vllm", "--startup", "concurrent",
+           "--num-prompts", "4", "--input-len", "32", "--output-len", "8", "--max-concurrency", "1,4",
+           "--startup-timeout", "1500", "--out", str(out), timeout=1800)
     print(r.stdout)
     print(r.stderr[-3000:], file=sys.stderr)
     print(f"serve-bench took {time.monotonic() - t0:.0f} s", file=sys.stderr)
@@ -79,7 +81,7 @@ def test_end_to_end_report(e2e):
             assert d["output_lens"] == [8] * 4  # EOS ignored: exactly the requested tokens
             assert d["input_lens"] == [32] * 4
             assert d["median_ttft_ms"] > 0 and d["output_throughput"] > 0
-            assert d["startup"]["cold_start_s"] > 0
+            assert d["startup"]["cold_start_s"] > 0 and d["startup"]["mode"] == "concurrent"
     assert "max+kt" in r.stdout and "vllm" in r.stdout
     for png in ("throughput.png", "ttft.png", "itl.png"):
         assert (out / png).exists()
@@ -107,20 +109,46 @@ def planted_package(broken: Path, tmp_path: Path) -> Path:
     return pkg
 
 
-@pytest.mark.parametrize("broken", ["broken_kernels", "broken_paged_rope_store",
-                                    "broken_paged_rope_attention"])
-def test_broken_kernel_changes_the_output(e2e, tmp_path, broken):
+PLANTED = ("broken_kernels", "broken_paged_rope_store", "broken_paged_rope_attention")
+
+
+@pytest.fixture(scope="module")
+def planted(e2e, tmp_path_factory):
+    """max+kt serving each planted package, the three `kt serve-bench` runs started together
+    (their model compiles overlap); {name: (exit code, stderr, out dir)}."""
+    model, _, r = e2e
+    assert r.returncode == 0
+    runs = {}
+    try:
+        for name in PLANTED:
+            tmp = tmp_path_factory.mktemp(name)
+            pkg = planted_package(HERE / name, tmp)
+            with open(tmp / "stderr", "w") as err:
+                runs[name] = (tmp, subprocess.Popen(
+                    [sys.executable, "-m", "harness.serving", "serve-bench", "--model", str(model),
+                     "--engines", "max+kt", "--custom-kernel-path", str(pkg), "--num-prompts", "1",
+                     "--output-len", "4", "--startup-timeout", "1500", "--out", str(tmp / "out")],
+                    cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, text=True))
+        for tmp, p in runs.values():
+            p.wait(timeout=1800)
+    finally:
+        for _, p in runs.values():
+            if p.poll() is None:
+                p.terminate()
+                p.wait(timeout=60)
+    return {name: (p.returncode, (tmp / "stderr").read_text(), tmp / "out") for name, (tmp, p) in runs.items()}
+
+
+@pytest.mark.parametrize("broken", PLANTED)
+def test_broken_kernel_changes_the_output(e2e, planted, broken):
     """kt.rms_norm without normalization, keys stored without RoPE, queries left unrotated:
     each changes what max+kt serves, so each kernel is in every request's path."""
-    model, out, r = e2e
-    assert r.returncode == 0
-    pkg = planted_package(HERE / broken, tmp_path)
-    broken = kt("serve-bench", "--model", str(model), "--engines", "max+kt", "--custom-kernel-path",
-                str(pkg), "--num-prompts", "1", "--output-len", "4", "--out", str(tmp_path / "out"))
-    assert broken.returncode == 0, broken.stderr[-3000:]
+    model, out, _ = e2e
+    code, stderr, planted_out = planted[broken]
+    assert code == 0, stderr[-3000:]
     stock = json.loads((out / "max" / "probe.json").read_text())["steps"]
-    planted = json.loads((tmp_path / "out" / "max_kt" / "probe.json").read_text())["steps"]
-    res = agreement.compare(stock, planted)
+    served = json.loads((planted_out / "max_kt" / "probe.json").read_text())["steps"]
+    res = agreement.compare(stock, served)
     assert not res.ok and res.mismatches, res.summary()
     assert gone(str(model))
 
