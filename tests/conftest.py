@@ -1,3 +1,4 @@
+import ctypes
 import json
 import os
 import shutil
@@ -23,9 +24,42 @@ def _has_gpu() -> bool:
         return False
 
 
+def _process_environ() -> dict[str, str]:
+    """The C-level environment that a child started without `env=` inherits, which native code
+    can change behind `os.environ`'s back."""
+    environ = ctypes.POINTER(ctypes.c_char_p).in_dll(ctypes.CDLL(None), "environ")
+    out, i = {}, 0
+    while environ[i] is not None:
+        key, _, value = os.fsdecode(environ[i]).partition("=")
+        out[key] = value
+        i += 1
+    return out
+
+
+def restore_child_environment() -> None:
+    """Make the environment children inherit `os.environ` again. Loading MAX's Mojo-built
+    `max._kv_cache_ops` (any `import max.nn`, as the stock-MAX references in pykernels do)
+    setenv()s PYTHONEXECUTABLE to the `python3` on PATH and PYTHONPATH to ':'; a venv console
+    script started afterwards (`.venv/bin/mojo`, `.venv/bin/kt`) then runs outside its venv."""
+    seen = _process_environ()
+    for key in seen.keys() - os.environ.keys():
+        os.unsetenv(key)
+    for key, value in os.environ.items():
+        if seen.get(key) != value:
+            os.putenv(key, value)
+
+
+@pytest.fixture(autouse=True)
+def _children_inherit_os_environ():
+    yield
+    restore_child_environment()
+
+
 def pytest_collection_finish(session):
-    """Tell `twins` which registered Triton-twin cases this session kept (after -k, -m):
-    only those run in its interpreted child."""
+    """Undo what imports at collection did to the children's environment; tell `twins` which
+    registered Triton-twin cases this session kept (after -k, -m): only those run in its
+    interpreted child."""
+    restore_child_environment()
     twins = sys.modules.get("twins")
     if twins is not None:
         twins.select(item.callspec.params["twin_case"] for item in session.items

@@ -1,13 +1,17 @@
 """Helpers shared by the per-kernel tests (imported by name: pytest puts this folder on
 sys.path): inputs from a spec, an independent RoPE (complex rotation, scalar Llama 3
-frequencies) and the k x baseline rule applied to a planted bug."""
+frequencies), the k x baseline rule applied to a planted bug, and the checks the paged
+kernels share with stock MAX's paged KV cache."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
+from harness.bench.engine import Settings, benchmark_families
+from harness.bench.families import load_families
 from harness.spec import Case, KernelSpec
 from pykernels._common import freq_params
 
@@ -69,3 +73,25 @@ def golden_case(spec: KernelSpec, fragment: str) -> Case:
     """The one golden case whose `why` contains `fragment`."""
     (case,) = [c for c in spec.golden if fragment in c.why]
     return case
+
+
+def assert_stock_max_paged_passes_the_gate(spec: KernelSpec) -> None:
+    """kt's op and stock MAX's paged kernels, given the same cache, block table and ragged
+    batch, both agree with the reference (a provider that disagreed would be WRONG). In fp32:
+    on the CPU MAX's bf16 paged attention rounds beyond the k x baseline rule (errors of 4
+    bf16 ulps where torch in bf16 makes 1-2), while in fp32 it matches the reference to 1e-6,
+    which is what shows that both read the same cache the same way."""
+    settings = Settings(warmup_ms=1, min_reps=3, max_reps=5, budget_s=0.05)
+    fam = dataclasses.replace(load_families(spec)["cpu"], dtype="float32")
+    rec = benchmark_families(spec, "cpu", [fam], ["kt_graph", "max_paged"], settings=settings)
+    assert {(r["provider"], r["status"]) for r in rec["rows"]} == {("kt_graph", "ok"),
+                                                                   ("max_paged", "ok")}, rec["rows"]
+
+
+def assert_families_are_maxs_serving_cache(spec: KernelSpec) -> None:
+    """The benchmark families use MAX's serving cache: 128-token pages, head dims up to 128 and
+    more on the GPU, bf16."""
+    fams = load_families(spec)
+    gpu = [s for f in fams.values() if f.device == "gpu" for s, _ in f.cases]
+    assert {s["page"] for s in gpu} == {128} and {s["D"] for s in gpu} >= {128}
+    assert all(f.dtype == "bfloat16" for f in fams.values())

@@ -118,6 +118,14 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
+def _spinning_verify(spinning_pkg: Path, *extra: str) -> Running:
+    """`kt verify rms_norm` in bf16 on the spinning package, once its worker has compiled."""
+    run = Running("verify", "rms_norm", "--device", "cpu", "--dtype", "bfloat16", "--kernels",
+                  str(spinning_pkg), "--profile", "ci", "--no-triton", *extra)
+    run.wait_for_line("compiled bfloat16")
+    return run
+
+
 # --- hangs --------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -140,9 +148,7 @@ def test_hanging_kernel_is_a_hang_with_its_case_and_a_replay_line(kt, spinning_p
 @pytest.mark.slow
 def test_sigterm_stops_verify_and_its_worker_and_saves(spinning_pkg, tmp_path):
     out = tmp_path / "v.json"
-    run = Running("verify", "rms_norm", "--device", "cpu", "--dtype", "bfloat16", "--kernels",
-                  str(spinning_pkg), "--profile", "ci", "--no-triton", "--json", str(out))
-    run.wait_for_line("compiled bfloat16")
+    run = _spinning_verify(spinning_pkg, "--json", str(out))
     time.sleep(2)  # inside the kernel's endless loop (the default limit is minutes away)
     t0 = time.monotonic()
     rc = run.stop(signal.SIGTERM)
@@ -159,9 +165,7 @@ def test_sigterm_stops_verify_and_its_worker_and_saves(spinning_pkg, tmp_path):
 
 @pytest.mark.slow
 def test_a_worker_dies_with_kt_even_after_sigkill(spinning_pkg):
-    run = Running("verify", "rms_norm", "--device", "cpu", "--dtype", "bfloat16", "--kernels",
-                  str(spinning_pkg), "--profile", "ci", "--no-triton")
-    run.wait_for_line("compiled bfloat16")
+    run = _spinning_verify(spinning_pkg)
     assert _left_running(str(spinning_pkg))  # the worker, spinning
     run.stop(signal.SIGKILL)
     _assert_nothing_left(str(spinning_pkg))
@@ -170,9 +174,7 @@ def test_a_worker_dies_with_kt_even_after_sigkill(spinning_pkg):
 @pytest.mark.slow
 def test_ctrl_c_keeps_the_examples_that_passed(spinning_pkg, tmp_path):
     out = tmp_path / "v.json"
-    run = Running("verify", "rms_norm", "--device", "cpu", "--dtype", "bfloat16", "--kernels",
-                  str(spinning_pkg), "--profile", "ci", "--no-triton", "--json", str(out))
-    run.wait_for_line("compiled bfloat16")
+    run = _spinning_verify(spinning_pkg, "--json", str(out))
     time.sleep(8)  # golden cases 0 and 1 pass, case 2 (N=4096) spins
     rc = run.stop(signal.SIGINT)
     _one_error_line("".join(run.err), 130, rc, "interrupted", str(out))

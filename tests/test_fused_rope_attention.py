@@ -161,7 +161,6 @@ def test_golden_catches_softmax_without_max_subtraction():
             assert fails_rule(spec, golden_case(spec, fragment), dtype, naive)
 
 
-
 PLANTS = [
     Plant("attention_causal_off_by_one", "fused_rope_attention", "fused_rope_attention.mojo",
           "var n_keys = q_pos + 1 if causal != 0 else skv", "var n_keys = q_pos if causal != 0 else skv"),
@@ -218,25 +217,14 @@ def test_planted_bug_is_caught(kt, tmp_path, p):
 
 # --- the Triton twin -------------------------------------------------------------------------
 
-TWIN_EXTRA = twins.register("fused_rope_attention", [
+TWIN_EXTRA, test_twin_interpreted, test_twin_cuda = twins.extra_cases("fused_rope_attention", [
     Case(SPEC.complete({"B": 1, "Sq": 3, "cache": 600, "Hk": 1, "group": 2, "D": 64}),
          {"causal": 1}, "Skv = 603 spans several KV tiles: the online-softmax rescale runs"),
     Case(SPEC.complete({"B": 2, "Sq": 2, "cache": 300, "Hk": 2, "group": 1, "D": 32}),
          {"causal": 0, "logits": "huge"}, "several KV tiles with logits about 150, non-causal"),
     Case(SPEC.complete({"B": 1, "Sq": 300, "cache": 0, "Hk": 1, "group": 1, "D": 16}),
          {"causal": 1}, "more query rows than one tile: later tiles start their causal loop late"),
-], "extra")
-
-
-@pytest.mark.parametrize("twin_case", TWIN_EXTRA)
-def test_twin_interpreted(twin_case):
-    twins.assert_interpreted(twin_case)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("twin_case", TWIN_EXTRA)
-def test_twin_cuda(twin_case):
-    twins.assert_compiled(twin_case)
+])
 
 
 # --- benchmarks ------------------------------------------------------------------------------

@@ -5,8 +5,6 @@ and the Triton twin on extra cases."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,10 +12,10 @@ import torch.nn.functional as F
 import pykernels
 import pykernels._paged_kv as pkv
 import twins
-from harness.bench.engine import Settings, benchmark_families
-from harness.bench.families import load_families
 from harness.spec import Case
-from kernel_helpers import LLAMA3, fails_rule, golden_case, inputs_for, rope_complex
+from kernel_helpers import (LLAMA3, assert_families_are_maxs_serving_cache,
+                            assert_stock_max_paged_passes_the_gate, fails_rule, golden_case,
+                            inputs_for, rope_complex)
 from plants import Plant, assert_caught
 from pykernels import paged_rope_attention as pra
 from pykernels._common import apply_rope, rope_cos_sin
@@ -172,43 +170,20 @@ def test_planted_bug_is_caught(kt, tmp_path, p):
 
 # --- the Triton twin -------------------------------------------------------------------------
 
-TWIN_EXTRA = twins.register("paged_rope_attention", [
+TWIN_EXTRA, test_twin_interpreted, test_twin_cuda = twins.extra_cases("paged_rope_attention", [
     Case(pkv.full_shape(2, 3, 600, 7, 64, 1, Hk=1, group=2, D=64), dict(LLAMA3, layer=0,
          scale=0.0), "600 cached keys: many key tiles, the online-softmax rescale runs"),
     Case(pkv.full_shape(1, 300, 0, 0, 128, 1, Hk=1, group=1, D=16), dict(LLAMA3, layer=0,
          scale=0.0), "a 300-token prefill over three pages"),
-], "extra")
-
-
-@pytest.mark.parametrize("twin_case", TWIN_EXTRA)
-def test_twin_interpreted(twin_case):
-    twins.assert_interpreted(twin_case)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("twin_case", TWIN_EXTRA)
-def test_twin_cuda(twin_case):
-    twins.assert_compiled(twin_case)
+])
 
 
 # --- benchmarks ------------------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_stock_max_paged_kernels_pass_the_gate_on_the_same_cache():
-    """kt's op and stock MAX's paged kernels, given the same cache, block table and ragged
-    batch, both agree with the reference (a provider that disagreed would be WRONG). In fp32:
-    on the CPU MAX's bf16 paged attention rounds beyond the k x baseline rule (errors of 4
-    bf16 ulps where torch in bf16 makes 1-2), while in fp32 it matches the reference to 1e-6,
-    which is what shows that both read the same cache the same way."""
-    settings = Settings(warmup_ms=1, min_reps=3, max_reps=5, budget_s=0.05)
-    fam = dataclasses.replace(load_families(SPEC)["cpu"], dtype="float32")
-    rec = benchmark_families(SPEC, "cpu", [fam], ["kt_graph", "max_paged"], settings=settings)
-    assert {(r["provider"], r["status"]) for r in rec["rows"]} == {("kt_graph", "ok"),
-                                                                   ("max_paged", "ok")}, rec["rows"]
+    assert_stock_max_paged_passes_the_gate(SPEC)
 
 
 def test_families_are_maxs_serving_cache():
-    fams = load_families(SPEC)
-    gpu = [s for f in fams.values() if f.device == "gpu" for s, _ in f.cases]
-    assert {s["page"] for s in gpu} == {128} and {s["D"] for s in gpu} >= {128}
-    assert all(f.dtype == "bfloat16" for f in fams.values())
+    assert_families_are_maxs_serving_cache(SPEC)

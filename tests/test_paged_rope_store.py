@@ -5,18 +5,16 @@ twin on extra cases."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 import pykernels
 import pykernels._paged_kv as pkv
 import twins
-from harness.bench.engine import Settings, benchmark_families
-from harness.bench.families import load_families
 from harness.spec import Case
-from kernel_helpers import LLAMA3, fails_rule, golden_case, inputs_for, rope_complex
+from kernel_helpers import (LLAMA3, assert_families_are_maxs_serving_cache,
+                            assert_stock_max_paged_passes_the_gate, fails_rule, golden_case,
+                            inputs_for, rope_complex)
 from plants import Plant, assert_caught
 
 SPEC = pykernels.get("paged_rope_store")
@@ -167,43 +165,20 @@ def test_planted_bug_is_caught(kt, tmp_path, p):
 
 # --- the Triton twin -------------------------------------------------------------------------
 
-TWIN_EXTRA = twins.register("paged_rope_store", [
+TWIN_EXTRA, test_twin_interpreted, test_twin_cuda = twins.extra_cases("paged_rope_store", [
     Case(pkv.full_shape(4, 30, 7, 11, 1, 3, Hk=1, D=64), dict(LLAMA3, layer=2),
          "one token per page, four ragged sequences, the last of three layers"),
     Case(pkv.full_shape(2, 60, 500, 3, 256, 1, Hk=2, D=96), LLAMA3,
          "positions past 500 on 256-token pages"),
-], "extra")
-
-
-@pytest.mark.parametrize("twin_case", TWIN_EXTRA)
-def test_twin_interpreted(twin_case):
-    twins.assert_interpreted(twin_case)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("twin_case", TWIN_EXTRA)
-def test_twin_cuda(twin_case):
-    twins.assert_compiled(twin_case)
+])
 
 
 # --- benchmarks ------------------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_stock_max_paged_kernels_pass_the_gate_on_the_same_cache():
-    """kt's op and stock MAX's paged kernels, given the same cache, block table and ragged
-    batch, both agree with the reference (a provider that disagreed would be WRONG). In fp32:
-    on the CPU MAX's bf16 paged attention rounds beyond the k x baseline rule (errors of 4
-    bf16 ulps where torch in bf16 makes 1-2), while in fp32 it matches the reference to 1e-6,
-    which is what shows that both read the same cache the same way."""
-    settings = Settings(warmup_ms=1, min_reps=3, max_reps=5, budget_s=0.05)
-    fam = dataclasses.replace(load_families(SPEC)["cpu"], dtype="float32")
-    rec = benchmark_families(SPEC, "cpu", [fam], ["kt_graph", "max_paged"], settings=settings)
-    assert {(r["provider"], r["status"]) for r in rec["rows"]} == {("kt_graph", "ok"),
-                                                                   ("max_paged", "ok")}, rec["rows"]
+    assert_stock_max_paged_passes_the_gate(SPEC)
 
 
 def test_families_are_maxs_serving_cache():
-    fams = load_families(SPEC)
-    gpu = [s for f in fams.values() if f.device == "gpu" for s, _ in f.cases]
-    assert {s["page"] for s in gpu} == {128} and {s["D"] for s in gpu} >= {128}
-    assert all(f.dtype == "bfloat16" for f in fams.values())
+    assert_families_are_maxs_serving_cache(SPEC)

@@ -1,14 +1,16 @@
 """Project invariants: pixi and pyproject pins agree, CI runs the README's test command,
 and the GPU paths of every kernel build for the H100 even where no GPU is present."""
 
+import os
 import re
-import shutil
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
+import max.nn.kv_cache  # noqa: F401  (loads max._kv_cache_ops: see test_children_inherit_os_environ)
 import pytest
+from mojo.run import subprocess_run_mojo
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,9 +53,8 @@ def test_readme_gives_two_fresh_machine_commands_and_ci_runs_the_test_one():
 
 @pytest.mark.slow
 def test_gpu_paths_build_for_hopper(tmp_path):
-    mojo = shutil.which("mojo", path=str(Path(sys.executable).parent)) or "mojo"
-    proc = subprocess.run(
-        [mojo, "build", "-I", str(REPO), "--target-accelerator=sm_90a",
+    proc = subprocess_run_mojo(
+        ["build", "-I", str(REPO), "--target-accelerator=sm_90a",
          str(REPO / "tests" / "mojo" / "gpu_launch.mojo"), "-o", str(tmp_path / "gpu_launch")],
         capture_output=True, text=True, timeout=900)
     errors = [ln for ln in proc.stderr.splitlines() if ": error:" in ln]
@@ -64,9 +65,21 @@ def test_gpu_paths_build_for_hopper(tmp_path):
 def test_fast_fp32_sincos_matches_the_accurate_one():
     """The decode kernel's in-register RoPE uses `sincos_f32_fast`; it must stay within two
     fp32 ulps of the fp64-based one on every angle up to 2^17 radians."""
-    mojo = shutil.which("mojo", path=str(Path(sys.executable).parent)) or "mojo"
-    proc = subprocess.run(
-        [mojo, "run", "-I", str(REPO), str(REPO / "tests" / "mojo" / "sincos_check.mojo")],
+    proc = subprocess_run_mojo(
+        ["run", "-I", str(REPO), str(REPO / "tests" / "mojo" / "sincos_check.mojo")],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "PASS" in proc.stdout
+
+
+def test_children_inherit_os_environ():
+    """A child started without `env=` inherits `os.environ`, whatever native code set behind its
+    back: importing `max.nn` (above, at collection) setenv()s PYTHONEXECUTABLE and PYTHONPATH,
+    and a venv's interpreter or console script (`.venv/bin/mojo`) started afterwards ran outside
+    the venv ("No module named 'mojo'") until conftest's restore_child_environment undid it."""
+    out = subprocess.run(["env", "-0"], capture_output=True, check=True).stdout
+    inherited = dict(v.split("=", 1) for v in os.fsdecode(out).split("\0") if "=" in v)
+    assert inherited == dict(os.environ)
+    child = subprocess.run([sys.executable, "-c", "import sys, mojo.run; print(sys.prefix)"],
+                           capture_output=True, text=True)
+    assert child.returncode == 0 and child.stdout.strip() == sys.prefix, child.stderr[-2000:]

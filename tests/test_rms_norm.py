@@ -127,17 +127,7 @@ def test_planted_bug_is_caught(kt, tmp_path, p):
     assert_caught(kt, tmp_path, p)
 
 
-TWIN_EXTRA = twins.register("rms_norm", [
+TWIN_EXTRA, test_twin_interpreted, test_twin_cuda = twins.extra_cases("rms_norm", [
     Case({"M": 509, "N": 1000}, {"input_scale": 4.0}, "many rows per program, prime M"),
-], "extra")
+])
 
-
-@pytest.mark.parametrize("twin_case", TWIN_EXTRA)
-def test_twin_interpreted(twin_case):
-    twins.assert_interpreted(twin_case)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("twin_case", TWIN_EXTRA)
-def test_twin_cuda(twin_case):
-    twins.assert_compiled(twin_case)

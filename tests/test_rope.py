@@ -164,23 +164,12 @@ def test_planted_bug_is_caught(kt, tmp_path, p):
 
 # --- the Triton twin -------------------------------------------------------------------------
 
-TWIN_EXTRA = twins.register("rope", [
+TWIN_EXTRA, test_twin_interpreted, test_twin_cuda = twins.extra_cases("rope", [
     Case(SPEC.complete({"B": 4, "S": 300, "Hk": 8, "group": 4, "D": 128}),
          {"positions": "random", "theta": 500000.0, "factor": 8.0},
          "largest shape: many programs along tokens, the last one partial"),
-], "extra")
+])
 PLANTED_SIGN = twins.register_call("rope-planted-sign", "test_rope:planted_rope_sign")
-
-
-@pytest.mark.parametrize("twin_case", TWIN_EXTRA)
-def test_twin_interpreted(twin_case):
-    twins.assert_interpreted(twin_case)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("twin_case", TWIN_EXTRA)
-def test_twin_cuda(twin_case):
-    twins.assert_compiled(twin_case)
 
 
 def planted_rope_sign() -> dict:

@@ -52,6 +52,24 @@ def register(kernel: str, cases, prefix: str) -> list[str]:
     return ids
 
 
+def extra_cases(kernel: str, cases):
+    """Register a kernel's extra twin `cases` (`register`, prefix "extra") and make their two
+    tests, interpreted and compiled on a GPU; a test module binds them to test_* names:
+    `TWIN_EXTRA, test_twin_interpreted, test_twin_cuda = twins.extra_cases(...)`."""
+    ids = register(kernel, cases, "extra")
+
+    @pytest.mark.parametrize("twin_case", ids)
+    def test_twin_interpreted(twin_case):
+        assert_interpreted(twin_case)
+
+    @pytest.mark.gpu
+    @pytest.mark.parametrize("twin_case", ids)
+    def test_twin_cuda(twin_case):
+        assert_compiled(twin_case)
+
+    return ids, test_twin_interpreted, test_twin_cuda
+
+
 def register_call(cid: str, target: str) -> str:
     """Register `target` ("module:function" of a test module) to run in the child."""
     CASES[cid] = {"call": target}
