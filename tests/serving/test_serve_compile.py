@@ -1,6 +1,7 @@
 """kt serve-compile: max+kt's served graph compiled for a GPU that is not here (MAX's virtual
 devices), the compiler's first error in one line."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,25 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, says):
     r = subprocess.run([sys.executable, "-m", "harness.serving", "serve-compile", "--model", str(tmp_path), *args],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_max_kt_compiles_for_the_h200_without_a_gpu(tiny_model, tmp_path):
+    """The whole max+kt graph (kt's architecture, kt's kernels in every layer, MAX's Llama and
+    sampler) compiled for sm_90a through MAX's virtual devices: what a GPU session would compile
+    first, here on the CPU. A GPU-only compile error fails this test with the kernel's line."""
+    try:
+        get_engine("max").find_python()
+    except Exception as e:  # no MAX environment outside CI
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(e))
+    log = tmp_path / "max.log"
+    r = subprocess.run([sys.executable, "-m", "harness.serving", "serve-compile", "--model", str(tiny_model),
+                        "--target", "cuda:sm_90a", "--max-model-len", "256", "--max-num-seqs", "4",
+                        "--log", str(log)], cwd=REPO, capture_output=True, text=True, timeout=2400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "max+kt compiles for cuda:sm_90a" in r.stdout
+    text = log.read_text()
+    assert "Compiling for target: cuda (sm_90a) using virtual devices" in text
+    assert "attention layers call kt.paged_rope_store + kt.paged_rope_attention" in text
