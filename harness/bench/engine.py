@@ -242,6 +242,9 @@ def prepare_provider(ctx: _Run, pname: str, dtype: torch.dtype, inputs: Tensors,
         """The first call, its outputs checked; later calls return the first verdict."""
         if "first_call_s" in out:
             return all(c.passed for c in checks)
+        # A first call may compile (Triton's JIT, torch.compile, MAX's torch bridge): its own,
+        # longer time limit (harness.bench.child), the step's limit again once it returns.
+        ctx.on_event({"event": "first_call", "provider": pname})
         t0 = time.perf_counter()
         result = bound.run()  # on the stream bench runs under; synchronized before reading
         if bound.sync:
@@ -250,6 +253,7 @@ def prepare_provider(ctx: _Run, pname: str, dtype: torch.dtype, inputs: Tensors,
             torch.cuda.synchronize()
         outputs = bound.to_torch(result)
         out["first_call_s"] = round(time.perf_counter() - t0, 3)
+        ctx.on_event({"event": "first_call_done", "provider": pname, "seconds": out["first_call_s"]})
         if gate is not None:
             checks.extend(gate.check(outputs))
         return all(c.passed for c in checks)
