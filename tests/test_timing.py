@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from harness import clocks, timing
+from harness import clocks, interleave, timing
 from harness.clocks import (MAX_COVER_MS, RETIME_MAX_MS, cover_ms, longer_cover_ms, probe_ms,
                             spin_cycles, spin_rate)
 from harness.stats import quantile, relative_standard_error, summarize
@@ -458,7 +458,7 @@ def test_bootstrap_interval_covers_the_true_ratio_about_95_percent_of_the_time()
 
 
 def test_rounds_rotate_the_order():
-    assert [timing.rotation(["a", "b", "c"], r) for r in range(4)] == [
+    assert [interleave.rotation(["a", "b", "c"], r) for r in range(4)] == [
         ("a", "b", "c"), ("b", "c", "a"), ("c", "a", "b"), ("a", "b", "c")]
 
 
@@ -512,7 +512,7 @@ def test_interleaved_providers_of_known_cost_give_their_true_ratio_despite_drift
     samplers = {name: timing.prepare(provider(ms), warmup_ms=0, flush=False)
                 for name, ms in (("slow", 2.0), ("fast", 1.0))}
     calls["n"] = 0
-    inter = timing.bench_interleaved(samplers, anchor="fast", min_rounds=10, max_rounds=400,
+    inter = interleave.bench_interleaved(samplers, anchor="fast", min_rounds=10, max_rounds=400,
                                      ci_target=0.01, budget_s=99.0)
     assert inter.orders[:3] == [("slow", "fast"), ("fast", "slow"), ("slow", "fast")]
     assert inter.stopped_by == "ci" and not inter.failed and inter.halfwidth <= 0.01
@@ -536,7 +536,7 @@ def test_blocks_of_samples_carry_drift_that_rounds_cancel(virtual):
     assert abs(blocked / 2.0 - 1) > 0.15
     samplers = {n: timing.prepare(provider(ms), warmup_ms=0, flush=False)
                 for n, ms in (("slow", 2.0), ("fast", 1.0))}
-    inter = timing.bench_interleaved(samplers, min_rounds=20, max_rounds=20, budget_s=99)
+    inter = interleave.bench_interleaved(samplers, min_rounds=20, max_rounds=20, budget_s=99)
     _, lo, hi = ratio_interval(inter.timings["slow"].samples_ms, inter.timings["fast"].samples_ms)
     assert lo <= 2.0 * 1.02 and hi >= 2.0 * 0.98 and hi < 2.2
 
@@ -552,7 +552,7 @@ def test_a_provider_that_raises_leaves_the_rounds_and_the_others_go_on(virtual):
 
     samplers = {"ok": timing.prepare(lambda: virtual.work(0.2), warmup_ms=0, flush=False),
                 "broken": timing.prepare(broken, warmup_ms=0, flush=False)}
-    inter = timing.bench_interleaved(samplers, anchor="broken", min_rounds=5, max_rounds=8,
+    inter = interleave.bench_interleaved(samplers, anchor="broken", min_rounds=5, max_rounds=8,
                                      ci_target=0.0, budget_s=99)
     assert inter.failed == {"broken": "RuntimeError: device lost"}
     assert "broken" not in inter.timings and len(inter.timings["ok"].samples_ms) == 8
@@ -561,13 +561,13 @@ def test_a_provider_that_raises_leaves_the_rounds_and_the_others_go_on(virtual):
 
 def test_interleaved_stopping_rule():
     kw = dict(min_rounds=10, max_rounds=50, ci_target=0.01, budget_s=1.0)
-    assert timing.interleaved_stop(9, 0.001, 0.1, **kw) is None  # below min_rounds
-    assert timing.interleaved_stop(10, 0.009, 0.1, **kw) == "ci"
-    assert timing.interleaved_stop(10, 0.05, 0.1, **kw) is None
-    assert timing.interleaved_stop(10, 0.05, 1.1, **kw) == "budget"
-    assert timing.interleaved_stop(5, 0.05, 1.1, **kw) is None  # long case: min_rounds first
-    assert timing.interleaved_stop(3, 0.05, 4.1, **kw) == "budget"  # unless 4x over budget
-    assert timing.interleaved_stop(50, 0.05, 0.1, **kw) == "max_rounds"
+    assert interleave.interleaved_stop(9, 0.001, 0.1, **kw) is None  # below min_rounds
+    assert interleave.interleaved_stop(10, 0.009, 0.1, **kw) == "ci"
+    assert interleave.interleaved_stop(10, 0.05, 0.1, **kw) is None
+    assert interleave.interleaved_stop(10, 0.05, 1.1, **kw) == "budget"
+    assert interleave.interleaved_stop(5, 0.05, 1.1, **kw) is None  # long case: min_rounds first
+    assert interleave.interleaved_stop(3, 0.05, 4.1, **kw) == "budget"  # unless 4x over budget
+    assert interleave.interleaved_stop(50, 0.05, 0.1, **kw) == "max_rounds"
 
 
 def test_the_second_timing_agrees_on_a_steady_call_and_flags_one_that_changes_back_to_back(
@@ -581,7 +581,7 @@ def test_the_second_timing_agrees_on_a_steady_call_and_flags_one_that_changes_ba
 
     throttled = timing.prepare(throttles, warmup_ms=0, flush=False)
     spacer = timing.prepare(lambda: virtual.work(3.0), warmup_ms=0, flush=False)
-    inter = timing.bench_interleaved({"steady": steady, "throttles": throttled,
+    inter = interleave.bench_interleaved({"steady": steady, "throttles": throttled,
                                       "spacer": spacer}, min_rounds=6, max_rounds=6, budget_s=99)
     second = steady.throughput()
     assert second.per_call_ms == pytest.approx(1.0) and second.calls == 20
@@ -641,7 +641,7 @@ def test_interleaved_rounds_keep_each_providers_launch_hidden(sim):
                 "gpu": timing.prepare(lambda: sim.launch(0.6), device="cuda", warmup_ms=5,
                                       flush=False)}
     assert samplers["host"].cover >= 1.5 * 2.0 + 0.1
-    inter = timing.bench_interleaved(samplers, anchor="gpu", min_rounds=6, max_rounds=8,
+    inter = interleave.bench_interleaved(samplers, anchor="gpu", min_rounds=6, max_rounds=8,
                                      ci_target=0.0, budget_s=2.0)
     assert all(t.hidden for t in inter.timings.values())
     ratio, _, _ = ratio_interval(inter.timings["host"].samples_ms, inter.timings["gpu"].samples_ms)
@@ -666,7 +666,7 @@ def test_interleaved_rounds_are_run_again_when_a_provider_is_retimed(vgpu):
                 "gpu": timing.prepare(steady, device="cuda", warmup_ms=5, flush=False)}
     gpu_cover = samplers["gpu"].cover
     phase["timed"] = True
-    inter = timing.bench_interleaved(samplers, anchor="gpu", min_rounds=8, max_rounds=8,
+    inter = interleave.bench_interleaved(samplers, anchor="gpu", min_rounds=8, max_rounds=8,
                                      budget_s=99.0)
     assert inter.retimed == ("slow",) and not inter.failed and inter.stopped_by == "max_rounds"
     slow, gpu = inter.timings["slow"], inter.timings["gpu"]

@@ -32,8 +32,9 @@ from harness.checking import Check
 from harness.io import error_line, provenance
 from harness.spec import DTYPES, Bound, KernelSpec, Params, Shape, Tensors, Unavailable
 from harness.bench.metrics import derive_metrics, join_notes
-from harness.timing import (NotCorrect, Sampler, Timing, backend_of, bench_interleaved,
-                            prepare_on_stream, timings_agree, too_uncovered)
+from harness.interleave import bench_interleaved
+from harness.timing import (NotCorrect, Sampler, Timing, backend_of, prepare_on_stream,
+                            timings_agree, too_uncovered)
 
 CPU_TIMER_LABEL = "CPU timing (perf_counter), not comparable with GPU"
 UNTESTED_BACKENDS = ("rocm", "metal")
