@@ -6,6 +6,10 @@ RoPE; plain RoPE on a Llama 3 case), so such output is never timed."""
 
 import dataclasses
 import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +25,7 @@ from pykernels._common import llama3_inv_freq
 from pykernels._flashinfer import (PAGE_SIZE, attention_call, paged_layout, ragged_indptr,
                                    rope_call, to_pages, unavailable_reason)
 
+REPO = Path(__file__).resolve().parents[1]
 KERNELS = ("rope", "fused_rope_attention")
 SETTINGS = Settings(warmup_ms=1, min_reps=3, max_reps=5, budget_s=0.05)
 
@@ -199,3 +204,30 @@ def test_attention_without_rope_is_a_wrong_row_never_timed():
     (row,) = rec["rows"]
     assert row["status"] == "WRONG" and not row["check"]["passed"]
     assert "p50" not in row and "samples_ms" not in row
+
+
+@pytest.mark.skipif(not shutil.which("xz") or not shutil.which("split"), reason="needs xz and split")
+def test_device_stage_unpacks_the_flashinfer_bundle_and_exports_its_path(tmp_path):
+    """A `flashinfer` bundle packed as shared/offline-site.sh packs one (a folder
+    site-flashinfer, tar | xz | split) becomes KT_FLASHINFER_PYTHONPATH, which gpu_run.sh and
+    gpu_kernels.sh put on PYTHONPATH."""
+    site = tmp_path / "work" / "site-flashinfer" / "flashinfer"
+    site.mkdir(parents=True)
+    (site / "__init__.py").write_text("__version__ = '0.7.2.post1'\n")
+    (tmp_path / ".stage").mkdir()
+    subprocess.run(f"tar -C {tmp_path / 'work'} -cf - site-flashinfer | xz -1 -T1 | "
+                   f"split -b 1M -d - {tmp_path / '.stage' / 'flashinfer.part'}", shell=True,
+                   check=True)
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(REPO / "scripts" / "device-stage.sh", tmp_path / "scripts")
+    env = dict(os.environ, STAGE=str(tmp_path / "stage"), SITES=str(tmp_path / "sites"))
+    r = subprocess.run(["bash", "scripts/device-stage.sh", "max=3", "flashinfer=1"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    exports = dict(line.removeprefix("export ").split("=", 1) for line in r.stdout.splitlines())
+    path = tmp_path / "sites" / "site-flashinfer"
+    assert exports["KT_FLASHINFER_PYTHONPATH"] == str(path)
+    assert exports["KT_STAGE_READY"] == '"flashinfer"'  # MAX's parts are missing
+    assert (path / "flashinfer" / "__init__.py").read_text().startswith("__version__")
+    for script in ("gpu_run.sh", "gpu_kernels.sh"):
+        assert "KT_FLASHINFER_PYTHONPATH" in (REPO / "benchmarks" / script).read_text()
