@@ -1,9 +1,9 @@
 """FlashInfer as a `kt microbench` provider: its attention kernels with RoPE applied inside
 (`pos_encoding_mode="ROPE_LLAMA"`) for `fused_rope_attention`, its standalone RoPE for `rope`.
 
-What this mapping relies on, from FlashInfer's public source (flashinfer-ai/flashinfer:
-flashinfer/prefill.py, decode.py, rope.py; include/flashinfer/pos_enc.cuh,
-attention/prefill.cuh, attention/decode.cuh):
+What this mapping relies on, read in flashinfer-python 0.7.2.post1 (its wheel: flashinfer/
+prefill.py, decode.py, rope.py, utils.py and the JIT sources data/include/flashinfer/pos_enc.cuh,
+attention/prefill.cuh, attention/decode.cuh; the same in flashinfer-ai/flashinfer at 0.6.18):
 - Tensors are NHD, tokens first: q (tokens, Hq, D), k and v (tokens, Hk, D); a batch is
   ragged, sequence b holding rows indptr[b]..indptr[b+1] (int32). kt's (B, S, H, D) is that
   with indptr = 0, S, 2S, .. and no copy. A paged KV cache is (pages, page_size, Hk, D) per
