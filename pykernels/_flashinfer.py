@@ -16,8 +16,9 @@ attention/prefill.cuh, attention/decode.cuh; the same in flashinfer-ai/flashinfe
   rotates its query at kv_len - 1. Angles come from fast-math `__powf` and `__sincosf`.
 - Its FA3 (Hopper) prefill backend takes `pos_encoding_mode` and returns attention without
   RoPE (FlashInfer 0.7.2.post1 on the H200): the gate finds that WRONG. This provider asks
-  for the FA2 backend, and for the CUDA-core decode kernel (`use_tensor_cores=False`; with
-  tensor cores decode goes through the prefill kernels and their backend choice).
+  for the FA2 backend, and for the CUDA-core decode kernel (`use_tensor_cores=False`,
+  `backend="fa2"`: with tensor cores decode goes through the prefill kernels and their
+  backend choice, and "auto" may route decode to cuDNN, on Blackwell, without RoPE only).
 - `apply_rope_pos_ids` (plain) and `apply_llama31_rope_pos_ids` (Llama 3.1 bands: smooth =
   (L / wavelen - low) / (high - low) clamped to [0, 1], blending freq / rope_scale with
   freq: HF's formula) take q (nnz, Hq, D), k (nnz, Hk, D) and one int32 or int64 position
@@ -156,8 +157,8 @@ def attention_provider(softmax_scale):
             if call.decode:
                 lay = paged_layout(b, skv, PAGE_SIZE)
                 cache = (to_pages(k, PAGE_SIZE), to_pages(v, PAGE_SIZE))
-                w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD",
-                                                                  use_tensor_cores=False)
+                w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                    workspace, "NHD", use_tensor_cores=False, backend="fa2")
                 w.plan(_i32(lay.indptr, device), _i32(lay.indices, device),
                        _i32(lay.last_page_len, device), hq, hk, d, PAGE_SIZE,
                        q_data_type=dtype, kv_data_type=dtype, **rope)
