@@ -16,20 +16,34 @@
    current stream, long enough that the host has queued every launch of `fn` before the GPU
    reaches the start event; the events then measure GPU time alone. Without it a small op
    measures its host overhead (MAX's `execute`, torch.compile's guards), not its kernels.
-   - Length (`clocks.cover_ms`): twice the 90th percentile of the warmup enqueue times (the
-     first call left out) plus 50 us, at most `MAX_COVER_MS`.
+   (nvbench's kernel spins until the host releases it through mapped memory; torch's spin
+   lasts a fixed number of cycles, so its length must be sized. It precedes the start
+   event: a longer spin costs wall time, never timed time.)
+   - Length, from probe calls (`PROBE_CALLS`): after the warmup, calls made exactly as the
+     timed ones are (flush, spin, start event, `fn`), behind a generous spin
+     (`clocks.probe_ms`: 5x the warmup's 90th-percentile enqueue time, at least 1 ms). Their
+     enqueue times size the timed calls' spin (`clocks.cover_ms`): 1.5x their 90th
+     percentile plus 0.1 ms, at most `MAX_COVER_MS`. Warmup calls start on an idle device
+     and do not tell: the same calls enqueue for longer behind a busy one (on an H200, up
+     to 3.5x).
    - Calibration (`clocks.sleep_rate`, once per process and device): three spins of 10^6
      cycles timed with events; the fastest gives the cycles per ms (the highest clock seen),
      so a spin lasts at least its length at any lower clock.
    - A call that waits for the device itself (a host sync inside `fn`) cannot get ahead of
-     the GPU. Two probe calls behind a spin tell: if in both the GPU had passed an event
-     queued after the spin by the time `fn` returned (it waited, or enqueued for longer than
-     the spin), the spin is dropped and `fn` is timed as it runs (`hidden` False,
-     `launch_note` says why): its events include the host's gaps, as its caller pays them.
-     Nothing can deadlock: the spin is a fixed number of cycles that waits for nothing, so
-     whatever waits behind it waits at most `MAX_COVER_MS`.
+     the GPU. The probes tell: if in most of them the GPU had passed the start event by the
+     time `fn` returned (it waited, or enqueued for longer than the probes' spin), the spin
+     is dropped and `fn` is timed as it runs (`hidden` False, `launch_note` says why): its
+     events include the host's gaps, as its caller pays them. Nothing can deadlock: the spin
+     is a fixed number of cycles that waits for nothing, so whatever waits behind it waits
+     at most `MAX_COVER_MS`.
    - Every timed call checks the same thing (the start event already reached when `fn`
      returns); `uncovered` counts those calls, whose samples include GPU idle time.
+   - Re-timed once (`retime_cover`, after its samples are taken, items 6 and 8): when more
+     than a tenth of a provider's timed calls were uncovered (`too_uncovered`), its samples
+     are discarded and it is timed again with a longer spin (`clocks.longer_cover_ms`: at
+     least twice as long, up to 2 ms when its own enqueue times ask for more);
+     `Timing.retimed_from` keeps the first pass's spin and count. A row still uncovered
+     after that is reported as such (`kt microbench` keeps it out of ratios).
    - The host's enqueue time of every timed call is returned (`host_ms`, p50): what a
      caller pays per call when the GPU is not ahead of the host.
    `hide_launch=False` turns the spin off. Metal has no spin kernel: there, launches are not
@@ -38,7 +52,8 @@
    one timed call (flush, spin, events, `fn`).
 6. Stopping rule of `bench` (one provider): after `min_reps`, stop once the relative standard
    error of the mean falls under `rse_target`, or at `max_reps`, or when the `budget_s`
-   wall-clock budget runs out; the reason is recorded.
+   wall-clock budget runs out (spins included); the reason is recorded. A re-timed provider
+   (item 5) starts over under the same rule.
 7. The raw samples are returned with p10/p50/p90; p50 is the number to quote.
 
 8. Interleaved rounds (`bench_interleaved`, what `kt microbench` runs for the providers of one
@@ -53,6 +68,9 @@
    `max_rounds`, or when the `budget_s` wall-clock budget runs out (before `min_rounds` only
    at four times it, after 3 rounds); the reason and the half-width reached are recorded.
    A provider that raises while sampled leaves the rounds (`failed`), the others continue.
+   When a provider is re-timed (item 5), the rounds are run once more, every provider's
+   samples discarded, so that round i still pairs samples taken together (`retimed` names
+   the providers whose spin was lengthened).
 9. A second, independent timing (`Sampler.throughput`): `repeats` batches of N calls back to
    back, each after a cache flush, timed on the host clock with one wait for the device at
    the end, less the same batch of flushes alone, divided by N (no events, no spin). Where the
@@ -108,6 +126,7 @@ class Timing:
     uncovered: int = 0
     hidden: bool = False
     launch_note: str = ""
+    retimed_from: dict | None = None  # the first pass of a re-timed call: cover_ms, uncovered, n
     host_ms: float = field(init=False)
     p10: float = field(init=False)
     p50: float = field(init=False)
@@ -158,6 +177,23 @@ def rotation(names: list[str], round_index: int) -> tuple[str, ...]:
     return tuple(names[k:] + names[:k])
 
 
+def too_uncovered(uncovered: int, n: int) -> bool:
+    """Whether more than a tenth of `n` timed calls were uncovered (item 5): their samples
+    then include GPU idle time too often for the p50 to be the GPU's time alone."""
+    return uncovered > n // 10
+
+
+def retime_cover(t: Timing) -> float | None:
+    """The spin to time `t`'s call again with (item 5), or None: not when its launch was not
+    hidden, when few enough calls were uncovered, when it was re-timed already, or when no
+    longer spin is allowed."""
+    if not t.hidden or t.retimed_from is not None or not too_uncovered(t.uncovered,
+                                                                        len(t.samples_ms)):
+        return None
+    longer = clocks.longer_cover_ms(t.cover_ms, t.host_samples_ms)
+    return longer if longer > t.cover_ms else None
+
+
 def stream_context(stream: int | None, device: str):
     """Make the native stream `stream` torch's current one (CUDA/ROCm), else do nothing."""
     if stream is None or not device.startswith("cuda"):
@@ -175,9 +211,17 @@ class Sampler:
         self.samples: list[float] = []
         self.host: list[float] = []
         self.uncovered = 0
+        self.retimed_from: dict | None = None
 
     def reset(self) -> None:
         self.samples, self.host, self.uncovered = [], [], 0
+
+    def retime(self, cover: float) -> None:
+        """Discard the samples and spin for `cover` ms from now on (item 5's re-timing)."""
+        self.retimed_from = {"cover_ms": self.cover, "uncovered": self.uncovered,
+                             "n": len(self.samples)}
+        self.reset()
+        self.cover = cover
 
     def sample(self) -> float:
         clock = self.clock
@@ -202,7 +246,7 @@ class Sampler:
     def timing(self, stopped_by: str) -> Timing:
         return Timing(list(self.samples), self.clock.backend, stopped_by, self.warmup_calls,
                       list(self.host), self.cover, self.uncovered, hidden=self.cover > 0,
-                      launch_note=self.note)
+                      launch_note=self.note, retimed_from=self.retimed_from)
 
     def _batch_ms(self, calls: int, with_fn: bool) -> float:
         self.clock.sync()
@@ -230,16 +274,14 @@ class Sampler:
         return Throughput(out, calls, flush_ms)
 
 
-def _waits_for_device(fn: Callable[[], object], clock: Clock, cover: float) -> bool:
-    """One probe: `fn` behind a spin of `cover` ms; True if by the time it returned the GPU
-    had already passed the spin (`fn` waited for the device, or enqueued for longer)."""
-    clock.spin(cover)
-    mark = clock.region()[0]
-    clock.record(mark)
-    fn()
-    reached = clock.reached(mark)
-    clock.sync()
-    return reached
+PROBE_CALLS = 10  # probe calls that size the spin (item 5)
+
+
+def waits_for_device(reached: list[bool]) -> bool:
+    """Whether probe calls behind a spin show a call that cannot get ahead of the device:
+    in most of them (`reached`: one flag per probe) the GPU had passed the start event by
+    the time the call returned."""
+    return sum(reached) > len(reached) // 2
 
 
 _clock = clocks.clock_for  # (tests put a simulated device here)
@@ -264,17 +306,26 @@ def prepare(fn: Callable[[], object], *, device: str = "cpu",
             enqueue.append((time.perf_counter() - t) * 1e3)
             calls += 1
             clock.sync()
-        cover, note = 0.0, ""
-        if not hide_launch:
-            note = "launch not hidden: hide_launch=False"
-        elif not clock.can_spin:
-            note = "" if backend == "cpu" else f"launch not hidden: no spin kernel on {backend}"
+    sampler = Sampler(fn, clock, buf, 0.0, "", calls, stream, device)
+    if not hide_launch:
+        sampler.note = "launch not hidden: hide_launch=False"
+    elif not clock.can_spin:
+        sampler.note = "" if backend == "cpu" else f"launch not hidden: no spin kernel on {backend}"
+    else:  # the first warmup call may still compile: left out
+        sampler.cover = clocks.probe_ms(enqueue[1:] or enqueue)
+        reached = []
+        for _ in range(PROBE_CALLS):
+            before = sampler.uncovered
+            sampler.sample()
+            reached.append(sampler.uncovered > before)
+        if waits_for_device(reached):
+            sampler.cover = 0.0
+            sampler.note = ("launch not hidden: the call waits for the device (or enqueues "
+                            "for longer than a spin covers)")
         else:
-            cover = clocks.cover_ms(enqueue[1:] or enqueue)  # the first call may still compile
-            if all(_waits_for_device(fn, clock, cover) for _ in range(2)):
-                cover, note = 0.0, ("launch not hidden: the call waits for the device (or "
-                                    "enqueues for longer than a spin covers)")
-    return Sampler(fn, clock, buf, cover, note, calls, stream, device)
+            sampler.cover = clocks.cover_ms(sampler.host)
+        sampler.reset()
+    return sampler
 
 
 def bench(fn: Callable[[], object], *, device: str = "cpu", check: Callable[[], bool] | None = None,
@@ -284,13 +335,20 @@ def bench(fn: Callable[[], object], *, device: str = "cpu", check: Callable[[], 
     """Time `fn()` alone on `device` by items 1-7 of this module's docstring."""
     sampler = prepare(fn, device=device, check=check, warmup_ms=warmup_ms, flush=flush,
                       hide_launch=hide_launch)
-    began = time.perf_counter()
     while True:
-        sampler.sample()
-        reason = stop_reason(sampler.samples, time.perf_counter() - began, min_reps=min_reps,
-                             max_reps=max_reps, rse_target=rse_target, budget_s=budget_s)
-        if reason:
-            return sampler.timing(reason)
+        began = time.perf_counter()
+        while True:
+            sampler.sample()
+            reason = stop_reason(sampler.samples, time.perf_counter() - began,
+                                 min_reps=min_reps, max_reps=max_reps, rse_target=rse_target,
+                                 budget_s=budget_s)
+            if reason:
+                break
+        t = sampler.timing(reason)
+        longer = retime_cover(t)
+        if longer is None:
+            return t
+        sampler.retime(longer)
 
 
 @dataclass
@@ -298,7 +356,8 @@ class Interleaved:
     """What `bench_interleaved` measured: a `Timing` per provider (sample i of each is round
     i), the order of every round, why it stopped, the anchor of the stopping rule and the
     widest relative interval half-width of the ratios to it at the last check; `failed`:
-    providers that raised while sampled, with the error."""
+    providers that raised while sampled, with the error; `retimed`: providers whose spin was
+    lengthened before the rounds were run again (item 5), whose rounds these are."""
 
     timings: dict[str, Timing]
     orders: list[tuple[str, ...]]
@@ -306,6 +365,7 @@ class Interleaved:
     anchor: str | None
     halfwidth: float
     failed: dict[str, str]
+    retimed: tuple[str, ...] = ()
 
 
 def widest_halfwidth(samples: dict[str, list[float]], anchor: str,
@@ -322,7 +382,28 @@ def widest_halfwidth(samples: dict[str, list[float]], anchor: str,
 def bench_interleaved(samplers: dict[str, Sampler], *, anchor: str | None = None,
                       min_rounds: int = 10, max_rounds: int = 200, ci_target: float = 0.01,
                       budget_s: float = 3.0) -> Interleaved:
-    """Time ready providers in rotated rounds by item 8 of this module's docstring."""
+    """Time ready providers in rotated rounds by item 8 of this module's docstring; once
+    more, every sample discarded, if one of them is re-timed with a longer spin (item 5)."""
+    kw = dict(min_rounds=min_rounds, max_rounds=max_rounds, ci_target=ci_target,
+              budget_s=budget_s)
+    inter = _rounds(samplers, anchor, **kw)
+    longer = {n: c for n, t in inter.timings.items() if (c := retime_cover(t)) is not None}
+    if not longer:
+        return inter
+    live = {n: s for n, s in samplers.items() if n not in inter.failed}
+    for n, s in live.items():
+        if n in longer:
+            s.retime(longer[n])
+        else:
+            s.reset()
+    again = _rounds(live, inter.anchor, **kw)
+    again.failed = {**inter.failed, **again.failed}
+    again.retimed = tuple(longer)
+    return again
+
+
+def _rounds(samplers: dict[str, Sampler], anchor: str | None, *, min_rounds: int,
+            max_rounds: int, ci_target: float, budget_s: float) -> Interleaved:
     names = list(samplers)
     failed: dict[str, str] = {}
     orders: list[tuple[str, ...]] = []

@@ -248,3 +248,25 @@ def test_ratios_come_from_the_rounds_and_rows_timed_otherwise_are_kept_out():
     assert kt["ratios"]["torch_a"]["lo"] == pytest.approx(0.9)  # no noise left in the rounds
     assert "max_x" not in kt["ratios"] and kt["baseline"] == "torch_a"  # not the faster max_x
     assert "speedup" not in mx and "kept out of ratios" in mx["note"]
+
+
+def test_a_row_says_which_spin_timed_it_and_stays_out_of_ratios_only_while_uncovered():
+    from harness.bench.engine import _timing_fields
+    from harness.timing import Timing
+
+    first = {"cover_ms": 0.2, "uncovered": 179, "n": 200}
+
+    def timed(uncovered, retimed_from):
+        return Timing([0.07] * 200, "cuda", "ci", 30, [0.22] * 200, cover_ms=0.43,
+                      uncovered=uncovered, hidden=True, retimed_from=retimed_from)
+
+    covered = _timing_fields(timed(3, first), "", "cuda")  # re-timed, then covered
+    assert covered["launch_retimed"] is True and covered["launch_cover_ms"] == 0.43
+    assert covered["launch_first_pass"] == first and covered["uncovered"] == 3
+    assert "ratio_excluded" not in covered and "idle" not in covered["note"]
+    still = _timing_fields(timed(150, first), "", "cuda")  # re-timed, still uncovered
+    assert still["ratio_excluded"] == "GPU idle time timed"
+    assert "150/200 calls" in still["note"] and "re-timed with a 0.43 ms spin" in still["note"]
+    once = _timing_fields(timed(15, None), "", "cuda")  # 7.5 %: timed once, kept in
+    assert once["launch_retimed"] is False and "launch_first_pass" not in once
+    assert "ratio_excluded" not in once

@@ -114,7 +114,7 @@ def _buggy_store(position_of):
     """A store that takes each token's position from `position_of(cached, t)`."""
     def run(inp, params):
         blocks = inp["blocks"].clone()
-        layer, d = params["layer"], inp["k"].shape[-1]
+        layer = params["layer"]
         for b, (first, n, cached) in enumerate(pkv.sequences(inp)):
             for t in range(n):
                 pos = position_of(cached, t)

@@ -5,8 +5,9 @@ the run at once, keeping the rows finished so far.
 The child (`python -m harness.bench.child JOB`) runs `engine.benchmark_families` and does all
 checking and timing; only events and finished rows travel back. Each kernel call has a time
 limit (`call_limit_s`: --case-timeout, else derived from the case's size): a provider's first
-use also compiles, which is not limited; from then on, a step with no result within its limit
-is a HANG. A hung or crashed provider gets a row with status `hang` or `crash`; the child is
+use also compiles, which is not limited, and its first call on each case (which may compile too:
+Triton's JIT, torch.compile, MAX's torch bridge) gets at least FIRST_CALL_FLOOR_S; from then
+on, a step with no result within its limit is a HANG. A hung or crashed provider gets a row with status `hang` or `crash`; the child is
 stopped and a new one carries on from the case it was in, without that provider.
 """
 
@@ -27,6 +28,9 @@ from harness.spec import DTYPES, KernelSpec
 # Limits when --case-timeout sets none: a floor, the timer's budget, and the case's FLOPs at a
 # pessimistic pace (Triton's interpreter on the CPU; an fp64 reference on a GPU).
 CALL_LIMIT_FLOOR_S = 120.0
+# A provider's first call on a case may compile (Triton's JIT, torch.compile, MAX's torch bridge
+# took 171 s on a loaded 2-core machine): at least this long before it is a HANG.
+FIRST_CALL_FLOOR_S = 900.0
 FLOPS_PER_S = {"cpu": 1e7, "gpu": 1e10}
 
 
@@ -206,6 +210,10 @@ def main(argv: list[str]) -> int:
             ev = {**ev, "limit_s": limit()} if key in prepared else ev
         elif kind == "prepared":
             prepared.add((ev["provider"], current["family"].dtype))
+            ev = {**ev, "limit_s": limit()}
+        elif kind == "first_call":
+            ev = {**ev, "limit_s": limit() if job["case_timeout"] is not None else max(FIRST_CALL_FLOOR_S, limit())}
+        elif kind == "first_call_done":
             ev = {**ev, "limit_s": limit()}
         emit(ev)
 
