@@ -15,7 +15,8 @@
 # SIGKILL), VERIFY_KERNELS (every kernel of `kt list`; "none" skips verify), BENCH_KERNELS (the
 # same, for the microbench), VERIFY_S (200), VERIFY_EXAMPLES (4), VERIFY_FLAGS, and gpu_run.sh's
 # WARM_S and LIMIT_<kernel>. With STAGE_ARGS it first waits (STAGE_WAIT_S, 600) for
-# scripts/device-stage.sh to have unpacked the MAX bundle; else MAX must be importable.
+# scripts/device-stage.sh to have unpacked the MAX bundle, and the flashinfer bundle when
+# STAGE_ARGS names it (then on PYTHONPATH after MAX); else MAX must be importable.
 # The end: $RESULTS/DONE, holding the summary line, and $RESULTS.tar.xz (verify/ and
 # microbench/: JSON, PNG, logs; machine.txt; status.txt). A SIGTERM to the script's process
 # group stops the work the same way and still writes both.
@@ -84,14 +85,23 @@ main() {
     while :; do
       # shellcheck disable=SC2086
       eval "$(STAGE_COPY=0 bash scripts/device-stage.sh $STAGE_ARGS 2>>"$RESULTS/stage.log")"
-      [[ " $KT_STAGE_READY " == *" max "* ]] && break
+      want_fi=""
+      [[ " $STAGE_ARGS " == *" flashinfer="* ]] && want_fi=1
+      if [[ " $KT_STAGE_READY " == *" max "* ]] &&
+         { [ -z "$want_fi" ] || [[ " $KT_STAGE_READY " == *" flashinfer "* ]]; }; then
+        break
+      fi
       if [ "$(date +%s)" -ge $(( t0 + ${STAGE_WAIT_S:-600} )) ]; then
+        if [[ " $KT_STAGE_READY " == *" max "* ]]; then
+          stamp "the flashinfer bundle was not staged: its rows will be n/a"; break
+        fi
         stamp "the MAX bundle was not staged"; exit 2
       fi
       sleep 3
     done
     # MAX's toolchain only: the serving extras pin a transformers the microbench does not need.
-    export PYTHONPATH="$RUN:${KT_MAX_PYTHONPATH%%:*}"
+    # FlashInfer after it, when staged.
+    export PYTHONPATH="$RUN:${KT_MAX_PYTHONPATH%%:*}${KT_FLASHINFER_PYTHONPATH:+:$KT_FLASHINFER_PYTHONPATH}"
   else
     export PYTHONPATH="$RUN${PYTHONPATH:+:$PYTHONPATH}"
   fi

@@ -22,6 +22,12 @@
 # phase-2 row line starts with the seconds since its process started and ends with where its
 # time went.
 #
+# FlashInfer (the `flashinfer` provider), when staged: KT_FLASHINFER_PYTHONPATH (as
+# scripts/device-stage.sh prints it) goes on PYTHONPATH after MAX; its kernels are JIT-compiled
+# by nvcc (CUDA_HOME, default /usr/local/cuda) in phase 1 and cached under
+# FLASHINFER_WORKSPACE_BASE (default /tmp/kt-flashinfer), where phase 2 finds them. Unstaged,
+# its rows say "n/a: flashinfer is not importable".
+#
 # Budget for the shipped kernels: ~8 s of imports and ~8 s of planning, the limits
 # (150 + 150 + 85 + 85 s), ~5 s of summary: at most ~490 s, inside 520 s (a 540 s device
 # slot less ~20 s of unpacking). Measured H100 runs are in benchmarks/results/README.md.
@@ -35,11 +41,17 @@ LOG="$OUT/gpu_run.log"
 exec > >(tee -a "$LOG") 2>&1
 unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1 COLUMNS=220
+if [ -n "${KT_FLASHINFER_PYTHONPATH:-}" ] && [[ ":${PYTHONPATH:-}:" != *":$KT_FLASHINFER_PYTHONPATH:"* ]]; then
+  export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$KT_FLASHINFER_PYTHONPATH"
+fi
+export FLASHINFER_WORKSPACE_BASE=${FLASHINFER_WORKSPACE_BASE:-/tmp/kt-flashinfer}
+[ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ] && export CUDA_HOME=/usr/local/cuda
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 
 stamp "kt microbench: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
 $PY -c "import torch, max, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" || exit 1
+$PY -c "import flashinfer; print('flashinfer', flashinfer.__version__)" 2>/dev/null || echo "flashinfer: not importable (its rows are n/a)"
 
 plan=$($PY -m harness.bench plan --device "$DEVICE" "$@") || exit 1
 

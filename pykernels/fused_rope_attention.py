@@ -31,6 +31,7 @@ from harness.spec import (Axis, Bound, Case, KernelSpec, Param, Params, RatioTar
                           TensorArg, Tensors, ThroughputTarget, Unavailable)
 from pykernels._common import (apply_rope, bf16_rne, f32, freq_param_decls, rope_cos_sin,
                                triton_inv_freq)
+from pykernels._flashinfer import attention_provider
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # (HALF_P, fp32) -> (BLOCK_M, BLOCK_N, num_warps) on a GPU.
@@ -416,6 +417,8 @@ PROVIDERS = {
     "torch_compile": _sdpa_provider("CUDNN_ATTENTION", compiled=True),
     # the yardstick of the goal below: cuDNN SDPA with no RoPE at all
     "cudnn_alone": _sdpa_provider("CUDNN_ATTENTION", rope=False),
+    # the strongest fused peer: RoPE inside FlashInfer's attention (plain RoPE only)
+    "flashinfer": attention_provider(softmax_scale),
 }
 
 _PREFILL = ("prefill", "prefill_gqa")
@@ -423,12 +426,16 @@ _PREFILL = ("prefill", "prefill_gqa")
 # yardstick's, round by round (goal: fused RoPE + attention no slower than cuDNN SDPA without
 # RoPE; moonshot 5% faster), over torch.compile'd RoPE + cuDNN SDPA (milestone < 1.00) and
 # over stock MAX, each met / missed / within noise by its 95% interval; decode at >= 80% of
-# the GPU's HBM bandwidth.
+# the GPU's HBM bandwidth; and over FlashInfer on the plain-RoPE families.
 TARGETS = (
     RatioTarget("goal", "cudnn_alone", _PREFILL, levels=((1.0, "goal"), (0.95, "moonshot"))),
     RatioTarget("milestone", "torch_compile", _PREFILL, levels=((1.0, "milestone"),)),
     RatioTarget("", "max_flash", _PREFILL, levels=((1.0, "faster than stock MAX"),)),
     ThroughputTarget(("decode",), min_pct_peak=80.0),
+    # against FlashInfer where it computes the op: plain RoPE (its fused RoPE has no Llama 3
+    # scaling), the `*_plain` families of benchmarks/fused_rope_attention.toml
+    RatioTarget("", "flashinfer", ("prefill_plain", "decode_plain"),
+                levels=((1.0, "faster than FlashInfer"),)),
 )
 
 

@@ -4,7 +4,7 @@
 # arrive one call at a time in .stage/, unpack each bundle into /tmp/site-NAME once all of its
 # parts are there, and print the environment to source.
 #
-#   eval "$(bash scripts/device-stage.sh max=3 extras=1 vllm=5)"     (NAME=PARTS for each bundle)
+#   eval "$(bash scripts/device-stage.sh max=3 extras=1 vllm=5 flashinfer=2)"   (NAME=PARTS each)
 #
 # Every call copies what .stage/ holds into $STAGE (default /tmp/stage), so successive calls
 # accumulate parts of several bundles in any order. A bundle is unpacked once (into a temporary
@@ -14,7 +14,9 @@
 #                                                      max[serve]'s GPU extras), once both are in
 #   KT_VLLM_PYTHONPATH=/tmp/site-vllm                  vLLM 0.26's packages, over the machine's
 #                                                      torch, triton and transformers
-#   KT_STAGE_READY="max vllm"                          the engines whose environment is complete
+#   KT_FLASHINFER_PYTHONPATH=/tmp/site-flashinfer      FlashInfer (kt microbench's `flashinfer`
+#                                                      provider), over the machine's torch
+#   KT_STAGE_READY="max vllm flashinfer"               the environments that are complete
 # kt passes KT_<ENGINE>_PYTHONPATH to that engine's server only; kt itself runs on the machine's
 # python3 with the repository on PYTHONPATH. Exit status 0 even when parts are still missing.
 # Calls are serialized by a lock ($STAGE/.lock), so a background waiter may call it too.
@@ -103,6 +105,11 @@ WANT=vllm
 if wanted "$@" && done_ vllm; then
   echo "export KT_VLLM_PYTHONPATH=$SITES/site-vllm"
   ready+=(vllm)
+fi
+WANT=flashinfer
+if wanted "$@" && done_ flashinfer; then
+  echo "export KT_FLASHINFER_PYTHONPATH=$SITES/site-flashinfer"
+  ready+=(flashinfer)
 fi
 echo "export KT_STAGE_READY=\"${ready[*]}\""
 echo "device-stage: ready: ${ready[*]:-none}" >&2

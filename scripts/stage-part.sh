@@ -10,7 +10,8 @@
 # into the first call with room for it under STAGE_BUDGET bytes (default 60 MiB: a call carries at
 # most 64 MiB with the repository), so small parts share a call.
 # BUNDLES (default /work/bundles) holds one folder per bundle (BUNDLES/NAME/NAME.partNN);
-# BUNDLE_ORDER (default "max extras vllm") says which bundles, in which order.
+# BUNDLE_ORDER (default "max extras vllm") says which bundles, in which order: add flashinfer
+# for kt microbench's `flashinfer` provider ("max flashinfer" for a kernels-only session).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUNDLES=${BUNDLES:-/work/bundles}

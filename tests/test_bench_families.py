@@ -6,7 +6,8 @@ import pytest
 import pykernels
 from harness.bench import MicrobenchError
 from harness.bench.families import (family_file, load_bench_file, load_families,
-                                    select_families, validate_bench_shape, warm_jobs)
+                                    select_families, validate_bench_shape, warm_jobs,
+                                    with_providers)
 from harness.bench.providers import providers_of, select_providers
 
 
@@ -88,3 +89,44 @@ def test_warm_split_gives_one_job_per_distinct_value():
     distinct = {tuple(str(c[1].get(k, c[0].get(k))) for k in keys) for c in gpu_cases}
     assert len(split) == len(distinct) > 1
     assert all(j[1::2] == ["--where"] * len(keys) for j in split)
+
+
+def test_a_family_may_keep_to_a_few_providers(tmp_path):
+    spec = pykernels.get("rms_norm")
+    path = tmp_path / "f.toml"
+    family = ('[families.few]\ndevice = "cpu"\nbound = "memory"\nproviders = ["torch_eager"]\n'
+              'shapes = [{ M = 4, N = 8 }]\n'
+              '[families.all]\ndevice = "cpu"\nbound = "memory"\nshapes = [{ M = 4, N = 8 }]\n')
+    path.write_text(family)
+    fams = load_families(spec, path)
+    names = ["kt_graph", "torch_eager", "triton"]
+    assert fams["few"].runs(names) == ["torch_eager"] and fams["all"].runs(names) == names
+    assert with_providers(list(fams.values()), ["kt_graph"]) == [fams["all"]]
+    path.write_text(family.replace('["torch_eager"]', '["torch_eagre"]'))
+    with pytest.raises(MicrobenchError, match="unknown provider torch_eagre"):
+        load_families(spec, path)
+    path.write_text(family.replace('["torch_eager"]', '"torch_eager"'))
+    with pytest.raises(MicrobenchError, match="providers must be a list"):
+        load_families(spec, path)
+
+
+def test_the_child_restarts_past_families_its_providers_skip():
+    """After a provider dies, the next child starts at the next case on which one of the
+    remaining providers runs, as the engine skips the families where none does."""
+    from harness.bench.child import _advance, _skip_idle
+
+    spec = pykernels.get("fused_rope_attention")
+    fams = load_families(spec)
+    order = [fams[n] for n in ("prefill_plain", "decode_plain", "decode")]
+    pos = [0, len(order[0].cases) - 1]
+    _advance(pos, order, ["flashinfer"])
+    assert pos == [1, 0]
+    pos = [0, len(order[0].cases) - 1]
+    _advance(pos, order, ["triton"])  # runs on neither plain family
+    assert pos == [2, 0]
+    pos = [0, 0]
+    _skip_idle(pos, order, ["max_flash"])
+    assert pos == [2, 0]
+    pos = [0, 0]
+    _skip_idle(pos, order[:2], ["triton"])
+    assert pos[0] == 2  # past the end: nothing left to run

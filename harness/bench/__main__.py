@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
     import pykernels
     from harness.bench.engine import benchmark_families
     from harness.bench.families import (cases_where, load_bench_file, select_families,
-                                        warm_jobs)
+                                        warm_jobs, with_providers)
     from harness.bench.plots import plot
     from harness.bench.providers import select_providers
     from harness.bench.summary import summary
@@ -78,6 +78,7 @@ def main(argv: list[str]) -> int:
     fams = select_families(spec, load_bench_file(spec).families, a.shapes, a.device)
     fams = [f for f in (cases_where(f, a.where) for f in fams) if f.cases]
     provs = select_providers(spec, a.providers)
+    fams = with_providers(fams, provs)
     t0 = time.perf_counter()
     rec = benchmark_families(spec, a.device, fams, provs, package=a.kernels, check=False,
                              time_it=False)

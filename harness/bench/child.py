@@ -50,6 +50,7 @@ def run_in_child(spec: KernelSpec, device: str, families: list[Family], provider
     pos = [0, 0]  # the family, and the case in it, the next child starts at
     names = list(providers)
     pending: list[dict] = []  # rows of the case in progress (metrics come with case_done)
+    _skip_idle(pos, families, names)
     while pos[0] < len(families):
         job = {"kernel": spec.name, "device": device, "package": package, "providers": names,
                "families": [[f.name, pos[1] if i == 0 else 0]
@@ -74,7 +75,7 @@ def run_in_child(spec: KernelSpec, device: str, families: list[Family], provider
                     record["rows"].extend(_relabel(spec, families[pos[0]], ev["rows"]))
                     pending = []
                     step = {}
-                    _advance(pos, families)
+                    _advance(pos, families, names)
                 if kind != "start":
                     on_event(ev if kind != "case_done" else {"event": "case", "record": record})
         except TimedOut as e:
@@ -102,30 +103,40 @@ def run_in_child(spec: KernelSpec, device: str, families: list[Family], provider
         # A provider hung or crashed: its row, then a new child from this case, without it.
         fam = families[pos[0]]
         shape, params = fam.cases[pos[1]]
-        culprits = [step["provider"]] if step.get("event") == "provider" else names
-        where = "" if culprits == names else "; later cases skip it"
+        provider_died = step.get("event") == "provider"
+        culprits = [step["provider"]] if provider_died else fam.runs(names)
+        where = "; later cases skip it" if provider_died else ""
         for pname in culprits:
             record["rows"].append({
                 "kernel": spec.name, "device": record.get("device"), "backend":
                 record.get("backend"), "provider": pname, "family": fam.name, "shape": shape,
                 "params": params, "label": _label(spec, fam, pos[1]), "dtype": fam.dtype,
-                "status": fate[0], "note": (fate[1] if step.get("event") == "provider" else
+                "status": fate[0], "note": (fate[1] if provider_died else
                                             f"the case's reference: {fate[1]}") + where})
         on_event({"event": "case", "record": record})
-        if culprits == names:
-            _advance(pos, families)
-        else:
+        if provider_died:
             names = [n for n in names if n != step["provider"]]
             if not names:
                 break
+            _skip_idle(pos, families, names)
+        else:
+            _advance(pos, families, names)
     record.setdefault("interrupted", False)
     record["complete"] = not any(r["status"] in ("hang", "crash") for r in record["rows"])
     return record
 
 
-def _advance(pos: list[int], families: list[Family]) -> None:
+def _advance(pos: list[int], families: list[Family], names: list[str]) -> None:
     pos[1] += 1
     if pos[1] >= len(families[pos[0]].cases):
+        pos[0], pos[1] = pos[0] + 1, 0
+    _skip_idle(pos, families, names)
+
+
+def _skip_idle(pos: list[int], families: list[Family], names: list[str]) -> None:
+    """Past the families on which none of `names` runs (`Family.providers`): the engine
+    skips them too."""
+    while pos[0] < len(families) and not families[pos[0]].runs(names):
         pos[0], pos[1] = pos[0] + 1, 0
 
 
@@ -161,14 +172,15 @@ def main(argv: list[str]) -> int:
     devices.prepare_bench_device(job["device"])  # before pykernels imports triton
     import pykernels
     from harness.bench.engine import benchmark_families
-    from harness.bench.families import load_bench_file
+    from harness.bench.families import load_bench_file, with_providers
 
     spec = pykernels.get(job["kernel"])
     all_families = load_bench_file(spec).families
     families = [dataclasses.replace(all_families[name], cases=all_families[name].cases[start:])
                 for name, start in job["families"]]
     settings = Settings(**job["settings"])
-    cases = iter([(f, c) for f in families for c in f.cases])  # in the engine's order
+    cases = iter([(f, c) for f in with_providers(families, job["providers"])
+                  for c in f.cases])  # in the engine's order
     prepared: set[tuple[str, str]] = set()
     sent = 0
     current: dict = {}

@@ -15,7 +15,7 @@ from harness.bench import MicrobenchError
 from harness.bench.child import run_in_child
 from harness.bench.compare import compare_records, load_rows
 from harness.bench.engine import CPU_TIMER_LABEL, Settings, cpu_settings
-from harness.bench.families import load_bench_file, select_families
+from harness.bench.families import load_bench_file, select_families, with_providers
 from harness.bench.plots import plot
 from harness.bench.providers import providers_of, select_providers
 from harness.bench.report import render, render_comparison, row_seconds
@@ -82,15 +82,19 @@ def microbench_command(kernel: str, device: str, families: list[str], providers:
     if device == "cpu":
         err.print(f"[bold yellow]{CPU_TIMER_LABEL}[/]")
 
-    total = sum(len(f.cases) for f in chosen) * len(names)
+    chosen = with_providers(chosen, names)
+    if not chosen:
+        raise MicrobenchError(f"none of the providers {', '.join(names)} runs on the families "
+                              "chosen (a family's `providers` in its benchmark file)")
+    total = sum(len(f.cases) * len(f.runs(names)) for f in chosen)
 
     def log(line: str) -> None:  # a log (not a terminal) gets a line per step, time-stamped
         if not err.is_terminal:
             err.print(f"[{time.perf_counter() - t_start:.0f} s] {line}", highlight=False,
                       markup=False, soft_wrap=True)
 
-    log(f"{spec.name}: {sum(len(f.cases) for f in chosen)} shapes x {len(names)} providers "
-        "(seconds since the process started)")
+    log(f"{spec.name}: {sum(len(f.cases) for f in chosen)} shapes x {len(names)} providers, "
+        f"{total} runs (seconds since the process started)")
     with interrupt_on_sigterm(), Progress(
             SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
             TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),

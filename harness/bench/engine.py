@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from harness import devices
-from harness.bench.families import Family
+from harness.bench.families import Family, with_providers
 from harness.bench.gate import Gate
 from harness.bench.providers import providers_of
 from harness.checking import Check
@@ -139,7 +139,7 @@ def benchmark_families(spec: KernelSpec, device: str, families: list[Family],
                        dev.kind == "gpu")
 
     try:
-        for fam in families:
+        for fam in with_providers(families, provider_names):
             dtype = DTYPES[fam.dtype]
             varying = {k for k in fam.cases[0][1]
                        if len({json.dumps(c[1][k]) for c in fam.cases}) > 1}
@@ -157,7 +157,7 @@ def benchmark_families(spec: KernelSpec, device: str, families: list[Family],
                               "seconds": time.perf_counter() - t0})
                 case_rows = []
                 ready: dict[str, tuple[Sampler, dict]] = {}
-                for pname in provider_names:
+                for pname in fam.runs(provider_names):
                     on_event({"event": "provider", **where, "provider": pname})
                     row = {**common, "provider": pname, "family": fam.name, "shape": shape,
                            "params": params, "label": label, "dtype": fam.dtype,

@@ -9,10 +9,13 @@
     warm_split = { max_flash = ["Hk", "causal"] }   # one job per distinct value of these
                                     #   axes/params (one compile each, run in parallel)
     [families.NAME]                 # doc, device (gpu|cpu), dtype, bound (compute|memory),
-                                    #   x (plotted axis), params, sweep, shapes (free axes)
+                                    #   x (plotted axis), params, sweep, shapes (free axes),
+                                    #   providers (optional: only these run on it)
 
 Each family lists `shapes` (free axes) and `params` (defaults for every shape); `sweep` maps a
-param to several values and multiplies the shapes by them.
+param to several values and multiplies the shapes by them. `providers` keeps a family to a few
+providers, for cases that exist to compare those (plain RoPE, which FlashInfer's fused RoPE
+computes, beside the Llama 3 families every provider runs).
 """
 
 from __future__ import annotations
@@ -47,6 +50,11 @@ class Family:
     bound: str  # "compute" or "memory": which peak "% of peak" refers to
     x: str  # the axis plotted on the x axis (sequence length)
     cases: list[tuple[Shape, Params]]
+    providers: tuple[str, ...] = ()  # empty: every provider
+
+    def runs(self, names: list[str]) -> list[str]:
+        """The providers of `names` that run on this family, in `names`' order."""
+        return [n for n in names if not self.providers or n in self.providers]
 
 
 @dataclass
@@ -98,7 +106,11 @@ def _family(spec: KernelSpec, name: str, f: dict, where: str) -> Family:
     x = f.get("x", spec.axes[0].name)
     if x not in cases[0][0]:
         raise MicrobenchError(f"{where}: x = {x!r} is not an axis of {spec.name}")
-    return Family(name, f.get("doc", ""), f.get("device", "gpu"), dtype, f["bound"], x, cases)
+    providers = f.get("providers", [])
+    if not isinstance(providers, list) or not all(isinstance(p, str) for p in providers):
+        raise MicrobenchError(f"{where}: providers must be a list of provider names")
+    return Family(name, f.get("doc", ""), f.get("device", "gpu"), dtype, f["bound"], x, cases,
+                  tuple(providers))
 
 
 def load_bench_file(spec: KernelSpec, path: Path | None = None) -> BenchFile:
@@ -126,6 +138,7 @@ def load_bench_file(spec: KernelSpec, path: Path | None = None) -> BenchFile:
     known = providers_of(spec)
     named = [doc["baseline"]] if "baseline" in doc else []
     named += list(doc.get("warm", [])) + list(split)
+    named += [p for f in families.values() for p in f.providers]
     bad = [p for p in named if p not in known]
     if bad:
         raise MicrobenchError(f"{path.name}: unknown provider {', '.join(bad)} "
@@ -156,6 +169,11 @@ def select_families(spec: KernelSpec, families: dict[str, Family], requested: li
         raise MicrobenchError(f"unknown shape family {', '.join(unknown)} for {spec.name} "
                               f"(families: {', '.join(families)})")
     return [families[n] for n in names]
+
+
+def with_providers(families: list[Family], names: list[str]) -> list[Family]:
+    """The families on which at least one of the providers `names` runs (`Family.providers`)."""
+    return [f for f in families if f.runs(names)]
 
 
 def cases_where(family: Family, conditions: list[str]) -> Family:
