@@ -174,7 +174,8 @@ def prefill_case[dtype: DType](
     row."""
     var batch = len(new)
     var freqs = RopeFreqs(500000.0, 8.0, 1.0, 4.0, 8192.0)
-    var offsets = [0]
+    var offsets = List[Int]()
+    offsets.append(0)
     var cols = 1
     for b in range(batch):
         offsets.append(offsets[b] + new[b])
