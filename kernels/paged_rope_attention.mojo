@@ -18,7 +18,7 @@ import extensibility
 from extensibility import InputTensor, OutputTensor
 from extensibility.managed_tensor_slice import _MutableInputTensor as MutableInputTensor
 from max.algorithm import sync_parallelize
-from max.gpu import block_idx, thread_idx
+from max.gpu import MAX_THREADS_PER_BLOCK_METADATA, block_idx, thread_idx
 from max.gpu.primitives.warp import shuffle_xor
 from max.gpu.host import DeviceContext, FuncAttribute
 from max.gpu.host.info import is_cpu
@@ -282,8 +282,12 @@ def _prefill_smem_floats[D: Int]() -> Int:
     return PREFILL_BM * QS + PREFILL_BN * QS + PREFILL_BN * D + PREFILL_BM * PS
 
 
+@__llvm_metadata(
+    MAX_THREADS_PER_BLOCK_METADATA=StaticTuple[Int32, 1](Int32(PREFILL_THREADS)),
+    `nvvm.minctasm`=SIMDLength(MB),
+)
 def _prefill_gpu[
-    dtype: DType, D: Int
+    dtype: DType, D: Int, MB: Int
 ](
     o: Pointer[Scalar[dtype], MutAnyOrigin],
     q: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -312,7 +316,8 @@ def _prefill_gpu[
 ):
     """Grid (`_prefill_tiles`, kv heads * group / GH), PREFILL_THREADS threads, dynamic
     shared memory `_prefill_smem_floats[D]` floats; D is head_dim rounded up to 64, 128 or
-    256 (the padding dims are zero in queries, keys and values).
+    256 (the padding dims are zero in queries, keys and values). MB: blocks an SM the
+    registers must leave room for (ptxas caps them at 65536 / (256 MB)).
 
     Tile t belongs to the last sequence b with T(b) = row_offsets[b] // RB + b <= t (binary
     search), RB = PREFILL_BM // GH rows; it is that sequence's tile t - T(b), counted from
@@ -408,9 +413,9 @@ def _prefill_gpu[
             q_s[unsafe_offset=qi * QS + hd + 2 * (d - half) + 1] = 0
 
     # This thread's queries: position (the mask), the running max and partial sum.
-    var qpos = StaticTuple[Int, 4](fill=0)
+    var qpos = StaticTuple[Int32, 4](fill=0)
     comptime for mm in range(4):
-        qpos[mm] = cached + min(r0 + (ty + 16 * mm) // gh, r_last)
+        qpos[mm] = Int32(cached + min(r0 + (ty + 16 * mm) // gh, r_last))
     var m = StaticTuple[Float32, 4](fill=NEG_INF)
     var l = StaticTuple[Float32, 4](fill=0)
     var acc = StaticTuple[F4, 4 * DC](fill=0)
@@ -440,8 +445,9 @@ def _prefill_gpu[
 
         comptime for mm in range(4):
             var mx = NEG_INF
+            var visible = qpos[mm] - Int32(k0 + tx)  # keys tx + 16 kk of the tile up to this
             comptime for kk in range(4):
-                if k0 + tx + 16 * kk > qpos[mm]:
+                if Int32(16 * kk) > visible:
                     s[mm * 4 + kk] = NEG_INF
                 mx = max(mx, s[mm * 4 + kk])
             comptime for step in range(4):
@@ -806,8 +812,15 @@ def _split_decode_dispatch[
     raise Error("kt.paged_rope_attention: no decode kernel for this shape")
 
 
+def _prefill_min_blocks(D: Int) -> Int:
+    """`_prefill_gpu`'s MB: 2 at D 64 (128 registers, 70 KiB of shared memory: two blocks
+    an SM overlap one's global loads with the other's arithmetic); 1 above (the
+    accumulators need the registers)."""
+    return 2 if D == 64 else 1
+
+
 def _prefill_launch[
-    dtype: DType, D: Int
+    dtype: DType, D: Int, MB: Int = _prefill_min_blocks(D)
 ](
     o: Pointer[Scalar[dtype], MutAnyOrigin],
     q: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -825,13 +838,13 @@ def _prefill_launch[
     freqs: RopeFreqs,
     ctx: DeviceContext,
 ) raises:
-    """`_prefill_gpu[dtype, D]` on its grid, the shared memory opted in past 48 KiB."""
+    """`_prefill_gpu[dtype, D, MB]` on its grid, the shared memory opted in past 48 KiB."""
     comptime SMEM = _prefill_smem_floats[D]() * size_of[Float32]()
     var group = q_heads // lay.kv_heads
     var gh = _prefill_heads_per_block(group)
     comptime W = 16 // size_of[dtype]()
     var vec = Int(blocks) % 16 == 0 and lay.head_dim % W == 0
-    ctx.enqueue_function[_prefill_gpu[dtype, D]](
+    ctx.enqueue_function[_prefill_gpu[dtype, D, MB]](
         o, q, blocks, cache_lengths, table, row_offsets,
         Int32(batch), Int32(q_heads), Int32(lay.page_size), Int32(lay.layers),
         Int32(lay.kv_heads), Int32(lay.head_dim), Int32(lay.layer), Int32(lay.table_cols),

@@ -18,7 +18,12 @@ from kernels.fused_rope_attention import (
     _fused_rope_attention_gpu,
 )
 from kernels.paged_kv import PagedLayout
-from kernels.paged_rope_attention import _attention_gpu_launch, paged_rope_attention_gpu
+from kernels.paged_rope_attention import (
+    _attention_gpu_launch,
+    _prefill_launch,
+    _prefill_min_blocks,
+    paged_rope_attention_gpu,
+)
 from kernels.rms_norm import (
     GPU_BLOCK as NORM_BLOCK,
     ROWS_BLOCK,
@@ -162,15 +167,17 @@ def decode_variant[unroll: Int, warps: Int](
            t0, Float64(2 * batch * skv * hk * 128 * 2))
 
 
-def paged_prefill(
-    ctx: DeviceContext, batch: Int, cached: Int, new: Int, hq: Int, hk: Int, d: Int,
-    freqs: RopeFreqs,
+def paged_prefill[d: Int](
+    ctx: DeviceContext, batch: Int, cached: Int, new: Int, hq: Int, hk: Int, freqs: RopeFreqs
 ) raises:
     """kt.paged_rope_attention on a prefill batch (each sequence: new rows after cached
-    tokens; pages of 128, a 2-layer cache, layer 1 read): the op's tiled kernel, then the
-    per-row `_attention_gpu` it replaced (fewer launches: it is slow). TFLOP/s counts the
-    causal work, 4 D flops per visible (query, key) pair."""
+    tokens; pages of 128, a 2-layer cache, layer 1 read): the op's tiled kernel, the tiled
+    kernel with the other register budget (MB 1 <-> 2 blocks an SM), then the per-row
+    `_attention_gpu` it replaced (fewer launches: it is slow). TFLOP/s counts the causal
+    work, 4 D flops per visible (query, key) pair."""
     comptime page = 128
+    comptime MB = _prefill_min_blocks(d)
+    comptime OTHER_MB = 1 if MB == 2 else 2
     var rows = batch * new
     var cols = ceildiv(cached + new, page)
     var pages = batch * cols
@@ -207,25 +214,34 @@ def paged_prefill(
     var scale = Float32(1.0) / Float32(d) ** 0.5
     var q_rs = (hq + 2 * hk) * d
     var flops = Float64(4 * batch * hq * d) * Float64(new * cached + new * (new + 1) // 2)
-    for old in range(2):
-        var iters = 3 if old == 1 else ITERS
+    for variant in range(3):
+        var iters = 3 if variant == 2 else ITERS
         var t0 = perf_counter_ns()
         for it in range(WARM + iters):
             if it == WARM:
                 ctx.synchronize()
                 t0 = perf_counter_ns()
-            if old == 1:
-                _attention_gpu_launch[BF16](
+            if variant == 0:
+                paged_rope_attention_gpu[BF16](
+                    op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, freqs, ctx
+                )
+            elif variant == 1:
+                _prefill_launch[BF16, d, OTHER_MB](
                     op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, freqs, ctx
                 )
             else:
-                paged_rope_attention_gpu[BF16](
+                _attention_gpu_launch[BF16](
                     op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, freqs, ctx
                 )
         ctx.synchronize()
         var ms = Float64(perf_counter_ns() - t0) / Float64(iters) / 1e6
+        var name = String("tiled (op) MB=", MB)
+        if variant == 1:
+            name = String("tiled MB=", OTHER_MB)
+        elif variant == 2:
+            name = "per-row _attention_gpu"
         print(
-            "paged prefill", "per-row _attention_gpu" if old == 1 else "tiled (op)",
+            "paged prefill", name,
             "B", batch, "cached", cached, "new", new, "Hq", hq, "Hk", hk, "D", d,
             "ms", ms, "TFLOP/s", flops / ms / 1e9,
         )
@@ -238,9 +254,9 @@ def main() raises:
     # Paged prefill at max+kt's serving shape (Llama 3.2 1B: 32 q / 8 kv heads, D 64, bf16,
     # pages of 128): 8 prompts of 1024 tokens; then D 128 (Llama 3.1 8B) and 1024 new tokens
     # after 3072 cached (chunked prefill).
-    paged_prefill(ctx, 8, 0, 1024, 32, 8, 64, freqs)
-    paged_prefill(ctx, 8, 0, 1024, 32, 8, 128, freqs)
-    paged_prefill(ctx, 8, 3072, 1024, 32, 8, 64, freqs)
+    paged_prefill[64](ctx, 8, 0, 1024, 32, 8, freqs)
+    paged_prefill[128](ctx, 8, 0, 1024, 32, 8, freqs)
+    paged_prefill[64](ctx, 8, 3072, 1024, 32, 8, freqs)
 
     # RoPE alone: 32768 tokens, 32 q heads, 8 k heads, D 128 (168M elements).
     var tokens = 32768
