@@ -167,8 +167,8 @@ def prefill_case[dtype: DType](
     ctx: DeviceContext, d: Int, hq: Int, hk: Int, page: Int, cached: List[Int], new: List[Int],
     check: Bool,
 ) raises -> Bool:
-    """kt.paged_rope_attention's GPU branch on a prefill batch (sequence b: new[b] rows after
-    cached[b] cached tokens), which takes the tiled `_prefill_gpu`; with check, compared with
+    """The GPU branch of kt.paged_rope_attention on a prefill batch (sequence b: new[b] rows
+    after cached[b] cached tokens), which takes the tiled `_prefill_gpu`; with check, compared with
     `_attention_gpu` (one block per row and q head) on the same inputs. A random cache of 2
     layers (layer 1 read), pages handed out in a scrambled order, q a strided view of a QKV
     row."""
