@@ -18,10 +18,11 @@ import extensibility
 from extensibility import InputTensor, OutputTensor
 from extensibility.managed_tensor_slice import _MutableInputTensor as MutableInputTensor
 from max.algorithm import sync_parallelize
-from max.gpu import block_idx, thread_idx
+from max.gpu import MAX_THREADS_PER_BLOCK_METADATA, block_idx, thread_idx
 from max.gpu.primitives.warp import shuffle_xor
-from max.gpu.host import DeviceContext
+from max.gpu.host import DeviceContext, FuncAttribute
 from max.gpu.host.info import is_cpu
+from max.gpu.memory import AddressSpace, external_memory
 from max.gpu.sync import barrier
 from std.math import ceildiv, cos, exp, exp2, inf, sin, sqrt
 from std.memory import alloc, unsafe_stack_allocation
@@ -230,6 +231,314 @@ def _attention_gpu[
         dst[unsafe_offset=tid] = (acc0 / l).cast[dtype]()
     if tid + GPU_BLOCK < d:
         dst[unsafe_offset=tid + GPU_BLOCK] = (acc1 / l).cast[dtype]()
+
+
+# Prefill (several new tokens per sequence): flash attention on CUDA cores through the block
+# table. A block owns PREFILL_BM (query row, q head) pairs of ONE sequence, PREFILL_BM // GH
+# consecutive rows times GH q heads sharing one kv head, so every key and value it brings
+# into shared memory serves PREFILL_BM queries (the per-row kernel above reads them once per
+# query). 256 threads as a 16 x 16 grid; thread (ty, tx) owns queries ty + 16 i and keys
+# tx + 16 j (i, j < 4) of a score tile, and queries ty + 16 i and head dims 4 tx + 64 c
+# of the output.
+comptime PREFILL_BM = 64
+comptime PREFILL_BN = 64
+comptime PREFILL_THREADS = 256
+comptime PREFILL_MAX_HEADS = 8
+
+
+def _prefill_heads_per_block(group: Int) -> Int:
+    """q heads of one kv group in one block: the largest power of two dividing the group,
+    at most PREFILL_MAX_HEADS (so PREFILL_BM // GH >= 8 rows a block)."""
+    var gh = PREFILL_MAX_HEADS
+    while group % gh != 0:
+        gh //= 2
+    return gh
+
+
+def _prefill_head_dim(head_dim: Int) -> Int:
+    """The padded head dim of the tiled kernel's instantiation for head_dim (<= 256)."""
+    if head_dim <= 64:
+        return 64
+    if head_dim <= 128:
+        return 128
+    return 256
+
+
+def _prefill_tiles(rows: Int, batch: Int, rb: Int) -> Int:
+    """Grid size along the row tiles: sequence b's tiles are numbered from
+    T(b) = row_offsets[b] // rb + b, and T(b) + ceil(n_b / rb) <= T(b + 1) (n_b the new
+    rows of b), so rows // rb + batch = T(batch) numbers them all from shapes alone; at
+    most one number per sequence is left without a tile."""
+    return rows // rb + batch
+
+
+def _prefill_smem_floats[D: Int]() -> Int:
+    """fp32 shared memory of `_prefill_gpu[_, D]`: queries, keys, values (the keys' buffer
+    when D > 64, to fit two blocks an SM at D 128) and probabilities."""
+    comptime QS = D + 4
+    comptime PS = PREFILL_BN + 16
+    comptime if D > 64:
+        return PREFILL_BM * QS + PREFILL_BN * QS + PREFILL_BM * PS
+    return PREFILL_BM * QS + PREFILL_BN * QS + PREFILL_BN * D + PREFILL_BM * PS
+
+
+@__llvm_metadata(
+    MAX_THREADS_PER_BLOCK_METADATA=StaticTuple[Int32, 1](Int32(PREFILL_THREADS)),
+    `nvvm.minctasm`=SIMDLength(MB),
+)
+def _prefill_gpu[
+    dtype: DType, D: Int, MB: Int
+](
+    o: Pointer[Scalar[dtype], MutAnyOrigin],
+    q: Pointer[Scalar[dtype], MutAnyOrigin],
+    blocks: Pointer[Scalar[dtype], MutAnyOrigin],
+    cache_lengths: U32Ptr,
+    table: U32Ptr,
+    row_offsets: U32Ptr,
+    batch_: Int32,
+    q_heads_: Int32,
+    page_size: Int32,
+    layers: Int32,
+    kv_heads: Int32,
+    head_dim: Int32,
+    layer: Int32,
+    table_cols: Int32,
+    q_rs: Int32,
+    q_hs: Int32,
+    heads_per_block: Int32,
+    vec_: Int32,
+    scale_log2: Float32,
+    theta: Float32,
+    factor: Float32,
+    low_freq_factor: Float32,
+    high_freq_factor: Float32,
+    original_max_position: Float32,
+):
+    """Grid (`_prefill_tiles`, kv heads * group / GH), PREFILL_THREADS threads, dynamic
+    shared memory `_prefill_smem_floats[D]` floats; D is head_dim rounded up to 64, 128 or
+    256 (the padding dims are zero in queries, keys and values). MB: blocks an SM the
+    registers must leave room for (ptxas caps them at 65536 / (256 MB)).
+
+    Tile t belongs to the last sequence b with T(b) = row_offsets[b] // RB + b <= t (binary
+    search), RB = PREFILL_BM // GH rows; it is that sequence's tile t - T(b), counted from
+    the last (the longest tiles start first), and a number past the sequence's tiles exits.
+    Query qi of the block is row qi // GH of the tile, head qi % GH of the block's heads; a
+    row past the sequence's end stands in for its last row (computed, not written). The
+    block rotates its queries at their positions (pre-scaled by scale * log2 e) into shared
+    memory once, then walks the keys 0 .. (last row's position) in tiles of PREFILL_BN:
+    keys and values brought in through the block table (16-byte loads when vec_), the score
+    tile (each key past a query's position masked), an online softmax in base 2 (each
+    query's running max shared by the 16 threads of its row of the thread grid, its sum
+    kept per thread and reduced at the end), and the probabilities through shared memory
+    into the output accumulators."""
+    comptime BM = PREFILL_BM
+    comptime BN = PREFILL_BN
+    comptime NT = PREFILL_THREADS
+    comptime QS = D + 4  # padded strides: conflict-free 16-byte reads of 16 rows
+    comptime KS = D + 4
+    comptime SHARE_KV = D > 64
+    comptime VS = KS if SHARE_KV else D
+    comptime PS = BN + 16
+    comptime DC = D // 64  # output chunks of 4 dims a thread
+    comptime NEG_INF = -inf[DType.float32]()
+    comptime F4 = SIMD[DType.float32, 4]
+
+    var lay = PagedLayout(
+        Int(page_size), Int(layers), Int(kv_heads), Int(head_dim), Int(layer), Int(table_cols)
+    )
+    var freqs = RopeFreqs(theta, factor, low_freq_factor, high_freq_factor, original_max_position)
+    var batch = Int(batch_)
+    var q_heads = Int(q_heads_)
+    var hd = Int(head_dim)
+    var half = hd // 2
+    var gh = Int(heads_per_block)
+    var rb = BM // gh
+    var group = q_heads // lay.kv_heads
+    var subs = group // gh
+    var kvh = block_idx.y // subs
+    var h0 = kvh * group + (block_idx.y % subs) * gh
+    var t = block_idx.x
+    var tid = thread_idx.x
+    var tx = tid % 16
+    var ty = tid // 16
+
+    # The block's sequence and rows (uniform over the block: an empty tile exits whole).
+    var lo = 0
+    var hi = batch - 1
+    while lo < hi:
+        var mid = (lo + hi + 1) // 2
+        if Int(row_offsets[unsafe_offset=mid]) // rb + mid <= t:
+            lo = mid
+        else:
+            hi = mid - 1
+    var b = lo
+    var seq_first = Int(row_offsets[unsafe_offset=b])
+    var n_rows = Int(row_offsets[unsafe_offset=b + 1]) - seq_first
+    var n_tiles = ceildiv(n_rows, rb)
+    var i = t - (seq_first // rb + b)
+    if i >= n_tiles:
+        return
+    var r0 = (n_tiles - 1 - i) * rb
+    var r_last = min(r0 + rb, n_rows) - 1
+    var cached = Int(cache_lengths[unsafe_offset=b])
+    var max_pos = cached + r_last
+
+    var smem = external_memory[Float32, address_space=AddressSpace.SHARED, alignment=16]()
+    var q_s = smem
+    var k_s = q_s.unsafe_offset(BM * QS)
+    var v_s = k_s if SHARE_KV else k_s.unsafe_offset(BN * KS)
+    var p_s = k_s.unsafe_offset(BN * KS) if SHARE_KV else v_s.unsafe_offset(BN * VS)
+
+    # Queries: rotate, pre-scale, zero the padding dims.
+    for e in range(tid, BM * (D // 2), NT):
+        var qi = e // (D // 2)
+        var d = e % (D // 2)
+        var r = min(r0 + qi // gh, r_last)
+        var pos = cached + r
+        if d < half:
+            var src = q.unsafe_offset((seq_first + r) * Int(q_rs) + (h0 + qi % gh) * Int(q_hs))
+            # Accurate fp32 sin/cos: std.math's lower to sin/cos.approx on NVIDIA GPUs.
+            var sc = sincos_f32_accurate(SIMD[DType.float32, 1](Float32(pos) * freqs.inv_freq(d, hd)))
+            var rot = rotate_pair(
+                src[unsafe_offset=d].cast[DType.float32](),
+                src[unsafe_offset=d + half].cast[DType.float32](),
+                sc[1][0],
+                sc[0][0],
+            )
+            q_s[unsafe_offset=qi * QS + d] = rot[0] * scale_log2
+            q_s[unsafe_offset=qi * QS + d + half] = rot[1] * scale_log2
+        else:
+            # The padding dims hd .. D - 1, two for each d past half.
+            q_s[unsafe_offset=qi * QS + hd + 2 * (d - half)] = 0
+            q_s[unsafe_offset=qi * QS + hd + 2 * (d - half) + 1] = 0
+
+    # This thread's queries: position (the mask), the running max and partial sum.
+    var qpos = StaticTuple[Int32, 4](fill=0)
+    comptime for mm in range(4):
+        qpos[mm] = Int32(cached + min(r0 + (ty + 16 * mm) // gh, r_last))
+    var m = StaticTuple[Float32, 4](fill=NEG_INF)
+    var l = StaticTuple[Float32, 4](fill=0)
+    var acc = StaticTuple[F4, 4 * DC](fill=0)
+    var vstride = lay.layers * lay.page_size * lay.kv_heads * hd
+    var vec = Int(vec_) != 0
+
+    var k0 = 0
+    while k0 <= max_pos:
+        barrier()  # the previous tile's readers of k_s, v_s and p_s are done
+        _prefill_load_tile[dtype, D](k_s, KS, blocks, table, lay, b, kvh, k0, max_pos, 0, vec)
+        comptime if not SHARE_KV:
+            _prefill_load_tile[dtype, D](v_s, VS, blocks, table, lay, b, kvh, k0, max_pos, vstride, vec)
+        barrier()
+
+        var s = StaticTuple[Float32, 16](fill=0)
+        for d in range(0, D, 4):
+            var qv = StaticTuple[F4, 4](fill=0)
+            var kv = StaticTuple[F4, 4](fill=0)
+            comptime for mm in range(4):
+                qv[mm] = q_s.unsafe_load[width=4, alignment=16]((ty + 16 * mm) * QS + d)
+            comptime for kk in range(4):
+                kv[kk] = k_s.unsafe_load[width=4, alignment=16]((tx + 16 * kk) * KS + d)
+            comptime for mm in range(4):
+                comptime for kk in range(4):
+                    comptime for e in range(4):
+                        s[mm * 4 + kk] = qv[mm][e].fma(kv[kk][e], s[mm * 4 + kk])
+
+        comptime for mm in range(4):
+            var mx = NEG_INF
+            var visible = qpos[mm] - Int32(k0 + tx)  # keys tx + 16 kk of the tile up to this
+            comptime for kk in range(4):
+                if Int32(16 * kk) > visible:
+                    s[mm * 4 + kk] = NEG_INF
+                mx = max(mx, s[mm * 4 + kk])
+            comptime for step in range(4):
+                mx = max(mx, shuffle_xor(mx, UInt32(1 << step)))
+            # Key 0 is in every query's first tile, so m_new is finite from then on.
+            var m_new = max(m[mm], mx)
+            var corr = _merge_scale(m[mm], m_new)
+            var psum = Float32(0)
+            comptime for kk in range(4):
+                var p = exp2(s[mm * 4 + kk] - m_new)
+                psum += p
+                p_s[unsafe_offset=(ty + 16 * mm) * PS + tx + 16 * kk] = p
+            l[mm] = l[mm] * corr + psum
+            m[mm] = m_new
+            comptime for c in range(DC):
+                acc[mm * DC + c] = acc[mm * DC + c] * corr
+
+        comptime if SHARE_KV:
+            barrier()  # every score read its keys
+            _prefill_load_tile[dtype, D](v_s, VS, blocks, table, lay, b, kvh, k0, max_pos, vstride, vec)
+        barrier()
+
+        for kb in range(0, BN, 4):
+            var pv = StaticTuple[F4, 4](fill=0)
+            comptime for mm in range(4):
+                pv[mm] = p_s.unsafe_load[width=4, alignment=16]((ty + 16 * mm) * PS + kb)
+            comptime for kk in range(4):
+                comptime for c in range(DC):
+                    var vv = v_s.unsafe_load[width=4, alignment=16]((kb + kk) * VS + 4 * tx + 64 * c)
+                    comptime for mm in range(4):
+                        acc[mm * DC + c] = vv.fma(F4(pv[mm][kk]), acc[mm * DC + c])
+        k0 += BN
+
+    comptime for mm in range(4):
+        var lt = l[mm]
+        comptime for step in range(4):
+            lt += shuffle_xor(lt, UInt32(1 << step))
+        var qi = ty + 16 * mm
+        var r = r0 + qi // gh
+        if r < n_rows:
+            var dst = o.unsafe_offset(((seq_first + r) * q_heads + h0 + qi % gh) * hd)
+            var inv = Float32(1) / lt
+            comptime for c in range(DC):
+                comptime for e in range(4):
+                    var d = 4 * tx + 64 * c + e
+                    if d < hd:
+                        dst[unsafe_offset=d] = (acc[mm * DC + c][e] * inv).cast[dtype]()
+
+
+def _prefill_load_tile[
+    dtype: DType, D: Int
+](
+    dst: Pointer[Float32, MutUntrackedOrigin, address_space=AddressSpace.SHARED],
+    stride: Int,
+    blocks: Pointer[Scalar[dtype], MutAnyOrigin],
+    table: U32Ptr,
+    lay: PagedLayout,
+    b: Int,
+    kvh: Int,
+    k0: Int,
+    max_pos: Int,
+    kv_offset: Int,
+    vec: Bool,
+):
+    """Keys (kv_offset 0) or values of positions k0 .. k0 + PREFILL_BN - 1 of sequence b,
+    kv head kvh, into dst[key * stride + d] as fp32; positions past max_pos and dims past
+    the head dim are zero (their scores are masked, but 0 * garbage could be NaN). vec:
+    16-byte loads (head dim a multiple of the width, 16-byte aligned cache)."""
+    comptime W = 16 // size_of[dtype]()
+    var hd = lay.head_dim
+    if vec:
+        for e in range(thread_idx.x, PREFILL_BN * (D // W), PREFILL_THREADS):
+            var key = e // (D // W)
+            var d = (e % (D // W)) * W
+            var x = SIMD[DType.float32, W](0)
+            var j = k0 + key
+            if j <= max_pos and d < hd:
+                x = blocks.unsafe_load[width=W, alignment=16](
+                    lay.token_row(table, b, j, 0, kvh) + kv_offset + d
+                ).cast[DType.float32]()
+            comptime for e4 in range(W // 4):
+                dst.unsafe_store[alignment=16](key * stride + d + 4 * e4, x.slice[4, offset=4 * e4]())
+    else:
+        for e in range(thread_idx.x, PREFILL_BN * D, PREFILL_THREADS):
+            var key = e // D
+            var d = e % D
+            var x = Float32(0)
+            var j = k0 + key
+            if j <= max_pos and d < hd:
+                x = blocks[unsafe_offset=lay.token_row(table, b, j, 0, kvh) + kv_offset + d].cast[DType.float32]()
+            dst[unsafe_offset=key * stride + d] = x
 
 
 # Decode (one new token per sequence, 16-bit dtypes, D 64 or 128): split-KV flash decoding
@@ -503,6 +812,113 @@ def _split_decode_dispatch[
     raise Error("kt.paged_rope_attention: no decode kernel for this shape")
 
 
+def _prefill_min_blocks(D: Int) -> Int:
+    """`_prefill_gpu`'s MB: 2 at D 64 (128 registers, 70 KiB of shared memory: two blocks
+    an SM overlap one's global loads with the other's arithmetic); 1 above (the
+    accumulators need the registers)."""
+    return 2 if D == 64 else 1
+
+
+def _prefill_launch[
+    dtype: DType, D: Int, MB: Int = _prefill_min_blocks(D)
+](
+    o: Pointer[Scalar[dtype], MutAnyOrigin],
+    q: Pointer[Scalar[dtype], MutAnyOrigin],
+    blocks: Pointer[Scalar[dtype], MutAnyOrigin],
+    cache_lengths: U32Ptr,
+    table: U32Ptr,
+    row_offsets: U32Ptr,
+    rows: Int,
+    batch: Int,
+    q_heads: Int,
+    q_rs: Int,
+    q_hs: Int,
+    scale: Float32,
+    lay: PagedLayout,
+    freqs: RopeFreqs,
+    ctx: DeviceContext,
+) raises:
+    """`_prefill_gpu[dtype, D, MB]` on its grid, the shared memory opted in past 48 KiB."""
+    comptime SMEM = _prefill_smem_floats[D]() * size_of[Float32]()
+    var group = q_heads // lay.kv_heads
+    var gh = _prefill_heads_per_block(group)
+    comptime W = 16 // size_of[dtype]()
+    var vec = Int(blocks) % 16 == 0 and lay.head_dim % W == 0
+    ctx.enqueue_function[_prefill_gpu[dtype, D, MB]](
+        o, q, blocks, cache_lengths, table, row_offsets,
+        Int32(batch), Int32(q_heads), Int32(lay.page_size), Int32(lay.layers),
+        Int32(lay.kv_heads), Int32(lay.head_dim), Int32(lay.layer), Int32(lay.table_cols),
+        Int32(q_rs), Int32(q_hs), Int32(gh), Int32(1 if vec else 0), scale * LOG2E,
+        freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
+        freqs.original_max_position,
+        grid_dim=(_prefill_tiles(rows, batch, PREFILL_BM // gh), lay.kv_heads * (group // gh)),
+        block_dim=PREFILL_THREADS,
+        shared_mem_bytes=SMEM,
+        func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(SMEM)),
+    )
+
+
+def _prefill_dispatch[
+    dtype: DType
+](
+    o: Pointer[Scalar[dtype], MutAnyOrigin],
+    q: Pointer[Scalar[dtype], MutAnyOrigin],
+    blocks: Pointer[Scalar[dtype], MutAnyOrigin],
+    cache_lengths: U32Ptr,
+    table: U32Ptr,
+    row_offsets: U32Ptr,
+    rows: Int,
+    batch: Int,
+    q_heads: Int,
+    q_rs: Int,
+    q_hs: Int,
+    scale: Float32,
+    lay: PagedLayout,
+    freqs: RopeFreqs,
+    ctx: DeviceContext,
+) raises:
+    """The tiled prefill kernel for the head dim padded to 64, 128 or 256."""
+    var dp = _prefill_head_dim(lay.head_dim)
+    comptime for D in [64, 128, 256]:
+        if dp == D:
+            _prefill_launch[dtype, D](
+                o, q, blocks, cache_lengths, table, row_offsets, rows, batch, q_heads, q_rs,
+                q_hs, scale, lay, freqs, ctx,
+            )
+            return
+    raise Error("kt.paged_rope_attention: no prefill kernel for head dim ", lay.head_dim)
+
+
+def _attention_gpu_launch[
+    dtype: DType
+](
+    o: Pointer[Scalar[dtype], MutAnyOrigin],
+    q: Pointer[Scalar[dtype], MutAnyOrigin],
+    blocks: Pointer[Scalar[dtype], MutAnyOrigin],
+    cache_lengths: U32Ptr,
+    table: U32Ptr,
+    row_offsets: U32Ptr,
+    rows: Int,
+    batch: Int,
+    q_heads: Int,
+    q_rs: Int,
+    q_hs: Int,
+    scale: Float32,
+    lay: PagedLayout,
+    freqs: RopeFreqs,
+    ctx: DeviceContext,
+) raises:
+    """`_attention_gpu`, one block per (row, q head)."""
+    ctx.enqueue_function[_attention_gpu[dtype]](
+        o, q, blocks, cache_lengths, table, row_offsets,
+        Int32(batch), Int32(q_heads), Int32(lay.page_size), Int32(lay.layers),
+        Int32(lay.kv_heads), Int32(lay.head_dim), Int32(lay.layer), Int32(lay.table_cols),
+        Int32(q_rs), Int32(q_hs), scale, freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
+        freqs.original_max_position,
+        grid_dim=rows * q_heads, block_dim=GPU_BLOCK,
+    )
+
+
 def paged_rope_attention_gpu[
     dtype: DType
 ](
@@ -524,8 +940,10 @@ def paged_rope_attention_gpu[
 ) raises:
     """The op's GPU branch (arguments validated, scale resolved). Decode (one new token per
     sequence: rows == batch), 16-bit dtypes, D 64 or 128, a 16-byte aligned cache: the
-    split-KV kernel `_split_decode_gpu`, then `_decode_combine_gpu`. Otherwise
-    `_attention_gpu`, one block per (row, q head)."""
+    split-KV kernel `_split_decode_gpu`, then `_decode_combine_gpu`. Other decode steps:
+    `_attention_gpu`, one block per (row, q head). Prefill (rows > batch: some sequence has
+    several new tokens; decided from shapes, the host never reads the row offsets): the
+    tiled `_prefill_gpu`."""
     if rows * q_heads == 0:
         return
     var aligned = Int(blocks) % 16 == 0
@@ -535,13 +953,15 @@ def paged_rope_attention_gpu[
             scale, lay, freqs, ctx,
         )
         return
-    ctx.enqueue_function[_attention_gpu[dtype]](
-        o, q, blocks, cache_lengths, table, row_offsets,
-        Int32(batch), Int32(q_heads), Int32(lay.page_size), Int32(lay.layers),
-        Int32(lay.kv_heads), Int32(lay.head_dim), Int32(lay.layer), Int32(lay.table_cols),
-        Int32(q_rs), Int32(q_hs), scale, freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
-        freqs.original_max_position,
-        grid_dim=rows * q_heads, block_dim=GPU_BLOCK,
+    if rows > batch:
+        _prefill_dispatch[dtype](
+            o, q, blocks, cache_lengths, table, row_offsets, rows, batch, q_heads, q_rs, q_hs,
+            scale, lay, freqs, ctx,
+        )
+        return
+    _attention_gpu_launch[dtype](
+        o, q, blocks, cache_lengths, table, row_offsets, rows, batch, q_heads, q_rs, q_hs,
+        scale, lay, freqs, ctx,
     )
 
 

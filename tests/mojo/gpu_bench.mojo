@@ -1,6 +1,8 @@
 # Raw kernel timings on a GPU, outside MAX graphs, for tuning the kernels' compile-time
 # parameters (each variant is its own instantiation). Not part of CI (it needs a GPU):
 #   mojo run -I <repo> tests/mojo/gpu_bench.mojo
+# (the paged prefill kernels come first: kt.paged_rope_attention's tiled kernel and the
+# per-row kernel it replaced, at the serving shape).
 # Each line: a kernel variant, its mean milliseconds over back-to-back launches (the host
 # enqueues far faster than the GPU runs them, so launch overhead is hidden) and GB/s of the
 # bytes it must move.
@@ -14,6 +16,13 @@ from kernels.fused_rope_attention import (
     _decode_combine_gpu,
     _decode_partial_gpu,
     _fused_rope_attention_gpu,
+)
+from kernels.paged_kv import PagedLayout
+from kernels.paged_rope_attention import (
+    _attention_gpu_launch,
+    _prefill_launch,
+    _prefill_min_blocks,
+    paged_rope_attention_gpu,
 )
 from kernels.rms_norm import (
     GPU_BLOCK as NORM_BLOCK,
@@ -158,9 +167,96 @@ def decode_variant[unroll: Int, warps: Int](
            t0, Float64(2 * batch * skv * hk * 128 * 2))
 
 
+def paged_prefill[d: Int](
+    ctx: DeviceContext, batch: Int, cached: Int, new: Int, hq: Int, hk: Int, freqs: RopeFreqs
+) raises:
+    """kt.paged_rope_attention on a prefill batch (each sequence: new rows after cached
+    tokens; pages of 128, a 2-layer cache, layer 1 read): the op's tiled kernel, the tiled
+    kernel with the other register budget (MB 1 <-> 2 blocks an SM), then the per-row
+    `_attention_gpu` it replaced (fewer launches: it is slow). TFLOP/s counts the causal
+    work, 4 D flops per visible (query, key) pair."""
+    comptime page = 128
+    comptime MB = _prefill_min_blocks(d)
+    comptime OTHER_MB = 1 if MB == 2 else 2
+    var rows = batch * new
+    var cols = ceildiv(cached + new, page)
+    var pages = batch * cols
+    var nb = pages * 2 * 2 * page * hk * d
+    var blocks = ctx.enqueue_create_buffer[BF16](nb)
+    var qkv = ctx.enqueue_create_buffer[BF16](rows * (hq + 2 * hk) * d)
+    var o = ctx.enqueue_create_buffer[BF16](rows * hq * d)
+    fill(ctx, blocks, nb)
+    fill(ctx, qkv, rows * (hq + 2 * hk) * d)
+    var host_cl = ctx.enqueue_create_host_buffer[DType.uint32](batch)
+    var host_lt = ctx.enqueue_create_host_buffer[DType.uint32](pages)
+    var host_ro = ctx.enqueue_create_host_buffer[DType.uint32](batch + 1)
+    ctx.synchronize()
+    for b in range(batch):
+        host_cl[b] = UInt32(cached)
+        host_ro[b] = UInt32(b * new)
+    host_ro[batch] = UInt32(rows)
+    for i in range(pages):
+        host_lt[i] = UInt32((i * (pages - 1) + 5) % pages)
+    var cl = ctx.enqueue_create_buffer[DType.uint32](batch)
+    var lt = ctx.enqueue_create_buffer[DType.uint32](pages)
+    var ro = ctx.enqueue_create_buffer[DType.uint32](batch + 1)
+    ctx.enqueue_copy(cl, host_cl)
+    ctx.enqueue_copy(lt, host_lt)
+    ctx.enqueue_copy(ro, host_ro)
+    ctx.synchronize()
+    var lay = PagedLayout(page, 2, hk, d, 1, cols)
+    var op = o.unsafe_ptr().as_unsafe_any_origin()
+    var qp = qkv.unsafe_ptr().as_unsafe_any_origin()
+    var bp = blocks.unsafe_ptr().as_unsafe_any_origin()
+    var clp = cl.unsafe_ptr().as_unsafe_any_origin()
+    var ltp = lt.unsafe_ptr().as_unsafe_any_origin()
+    var rop = ro.unsafe_ptr().as_unsafe_any_origin()
+    var scale = Float32(1.0) / Float32(d) ** 0.5
+    var q_rs = (hq + 2 * hk) * d
+    var flops = Float64(4 * batch * hq * d) * Float64(new * cached + new * (new + 1) // 2)
+    for variant in range(3):
+        var iters = 3 if variant == 2 else ITERS
+        var t0 = perf_counter_ns()
+        for it in range(WARM + iters):
+            if it == WARM:
+                ctx.synchronize()
+                t0 = perf_counter_ns()
+            if variant == 0:
+                paged_rope_attention_gpu[BF16](
+                    op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, freqs, ctx
+                )
+            elif variant == 1:
+                _prefill_launch[BF16, d, OTHER_MB](
+                    op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, freqs, ctx
+                )
+            else:
+                _attention_gpu_launch[BF16](
+                    op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, freqs, ctx
+                )
+        ctx.synchronize()
+        var ms = Float64(perf_counter_ns() - t0) / Float64(iters) / 1e6
+        var name = String("tiled (op) MB=", MB)
+        if variant == 1:
+            name = String("tiled MB=", OTHER_MB)
+        elif variant == 2:
+            name = "per-row _attention_gpu"
+        print(
+            "paged prefill", name,
+            "B", batch, "cached", cached, "new", new, "Hq", hq, "Hk", hk, "D", d,
+            "ms", ms, "TFLOP/s", flops / ms / 1e9,
+        )
+
+
 def main() raises:
     var ctx = DeviceContext()
     var freqs = RopeFreqs(500000.0, 8.0, 1.0, 4.0, 8192.0)
+
+    # Paged prefill at max+kt's serving shape (Llama 3.2 1B: 32 q / 8 kv heads, D 64, bf16,
+    # pages of 128): 8 prompts of 1024 tokens; then D 128 (Llama 3.1 8B) and 1024 new tokens
+    # after 3072 cached (chunked prefill).
+    paged_prefill[64](ctx, 8, 0, 1024, 32, 8, freqs)
+    paged_prefill[128](ctx, 8, 0, 1024, 32, 8, freqs)
+    paged_prefill[64](ctx, 8, 3072, 1024, 32, 8, freqs)
 
     # RoPE alone: 32768 tokens, 32 q heads, 8 k heads, D 128 (168M elements).
     var tokens = 32768

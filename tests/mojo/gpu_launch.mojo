@@ -5,9 +5,11 @@
 # On a GPU, `--check` also compares kt.rms_norm's and kt.rope's vectorized kernels with the
 # simple kernels `_rms_norm_gpu` and `_rope_gpu` (every dtype, awkward sizes), and the fused
 # op's fast path (RoPE pre-pass + MAX flash attention) with the simple fused kernel
-# `_attention_gpu` on random bf16 inputs:
+# `_attention_gpu` on random bf16 inputs, and kt.paged_rope_attention's tiled prefill kernel
+# with its per-row kernel `_attention_gpu` (every dtype, ragged batches, cached prefixes):
 #   mojo run -I <repo> tests/mojo/gpu_launch.mojo --check
 from max.gpu.host import DeviceBuffer, DeviceContext
+from std.math import ceildiv
 from std.sys import argv
 
 from kernels.fused_rope_attention import (
@@ -18,7 +20,7 @@ from kernels.fused_rope_attention import (
     _fused_rope_attention_gpu,
 )
 from kernels.paged_kv import PagedLayout
-from kernels.paged_rope_attention import paged_rope_attention_gpu
+from kernels.paged_rope_attention import _attention_gpu_launch, paged_rope_attention_gpu
 from kernels.paged_rope_store import RowStrides, paged_rope_store_gpu
 from kernels.rms_norm import GPU_BLOCK as NORM_BLOCK, _rms_norm_gpu, _rms_norm_gpu_launch
 from kernels.rope import GPU_BLOCK as ROPE_BLOCK, RopeFreqs, _rope_gpu, _rope_gpu_launch
@@ -158,6 +160,89 @@ def paged_all[dtype: DType](ctx: DeviceContext) raises:
             lay, freqs, ctx,
         )
         ctx.synchronize()
+    _ = check_prefill[dtype](ctx, False)
+
+
+def prefill_case[dtype: DType](
+    ctx: DeviceContext, d: Int, hq: Int, hk: Int, page: Int, cached: List[Int], new: List[Int],
+    check: Bool,
+) raises -> Bool:
+    """The GPU branch of kt.paged_rope_attention on a prefill batch (sequence b: new[b] rows
+    after cached[b] cached tokens), which takes the tiled `_prefill_gpu`; with check, compared with
+    `_attention_gpu` (one block per row and q head) on the same inputs. A random cache of 2
+    layers (layer 1 read), pages handed out in a scrambled order, q a strided view of a QKV
+    row."""
+    var batch = len(new)
+    var freqs = RopeFreqs(500000.0, 8.0, 1.0, 4.0, 8192.0)
+    var offsets = List[Int]()
+    offsets.append(0)
+    var cols = 1
+    for b in range(batch):
+        offsets.append(offsets[b] + new[b])
+        cols = max(cols, ceildiv(cached[b] + new[b], page))
+    var rows = offsets[batch]
+    var pages = batch * cols
+    var table = List[Int]()
+    for i in range(pages):
+        table.append((i * (pages - 1) + 3) % pages)  # a permutation: pages - 1 is prime to pages
+    var lay = PagedLayout(page, 2, hk, d, 1, cols)
+    var qkv_row = (hq + 2 * hk) * d
+    var nb = pages * 2 * 2 * page * hk * d
+    var blocks = ctx.enqueue_create_buffer[dtype](nb)
+    var qkv = ctx.enqueue_create_buffer[dtype](rows * qkv_row)
+    var o_fast = ctx.enqueue_create_buffer[dtype](rows * hq * d)
+    var o_ref = ctx.enqueue_create_buffer[dtype](rows * hq * d)
+    _fill_random(ctx, blocks, nb, 31 + d)
+    _fill_random(ctx, qkv, rows * qkv_row, 32 + d)
+    var cl = _u32_buffer(ctx, cached)
+    var lt = _u32_buffer(ctx, table)
+    var ro = _u32_buffer(ctx, offsets)
+    var args = (
+        blocks.unsafe_ptr().as_unsafe_any_origin(),
+        cl.unsafe_ptr().as_unsafe_any_origin(),
+        lt.unsafe_ptr().as_unsafe_any_origin(),
+        ro.unsafe_ptr().as_unsafe_any_origin(),
+    )
+    var scale = Float32(1.0) / Float32(d) ** 0.5
+    paged_rope_attention_gpu[dtype](
+        o_fast.unsafe_ptr().as_unsafe_any_origin(), qkv.unsafe_ptr().as_unsafe_any_origin(),
+        args[0], args[1], args[2], args[3], rows, batch, hq, qkv_row, d, scale, lay, freqs, ctx,
+    )
+    if not check:
+        ctx.synchronize()
+        return True
+    _attention_gpu_launch[dtype](
+        o_ref.unsafe_ptr().as_unsafe_any_origin(), qkv.unsafe_ptr().as_unsafe_any_origin(),
+        args[0], args[1], args[2], args[3], rows, batch, hq, qkv_row, d, scale, lay, freqs, ctx,
+    )
+    var res = _compare[dtype](ctx, o_fast, o_ref, rows * hq * d)
+    print(
+        "paged prefill", dtype, "D", d, "Hq", hq, "Hk", hk, "page", page, "rows", rows,
+        "batch", batch, "max|diff|", res[1], "PASS" if res[0] else "FAIL",
+    )
+    return res[0]
+
+
+def check_prefill[dtype: DType](ctx: DeviceContext, check: Bool) raises -> Bool:
+    """Several row tiles per sequence, sequence boundaries inside a tile's worth of rows,
+    prefill after a cached prefix, a one-row sequence, pages not a multiple of the key tile;
+    GQA 4 at D 64 and 128, GQA 3 (one head a block) at D 96 (padded to 128), MHA at D 256,
+    GQA 8 at D 18 (element-wise loads)."""
+    var ok = prefill_case[dtype](ctx, 64, 8, 2, 24, [0, 19, 130], [37, 70, 5], check)
+    ok = prefill_case[dtype](ctx, 128, 8, 2, 16, [3, 0, 40], [100, 1, 17], check) and ok
+    ok = prefill_case[dtype](ctx, 96, 6, 2, 7, [0, 11], [130, 66], check) and ok
+    ok = prefill_case[dtype](ctx, 256, 4, 4, 128, [0], [150], check) and ok
+    ok = prefill_case[dtype](ctx, 18, 16, 2, 5, [2, 0], [9, 33], check) and ok
+    return ok
+
+
+def check_prefill_all(ctx: DeviceContext) raises:
+    var ok = check_prefill[DType.bfloat16](ctx, True)
+    ok = check_prefill[DType.float16](ctx, True) and ok
+    ok = check_prefill[DType.float32](ctx, True) and ok
+    if not ok:
+        raise Error("paged prefill check failed")
+    print("paged prefill check: all PASS")
 
 
 def _fill_random(ctx: DeviceContext, buf: DeviceBuffer, n: Int, seed: Int) raises:
@@ -393,3 +478,4 @@ def main() raises:
         if arg == "--check":
             check_norm_and_rope_all(ctx)
             check_fast_path(ctx)
+            check_prefill_all(ctx)
