@@ -919,8 +919,14 @@ def _attention_gpu_launch[
     )
 
 
+# The tiled prefill kernel is compiled for Hopper and checked against `_attention_gpu` by
+# tests/mojo/gpu_launch.mojo --check, but has not run on a GPU yet: the op takes it once an
+# H200 run of that check and of `kt verify paged_rope_attention --device gpu` has passed.
+comptime TILED_PREFILL = False
+
+
 def paged_rope_attention_gpu[
-    dtype: DType
+    dtype: DType, tiled_prefill: Bool = TILED_PREFILL
 ](
     o: Pointer[Scalar[dtype], MutAnyOrigin],
     q: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -943,7 +949,8 @@ def paged_rope_attention_gpu[
     split-KV kernel `_split_decode_gpu`, then `_decode_combine_gpu`. Other decode steps:
     `_attention_gpu`, one block per (row, q head). Prefill (rows > batch: some sequence has
     several new tokens; decided from shapes, the host never reads the row offsets): the
-    tiled `_prefill_gpu`."""
+    tiled `_prefill_gpu` with `tiled_prefill` (TILED_PREFILL, off until verified on a GPU),
+    else `_attention_gpu`."""
     if rows * q_heads == 0:
         return
     var aligned = Int(blocks) % 16 == 0
@@ -953,7 +960,7 @@ def paged_rope_attention_gpu[
             scale, lay, freqs, ctx,
         )
         return
-    if rows > batch:
+    if tiled_prefill and rows > batch:
         _prefill_dispatch[dtype](
             o, q, blocks, cache_lengths, table, row_offsets, rows, batch, q_heads, q_rs, q_hs,
             scale, lay, freqs, ctx,

@@ -222,7 +222,7 @@ def paged_prefill[d: Int](
                 ctx.synchronize()
                 t0 = perf_counter_ns()
             if variant == 0:
-                paged_rope_attention_gpu[BF16](
+                paged_rope_attention_gpu[BF16, tiled_prefill=True](
                     op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, freqs, ctx
                 )
             elif variant == 1:

@@ -204,7 +204,7 @@ def prefill_case[dtype: DType](
         ro.unsafe_ptr().as_unsafe_any_origin(),
     )
     var scale = Float32(1.0) / Float32(d) ** 0.5
-    paged_rope_attention_gpu[dtype](
+    paged_rope_attention_gpu[dtype, tiled_prefill=True](
         o_fast.unsafe_ptr().as_unsafe_any_origin(), qkv.unsafe_ptr().as_unsafe_any_origin(),
         args[0], args[1], args[2], args[3], rows, batch, hq, qkv_row, d, scale, lay, freqs, ctx,
     )
