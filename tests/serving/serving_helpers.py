@@ -36,3 +36,18 @@ def group_members(pgids: set[int]) -> list[int]:
         if pgrp in pgids and state != "Z":
             out.append(int(d.name))
     return out
+
+
+def engine_python(engine: str = "max") -> Path:
+    """The engine environment's interpreter; a test that needs it skips where it is missing,
+    except under CI (CI=1), where setup installs every engine and its absence is a failure."""
+    import pytest
+
+    from harness.serving.engines import EngineNotFound, get_engine
+
+    try:
+        return get_engine(engine).find_python()
+    except EngineNotFound as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(e))

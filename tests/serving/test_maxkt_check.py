@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.serving.engines import EngineNotFound, get_engine
+from serving_helpers import engine_python
 from harness.serving.maxkt import ARCH_DIR
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,12 +34,7 @@ model.execute(Buffer.from_numpy(np.array([[1, -7, 2], [0, 3, 4]], np.float32)),
 
 
 def test_check_prints_the_largest_output_and_difference():
-    try:
-        python = get_engine("max").find_python()
-    except EngineNotFound as e:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(e))
+    python = engine_python("max")
     env = dict(os.environ, KT_CUSTOM_KERNEL_PATH=str(REPO / "kernels"), PYTHONPATH=str(ARCH_DIR),
                KT_CHECK="1", KT_OPS="attention")
     r = subprocess.run([str(python), "-c", SCRIPT], capture_output=True, text=True, timeout=300, env=env)
@@ -49,12 +44,7 @@ def test_check_prints_the_largest_output_and_difference():
 
 
 def test_bad_kt_ops_stop_the_architecture_in_one_line():
-    try:
-        python = get_engine("max").find_python()
-    except EngineNotFound as e:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(e))
+    python = engine_python("max")
     env = dict(os.environ, KT_CUSTOM_KERNEL_PATH=str(REPO / "kernels"), PYTHONPATH=str(ARCH_DIR), KT_OPS="softmax")
     r = subprocess.run([str(python), "-c", "import kt_max_llama"], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode != 0 and "KT_OPS='softmax'" in r.stderr

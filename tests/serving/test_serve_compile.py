@@ -1,13 +1,13 @@
 """kt serve-compile: max+kt's served graph compiled for a GPU that is not here (MAX's virtual
 devices), the compiler's first error in one line."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from serving_helpers import engine_python
 from harness.serving.compile_check import command, first_error
 from harness.serving.config import parse_kt_ops
 from harness.serving.engines import EngineOptions, get_engine
@@ -57,12 +57,7 @@ def test_max_kt_compiles_for_the_h200_without_a_gpu(tiny_model, tmp_path):
     """The whole max+kt graph (kt's architecture, kt's kernels in every layer, MAX's Llama and
     sampler) compiled for sm_90a through MAX's virtual devices: what a GPU session would compile
     first, here on the CPU. A GPU-only compile error fails this test with the kernel's line."""
-    try:
-        get_engine("max").find_python()
-    except Exception as e:  # no MAX environment outside CI
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(e))
+    engine_python("max")
     log = tmp_path / "max.log"
     r = subprocess.run([sys.executable, "-m", "harness.serving", "serve-compile", "--model", str(tiny_model),
                         "--target", "cuda:sm_90a", "--max-model-len", "256", "--max-num-seqs", "4",

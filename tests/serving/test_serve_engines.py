@@ -22,8 +22,7 @@ from pathlib import Path
 import pytest
 
 from harness.serving import agreement
-from harness.serving.engines import EngineNotFound, get_engine
-from serving_helpers import group_members, pids_of
+from serving_helpers import engine_python, group_members, pids_of
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).parent
@@ -31,12 +30,7 @@ pytestmark = pytest.mark.slow
 
 
 def need(engine: str) -> None:
-    try:
-        get_engine(engine).find_python()
-    except EngineNotFound as e:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(e))
+    engine_python(engine)
 
 
 def kt(*args, timeout=1200):
