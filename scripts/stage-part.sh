@@ -7,20 +7,39 @@
 #   scripts/stage-part.sh clear    empty .stage/
 #
 # Parts (the max bundle's, then extras', then vllm's, in part order) go to calls first-fit: each
-# into the first call with room for it under STAGE_BUDGET bytes (default 60 MiB: a call carries at
-# most 64 MiB with the repository), so small parts share a call.
+# into the first call with room for it under STAGE_BUDGET bytes, so small parts share a call. A
+# call carries at most 64 MiB together with the repository's travelling files (tracked and
+# untracked-not-ignored), so the default budget is 64 MiB less their size less 1 MiB. A bundle
+# whose parts are larger than the budget is re-cut (its parts are slices of one stream) into
+# BUNDLES/.cut-BUDGET/NAME/, and device-stage.sh gets the new part count.
 # BUNDLES (default /work/bundles) holds one folder per bundle (BUNDLES/NAME/NAME.partNN);
 # BUNDLE_ORDER (default "max extras vllm") says which bundles, in which order: add flashinfer
 # for kt microbench's `flashinfer` provider ("max flashinfer" for a kernels-only session).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUNDLES=${BUNDLES:-/work/bundles}
-BUDGET=${STAGE_BUDGET:-$((60 * 1024 * 1024))}
+if [ -z "${STAGE_BUDGET:-}" ]; then
+  travel=$(git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s 2>/dev/null \
+           | awk '{s += $1} END {print s + 0}')
+  STAGE_BUDGET=$(( (63 << 20) - travel ))
+fi
+BUDGET=$STAGE_BUDGET
+[ "$BUDGET" -gt $((4 << 20)) ] || { echo "stage-part: the repository leaves no room for bundle parts" >&2; exit 2; }
 read -r -a order <<<"${BUNDLE_ORDER:-max extras vllm}"
 parts=() args=()
 for b in "${order[@]}"; do
   found=("$BUNDLES/$b/$b".part[0-9]*)
   [ -e "${found[0]}" ] || { echo "stage-part: no parts in $BUNDLES/$b" >&2; exit 2; }
+  big=0
+  for p in "${found[@]}"; do [ "$(stat -c %s "$p")" -le "$BUDGET" ] || big=1; done
+  if [ $big = 1 ]; then  # re-cut the stream into parts that fit, once per budget
+    cut="$BUNDLES/.cut-$BUDGET/$b"
+    if [ ! -e "$cut/.done" ]; then
+      rm -rf "$cut" && mkdir -p "$cut"
+      cat "${found[@]}" | split -b "$BUDGET" -d -a 2 - "$cut/$b.part" && touch "$cut/.done"
+    fi
+    found=("$cut/$b".part[0-9]*)
+  fi
   parts+=("${found[@]}")
   args+=("$b=${#found[@]}")
 done

@@ -128,6 +128,9 @@ class KtAttentionWithRope(AttentionWithRope):
         out = self.o_proj(ops.reshape(attn, [x.shape[0], self.q_weight_dim]))
         if ref is not None:
             ops.print(ops.cast(layer_idx, DType.int32), label="kt check attention layer")
+            # kt addresses pages as packed; MAX passes the real page-to-page distance beside the
+            # (packed) view: -1 when packed.
+            ops.print(kv_collection.page_stride, label="kt check page_stride")
             _check("attention", out, ref)
         return out
 
