@@ -19,12 +19,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BUNDLES=${BUNDLES:-/work/bundles}
 if [ -z "${STAGE_BUDGET:-}" ]; then
-  travel=$(git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s 2>/dev/null \
-           | awk '{s += $1} END {print s + 0}')
+  travel=$( { git ls-files -z --cached --others --exclude-standard 2>/dev/null || true; } \
+           | xargs -0 -r stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
   STAGE_BUDGET=$(( (63 << 20) - travel ))
+  [ "$STAGE_BUDGET" -gt $((4 << 20)) ] || { echo "stage-part: the repository's $travel travelling bytes leave no room for bundle parts" >&2; exit 2; }
 fi
 BUDGET=$STAGE_BUDGET
-[ "$BUDGET" -gt $((4 << 20)) ] || { echo "stage-part: the repository leaves no room for bundle parts" >&2; exit 2; }
 read -r -a order <<<"${BUNDLE_ORDER:-max extras vllm}"
 parts=() args=()
 for b in "${order[@]}"; do
@@ -61,6 +61,7 @@ case "${1:-}" in
     for i in "${!calls[@]}"; do
       echo "call $((i + 1)): $(for p in ${calls[i]}; do printf '%s ' "$(basename "$p")"; done)($((used[i] / 1048576)) MiB)"
     done
+    echo "budget: $BUDGET bytes per call"
     echo "device-stage.sh arguments: ${args[*]}"
     ;;
   clear)

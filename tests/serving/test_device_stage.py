@@ -60,8 +60,14 @@ def device_stage(repo, env, args):
 def calls_of(repo, env):
     out = subprocess.run(["bash", "scripts/stage-part.sh", "list"], cwd=repo, env=env, capture_output=True,
                          text=True, check=True).stdout.splitlines()
-    calls = [ln.split(": ", 1)[1].rsplit(" (", 1)[0].split() for ln in out[:-1]]
+    calls = [ln.split(": ", 1)[1].rsplit(" (", 1)[0].split() for ln in out if ln.startswith("call ")]
     return calls, out[-1].split(": ", 1)[1].split()
+
+
+def budget_of(repo, env):
+    out = subprocess.run(["bash", "scripts/stage-part.sh", "list"], cwd=repo, env=env, capture_output=True,
+                         text=True, check=True).stdout
+    return int(next(ln for ln in out.splitlines() if ln.startswith("budget: ")).split()[1])
 
 
 def test_parts_accumulate_and_each_bundle_unpacks_when_complete(setup):
@@ -158,3 +164,32 @@ def test_a_waiter_reads_no_parts(setup):
     assert r.returncode == 0 and "extras: 0/1 parts" in r.stderr
     exports, _ = device_stage(repo, env, ["extras=1"])  # the call itself takes and unpacks it
     assert (tmp / "sites" / "site-extras" / "transformers" / "__init__.py").exists()
+
+
+def test_parts_larger_than_the_budget_are_recut_and_still_unpack(setup):
+    """A call carries at most 64 MiB with the repository: parts cut for 57 MiB are re-cut to the
+    budget (slices of one stream), and device-stage.sh gets the new counts."""
+    repo, env, parts, tmp = setup
+    env = dict(env, STAGE_BUDGET="2500")
+    calls, args = calls_of(repo, env)
+    size = {b: sum(p.stat().st_size for p in v) for b, v in parts.items()}
+    assert args == [f"{b}={-(-size[b] // 2500)}" for b in ("max", "extras", "vllm")]
+    for k in range(1, len(calls) + 1):
+        stage_part(repo, env, k)
+        assert sum(p.stat().st_size for p in (repo / ".stage").iterdir()) <= 2500
+        exports, err = device_stage(repo, env, args)
+    assert exports["KT_STAGE_READY"] == '"max vllm"', err
+    assert (tmp / "sites" / "site-max" / "max" / "__init__.py").read_text() == "V = 'max'\n"
+    # Listing again re-uses the cut parts.
+    assert calls_of(repo, env) == (calls, args)
+
+
+def test_default_budget_leaves_room_for_the_repository(setup):
+    repo, env, _, _ = setup
+    assert budget_of(repo, env) == 63 << 20  # not a git checkout: nothing else travels
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / "results.json").write_bytes(os.urandom(300_000))
+    (repo / ".gitignore").write_text(".stage/\nignored.bin\n")
+    (repo / "ignored.bin").write_bytes(b"x" * 500_000)  # ignored files do not travel
+    travel = sum(p.stat().st_size for p in (repo / "scripts").iterdir()) + 300_000 + len(".stage/\nignored.bin\n")
+    assert budget_of(repo, env) == (63 << 20) - travel
