@@ -919,10 +919,11 @@ def _attention_gpu_launch[
     )
 
 
-# The tiled prefill kernel is compiled for Hopper and checked against `_attention_gpu` by
-# tests/mojo/gpu_launch.mojo --check, but has not run on a GPU yet: the op takes it once an
-# H200 run of that check and of `kt verify paged_rope_attention --device gpu` has passed.
-comptime TILED_PREFILL = False
+# The op's prefill takes the tiled kernel: on the H200 (2026-12-03) tests/mojo/gpu_launch.mojo
+# --check matched it with `_attention_gpu` on 5 shapes x 3 dtypes and `kt verify
+# paged_rope_attention --device gpu` passed with it through MAX (benchmarks/results/kernels_h200/).
+# False puts the per-row kernel back in the op.
+comptime TILED_PREFILL = True
 
 
 def paged_rope_attention_gpu[
@@ -949,7 +950,7 @@ def paged_rope_attention_gpu[
     split-KV kernel `_split_decode_gpu`, then `_decode_combine_gpu`. Other decode steps:
     `_attention_gpu`, one block per (row, q head). Prefill (rows > batch: some sequence has
     several new tokens; decided from shapes, the host never reads the row offsets): the
-    tiled `_prefill_gpu` with `tiled_prefill` (TILED_PREFILL, off until verified on a GPU),
+    tiled `_prefill_gpu` with `tiled_prefill` (TILED_PREFILL, on),
     else `_attention_gpu`."""
     if rows * q_heads == 0:
         return
