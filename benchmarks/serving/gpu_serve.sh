@@ -160,14 +160,17 @@ main() {
     done
   else
     dtype=bfloat16
+    # The environments the engines need: MAX's for max and every max+kt variant, vLLM's for vllm.
+    wanted=""
+    case ",$ENGINES," in *,max,*|*,max+kt,*|*,max+kt:*) wanted="max" ;; esac
+    case ",$ENGINES," in *,vllm,*) wanted="$wanted vllm" ;; esac
     if [ -n "${STAGE_ARGS:-}" ]; then
       deadline=$(( $(date +%s) + STAGE_WAIT_S ))
       while :; do
         # shellcheck disable=SC2086
         eval "$(cd "$SRC" && STAGE_COPY=0 bash scripts/device-stage.sh $STAGE_ARGS 2>>"$RESULTS/stage.log")"
         need=0
-        case ",$ENGINES," in *,max,*|*,max+kt,*) [[ " $KT_STAGE_READY " == *" max "* ]] || need=1 ;; esac
-        case ",$ENGINES," in *,vllm,*) [[ " $KT_STAGE_READY " == *" vllm "* ]] || need=1 ;; esac
+        for env in $wanted; do [[ " $KT_STAGE_READY " == *" $env "* ]] || need=1; done
         [ $need = 0 ] && break
         if [ "$(date +%s)" -ge "$deadline" ]; then
           stamp "environments not complete after ${STAGE_WAIT_S} s (ready: ${KT_STAGE_READY:-none})"; rc=2; exit 2
@@ -178,7 +181,8 @@ main() {
     fi
     export KT_MAX_PYTHONPATH KT_VLLM_PYTHONPATH
     engine_args=(--python "max=$(command -v "$PY")" --python "vllm=$(command -v "$PY")")
-    for v in KT_MAX_PYTHONPATH KT_VLLM_PYTHONPATH; do
+    for env in $wanted; do
+      v=KT_${env^^}_PYTHONPATH
       [ -n "${!v:-}" ] || { stamp "$v is not set: source scripts/device-stage.sh's output first"; rc=2; exit 2; }
     done
   fi
