@@ -69,6 +69,19 @@ def test_the_walk_follows_the_greedy_token_where_alike_texts_collapsed():
     assert not agreement.compare_text_to_steps(steps, ["\ufffd q"]).ok
 
 
+def test_a_token_rendered_differently_is_the_same_token_when_its_logprob_is():
+    """A byte of a partial UTF-8 character: MAX (and the reference) key it U+FFFD, vLLM '' (held
+    back) or the completed character; a special token: '' skipped, or written out."""
+    ref = [[{"\ufffd": -0.1, " q": -3.0}, {"": -0.2, " r": -3.0}, {" s": -0.3, " t": -2.0}]]
+    vllm = [[{"": -0.1001, " q": -3.0}, {"<|eot_id|>": -0.2, " r": -3.0}, {" s": -0.3, " t": -2.0}]]
+    a = agreement.compare(ref, vllm)
+    assert a.ok and a.identical == 1 and a.max_logprob_diff == pytest.approx(0.0)
+    off = [[{"": -0.5, " q": -3.0}, *vllm[0][1:]]]  # same rendering question, another logprob
+    assert agreement.compare(ref, off).mismatches == ["prompt 0 step 0: '\ufffd' vs ''"]
+    listed = [[{" q": -0.1, "\ufffd": -3.0}, *vllm[0][1:]]]  # " q" is another token of the ref's list
+    assert not agreement.compare(ref, listed).ok
+
+
 def test_probes_use_the_stock_steps_when_only_the_stock_served_logprobs():
     ref = {"steps": STEPS, "texts": [" a b d", " w y u"]}
     texts_only = {"texts": [" a c g", " w y u"]}
