@@ -217,7 +217,7 @@ main() {
   rc=$?
   kt_pid=""
   stamp "kt serve-bench exit code $rc"
-  grep -E "vs max|AGREE" "$RESULTS/serve/serve-bench.log" | tail -n 2 >>"$STATUS"
+  grep -E "vs max|vs reference|^reference:|fp32 reference" "$RESULTS/serve/serve-bench.log" | tail -n 12 >>"$STATUS"
   return "$rc"
 }
 main "$@"

@@ -3,7 +3,8 @@
 A probe is a few greedy completions with the top-k log-probabilities of every step, taken from a
 running server (`probe`). Two probes agree (`compare`) when, for every prompt:
 
-* the greedy tokens are the same at every step; or
+* the greedy tokens are the same at every step (a token whose text servers render differently,
+  `ambiguous`, is the same when its logprob is); or
 * they are the same up to a step where the stock engine's top two choices were a near-tie
   (log-probabilities within `tol`), so float reordering may legitimately flip the choice; and
 * at every step up to the first difference, the log-probabilities of the top-k tokens both
@@ -11,6 +12,11 @@ running server (`probe`). Two probes agree (`compare`) when, for every prompt:
 
 A planted broken kernel (one that skips the normalization) must fail this comparison: that shows
 the kernel is in the served path.
+
+Every engine, stock MAX included, is also compared with an fp32 reference computed with Hugging
+Face transformers from the same model folder (`hf_reference.py`): it tells which of two
+disagreeing engines is wrong. An engine that served only texts is compared with the reference's
+top-k steps (`compare_text_to_steps`), so a near-tie flip is still told from a wrong kernel.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ def probe_prompts(words: list[str], n: int = 4, length: int = 24, seed: int = 12
     return ["".join(rng.choice(words) for _ in range(length)) for _ in range(n)]
 
 
+PROBE_TOKENS, PROBE_TOP_K = 16, 5  # greedy steps per prompt, logprobs per step
+
+
 def _complete(base_url: str, body: dict, timeout_s: float) -> dict:
     req = urllib.request.Request(base_url + "/v1/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
@@ -44,7 +53,7 @@ def _complete(base_url: str, body: dict, timeout_s: float) -> dict:
         return json.loads(r.read())["choices"][0]
 
 
-def probe(base_url: str, model: str, prompts: list[str], max_tokens: int = 16, top_k: int = 5,
+def probe(base_url: str, model: str, prompts: list[str], max_tokens: int = PROBE_TOKENS, top_k: int = PROBE_TOP_K,
           extra: dict | None = None, timeout_s: float = 300.0) -> list[list[dict[str, float]]]:
     """For each prompt, the greedy steps as {token: logprob} of the top-k (chosen token first)."""
     out = []
@@ -59,12 +68,15 @@ def probe(base_url: str, model: str, prompts: list[str], max_tokens: int = 16, t
     return out
 
 
-def probe_texts(base_url: str, model: str, prompts: list[str], max_tokens: int = 16, extra: dict | None = None,
-                timeout_s: float = 300.0) -> list[str]:
+def probe_texts(base_url: str, model: str, prompts: list[str], max_tokens: int = PROBE_TOKENS,
+                extra: dict | None = None, timeout_s: float = 300.0) -> list[str]:
     """For each prompt, the greedy completion's text: the probe for servers that serve no
     logprobs (MAX's overlap scheduler, on by default on GPUs, rejects requests asking for them)."""
     return [_complete(base_url, {"model": model, "prompt": p, "max_tokens": max_tokens, "temperature": 0.0,
                                  **(extra or {})}, timeout_s)["text"] for p in prompts]
+
+
+LOGPROBS = "greedy tokens and top-k logprobs"
 
 
 @dataclass
@@ -76,7 +88,7 @@ class Agreement:
     max_logprob_diff: float = 0.0  # over the steps before any divergence
     steps_compared: int = 0
     tol: float | None = DEFAULT_TOL  # None: texts compared, no logprobs
-    mode: str = "greedy tokens and top-k logprobs"
+    mode: str = LOGPROBS
 
     @property
     def ok(self) -> bool:
@@ -84,12 +96,29 @@ class Agreement:
 
     def summary(self) -> str:
         verdict = "AGREE" if self.ok else "DISAGREE"
-        if self.tol is None:
-            return (f"{verdict} ({self.mode}): {self.identical}/{self.prompts} greedy completions identical, "
-                    f"{len(self.mismatches)} mismatches")
+        if self.mode != LOGPROBS:
+            flips = f", {self.near_tie_flips} near-tie flips (tol {self.tol:g})" if self.tol is not None else ""
+            return (f"{verdict} ({self.mode}): {self.identical}/{self.prompts} greedy completions identical"
+                    f"{flips}, {len(self.mismatches)} mismatches")
         return (f"{verdict}: {self.identical}/{self.prompts} prompts token-identical, "
                 f"{self.near_tie_flips} near-tie flips, {len(self.mismatches)} mismatches; "
                 f"max |dlogprob| {self.max_logprob_diff:.2e} over {self.steps_compared} steps (tol {self.tol:g})")
+
+
+def ambiguous(token: str) -> bool:
+    """A token text that servers render differently: empty (a special token MAX skips, vLLM
+    writes out; a byte vLLM holds back) or with U+FFFD (a byte of a partial UTF-8 character, as
+    MAX decodes it alone). Such texts are not matched by text: the token is the same when its
+    logprob is."""
+    return not token or "\ufffd" in token
+
+
+def same_token(s: dict[str, float], o: dict[str, float], tol: float) -> bool:
+    """Are two steps' first tokens one token rendered differently? One text is ambiguous, the
+    other is not listed by the other step under its own text, and their logprobs agree."""
+    s_tok, o_tok = next(iter(s)), next(iter(o))
+    return ((ambiguous(s_tok) or ambiguous(o_tok)) and (ambiguous(o_tok) or o_tok not in s)
+            and (ambiguous(s_tok) or s_tok not in o) and abs(s[s_tok] - o[o_tok]) <= tol)
 
 
 def compare(stock: list[list[dict[str, float]]], other: list[list[dict[str, float]]],
@@ -98,12 +127,12 @@ def compare(stock: list[list[dict[str, float]]], other: list[list[dict[str, floa
     for i, (s_steps, o_steps) in enumerate(zip(stock, other)):
         diverged = False
         for step, (s, o) in enumerate(zip(s_steps, o_steps)):
-            common = set(s) & set(o)
+            common = {t for t in set(s) & set(o) if not ambiguous(t)}
             if common:
                 a.max_logprob_diff = max(a.max_logprob_diff, max(abs(s[t] - o[t]) for t in common))
             a.steps_compared += 1
             s_tok, o_tok = next(iter(s)), next(iter(o))
-            if s_tok != o_tok:
+            if s_tok != o_tok and not same_token(s, o, tol):
                 diverged = True
                 if o_tok in s and s[s_tok] - s[o_tok] <= tol:
                     a.near_tie_flips += 1
@@ -132,9 +161,49 @@ def compare_texts(stock: list[str], other: list[str]) -> Agreement:
     return a
 
 
+def compare_text_to_steps(steps: list[list[dict[str, float]]], texts: list[str], tol: float = DEFAULT_TOL,
+                          stock_texts: list[str] | None = None,
+                          greedy: list[list[tuple[str, float]]] | None = None) -> Agreement:
+    """Greedy texts of an engine that served no logprobs against a probe that has top-k steps
+    (the fp32 reference). A text identical to the stock text is identical; else it is walked
+    along the stock's greedy tokens (`greedy`: each step's [text, logprob]; else each step's
+    first key). Where it leaves them, it must go on with the text of another of that step's
+    top-k tokens whose logprob is within `tol` of the greedy one's (a near-tie flip; the
+    sequences legitimately part there), else it is a mismatch. A token of a partial UTF-8
+    character (text '\ufffd') may decode otherwise inside a whole text: a text that leaves the
+    walk there is a mismatch too (conservative)."""
+    a = Agreement(prompts=len(steps), tol=tol, mode="greedy text against the top-k steps")
+    for i, (s_steps, text) in enumerate(zip(steps, texts)):
+        if stock_texts is not None and text == stock_texts[i]:
+            a.identical += 1
+            a.steps_compared += len(s_steps)
+            continue
+        pos = 0
+        for step, top in enumerate(s_steps):
+            a.steps_compared += 1
+            chosen, best = greedy[i][step] if greedy else next(iter(top.items()))
+            if text.startswith(chosen, pos):
+                pos += len(chosen)
+                continue
+            if any(t and t != chosen and best - lp <= tol and text.startswith(t, pos) for t, lp in top.items()):
+                a.near_tie_flips += 1
+            else:
+                a.mismatches.append(f"prompt {i} step {step}: {chosen!r} vs {text[pos:pos + 20]!r}")
+            break
+        else:
+            if pos == len(text):
+                a.identical += 1
+            else:
+                a.mismatches.append(f"prompt {i}: text goes on after {len(s_steps)} steps: {text[pos:pos + 20]!r}")
+    return a
+
+
 def compare_probes(stock: dict, other: dict, tol: float = DEFAULT_TOL) -> Agreement:
-    """Two probe records (`probe.json`): their top-k logprob steps where both servers served them,
-    else their greedy texts."""
+    """Two probe records (`probe.json`): their top-k logprob steps where both servers served them;
+    the other's greedy texts against the stock's steps where only the stock has steps; else
+    their greedy texts."""
     if "steps" in stock and "steps" in other:
         return compare(stock["steps"], other["steps"], tol=tol)
+    if "steps" in stock:
+        return compare_text_to_steps(stock["steps"], other["texts"], tol, stock.get("texts"), stock.get("greedy"))
     return compare_texts(stock["texts"], other["texts"])

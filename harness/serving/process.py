@@ -142,6 +142,14 @@ class ServerProcess:
                 )
             time.sleep(poll_s)
 
+    def wait_exit(self, timeout_s: float, poll_s: float = 0.5) -> int | None:
+        """Block until the process exits (a child that is no server); its exit code, or None
+        when it still runs after `timeout_s`."""
+        assert self.popen is not None and self.start_s is not None
+        while self.popen.poll() is None and time.monotonic() < self.start_s + timeout_s:
+            time.sleep(poll_s)
+        return self.popen.poll()
+
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM the group, wait up to `grace_s`, then SIGKILL it. Idempotent."""
         if self.popen is None:

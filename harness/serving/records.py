@@ -109,9 +109,10 @@ def result_row(cfg: BenchConfig, live: Live, wl: Workload, load_order: int, poin
 
 
 def run_record(cfg: BenchConfig, *, started: str, gpus: list[dict] | None, workloads: list[Workload],
-               lives: list[Live], rows: list[dict], checks: dict, problems: list[str], interrupted) -> dict:
+               lives: list[Live], rows: list[dict], checks: dict, problems: list[str], interrupted,
+               reference: dict | None = None) -> dict:
     """run.json: the command, the model, the start-up mode, each engine's fate and settings, the
-    agreement checks and the problems."""
+    fp32 reference probe (or why there is none), the agreement checks and the problems."""
     return {
         "date": started,
         "command": cfg.command,
@@ -133,6 +134,7 @@ def run_record(cfg: BenchConfig, *, started: str, gpus: list[dict] | None, workl
                                              "engine_defaults_kept", "python", "engine_pythonpath", "device")}}
             for lv in lives
         ],
+        "reference": reference,
         "agreement": checks,
         "problems": problems,
         "interrupted": bool(interrupted),

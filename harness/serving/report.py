@@ -138,9 +138,17 @@ def run_markdown(run: dict, rows: list[dict]) -> str:
     r = ratios(rows) if rows else ""
     if r:
         lines += [r, ""]
-    if run.get("agreement"):
+    ref = run.get("reference")
+    if run.get("agreement") or ref:
         lines += ["## Agreement", ""]
-        for name, c in run["agreement"].items():
+        if ref:
+            lines.append(f"- reference: none, its probe failed ({ref['error']})" if "error" in ref else
+                         f"- reference: fp32, transformers {ref['transformers']} on {ref['device']}")
+        waived = [name.split(" vs ")[0] for name, c in run.get("agreement", {}).items() if c.get("waived")]
+        if waived:
+            lines.append(f"- **stock MAX disagreed with the fp32 reference**; {', '.join(waived)} agree(s) with it, "
+                         "so disagreeing with stock MAX does not fail the run")
+        for name, c in run.get("agreement", {}).items():
             lines.append(f"- {name}: {c['summary']}")
         lines.append("")
     if run.get("problems"):

@@ -5,6 +5,8 @@ tests skip, except under CI, where a missing environment is a failure.
 * the end-to-end run: every engine, started at once (`--startup concurrent`: their cold starts,
   each a model compile, overlap), concurrency 1 and 4, report table, JSON, PNGs;
 * MAX+kt agrees with stock MAX (greedy tokens, or logprobs at a near-tie);
+* every engine, stock MAX included, agrees with the fp32 reference (transformers on the CPU,
+  under MAX's Python, once the servers are down);
 * a planted broken kt.rms_norm, kt.paged_rope_store or kt.paged_rope_attention changes MAX+kt's
   output: each kernel is in the served path;
 * killing kt (SIGKILL, which no handler sees) leaves no MAX process behind.
@@ -90,6 +92,19 @@ def test_max_kt_agrees_with_stock_max(e2e):
     assert check["steps_compared"] > 0
     log = (out / "logs" / "max_kt.log").read_text(errors="replace")
     assert "kt: 2 attention layers call kt.paged_rope_store + kt.paged_rope_attention" in log
+
+
+def test_every_engine_agrees_with_the_fp32_reference(e2e):
+    model, out, r = e2e
+    assert r.returncode == 0
+    ref = json.loads((out / "reference" / "probe.json").read_text())
+    assert (ref["device"], ref["dtype"]) == ("cpu", "float32") and len(ref["steps"]) == len(ref["texts"]) == 4
+    checks = json.loads((out / "agreement.json").read_text())
+    for label in ("max", "max+kt", "vllm"):
+        check = checks[f"{label} vs reference"]
+        assert check["ok"] and check["steps_compared"] > 0, f"{label}: {check['summary']}"
+    assert checks["max vs reference"]["identical"] == 4  # the same fp32 model, no near-tie on the tiny one
+    assert "- reference: fp32, transformers" in (out / "report.md").read_text()
 
 
 def planted_package(broken: Path, tmp_path: Path) -> Path:
