@@ -44,15 +44,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from harness.io import write_json_atomic
 
 from . import agreement, client, metrics, report, workload
+from .checks import agreement_checks, reference_probe
 from .config import (STARTUP_MODES, BenchConfig, BenchError, Live, RunFailed, RunInterrupted, build_workloads,
                      checkpoint_dtype, engine_lives, fit_to_gpu, prompts_for, read_model_config)
 from .engines.base import ServingSettings
 from .gpumem import GpuMonitor
-from .process import ServerError, ServerProcess, free_port, port_in_use, tail
+from .process import ServerError, ServerProcess, free_port, port_in_use
 from .records import gpu_info, result_row, run_record
-
-REFERENCE = Path(__file__).with_name("hf_reference.py")
-
 
 def _get_json(url: str, timeout: float = 5.0) -> dict:
     with urllib.request.urlopen(url, timeout=timeout) as r:
@@ -365,66 +363,15 @@ class Bench:
         return self.rows
 
     def reference_probe(self) -> None:
-        """The fp32 reference probe in a child process (`hf_reference.py`, under the first MAX
-        engine's Python, else vLLM's, on the run's device), once every engine is stopped and its
-        GPU memory free, limited to --startup-timeout. A reference that fails is a warning: the
-        engines are still compared with each other."""
-        cfg = self.cfg
-        lives = [lv for name in ("max", "vllm") for lv in self.lives if lv.run.engine == name and lv.python]
-        if not (self.probes and lives):
-            return
-        live, device = lives[0], cfg.runs[0].opts.device
-        device = "cpu" if device == "cpu" else "cuda:" + (device.split(":")[1].split(",")[0] if ":" in device else "0")
-        out, log = cfg.out / "reference", cfg.out / "logs" / "reference.log"
-        (out / "probe.json").unlink(missing_ok=True)
-        write_json_atomic(out / "prompts.json", self.probe_prompts)
-        argv = [str(live.python), str(REFERENCE), "--model", str(Path(cfg.model).resolve()), "--prompts",
-                str(out / "prompts.json"), "--out", str(out / "probe.json"), "--device", device,
-                "--max-tokens", str(agreement.PROBE_TOKENS), "--top-k", str(agreement.PROBE_TOP_K)]
-        self.console.print(f"reference: fp32 greedy probe with transformers on {device}, {live.python} (log {log})")
-        child = ServerProcess("reference", argv, live.env, log, health_url="")
-        t0 = time.monotonic()
-        try:
-            with self.console.status("reference: computing the fp32 probe"):
-                code = child.start().wait_exit(cfg.startup_timeout_s)
-        finally:
-            child.stop()
-        seconds = round(time.monotonic() - t0, 1)
-        if code == 0:
-            self.ref_probe = json.loads((out / "probe.json").read_text())
-            self.reference = {k: self.ref_probe.get(k) for k in ("device", "dtype", "transformers", "torch")}
-            self.reference |= {"probe": str(out / "probe.json"), "seconds": seconds, "python": str(live.python)}
-            self.console.print(f"reference: done in {seconds:.0f} s -> {out / 'probe.json'}")
-            return
-        why = f"no result in {cfg.startup_timeout_s:.0f} s" if code is None else \
-            f"exit code {code}: {(tail(log, 1) or 'no output').strip()}"
-        self.reference = {"error": f"{why} (log {log})", "python": str(live.python)}
-        self.console.print(f"[yellow]reference: {why}; no engine is compared with the fp32 reference (log {log})[/]")
+        """The fp32 reference probe (`checks.reference_probe`), once every engine is stopped."""
+        if self.probes:
+            self.ref_probe, self.reference = reference_probe(self.cfg, self.lives, self.probe_prompts,
+                                                             self.console)
 
     def finish(self, interrupted) -> None:
         cfg = self.cfg
-        checks = {}
-        ref = self.ref_probe
-
-        def check(label: str, stock: dict, name: str) -> bool:
-            dtype = next((lv.run.opts.settings.dtype for lv in self.lives if lv.run.label == label), None)
-            tol = cfg.agreement_tol if cfg.agreement_tol is not None else agreement.default_tol(dtype)
-            res = agreement.compare_probes(stock, self.probes[label], tol)
-            checks[f"{label} vs {name}"] = asdict(res) | {"ok": res.ok, "summary": res.summary()}
-            self.console.print(f"[bold]{label} vs {name}[/]: {res.summary()}")
-            return res.ok
-
-        vouched = {label for label in self.probes if check(label, ref, "reference")} if ref is not None else set()
-        for label in self.probes:
-            base = label.split("+kt", 1)[0]  # max+kt and max+kt:OP+OP against max
-            if label == base or base not in self.probes or check(label, self.probes[base], base):
-                continue
-            if base not in vouched and label in vouched:
-                checks[f"{label} vs {base}"]["waived"] = f"{base} disagrees with the fp32 reference; {label} agrees"
-                self.console.print(f"[yellow]stock {base} disagrees with the fp32 reference and {label} agrees "
-                                   f"with it: {label}'s disagreement with {base} does not fail the run[/]")
-            else:
-                self.problems.append(f"{label} disagrees with {base}: {checks[f'{label} vs {base}']['summary']}")
+        checks, problems = agreement_checks(cfg, self.lives, self.probes, self.ref_probe, self.console)
+        self.problems += problems
         if checks:
             write_json_atomic(cfg.out / "agreement.json", checks)
         summary = [{k: v for k, v in r.items() if not isinstance(v, list)} for r in self.rows]

@@ -12,7 +12,8 @@ import pytest
 
 from harness.serving import agreement
 from harness.serving.config import BenchConfig, RunFailed
-from harness.serving.runner import REFERENCE, Bench
+from harness.serving.checks import REFERENCE
+from harness.serving.runner import Bench
 from serving_helpers import engine_python
 
 REPO = Path(__file__).resolve().parents[2]
