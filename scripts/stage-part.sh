@@ -32,9 +32,9 @@ for b in "${order[@]}"; do
   [ -e "${found[0]}" ] || { echo "stage-part: no parts in $BUNDLES/$b" >&2; exit 2; }
   big=0
   for p in "${found[@]}"; do [ "$(stat -c %s "$p")" -le "$BUDGET" ] || big=1; done
-  if [ $big = 1 ]; then  # re-cut the stream into parts that fit, once per budget
+  if [ $big = 1 ]; then  # re-cut the stream into parts that fit, once per budget and bundle build
     cut="$BUNDLES/.cut-$BUDGET/$b"
-    if [ ! -e "$cut/.done" ]; then
+    if [ ! -e "$cut/.done" ] || [ -n "$(find "${found[@]}" -newer "$cut/.done")" ]; then
       rm -rf "$cut" && mkdir -p "$cut"
       cat "${found[@]}" | split -b "$BUDGET" -d -a 2 - "$cut/$b.part" && touch "$cut/.done"
     fi

@@ -180,8 +180,12 @@ def test_parts_larger_than_the_budget_are_recut_and_still_unpack(setup):
         exports, err = device_stage(repo, env, args)
     assert exports["KT_STAGE_READY"] == '"max vllm"', err
     assert (tmp / "sites" / "site-max" / "max" / "__init__.py").read_text() == "V = 'max'\n"
-    # Listing again re-uses the cut parts.
-    assert calls_of(repo, env) == (calls, args)
+    # Listing again re-uses the cut parts; a bundle built again is cut again.
+    cut = tmp / "bundles" / ".cut-2500" / "max" / ".done"
+    stamp = cut.stat().st_mtime_ns
+    assert calls_of(repo, env) == (calls, args) and cut.stat().st_mtime_ns == stamp
+    os.utime(parts["max"][0], ns=(stamp + 10**9, stamp + 10**9))
+    assert calls_of(repo, env) == (calls, args) and cut.stat().st_mtime_ns != stamp
 
 
 def test_default_budget_leaves_room_for_the_repository(setup):
