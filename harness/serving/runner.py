@@ -52,6 +52,7 @@ from .gpumem import GpuMonitor
 from .process import ServerError, ServerProcess, free_port, port_in_use
 from .records import gpu_info, result_row, run_record
 
+
 def _get_json(url: str, timeout: float = 5.0) -> dict:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return json.loads(r.read())
