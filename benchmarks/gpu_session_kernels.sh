@@ -16,7 +16,7 @@
 #     setsid nohup bash benchmarks/gpu_session_kernels.sh >/tmp/kt-session.out 2>&1 </dev/null &
 #
 # Variables (defaults): RESULTS (/tmp/kt-session), VERIFY_KERNELS ("paged_rope_store
-# paged_rope_attention rms_norm"), BENCH_KERNELS ("rope rms_norm fused_rope_attention";
+# paged_rope_attention rms_norm"; none: no steps 1 and 2, the tiled prefill as shipped), BENCH_KERNELS ("rope rms_norm fused_rope_attention";
 # paged_rope_attention is added when the tiled prefill passed), AFTER (none: no wait),
 # AFTER_WAIT_S (1200), STAGE_ARGS (as gpu_kernels.sh takes it; step 3 waits for the flashinfer
 # bundle when it names one), VERIFY_LIMIT_S (540), BENCH_LIMIT_S (720).
@@ -49,28 +49,37 @@ main() {
     stamp "$name: $(cat "$RESULTS/$name/DONE" 2>/dev/null || echo 'no summary')"
   }
 
-  kernels k1 STAGE_ARGS="${STAGE_ARGS%% *}" VERIFY_KERNELS="$VERIFY_KERNELS" BENCH_KERNELS=none \
-    KERNELS_LIMIT_S="${VERIFY_LIMIT_S:-540}" CHECK_S=300
   tiled=""
-  if grep -q "paged prefill check: all PASS" "$RESULTS/k1/verify/gpu_verify.log" 2>/dev/null; then
-    sed -i 's/^comptime TILED_PREFILL = False$/comptime TILED_PREFILL = True/' \
-      "$COPY/kernels/paged_rope_attention.mojo"
+  if [ "$VERIFY_KERNELS" = none ]; then
+    # No verify steps (the kernels passed on the GPU as they are): the op's TILED_PREFILL as shipped.
     if grep -q '^comptime TILED_PREFILL = True$' "$COPY/kernels/paged_rope_attention.mojo"; then
-      # CHECK_S=0: gpu_launch --check ran in step 1; this step is the op through MAX.
-      kernels k2 STAGE_ARGS="${STAGE_ARGS%% *}" VERIFY_KERNELS=paged_rope_attention \
-        BENCH_KERNELS=none KERNELS_LIMIT_S="${VERIFY_LIMIT_S:-540}" CHECK_S=0
-      if grep -q "paged_rope_attention:PASS" "$RESULTS/k2/verify/gpu_verify.log" 2>/dev/null; then
-        tiled=1
-        BENCH_KERNELS="$BENCH_KERNELS paged_rope_attention"
-        stamp "the tiled prefill passed: paged_rope_attention is timed with it"
-      else
-        sed -i 's/^comptime TILED_PREFILL = True$/comptime TILED_PREFILL = False/' \
-          "$COPY/kernels/paged_rope_attention.mojo"
-        stamp "the tiled prefill failed kt verify on the GPU: it stays off"
-      fi
+      tiled=1
+      [[ " $BENCH_KERNELS " == *" paged_rope_attention "* ]] || BENCH_KERNELS="$BENCH_KERNELS paged_rope_attention"
     fi
+    stamp "no verify steps (VERIFY_KERNELS=none); tiled prefill $([ -n "$tiled" ] && echo on || echo off) as shipped"
   else
-    stamp "no 'paged prefill check: all PASS' in step 1: the tiled prefill stays off"
+    kernels k1 STAGE_ARGS="${STAGE_ARGS%% *}" VERIFY_KERNELS="$VERIFY_KERNELS" BENCH_KERNELS=none \
+      KERNELS_LIMIT_S="${VERIFY_LIMIT_S:-540}" CHECK_S=300
+    if grep -q "paged prefill check: all PASS" "$RESULTS/k1/verify/gpu_verify.log" 2>/dev/null; then
+      sed -i 's/^comptime TILED_PREFILL = False$/comptime TILED_PREFILL = True/' \
+        "$COPY/kernels/paged_rope_attention.mojo"
+      if grep -q '^comptime TILED_PREFILL = True$' "$COPY/kernels/paged_rope_attention.mojo"; then
+        # CHECK_S=0: gpu_launch --check ran in step 1; this step is the op through MAX.
+        kernels k2 STAGE_ARGS="${STAGE_ARGS%% *}" VERIFY_KERNELS=paged_rope_attention \
+          BENCH_KERNELS=none KERNELS_LIMIT_S="${VERIFY_LIMIT_S:-540}" CHECK_S=0
+        if grep -q "paged_rope_attention:PASS" "$RESULTS/k2/verify/gpu_verify.log" 2>/dev/null; then
+          tiled=1
+          BENCH_KERNELS="$BENCH_KERNELS paged_rope_attention"
+          stamp "the tiled prefill passed: paged_rope_attention is timed with it"
+        else
+          sed -i 's/^comptime TILED_PREFILL = True$/comptime TILED_PREFILL = False/' \
+            "$COPY/kernels/paged_rope_attention.mojo"
+          stamp "the tiled prefill failed kt verify on the GPU: it stays off"
+        fi
+      fi
+    else
+      stamp "no 'paged prefill check: all PASS' in step 1: the tiled prefill stays off"
+    fi
   fi
 
   if [ -n "${AFTER:-}" ]; then

@@ -31,6 +31,7 @@ from pathlib import Path
 from max.dtype import DType
 from max.graph import DeviceRef, TensorType, TensorValue, ops
 from max.nn.attention import AttentionWithRope
+from max.nn.attention.attention_with_rope import flash_attention_ragged, rope_split_store_ragged
 from max.nn.norm import RMSNorm
 from max.pipelines.architectures.llama3.arch import llama_arch
 from max.pipelines.architectures.llama3.model import Llama3Model
@@ -103,10 +104,6 @@ class KtAttentionWithRope(AttentionWithRope):
     def __call__(self, layer_idx, x, kv_collection, freqs_cis, input_row_offsets):
         if self.use_qk_norm or self.sliding_window is not None:
             raise ValueError("kt's paged attention has no QK norm or sliding window")
-        # MAX's own layer first (it writes the same keys and values, rotated by MAX, which kt's
-        # store then overwrites with its own), so that both read one cache.
-        ref = AttentionWithRope.__call__(self, layer_idx, x, kv_collection, freqs_cis,
-                                         input_row_offsets) if CHECK else None
         head_dim = self.kv_params.head_dim
         n_kv = self.num_key_value_heads
         qkv = self.qkv_proj(x)
@@ -119,6 +116,16 @@ class KtAttentionWithRope(AttentionWithRope):
         index = [kv_collection.cache_lengths, kv_collection.lookup_table, input_row_offsets]
         rope = self.rope_args()
         blocks = kv_collection.kv_blocks
+        if CHECK:
+            # MAX's own layer first: it writes this step's keys and values (rotated by MAX), and
+            # kt's attention kernel reads that cache once, before kt's store overwrites it, so
+            # the kernel and the store are checked apart.
+            ref, ref_attn = self._max_attention(layer_idx, x, kv_collection, freqs_cis,
+                                                input_row_offsets)
+            kernel_only = ops.inplace_custom(
+                ATTENTION_OP, device=x.device,
+                values=[xq, blocks, *index, layer, _scalar(float(self.scale)), *rope],
+                out_types=[TensorType(xq.dtype, xq.shape, x.device)])[0].tensor
         ops.inplace_custom(STORE_OP, device=x.device, values=[xk, xv, blocks, *index, layer, *rope],
                            out_types=[])
         attn = ops.inplace_custom(
@@ -126,13 +133,34 @@ class KtAttentionWithRope(AttentionWithRope):
             values=[xq, blocks, *index, layer, _scalar(float(self.scale)), *rope],
             out_types=[TensorType(xq.dtype, xq.shape, x.device)])[0].tensor
         out = self.o_proj(ops.reshape(attn, [x.shape[0], self.q_weight_dim]))
-        if ref is not None:
+        if CHECK:
             ops.print(ops.cast(layer_idx, DType.int32), label="kt check attention layer")
             # kt addresses pages as packed; MAX passes the real page-to-page distance beside the
             # (packed) view: -1 when packed.
             ops.print(kv_collection.page_stride, label="kt check page_stride")
+            ops.print(kv_collection.cache_lengths.to(DeviceRef.CPU()), label="kt check cache_lengths")
+            ops.print(input_row_offsets.to(DeviceRef.CPU()), label="kt check row_offsets")
+            _check("attention kernel on MAX's cache", kernel_only, ref_attn)
+            _check("attention store+kernel", attn, ref_attn)
             _check("attention", out, ref)
         return out
+
+    def _max_attention(self, layer_idx, x, kv_collection, freqs_cis, input_row_offsets):
+        """MAX's attention layer as `AttentionWithRope.__call__` builds it (RoPE + store into
+        the cache, flash attention over it, output projection): (the layer's output, the
+        attention before the projection)."""
+        qkv = self.qkv_proj(x)
+        xq = rope_split_store_ragged(
+            kv_params=self.kv_params, qkv=qkv, input_row_offsets=input_row_offsets,
+            freqs_cis=ops.cast(freqs_cis, qkv.dtype).to(qkv.device), kv_collection=kv_collection,
+            layer_idx=layer_idx, n_heads=self.n_heads, interleaved=self.rope.interleaved,
+            fuse=self._fuse_rope_and_store)
+        xq = xq.reshape((-1, self.n_heads, self.kv_params.head_dim))
+        attn = flash_attention_ragged(
+            self.kv_params, input=xq, kv_collection=kv_collection, layer_idx=layer_idx,
+            input_row_offsets=input_row_offsets, mask_variant=self.mask_variant,
+            scale=self.scale, local_window_size=-1)
+        return self.o_proj(ops.reshape(attn, [x.shape[0], self.q_weight_dim])), attn
 
 
 def _norms(module):
