@@ -83,6 +83,17 @@ def test_a_token_rendered_differently_is_the_same_token_when_its_logprob_is():
     assert not agreement.compare(ref, listed).ok
 
 
+def test_logprobs_far_below_the_choice_are_not_compared():
+    """The H200 probes of the 1B random model: the same tokens, runners-up 400 nats down and
+    3.6 nats apart there (bf16 logits in the hundreds); a difference near the top still counts."""
+    ref = [[{" dist": 0.0, " kt84974": -407.99, " kt101856": -409.13}]]
+    served = [[{" dist": 0.0, " kt84974": -404.34, " kt101856": -409.5}]]
+    a = agreement.compare(ref, served, tol=1.0)
+    assert a.ok and a.identical == 1 and a.max_logprob_diff == 0.0
+    near = [[{" dist": -0.05, " kt84974": -3.0}]]
+    assert not agreement.compare([[{" dist": -0.05, " kt84974": -6.6}]], near, tol=1.0).ok
+
+
 def test_probes_use_the_stock_steps_when_only_the_stock_served_logprobs():
     ref = {"steps": STEPS, "texts": [" a b d", " w y u"]}
     texts_only = {"texts": [" a c g", " w y u"]}
