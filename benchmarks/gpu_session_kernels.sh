@@ -4,22 +4,25 @@
 # device call re-syncs the working tree; the copy does not change under the run):
 #
 #   1. verify (VERIFY_KERNELS; default the paged ops and rms_norm, the kernels MAX Serve runs),
-#      whose first step, tests/mojo/gpu_launch.mojo --check, also compares the tiled prefill
-#      kernel with the per-row one ("paged prefill check: all PASS");
-#   2. when that check passed: TILED_PREFILL turned on in the copy and `kt verify
-#      paged_rope_attention --device gpu` again, so the op takes the tiled kernel only once it
-#      has passed through MAX as well;
+#      whose first step, tests/mojo/gpu_launch.mojo --check, also compares the candidate kernel
+#      of kernels/paged_rope_attention.mojo with the one in use (FLAG below; its line in the
+#      check's output is CHECK_LINE);
+#   2. when that check passed: FLAG turned on in the copy and `kt verify paged_rope_attention
+#      --device gpu` again, so the op takes the candidate only once it has passed through MAX
+#      as well;
 #   3. once the file AFTER exists (the serving run's DONE: no kernel is timed while engines
-#      serve), the microbench of BENCH_KERNELS, with the tiled prefill when step 2 passed.
+#      serve), the microbench of BENCH_KERNELS and paged_rope_attention, with FLAG on when step 2
+#      passed.
 #
 #   KT_GIT_SHA=<sha> STAGE_ARGS="max=4 flashinfer=1" AFTER=/tmp/kt-serve/DONE \
 #     setsid nohup bash benchmarks/gpu_session_kernels.sh >/tmp/kt-session.out 2>&1 </dev/null &
 #
 # Variables (defaults): RESULTS (/tmp/kt-session), VERIFY_KERNELS ("paged_rope_store
-# paged_rope_attention rms_norm"; none: no steps 1 and 2, the tiled prefill as shipped), BENCH_KERNELS ("rope rms_norm fused_rope_attention";
-# paged_rope_attention is added when the tiled prefill passed), AFTER (none: no wait),
-# AFTER_WAIT_S (1200), STAGE_ARGS (as gpu_kernels.sh takes it; step 3 waits for the flashinfer
-# bundle when it names one), VERIFY_LIMIT_S (540), BENCH_LIMIT_S (720).
+# paged_rope_attention rms_norm"; none: no steps 1 and 2, the kernels as shipped), FLAG
+# (PIPELINED_DECODE: the split-KV decode's key loads one step ahead), CHECK_LINE ("paged decode
+# check: all PASS"), BENCH_KERNELS ("rope rms_norm fused_rope_attention"), AFTER (none: no
+# wait), AFTER_WAIT_S (1200), STAGE_ARGS (as gpu_kernels.sh takes it; step 3 waits for the
+# flashinfer bundle when it names one), VERIFY_LIMIT_S (540), BENCH_LIMIT_S (720).
 # Progress: $RESULTS/status.txt. The end: $RESULTS/DONE and $RESULTS/k1.tar.xz, k2.tar.xz,
 # k3.tar.xz (each step's verify/ or microbench/ folder, logs, machine.txt).
 set -uo pipefail
@@ -49,36 +52,32 @@ main() {
     stamp "$name: $(cat "$RESULTS/$name/DONE" 2>/dev/null || echo 'no summary')"
   }
 
-  tiled=""
+  FLAG=${FLAG:-PIPELINED_DECODE}
+  CHECK_LINE=${CHECK_LINE:-paged decode check: all PASS}
+  OP="$COPY/kernels/paged_rope_attention.mojo"
+  on=""
+  [[ " $BENCH_KERNELS " == *" paged_rope_attention "* ]] || BENCH_KERNELS="$BENCH_KERNELS paged_rope_attention"
   if [ "$VERIFY_KERNELS" = none ]; then
-    # No verify steps (the kernels passed on the GPU as they are): the op's TILED_PREFILL as shipped.
-    if grep -q '^comptime TILED_PREFILL = True$' "$COPY/kernels/paged_rope_attention.mojo"; then
-      tiled=1
-      [[ " $BENCH_KERNELS " == *" paged_rope_attention "* ]] || BENCH_KERNELS="$BENCH_KERNELS paged_rope_attention"
-    fi
-    stamp "no verify steps (VERIFY_KERNELS=none); tiled prefill $([ -n "$tiled" ] && echo on || echo off) as shipped"
+    stamp "no verify steps (VERIFY_KERNELS=none): the kernels as shipped"
   else
     kernels k1 STAGE_ARGS="${STAGE_ARGS%% *}" VERIFY_KERNELS="$VERIFY_KERNELS" BENCH_KERNELS=none \
       KERNELS_LIMIT_S="${VERIFY_LIMIT_S:-540}" CHECK_S=300
-    if grep -q "paged prefill check: all PASS" "$RESULTS/k1/verify/gpu_verify.log" 2>/dev/null; then
-      sed -i 's/^comptime TILED_PREFILL = False$/comptime TILED_PREFILL = True/' \
-        "$COPY/kernels/paged_rope_attention.mojo"
-      if grep -q '^comptime TILED_PREFILL = True$' "$COPY/kernels/paged_rope_attention.mojo"; then
+    if grep -qF "$CHECK_LINE" "$RESULTS/k1/verify/gpu_verify.log" 2>/dev/null; then
+      sed -i "s/^comptime $FLAG = False\$/comptime $FLAG = True/" "$OP"
+      if grep -q "^comptime $FLAG = True\$" "$OP"; then
         # CHECK_S=0: gpu_launch --check ran in step 1; this step is the op through MAX.
         kernels k2 STAGE_ARGS="${STAGE_ARGS%% *}" VERIFY_KERNELS=paged_rope_attention \
           BENCH_KERNELS=none KERNELS_LIMIT_S="${VERIFY_LIMIT_S:-540}" CHECK_S=0
         if grep -q "paged_rope_attention:PASS" "$RESULTS/k2/verify/gpu_verify.log" 2>/dev/null; then
-          tiled=1
-          BENCH_KERNELS="$BENCH_KERNELS paged_rope_attention"
-          stamp "the tiled prefill passed: paged_rope_attention is timed with it"
+          on=1
+          stamp "$FLAG passed kt verify on the GPU: the microbench times it"
         else
-          sed -i 's/^comptime TILED_PREFILL = True$/comptime TILED_PREFILL = False/' \
-            "$COPY/kernels/paged_rope_attention.mojo"
-          stamp "the tiled prefill failed kt verify on the GPU: it stays off"
+          sed -i "s/^comptime $FLAG = True\$/comptime $FLAG = False/" "$OP"
+          stamp "$FLAG failed kt verify on the GPU: it stays off"
         fi
       fi
     else
-      stamp "no 'paged prefill check: all PASS' in step 1: the tiled prefill stays off"
+      stamp "no '$CHECK_LINE' in step 1: $FLAG stays off"
     fi
   fi
 
@@ -90,8 +89,8 @@ main() {
   fi
   kernels k3 STAGE_ARGS="${STAGE_ARGS:-}" VERIFY_KERNELS=none BENCH_KERNELS="$BENCH_KERNELS" \
     KERNELS_LIMIT_S="${BENCH_LIMIT_S:-720}"
-  echo "tiled_prefill=${tiled:-0}" >"$RESULTS/DONE"
-  stamp "done (tiled prefill $([ -n "$tiled" ] && echo on || echo off))"
+  echo "$FLAG=${on:-0}" >"$RESULTS/DONE"
+  stamp "done ($FLAG $([ -n "$on" ] && echo on || echo off))"
 }
 main "$@"
 exit $?

@@ -546,6 +546,25 @@ def _prefill_load_tile[
 # rotated, once per block, into shared memory.
 
 
+@fieldwise_init
+struct _KeyRows(TrivialRegisterPassable):
+    """Offsets of one sequence's key rows (one kv head, one lane's slice) in the paged cache,
+    with 32-bit page arithmetic: position j sits in slot j % page of page table[first + j /
+    page]; its key row is page * page_stride + slot * slot_stride + base (its value row
+    `page_stride / 2` further)."""
+
+    var first: Int
+    var page: UInt32
+    var page_stride: Int
+    var slot_stride: Int
+    var base: Int
+
+    def row(self, table: U32Ptr, j: Int) -> Int:
+        var pos = UInt32(j)
+        var p = Int(table[unsafe_offset=self.first + Int(pos // self.page)])
+        return p * self.page_stride + Int(pos % self.page) * self.slot_stride + self.base
+
+
 def _split_decode_supported[dtype: DType](head_dim: Int) -> Bool:
     """Whether `_split_decode_gpu` has an instantiation for this dtype and head dim."""
     comptime if dtype != DType.bfloat16 and dtype != DType.float16:
@@ -554,7 +573,7 @@ def _split_decode_supported[dtype: DType](head_dim: Int) -> Bool:
 
 
 def _split_decode_gpu[
-    dtype: DType, D: Int, GB: Int
+    dtype: DType, D: Int, GB: Int, pipelined: Bool
 ](
     m_part: Pointer[Float32, MutAnyOrigin],
     l_part: Pointer[Float32, MutAnyOrigin],
@@ -593,6 +612,10 @@ def _split_decode_gpu[
     shuffles, the warps through shared memory, and the block writes m, l and the
     unnormalized output for `_decode_combine_gpu`. A split past the row's last key
     writes an empty state (m = -inf, l = 0).
+
+    With `pipelined`, a lane finds its key's row with 32-bit page arithmetic and loads the
+    next key's slices (table lookup, then K and V) before the current key's dot products and
+    softmax, so each lane has two keys' loads in flight instead of one.
     """
     comptime W = 16 // size_of[dtype]()
     comptime TPK = D // W
@@ -653,14 +676,34 @@ def _split_decode_gpu[
     # whole warp); a lane past the end masks its key out.
     var warp_first = start + warp * KPW
     var j = start + stream
+    var v_off = lay.layers * lay.page_size * lay.kv_heads * D
+    var rows_of = _KeyRows(
+        b * lay.table_cols, UInt32(lay.page_size), 2 * v_off, lay.kv_heads * D,
+        (lay.layer * lay.page_size * lay.kv_heads + kvh) * D + i0,
+    )
+    var kn = SIMD[dtype, W](0)
+    var vn = SIMD[dtype, W](0)
+    comptime if pipelined:
+        if j < end:
+            var krow = rows_of.row(table, j)
+            kn = blocks.unsafe_load[width=W, alignment=16](krow)
+            vn = blocks.unsafe_load[width=W, alignment=16](krow + v_off)
     while warp_first < end:
         var live = j < end
         var kr = SIMD[dtype, W](0)
         var vr = SIMD[dtype, W](0)
-        if live:
-            var krow = lay.token_row(table, b, j, 0, kvh) + i0
-            kr = blocks.unsafe_load[width=W, alignment=16](krow)
-            vr = blocks.unsafe_load[width=W, alignment=16](krow + lay.layers * lay.page_size * lay.kv_heads * D)
+        comptime if pipelined:
+            kr = kn
+            vr = vn
+            if j + STREAMS < end:
+                var krow = rows_of.row(table, j + STREAMS)
+                kn = blocks.unsafe_load[width=W, alignment=16](krow)
+                vn = blocks.unsafe_load[width=W, alignment=16](krow + v_off)
+        else:
+            if live:
+                var krow = lay.token_row(table, b, j, 0, kvh) + i0
+                kr = blocks.unsafe_load[width=W, alignment=16](krow)
+                vr = blocks.unsafe_load[width=W, alignment=16](krow + v_off)
         var kf = kr.cast[DType.float32]()
         var vf = vr.cast[DType.float32]()
         comptime for g in range(GB):
@@ -726,7 +769,7 @@ def _split_decode_gpu[
 
 
 def _split_decode_launch[
-    dtype: DType, D: Int, GB: Int
+    dtype: DType, D: Int, GB: Int, pipelined: Bool
 ](
     o: Pointer[Scalar[dtype], MutAnyOrigin],
     q: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -756,7 +799,7 @@ def _split_decode_launch[
     var m_part = ctx.enqueue_create_buffer[DType.float32](rows * q_heads * splits)
     var l_part = ctx.enqueue_create_buffer[DType.float32](rows * q_heads * splits)
     var acc_part = ctx.enqueue_create_buffer[DType.float32](rows * q_heads * splits * D)
-    ctx.enqueue_function[_split_decode_gpu[dtype, D, GB]](
+    ctx.enqueue_function[_split_decode_gpu[dtype, D, GB, pipelined]](
         m_part.unsafe_ptr(), l_part.unsafe_ptr(), acc_part.unsafe_ptr(), q, blocks,
         cache_lengths, table, row_offsets, Int32(batch), Int32(q_heads), Int32(lay.page_size),
         Int32(lay.layers), Int32(lay.kv_heads), Int32(lay.layer), Int32(lay.table_cols),
@@ -778,7 +821,7 @@ def _split_decode_launch[
 
 
 def _split_decode_dispatch[
-    dtype: DType
+    dtype: DType, pipelined: Bool
 ](
     o: Pointer[Scalar[dtype], MutAnyOrigin],
     q: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -804,7 +847,7 @@ def _split_decode_dispatch[
             if lay.head_dim == D:
                 comptime for GB in [1, 2, 4]:
                     if gb == GB:
-                        _split_decode_launch[dtype, D, GB](
+                        _split_decode_launch[dtype, D, GB, pipelined](
                             o, q, blocks, cache_lengths, table, row_offsets, rows, batch,
                             q_heads, q_rs, q_hs, scale, lay, freqs, ctx,
                         )
@@ -924,10 +967,15 @@ def _attention_gpu_launch[
 # paged_rope_attention --device gpu` passed with it through MAX (benchmarks/results/kernels_h200/).
 # False puts the per-row kernel back in the op.
 comptime TILED_PREFILL = True
+# The split-KV decode with its key loads one step ahead (`_split_decode_gpu`'s `pipelined`):
+# off until tests/mojo/gpu_launch.mojo --check ("paged decode check: all PASS") and `kt verify
+# paged_rope_attention --device gpu` have passed with it on a GPU, and
+# tests/mojo/gpu_bench.mojo has timed it against the loop in use.
+comptime PIPELINED_DECODE = False
 
 
 def paged_rope_attention_gpu[
-    dtype: DType, tiled_prefill: Bool = TILED_PREFILL
+    dtype: DType, tiled_prefill: Bool = TILED_PREFILL, pipelined_decode: Bool = PIPELINED_DECODE
 ](
     o: Pointer[Scalar[dtype], MutAnyOrigin],
     q: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -956,7 +1004,7 @@ def paged_rope_attention_gpu[
         return
     var aligned = Int(blocks) % 16 == 0
     if rows == batch and aligned and _split_decode_supported[dtype](lay.head_dim):
-        _split_decode_dispatch[dtype](
+        _split_decode_dispatch[dtype, pipelined_decode](
             o, q, blocks, cache_lengths, table, row_offsets, rows, batch, q_heads, q_rs, q_hs,
             scale, lay, freqs, ctx,
         )

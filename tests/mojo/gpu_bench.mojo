@@ -1,8 +1,9 @@
 # Raw kernel timings on a GPU, outside MAX graphs, for tuning the kernels' compile-time
 # parameters (each variant is its own instantiation). Not part of CI (it needs a GPU):
 #   mojo run -I <repo> tests/mojo/gpu_bench.mojo
-# (the paged prefill kernels come first: kt.paged_rope_attention's tiled kernel and the
-# per-row kernel it replaced, at the serving shape).
+# (the paged kernels come first: kt.paged_rope_attention's tiled prefill kernel and the
+# per-row kernel it replaced, at the serving shape, then its split-KV decode with and without
+# PIPELINED_DECODE).
 # Each line: a kernel variant, its mean milliseconds over back-to-back launches (the host
 # enqueues far faster than the GPU runs them, so launch overhead is hidden) and GB/s of the
 # bytes it must move.
@@ -19,6 +20,7 @@ from kernels.fused_rope_attention import (
 )
 from kernels.paged_kv import PagedLayout
 from kernels.paged_rope_attention import (
+    PIPELINED_DECODE,
     _attention_gpu_launch,
     _prefill_launch,
     _prefill_min_blocks,
@@ -170,11 +172,12 @@ def decode_variant[unroll: Int, warps: Int](
 def paged_prefill[d: Int](
     ctx: DeviceContext, batch: Int, cached: Int, new: Int, hq: Int, hk: Int, freqs: RopeFreqs
 ) raises:
-    """kt.paged_rope_attention on a prefill batch (each sequence: new rows after cached
-    tokens; pages of 128, a 2-layer cache, layer 1 read): the op's tiled kernel, the tiled
-    kernel with the other register budget (MB 1 <-> 2 blocks an SM), then the per-row
-    `_attention_gpu` it replaced (fewer launches: it is slow). TFLOP/s counts the causal
-    work, 4 D flops per visible (query, key) pair."""
+    """kt.paged_rope_attention on a batch (each sequence: new rows after cached tokens; pages
+    of 128, a 2-layer cache, layer 1 read). Prefill (new > 1): the op's tiled kernel, the tiled
+    kernel with the other register budget (MB 1 <-> 2 blocks an SM); decode (new = 1): the op's
+    split-KV decode, then the same with the other PIPELINED_DECODE; then the per-row
+    `_attention_gpu` (fewer launches: it is slow). TFLOP/s counts the causal work, 4 D flops
+    per visible (query, key) pair; GB/s the keys and values read once."""
     comptime page = 128
     comptime MB = _prefill_min_blocks(d)
     comptime OTHER_MB = 1 if MB == 2 else 2
@@ -225,6 +228,10 @@ def paged_prefill[d: Int](
                 paged_rope_attention_gpu[BF16, tiled_prefill=True](
                     op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, freqs, ctx
                 )
+            elif variant == 1 and new == 1:
+                paged_rope_attention_gpu[BF16, tiled_prefill=True, pipelined_decode=not PIPELINED_DECODE](
+                    op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, freqs, ctx
+                )
             elif variant == 1:
                 _prefill_launch[BF16, d, OTHER_MB](
                     op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, freqs, ctx
@@ -236,14 +243,17 @@ def paged_prefill[d: Int](
         ctx.synchronize()
         var ms = Float64(perf_counter_ns() - t0) / Float64(iters) / 1e6
         var name = String("tiled (op) MB=", MB)
+        if new == 1:
+            name = String("split-KV (op) pipelined=", PIPELINED_DECODE)
         if variant == 1:
-            name = String("tiled MB=", OTHER_MB)
+            name = String("split-KV pipelined=", not PIPELINED_DECODE) if new == 1 else String("tiled MB=", OTHER_MB)
         elif variant == 2:
             name = "per-row _attention_gpu"
+        var kv_bytes = Float64(2 * batch * (cached + new) * hk * d * 2)
         print(
-            "paged prefill", name,
+            "paged decode" if new == 1 else "paged prefill", name,
             "B", batch, "cached", cached, "new", new, "Hq", hq, "Hk", hk, "D", d,
-            "ms", ms, "TFLOP/s", flops / ms / 1e9,
+            "ms", ms, "TFLOP/s", flops / ms / 1e9, "GB/s", kv_bytes / ms / 1e6,
         )
 
 
@@ -257,6 +267,10 @@ def main() raises:
     paged_prefill[64](ctx, 8, 0, 1024, 32, 8, freqs)
     paged_prefill[128](ctx, 8, 0, 1024, 32, 8, freqs)
     paged_prefill[64](ctx, 8, 3072, 1024, 32, 8, freqs)
+    # Paged decode: the microbench's decode (D 128, B 8) and decode_1b (D 64, B 32) shapes.
+    paged_prefill[128](ctx, 8, 16383, 1, 32, 8, freqs)
+    paged_prefill[128](ctx, 8, 4095, 1, 32, 8, freqs)
+    paged_prefill[64](ctx, 32, 4095, 1, 32, 8, freqs)
 
     # RoPE alone: 32768 tokens, 32 q heads, 8 k heads, D 128 (168M elements).
     var tokens = 32768

@@ -6,7 +6,9 @@
 # simple kernels `_rms_norm_gpu` and `_rope_gpu` (every dtype, awkward sizes), and the fused
 # op's fast path (RoPE pre-pass + MAX flash attention) with the simple fused kernel
 # `_attention_gpu` on random bf16 inputs, and kt.paged_rope_attention's tiled prefill kernel
-# with its per-row kernel `_attention_gpu` (every dtype, ragged batches, cached prefixes):
+# with its per-row kernel `_attention_gpu` (every dtype, ragged batches, cached prefixes), and
+# its split-KV decode kernel, as in use and with the key loads one step ahead (PIPELINED_DECODE),
+# with `_attention_gpu` on decode batches (16-bit dtypes):
 #   mojo run -I <repo> tests/mojo/gpu_launch.mojo --check
 from max.gpu.host import DeviceBuffer, DeviceContext
 from std.math import ceildiv
@@ -163,15 +165,16 @@ def paged_all[dtype: DType](ctx: DeviceContext) raises:
     _ = check_prefill[dtype](ctx, False)
 
 
-def prefill_case[dtype: DType](
+def prefill_case[dtype: DType, pipelined: Bool = False](
     ctx: DeviceContext, d: Int, hq: Int, hk: Int, page: Int, cached: List[Int], new: List[Int],
     check: Bool,
 ) raises -> Bool:
-    """The GPU branch of kt.paged_rope_attention on a prefill batch (sequence b: new[b] rows
-    after cached[b] cached tokens), which takes the tiled `_prefill_gpu`; with check, compared with
-    `_attention_gpu` (one block per row and q head) on the same inputs. A random cache of 2
-    layers (layer 1 read), pages handed out in a scrambled order, q a strided view of a QKV
-    row."""
+    """The GPU branch of kt.paged_rope_attention on a batch (sequence b: new[b] rows after
+    cached[b] cached tokens): a prefill batch takes the tiled `_prefill_gpu`, a decode batch
+    (one new row each) the split-KV decode, its key loads one step ahead with `pipelined`; with
+    check, compared with `_attention_gpu` (one block per row and q head) on the same inputs. A
+    random cache of 2 layers (layer 1 read), pages handed out in a scrambled order, q a strided
+    view of a QKV row."""
     var batch = len(new)
     var freqs = RopeFreqs(500000.0, 8.0, 1.0, 4.0, 8192.0)
     var offsets = List[Int]()
@@ -204,7 +207,7 @@ def prefill_case[dtype: DType](
         ro.unsafe_ptr().as_unsafe_any_origin(),
     )
     var scale = Float32(1.0) / Float32(d) ** 0.5
-    paged_rope_attention_gpu[dtype, tiled_prefill=True](
+    paged_rope_attention_gpu[dtype, tiled_prefill=True, pipelined_decode=pipelined](
         o_fast.unsafe_ptr().as_unsafe_any_origin(), qkv.unsafe_ptr().as_unsafe_any_origin(),
         args[0], args[1], args[2], args[3], rows, batch, hq, qkv_row, d, scale, lay, freqs, ctx,
     )
@@ -216,8 +219,9 @@ def prefill_case[dtype: DType](
         args[0], args[1], args[2], args[3], rows, batch, hq, qkv_row, d, scale, lay, freqs, ctx,
     )
     var res = _compare[dtype](ctx, o_fast, o_ref, rows * hq * d)
+    var kind = String("paged prefill") if rows > batch else String("paged decode pipelined=", pipelined)
     print(
-        "paged prefill", dtype, "D", d, "Hq", hq, "Hk", hk, "page", page, "rows", rows,
+        kind, dtype, "D", d, "Hq", hq, "Hk", hk, "page", page, "rows", rows,
         "batch", batch, "max|diff|", res[1], "PASS" if res[0] else "FAIL",
     )
     return res[0]
@@ -243,6 +247,27 @@ def check_prefill_all(ctx: DeviceContext) raises:
     if not ok:
         raise Error("paged prefill check failed")
     print("paged prefill check: all PASS")
+
+
+def check_decode[dtype: DType, pipelined: Bool](ctx: DeviceContext) raises -> Bool:
+    """Decode batches (one new row per sequence) through the split-KV kernel: the 8B and 1B
+    models' GQA 4 at D 128 and 64 with MAX's 128-token pages, an empty cache, keys ending on
+    a page boundary, pages of 7 and 16, MHA, GQA 8."""
+    var ok = prefill_case[dtype, pipelined](ctx, 128, 32, 8, 128, [1023, 4095, 0, 127], [1, 1, 1, 1], True)
+    ok = prefill_case[dtype, pipelined](ctx, 64, 32, 8, 16, [37, 1, 500], [1, 1, 1], True) and ok
+    ok = prefill_case[dtype, pipelined](ctx, 128, 8, 8, 7, [100, 3], [1, 1], True) and ok
+    ok = prefill_case[dtype, pipelined](ctx, 64, 16, 2, 128, [2000], [1], True) and ok
+    return ok
+
+
+def check_decode_all(ctx: DeviceContext) raises:
+    var ok = check_decode[DType.bfloat16, False](ctx)
+    ok = check_decode[DType.bfloat16, True](ctx) and ok
+    ok = check_decode[DType.float16, False](ctx) and ok
+    ok = check_decode[DType.float16, True](ctx) and ok
+    if not ok:
+        raise Error("paged decode check failed")
+    print("paged decode check: all PASS")
 
 
 def _fill_random(ctx: DeviceContext, buf: DeviceBuffer, n: Int, seed: Int) raises:
@@ -479,3 +504,4 @@ def main() raises:
             check_norm_and_rope_all(ctx)
             check_fast_path(ctx)
             check_prefill_all(ctx)
+            check_decode_all(ctx)
