@@ -169,7 +169,7 @@ def decode_variant[unroll: Int, warps: Int](
            t0, Float64(2 * batch * skv * hk * 128 * 2))
 
 
-def paged_prefill[d: Int](
+def paged_attention[d: Int](
     ctx: DeviceContext, batch: Int, cached: Int, new: Int, hq: Int, hk: Int, freqs: RopeFreqs
 ) raises:
     """kt.paged_rope_attention on a batch (each sequence: new rows after cached tokens; pages
@@ -264,13 +264,13 @@ def main() raises:
     # Paged prefill at max+kt's serving shape (Llama 3.2 1B: 32 q / 8 kv heads, D 64, bf16,
     # pages of 128): 8 prompts of 1024 tokens; then D 128 (Llama 3.1 8B) and 1024 new tokens
     # after 3072 cached (chunked prefill).
-    paged_prefill[64](ctx, 8, 0, 1024, 32, 8, freqs)
-    paged_prefill[128](ctx, 8, 0, 1024, 32, 8, freqs)
-    paged_prefill[64](ctx, 8, 3072, 1024, 32, 8, freqs)
+    paged_attention[64](ctx, 8, 0, 1024, 32, 8, freqs)
+    paged_attention[128](ctx, 8, 0, 1024, 32, 8, freqs)
+    paged_attention[64](ctx, 8, 3072, 1024, 32, 8, freqs)
     # Paged decode: the microbench's decode (D 128, B 8) and decode_1b (D 64, B 32) shapes.
-    paged_prefill[128](ctx, 8, 16383, 1, 32, 8, freqs)
-    paged_prefill[128](ctx, 8, 4095, 1, 32, 8, freqs)
-    paged_prefill[64](ctx, 32, 4095, 1, 32, 8, freqs)
+    paged_attention[128](ctx, 8, 16383, 1, 32, 8, freqs)
+    paged_attention[128](ctx, 8, 4095, 1, 32, 8, freqs)
+    paged_attention[64](ctx, 32, 4095, 1, 32, 8, freqs)
 
     # RoPE alone: 32768 tokens, 32 q heads, 8 k heads, D 128 (168M elements).
     var tokens = 32768

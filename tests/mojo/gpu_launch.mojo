@@ -22,7 +22,7 @@ from kernels.fused_rope_attention import (
     _fused_rope_attention_gpu,
 )
 from kernels.paged_kv import PagedLayout
-from kernels.paged_rope_attention import _attention_gpu_launch, paged_rope_attention_gpu
+from kernels.paged_rope_attention import PIPELINED_DECODE, _attention_gpu_launch, paged_rope_attention_gpu
 from kernels.paged_rope_store import RowStrides, paged_rope_store_gpu
 from kernels.rms_norm import GPU_BLOCK as NORM_BLOCK, _rms_norm_gpu, _rms_norm_gpu_launch
 from kernels.rope import GPU_BLOCK as ROPE_BLOCK, RopeFreqs, _rope_gpu, _rope_gpu_launch
@@ -165,7 +165,7 @@ def paged_all[dtype: DType](ctx: DeviceContext) raises:
     _ = check_prefill[dtype](ctx, False)
 
 
-def prefill_case[dtype: DType, pipelined: Bool = False](
+def paged_case[dtype: DType, pipelined: Bool = PIPELINED_DECODE](
     ctx: DeviceContext, d: Int, hq: Int, hk: Int, page: Int, cached: List[Int], new: List[Int],
     check: Bool,
 ) raises -> Bool:
@@ -232,11 +232,11 @@ def check_prefill[dtype: DType](ctx: DeviceContext, check: Bool) raises -> Bool:
     prefill after a cached prefix, a one-row sequence, pages not a multiple of the key tile;
     GQA 4 at D 64 and 128, GQA 3 (one head a block) at D 96 (padded to 128), MHA at D 256,
     GQA 8 at D 18 (element-wise loads)."""
-    var ok = prefill_case[dtype](ctx, 64, 8, 2, 24, [0, 19, 130], [37, 70, 5], check)
-    ok = prefill_case[dtype](ctx, 128, 8, 2, 16, [3, 0, 40], [100, 1, 17], check) and ok
-    ok = prefill_case[dtype](ctx, 96, 6, 2, 7, [0, 11], [130, 66], check) and ok
-    ok = prefill_case[dtype](ctx, 256, 4, 4, 128, [0], [150], check) and ok
-    ok = prefill_case[dtype](ctx, 18, 16, 2, 5, [2, 0], [9, 33], check) and ok
+    var ok = paged_case[dtype](ctx, 64, 8, 2, 24, [0, 19, 130], [37, 70, 5], check)
+    ok = paged_case[dtype](ctx, 128, 8, 2, 16, [3, 0, 40], [100, 1, 17], check) and ok
+    ok = paged_case[dtype](ctx, 96, 6, 2, 7, [0, 11], [130, 66], check) and ok
+    ok = paged_case[dtype](ctx, 256, 4, 4, 128, [0], [150], check) and ok
+    ok = paged_case[dtype](ctx, 18, 16, 2, 5, [2, 0], [9, 33], check) and ok
     return ok
 
 
@@ -253,10 +253,10 @@ def check_decode[dtype: DType, pipelined: Bool](ctx: DeviceContext) raises -> Bo
     """Decode batches (one new row per sequence) through the split-KV kernel: the 8B and 1B
     models' GQA 4 at D 128 and 64 with MAX's 128-token pages, an empty cache, keys ending on
     a page boundary, pages of 7 and 16, MHA, GQA 8."""
-    var ok = prefill_case[dtype, pipelined](ctx, 128, 32, 8, 128, [1023, 4095, 0, 127], [1, 1, 1, 1], True)
-    ok = prefill_case[dtype, pipelined](ctx, 64, 32, 8, 16, [37, 1, 500], [1, 1, 1], True) and ok
-    ok = prefill_case[dtype, pipelined](ctx, 128, 8, 8, 7, [100, 3], [1, 1], True) and ok
-    ok = prefill_case[dtype, pipelined](ctx, 64, 16, 2, 128, [2000], [1], True) and ok
+    var ok = paged_case[dtype, pipelined](ctx, 128, 32, 8, 128, [1023, 4095, 0, 127], [1, 1, 1, 1], True)
+    ok = paged_case[dtype, pipelined](ctx, 64, 32, 8, 16, [37, 1, 500], [1, 1, 1], True) and ok
+    ok = paged_case[dtype, pipelined](ctx, 128, 8, 8, 7, [100, 3], [1, 1], True) and ok
+    ok = paged_case[dtype, pipelined](ctx, 64, 16, 2, 128, [2000], [1], True) and ok
     return ok
 
 

@@ -116,22 +116,23 @@ class KtAttentionWithRope(AttentionWithRope):
         index = [kv_collection.cache_lengths, kv_collection.lookup_table, input_row_offsets]
         rope = self.rope_args()
         blocks = kv_collection.kv_blocks
+
+        def attend() -> TensorValue:  # kt's attention over the cache as it stands
+            return ops.inplace_custom(
+                ATTENTION_OP, device=x.device,
+                values=[xq, blocks, *index, layer, _scalar(float(self.scale)), *rope],
+                out_types=[TensorType(xq.dtype, xq.shape, x.device)])[0].tensor
+
         if CHECK:
             # MAX's own layer first: it writes this step's keys and values (rotated by MAX), and
             # kt's attention kernel reads that cache once, before kt's store overwrites it, so
             # the kernel and the store are checked apart.
-            ref, ref_attn = self._max_attention(layer_idx, x, kv_collection, freqs_cis,
+            ref, ref_attn = self._max_attention(qkv, layer_idx, kv_collection, freqs_cis,
                                                 input_row_offsets)
-            kernel_only = ops.inplace_custom(
-                ATTENTION_OP, device=x.device,
-                values=[xq, blocks, *index, layer, _scalar(float(self.scale)), *rope],
-                out_types=[TensorType(xq.dtype, xq.shape, x.device)])[0].tensor
+            kernel_only = attend()
         ops.inplace_custom(STORE_OP, device=x.device, values=[xk, xv, blocks, *index, layer, *rope],
                            out_types=[])
-        attn = ops.inplace_custom(
-            ATTENTION_OP, device=x.device,
-            values=[xq, blocks, *index, layer, _scalar(float(self.scale)), *rope],
-            out_types=[TensorType(xq.dtype, xq.shape, x.device)])[0].tensor
+        attn = attend()
         out = self.o_proj(ops.reshape(attn, [x.shape[0], self.q_weight_dim]))
         if CHECK:
             ops.print(ops.cast(layer_idx, DType.int32), label="kt check attention layer")
@@ -145,11 +146,10 @@ class KtAttentionWithRope(AttentionWithRope):
             _check("attention", out, ref)
         return out
 
-    def _max_attention(self, layer_idx, x, kv_collection, freqs_cis, input_row_offsets):
-        """MAX's attention layer as `AttentionWithRope.__call__` builds it (RoPE + store into
-        the cache, flash attention over it, output projection): (the layer's output, the
-        attention before the projection)."""
-        qkv = self.qkv_proj(x)
+    def _max_attention(self, qkv, layer_idx, kv_collection, freqs_cis, input_row_offsets):
+        """MAX's attention layer as `AttentionWithRope.__call__` builds it after the QKV
+        projection (RoPE + store into the cache, flash attention over it, output projection):
+        (the layer's output, the attention before the projection)."""
         xq = rope_split_store_ragged(
             kv_params=self.kv_params, qkv=qkv, input_row_offsets=input_row_offsets,
             freqs_cis=ops.cast(freqs_cis, qkv.dtype).to(qkv.device), kv_collection=kv_collection,
@@ -160,7 +160,7 @@ class KtAttentionWithRope(AttentionWithRope):
             self.kv_params, input=xq, kv_collection=kv_collection, layer_idx=layer_idx,
             input_row_offsets=input_row_offsets, mask_variant=self.mask_variant,
             scale=self.scale, local_window_size=-1)
-        return self.o_proj(ops.reshape(attn, [x.shape[0], self.q_weight_dim])), attn
+        return self.o_proj(ops.reshape(attn, [qkv.shape[0], self.q_weight_dim])), attn
 
 
 def _norms(module):
