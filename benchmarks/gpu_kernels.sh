@@ -13,8 +13,11 @@
 # Variables (defaults): RESULTS (/tmp/kt-kernels), KERNELS_LIMIT_S (720: verify and microbench
 # together; at the limit the running step gets SIGINT, and saves what it measured, then
 # SIGKILL), VERIFY_KERNELS (every kernel of `kt list`; "none" skips verify), BENCH_KERNELS (the
-# same, for the microbench), VERIFY_S (200), VERIFY_EXAMPLES (4), VERIFY_FLAGS, and gpu_run.sh's
-# WARM_S and LIMIT_<kernel>. With STAGE_ARGS it first waits (STAGE_WAIT_S, 600) for
+# same, for the microbench), VERIFY_S (200), VERIFY_EXAMPLES (4), VERIFY_FLAGS, gpu_run.sh's
+# WARM_S and LIMIT_<kernel>, and MOJO_RUNS: Mojo programs run first, one after another
+# (`mojo run -I .`; ';' between programs, each with its arguments, e.g.
+# "tests/mojo/gpu_launch.mojo --check;tests/mojo/gpu_bench.mojo"), each one's output in
+# $RESULTS/mojo/<program>.log. With STAGE_ARGS it first waits (STAGE_WAIT_S, 600) for
 # scripts/device-stage.sh to have unpacked the MAX bundle, and the flashinfer bundle when
 # STAGE_ARGS names it (then on PYTHONPATH after MAX); else MAX must be importable.
 # The end: $RESULTS/DONE, holding the summary line, and $RESULTS.tar.xz (verify/ and
@@ -122,6 +125,19 @@ main() {
     stamp "$name: exit code $rc"
     return $rc
   }
+  if [ -n "${MOJO_RUNS:-}" ]; then
+    mkdir -p "$RESULTS/mojo"
+    IFS=';' read -r -a programs <<<"$MOJO_RUNS"
+    for prog in "${programs[@]}"; do
+      read -r -a words <<<"$prog"
+      [ ${#words[@]} -gt 0 ] || continue
+      # The mojo wheel's entry point (as gpu_verify.sh runs it); the output also goes to the log.
+      # shellcheck disable=SC2016
+      LOG="$RESULTS/mojo/$(basename "${words[0]}" .mojo).log" step "mojo run ${words[*]}" \
+        bash -c '"$0" -c "import sys; from mojo._entrypoints import exec_mojo; sys.argv[0] = \"mojo\"; exec_mojo()" run -I . "$@" 2>&1 | grep -v Crashpad | tee "$LOG"; exit ${PIPESTATUS[0]}' \
+        "$PY" "${words[@]}" || true
+    done
+  fi
   verify_list=${VERIFY_KERNELS:-}
   bench_list=${BENCH_KERNELS:-}
   if [ "$verify_list" != none ]; then

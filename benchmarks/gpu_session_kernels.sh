@@ -3,46 +3,60 @@
 # steps, each one benchmarks/gpu_kernels.sh run over one private copy of the repository (a later
 # device call re-syncs the working tree; the copy does not change under the run):
 #
-#   1. verify (VERIFY_KERNELS; default the paged ops and rms_norm, the kernels MAX Serve runs),
-#      whose first step, tests/mojo/gpu_launch.mojo --check, also compares the candidate kernel
-#      of kernels/paged_rope_attention.mojo with the one in use (FLAG below; its line in the
-#      check's output is CHECK_LINE);
-#   2. when that check passed: FLAG turned on in the copy and `kt verify paged_rope_attention
-#      --device gpu` again, so the op takes the candidate only once it has passed through MAX
-#      as well;
-#   3. once the file AFTER exists (the serving run's DONE: no kernel is timed while engines
-#      serve), the microbench of BENCH_KERNELS and paged_rope_attention, with FLAG on when step 2
-#      passed.
+#   1. pick: tests/mojo/gpu_launch.mojo --check, then tests/mojo/gpu_bench.mojo. A candidate
+#      kernel of kernels/paged_rope_attention.mojo (CANDIDATES: its flag, off as shipped, and
+#      its label) is turned on in the copy when the check printed "<label> check: all PASS"
+#      and the bench "<label> faster: yes". Then $RESULTS/kernels_ready names the flags turned
+#      on: gpu_serve.sh's START_AFTER, so that max+kt serves the kernels picked here
+#      (SERVE_KERNELS=$RESULTS/src/kernels);
+#   2. verify: `kt verify` of VERIFY_KERNELS on the GPU with the flags picked, then
+#      $RESULTS/verified (gpu_serve.sh's MEASURE_AFTER: no load point is measured while a
+#      kernel runs). When the verify of paged_rope_attention fails, the flags of step 1 are
+#      turned off again in the copy (the microbench then times the op as shipped; a serving run
+#      that started with them says so in its status: kernels_ready is rewritten);
+#   3. once the file AFTER exists (the serving run's DONE), the microbench of BENCH_KERNELS.
 #
 #   KT_GIT_SHA=<sha> STAGE_ARGS="max=4 flashinfer=1" AFTER=/tmp/kt-serve/DONE \
 #     setsid nohup bash benchmarks/gpu_session_kernels.sh >/tmp/kt-session.out 2>&1 </dev/null &
 #
-# Variables (defaults): RESULTS (/tmp/kt-session), VERIFY_KERNELS ("paged_rope_store
-# paged_rope_attention rms_norm"; none: no steps 1 and 2, the kernels as shipped), FLAG
-# (PIPELINED_DECODE: the split-KV decode's key loads one step ahead), CHECK_LINE ("paged decode
-# check: all PASS"), BENCH_KERNELS ("rope rms_norm fused_rope_attention"), AFTER (none: no
-# wait), AFTER_WAIT_S (1200), STAGE_ARGS (as gpu_kernels.sh takes it; step 3 waits for the
-# flashinfer bundle when it names one), VERIFY_LIMIT_S (540), BENCH_LIMIT_S (720).
-# Progress: $RESULTS/status.txt. The end: $RESULTS/DONE and $RESULTS/k1.tar.xz, k2.tar.xz,
-# k3.tar.xz (each step's verify/ or microbench/ folder, logs, machine.txt).
+# Variables (defaults): RESULTS (/tmp/kt-session), CANDIDATES ("TILED_DECODE=tiled decode
+# MAX_PREFILL=max prefill"; none: no step 1 programs), VERIFY_KERNELS (paged_rope_attention;
+# none: no step 2), VERIFY_FLAGS ("--no-triton --dtype bfloat16 --dtype float16"),
+# BENCH_KERNELS ("paged_rope_attention"), AFTER (none: no wait), AFTER_WAIT_S (1200),
+# STAGE_ARGS (as gpu_kernels.sh takes it; step 3 waits for the flashinfer bundle when it names
+# one), PICK_LIMIT_S (420), VERIFY_LIMIT_S (420), BENCH_LIMIT_S (720).
+# Progress: $RESULTS/status.txt. The end: $RESULTS/DONE (the flags on) and $RESULTS/pick.tar.xz,
+# verify.tar.xz, bench.tar.xz (each step's mojo/, verify/ or microbench/ folder, logs,
+# machine.txt).
 set -uo pipefail
 main() {
   SRC=$(cd "$(dirname "$0")/.." && pwd)
   RESULTS=${RESULTS:-/tmp/kt-session}
-  VERIFY_KERNELS=${VERIFY_KERNELS:-paged_rope_store paged_rope_attention rms_norm}
-  BENCH_KERNELS=${BENCH_KERNELS:-rope rms_norm fused_rope_attention}
+  CANDIDATES=${CANDIDATES-TILED_DECODE=tiled decode MAX_PREFILL=max prefill}
+  VERIFY_KERNELS=${VERIFY_KERNELS:-paged_rope_attention}
+  BENCH_KERNELS=${BENCH_KERNELS:-paged_rope_attention}
   mkdir -p "$RESULTS"
-  rm -f "$RESULTS/DONE"
+  rm -f "$RESULTS/DONE" "$RESULTS/kernels_ready" "$RESULTS/verified"
   STATUS="$RESULTS/status.txt"
   t0=$(date +%s)
   stamp() { local line="[$(( $(date +%s) - t0 )) s] $*"; echo "$line" >>"$STATUS"; echo "$line"; }
-  trap 'stamp "stopped by a signal"; echo stopped >"$RESULTS/DONE"; exit 143' TERM INT HUP
+  on=()
+  # Whatever happens, the serving run waiting on these files is not left waiting.
+  release() { [ -e "$RESULTS/kernels_ready" ] || echo "${on[*]:-none}" >"$RESULTS/kernels_ready"
+              [ -e "$RESULTS/verified" ] || echo "not verified" >"$RESULTS/verified"; }
+  trap 'stamp "stopped by a signal"; release; echo stopped >"$RESULTS/DONE"; exit 143' TERM INT HUP
+  trap 'release' EXIT
 
   COPY="$RESULTS/src"
   rm -rf "$COPY" && mkdir -p "$COPY"
   for item in harness pykernels kernels benchmarks scripts tests pyproject.toml; do
     [ -e "$SRC/$item" ] && cp -a "$SRC/$item" "$COPY/"
   done
+  OP="$COPY/kernels/paged_rope_attention.mojo"
+  flag() {  # NAME True|False: set the flag in the copy; fails when the line is not there
+    sed -i "s/^comptime $1 = \(True\|False\)\$/comptime $1 = $2/" "$OP"
+    grep -q "^comptime $1 = $2\$" "$OP"
+  }
 
   kernels() {  # step name, then VAR=value settings for gpu_kernels.sh
     local name=$1; shift
@@ -52,37 +66,41 @@ main() {
     stamp "$name: $(cat "$RESULTS/$name/DONE" 2>/dev/null || echo 'no summary')"
   }
 
-  FLAG=${FLAG:-PIPELINED_DECODE}
-  CHECK_LINE=${CHECK_LINE:-paged decode check: all PASS}
-  OP="$COPY/kernels/paged_rope_attention.mojo"
-  on=""
-  [[ " $BENCH_KERNELS " == *" paged_rope_attention "* ]] || BENCH_KERNELS="$BENCH_KERNELS paged_rope_attention"
-  if [ "$VERIFY_KERNELS" = none ]; then
-    stamp "no verify steps (VERIFY_KERNELS=none): the kernels as shipped"
-  else
-    kernels k1 STAGE_ARGS="${STAGE_ARGS%% *}" VERIFY_KERNELS="$VERIFY_KERNELS" BENCH_KERNELS=none \
-      KERNELS_LIMIT_S="${VERIFY_LIMIT_S:-540}" CHECK_S=300
-    if grep -q "^comptime $FLAG = True\$" "$OP"; then
-      on=1
-      stamp "$FLAG is on as shipped: no step 2"
-    elif grep -qF "$CHECK_LINE" "$RESULTS/k1/verify/gpu_verify.log" 2>/dev/null; then
-      sed -i "s/^comptime $FLAG = False\$/comptime $FLAG = True/" "$OP"
-      if grep -q "^comptime $FLAG = True\$" "$OP"; then
-        # CHECK_S=0: gpu_launch --check ran in step 1; this step is the op through MAX.
-        kernels k2 STAGE_ARGS="${STAGE_ARGS%% *}" VERIFY_KERNELS=paged_rope_attention \
-          BENCH_KERNELS=none KERNELS_LIMIT_S="${VERIFY_LIMIT_S:-540}" CHECK_S=0
-        if grep -q "paged_rope_attention:PASS" "$RESULTS/k2/verify/gpu_verify.log" 2>/dev/null; then
-          on=1
-          stamp "$FLAG passed kt verify on the GPU: the microbench times it"
-        else
-          sed -i "s/^comptime $FLAG = True\$/comptime $FLAG = False/" "$OP"
-          stamp "$FLAG failed kt verify on the GPU: it stays off"
-        fi
+  if [ "$CANDIDATES" != none ]; then
+    kernels pick STAGE_ARGS="${STAGE_ARGS%% *}" VERIFY_KERNELS=none BENCH_KERNELS=none \
+      KERNELS_LIMIT_S="${PICK_LIMIT_S:-420}" \
+      MOJO_RUNS="tests/mojo/gpu_launch.mojo --check;tests/mojo/gpu_bench.mojo"
+    # NAME=label pairs; a label is the words up to the next NAME=.
+    local pairs
+    pairs=$(sed -E 's/ ([A-Z_]+=)/\n\1/g' <<<"$CANDIDATES")
+    while IFS='=' read -r name label; do
+      [ -n "$name" ] || continue
+      if ! grep -qF "$label check: all PASS" "$RESULTS/pick/mojo/gpu_launch.log" 2>/dev/null; then
+        stamp "$name stays off: no '$label check: all PASS'"
+      elif ! grep -qF "$label faster: yes" "$RESULTS/pick/mojo/gpu_bench.log" 2>/dev/null; then
+        stamp "$name stays off: checked, but no '$label faster: yes'"
+      elif flag "$name" True; then
+        on+=("$name")
+        stamp "$name on: checked and faster"
+      else
+        stamp "$name: no 'comptime $name = ...' line in kernels/paged_rope_attention.mojo"
       fi
-    else
-      stamp "no '$CHECK_LINE' in step 1: $FLAG stays off"
+    done <<<"$pairs"
+  fi
+  echo "${on[*]:-none}" >"$RESULTS/kernels_ready"
+
+  if [ "$VERIFY_KERNELS" != none ]; then
+    kernels verify STAGE_ARGS="${STAGE_ARGS%% *}" VERIFY_KERNELS="$VERIFY_KERNELS" BENCH_KERNELS=none \
+      KERNELS_LIMIT_S="${VERIFY_LIMIT_S:-420}" CHECK_S=0 VERIFY_EXAMPLES="${VERIFY_EXAMPLES:-3}" \
+      VERIFY_FLAGS="${VERIFY_FLAGS:---no-triton --dtype bfloat16 --dtype float16}"
+    if [ ${#on[@]} -gt 0 ] && ! grep -q "paged_rope_attention:PASS" "$RESULTS/verify/verify/gpu_verify.log" 2>/dev/null; then
+      for name in "${on[@]}"; do flag "$name" False; done
+      stamp "${on[*]} failed kt verify on the GPU: off again (the microbench times the op as shipped)"
+      echo "none (${on[*]} failed kt verify after the engines started with them)" >"$RESULTS/kernels_ready"
+      on=()
     fi
   fi
+  echo "${on[*]:-none}" >"$RESULTS/verified"
 
   if [ -n "${AFTER:-}" ]; then
     stamp "waiting for $AFTER"
@@ -90,10 +108,12 @@ main() {
     while [ ! -e "$AFTER" ] && [ "$(date +%s)" -lt "$until" ]; do sleep 2; done
     stamp "$([ -e "$AFTER" ] && echo "$AFTER is there" || echo "gave up waiting for $AFTER")"
   fi
-  kernels k3 STAGE_ARGS="${STAGE_ARGS:-}" VERIFY_KERNELS=none BENCH_KERNELS="$BENCH_KERNELS" \
-    KERNELS_LIMIT_S="${BENCH_LIMIT_S:-720}"
-  echo "$FLAG=${on:-0}" >"$RESULTS/DONE"
-  stamp "done ($FLAG $([ -n "$on" ] && echo on || echo off))"
+  if [ "$BENCH_KERNELS" != none ]; then
+    kernels bench STAGE_ARGS="${STAGE_ARGS:-}" VERIFY_KERNELS=none BENCH_KERNELS="$BENCH_KERNELS" \
+      KERNELS_LIMIT_S="${BENCH_LIMIT_S:-720}"
+  fi
+  echo "on: ${on[*]:-none}" >"$RESULTS/DONE"
+  stamp "done (on: ${on[*]:-none})"
 }
 main "$@"
 exit $?

@@ -20,7 +20,8 @@
 # (random,sonnet), TP (1), COST_PER_HOUR (3.5: $/h of one H200, for cost per 1M tokens),
 # SERVE_LIMIT_S (1080: kt gets SIGINT then, and saves what finished), KT_GIT_SHA (recorded),
 # MEASURE_AFTER (a file: engines start at once, load points wait for it; another GPU job's end),
-# SERVE_KERNELS (the kernels package max+kt serves; default the repository's kernels/), SERVE_ARGS
+# SERVE_KERNELS (the kernels package max+kt serves; default the repository's kernels/), START_AFTER
+# (a file the engines wait for, e.g. the kernel job's choice of SERVE_KERNELS), SERVE_ARGS
 # (more kt serve-bench arguments). ENGINES may name max+kt variants, e.g. max,max+kt,max+kt:attention
 # (kt's per-op ablation, each checked against max); RATES= (empty) runs no open-loop sweep.
 # DEVICE=cpu rehearses the whole flow on a CPU: tiny model, .venvs engines, a small sweep.
@@ -87,11 +88,6 @@ main() {
   for item in harness pykernels kernels benchmarks scripts pyproject.toml; do
     [ -e "$SRC/$item" ] && cp -a "$SRC/$item" "$RUN/"
   done
-  # SERVE_KERNELS: the Mojo package max+kt serves (default the repository's kernels/), e.g. the
-  # last GPU-verified one while a newer kernels/ is verified and timed beside this run.
-  if [ -n "${SERVE_KERNELS:-}" ]; then
-    mkdir -p "$RUN/serve_kernels" && cp -a "$SERVE_KERNELS" "$RUN/serve_kernels/kernels" || exit 2
-  fi
   export PYTHONPATH="$RUN"
   cd "$RUN" || exit 1
 
@@ -185,6 +181,22 @@ main() {
       v=KT_${env^^}_PYTHONPATH
       [ -n "${!v:-}" ] || { stamp "$v is not set: source scripts/device-stage.sh's output first"; rc=2; exit 2; }
     done
+  fi
+
+  # --- the kernels max+kt serves ------------------------------------------------------------
+  # START_AFTER: a file; the engines start once it exists (at most START_AFTER_WAIT_S, 600 s,
+  # later), e.g. gpu_session_kernels.sh's kernels_ready, written once it has picked the kernels
+  # in SERVE_KERNELS. SERVE_KERNELS: the Mojo package max+kt serves (default the repository's
+  # kernels/), copied after that wait.
+  if [ -n "${START_AFTER:-}" ]; then
+    stamp "waiting for $START_AFTER"
+    deadline=$(( $(date +%s) + ${START_AFTER_WAIT_S:-600} ))
+    while [ ! -e "$START_AFTER" ] && [ "$(date +%s)" -lt "$deadline" ]; do sleep 2; done
+    stamp "$([ -e "$START_AFTER" ] && echo "$START_AFTER: $(head -c 200 "$START_AFTER")" || echo "gave up waiting for $START_AFTER")"
+  fi
+  if [ -n "${SERVE_KERNELS:-}" ]; then
+    mkdir -p "$RUN/serve_kernels" && cp -a "$SERVE_KERNELS" "$RUN/serve_kernels/kernels" || { rc=2; exit 2; }
+    grep -H "^comptime [A-Z_]* = \(True\|False\)$" "$RUN/serve_kernels/kernels/"*.mojo >>"$RESULTS/serve_kernels_flags.txt" 2>/dev/null
   fi
 
   # --- the benchmark -----------------------------------------------------------------------
