@@ -63,11 +63,12 @@ RATIO_METRICS = [("output_throughput", "out tok/s"), ("median_ttft_ms", "TTFT p5
 
 def ratios(rows: list[dict], baseline: str | None = None) -> str:
     """Engines side by side per load point, each metric as a ratio to `baseline` (vllm when it
-    ran, else the first engine): >1 is more throughput, or a longer latency, than the baseline."""
+    ran, else stock max when it ran, else the first engine): >1 is more throughput, or a longer
+    latency, than the baseline."""
     engines = sorted({r["engine"] for r in rows}, key=lambda e: min(r["engine_order"] for r in rows if r["engine"] == e))
     if len(engines) < 2:
         return ""
-    base = baseline if baseline in engines else ("vllm" if "vllm" in engines else engines[0])
+    base = baseline if baseline in engines else next((e for e in ("vllm", "max") if e in engines), engines[0])
     others = [e for e in engines if e != base]
     by = {(r["dataset_name"], r["load"], r["engine"]): r for r in rows}
     points = sorted({(r["dataset_name"], r["load"]): _order(r)[:2] for r in rows}.items(), key=lambda kv: kv[1])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from harness.serving import client, metrics
+from harness.serving import client, metrics, report
 from harness.serving.metrics import RequestResult
 from harness.serving.workload import Request
 
@@ -116,3 +116,15 @@ def test_truncated_stream_and_http_error_are_failures():
     assert not r.success and r.error == "stream ended without [DONE]"
     r = asyncio.run(_replay([], [], status=503))
     assert not r.success and r.error.startswith("HTTP 503")
+
+
+def test_ratios_are_to_stock_max_when_vllm_did_not_run():
+    """max+kt measured first (engine order 0) is still read against stock max: the target is
+    max+kt / max, never max / max+kt."""
+    def row(engine, order, tput):
+        return {"engine": engine, "engine_order": order, "dataset_name": "random", "load": "c8",
+                "load_order": 1, "output_throughput": tput, "median_ttft_ms": 10.0, "median_tpot_ms": 2.0}
+    text = report.ratios([row("max+kt", 0, 90.0), row("max", 1, 100.0)])
+    assert text.startswith("Ratios to max ")
+    assert "| random | c8 | 100.0 | 0.90 |" in text
+    assert report.ratios([row("max+kt", 0, 90.0), row("max", 1, 100.0), row("vllm", 2, 50.0)]).startswith("Ratios to vllm ")
