@@ -1,5 +1,6 @@
 """FlashInfer as a `kt microbench` provider: its attention kernels with RoPE applied inside
-(`pos_encoding_mode="ROPE_LLAMA"`) for `fused_rope_attention`, its standalone RoPE for `rope`.
+(`pos_encoding_mode="ROPE_LLAMA"`) for `fused_rope_attention`, its standalone RoPE for `rope`,
+and its paged attention alone over MAX's paged KV cache for `paged_rope_attention`.
 
 What this mapping relies on, read in flashinfer-python 0.7.2.post1 (its wheel: flashinfer/
 prefill.py, decode.py, rope.py, utils.py and the JIT sources data/include/flashinfer/pos_enc.cuh,
@@ -23,6 +24,15 @@ attention/prefill.cuh, attention/decode.cuh; the same in flashinfer-ai/flashinfe
   (L / wavelen - low) / (high - low) clamped to [0, 1], blending freq / rope_scale with
   freq: HF's formula) take q (nnz, Hq, D), k (nnz, Hk, D) and one int32 or int64 position
   per token, and return new tensors; `interleave=False` is the half rotation.
+- Paged attention (`BatchDecodeWithPagedKVCacheWrapper`, `BatchPrefillWithPagedKVCacheWrapper`)
+  takes the cache as one tensor (max_num_pages, 2, page_size, Hk, D) for NHD, 0 = keys,
+  1 = values (split by `unbind(1)`, strides kept), and the pages of sequence b as above;
+  the prefill wrapper's qo_indptr places sequence b's queries at rows
+  qo_indptr[b]..qo_indptr[b+1]. Only slots below a sequence's length are read (FA2 loads
+  the rest zero-filled or masked, FA3's paged loader zero-fills them). `backend="auto"` is FA3
+  on Hopper when `pos_encoding_mode="NONE"`, else FA2; with `use_tensor_cores=True` decode
+  runs the FA2 prefill kernel, one query row per sequence and the GQA group packed into the
+  query tile (what vLLM always and SGLang from group 4 on choose).
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.spec import Bound, Params, Tensors, Unavailable
-from pykernels._common import f32
+from pykernels._common import apply_rope, f32, rope_cos_sin
 
 # The paged KV cache of the decode rows: vLLM's default block size.
 PAGE_SIZE = 16
@@ -208,3 +218,122 @@ def rope_provider(device: str, dtype: torch.dtype):
                      note=f"FlashInfer {name}; flashinfer {version}")
 
     return bind
+
+
+# --- paged_rope_attention: FlashInfer's attention alone on MAX's paged cache ----------------
+
+@dataclass(frozen=True)
+class PagedIndex:
+    """FlashInfer's view of one ragged batch over a paged cache, int32 on the CPU."""
+
+    qo_indptr: torch.Tensor  # [B + 1] the queries of sequence b: rows qo_indptr[b] ..
+    kv_indptr: torch.Tensor  # [B + 1] its pages: kv_indices[kv_indptr[b] : kv_indptr[b+1]]
+    kv_indices: torch.Tensor  # [kv_indptr[-1]] page ids, sequence by sequence, in order
+    kv_last_page_len: torch.Tensor  # [B] tokens on its last page (1 .. page; 0: no pages)
+    positions: torch.Tensor  # [T] the position of each query row (its rotation angle)
+
+    @property
+    def decode(self) -> bool:
+        """Every sequence has exactly one new token."""
+        return bool(((self.qo_indptr[1:] - self.qo_indptr[:-1]) == 1).all())
+
+
+def paged_index(cache_lengths: torch.Tensor, lookup_table: torch.Tensor,
+                row_offsets: torch.Tensor, page_size: int) -> PagedIndex:
+    """MAX's index tensors (`pykernels._paged_kv`) as FlashInfer's: sequence b holds
+    kv_len = cache_lengths[b] + its new tokens (the step's keys are in the cache already),
+    on the first ceil(kv_len / page) pages of its lookup-table row; its last page holds
+    kv_len - (pages - 1) * page tokens (a full page when kv_len ends on a page boundary).
+    qo_indptr is row_offsets; new token t of sequence b is at position cache_lengths[b] + t."""
+    off = row_offsets.to(torch.int64).cpu()
+    cache = cache_lengths.to(torch.int64).cpu()
+    table = lookup_table.to(torch.int64).cpu()
+    new = off[1:] - off[:-1]
+    kv_len = cache + new
+    pages = -(-kv_len // page_size)
+    if len(pages) and int(pages.max()) > table.shape[1]:
+        raise ValueError(f"a sequence needs {int(pages.max())} pages, the lookup table has "
+                         f"{table.shape[1]} columns")
+    zero = torch.zeros(1, dtype=torch.int64)
+    owned = torch.arange(table.shape[1])[None, :] < pages[:, None]
+    positions = torch.cat([torch.arange(c, c + n) for c, n in zip(cache.tolist(), new.tolist())]
+                          or [zero[:0]])
+    return PagedIndex(off.to(torch.int32), torch.cat((zero, pages.cumsum(0))).to(torch.int32),
+                      table[owned].to(torch.int32),  # row-major: sequence, then page order
+                      (kv_len - (pages - 1).clamp(min=0) * page_size).to(torch.int32),
+                      positions)
+
+
+def rotated_queries(q: torch.Tensor, positions: torch.Tensor, params: Params) -> torch.Tensor:
+    """q (T, Hq, D) rotated at `positions` by the reference's RoPE in fp32 (half rotation,
+    Llama 3 frequencies), rounded once to q's dtype."""
+    cos, sin = rope_cos_sin(positions.to(q.device)[None], q.shape[-1], params, torch.float32)
+    return apply_rope(q.float()[None], cos, sin)[0].to(q.dtype).contiguous()
+
+
+PAGED_NOTE = "attention alone, queries rotated outside the timed call"
+
+
+def paged_attention_provider(softmax_scale):
+    """`prepare(device, dtype)` of paged_rope_attention's `flashinfer` provider: FlashInfer's
+    attention without RoPE (`pos_encoding_mode="NONE"`) on the op's own cache, fed the queries
+    already rotated. Its fused RoPE would rotate the cached keys again and has no Llama 3
+    frequencies, so it would compute another function; this is the op less its query rotation,
+    as cuDNN SDPA alone is for fused_rope_attention, but checked by the gate (same function).
+    The index tensors, the rotation and the wrapper's plan are built at bind time; the timed
+    call is `run`. Decode batches (one new token per sequence) use the decode wrapper on tensor
+    cores (FA2); the rest the paged prefill wrapper, causal (bottom-right: query t of sequence
+    b sees keys 0 .. cache_lengths[b] + t), on FlashInfer's backend choice (FA3 on Hopper),
+    falling back to FA2 for the rest of the run if that fails to plan (the row says so)."""
+
+    def prepare(device: str, dtype: torch.dtype):
+        flashinfer = _flashinfer(device, dtype)
+        version = getattr(flashinfer, "__version__", "?")
+        workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        failed: dict[str, str] = {}  # "auto" -> why FlashInfer's choice failed to plan
+
+        def plan_prefill(idx: PagedIndex, heads: tuple[int, int, int, int], kw: dict):
+            """The paged prefill wrapper planned on FlashInfer's backend choice, or on FA2
+            once that choice has failed to plan; and what it runs, for the row's note."""
+            backend = "fa2" if failed else "auto"
+            w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend)
+            try:
+                w.plan(*(t.to(device) for t in (idx.qo_indptr, idx.kv_indptr, idx.kv_indices,
+                                                idx.kv_last_page_len)),
+                       *heads, causal=True, **kw)
+            except Exception as e:
+                if failed:
+                    raise
+                failed["auto"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}"
+                return plan_prefill(idx, heads, kw)
+            chosen = str(getattr(w, "_backend", backend)).upper()
+            why = f" (its own choice failed to plan: {failed['auto']})" if failed else ""
+            return w, f"FlashInfer {chosen} batch prefill, causal{why}"
+
+        def bind(inputs: Tensors, params: Params) -> Bound:
+            q, blocks = inputs["q"], inputs["blocks"]
+            _, _, layers, page, hk, d = blocks.shape
+            if layers != 1:
+                raise Unavailable(f"n/a: a cache of {layers} layers; FlashInfer's paged cache "
+                                  "(pages, 2, page, Hk, D) is one layer's (L = 1 only)")
+            hq = q.shape[1]
+            idx = paged_index(inputs["cache_lengths"], inputs["lookup_table"],
+                              inputs["row_offsets"], page)
+            cache = blocks.select(2, 0)  # [P, 2, page, Hk, D]: FlashInfer's NHD paged cache
+            qr = rotated_queries(q, idx.positions, params)
+            kw = dict(pos_encoding_mode="NONE", sm_scale=softmax_scale(params, d),
+                      q_data_type=dtype, kv_data_type=dtype)
+            if idx.decode:
+                w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                    workspace, "NHD", use_tensor_cores=True, backend="fa2")
+                w.plan(*(t.to(device) for t in (idx.kv_indptr, idx.kv_indices,
+                                                idx.kv_last_page_len)), hq, hk, d, page, **kw)
+                what = "FlashInfer batch decode (tensor cores, FA2)"
+            else:
+                w, what = plan_prefill(idx, (hq, hk, d, page), kw)
+            note = f"{what}, paged KV (page {page}); {PAGED_NOTE}; flashinfer {version}"
+            return Bound(lambda: w.run(qr, cache), lambda o: (o, blocks), note=note)
+
+        return bind
+
+    return prepare

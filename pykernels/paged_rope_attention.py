@@ -28,6 +28,7 @@ from harness.spec import Axis, Case, KernelSpec, Param, Params, Shape, TensorArg
 import pykernels._paged_kv as pkv
 from pykernels._common import (apply_rope, bf16_rne, f32, freq_param_decls, rope_cos_sin,
                                triton_inv_freq)
+from pykernels._flashinfer import paged_attention_provider
 
 LAYER = Param("layer", (0, 1, 2), dtype="int32", doc="the layer of the cache read")
 
@@ -191,7 +192,10 @@ SPEC = KernelSpec(
     flops=flops,
     bytes=nbytes,
     constraint=pkv.layer_ok,
-    providers={"max_paged": pkv.max_paged_provider("attention", softmax_scale)},
+    # stock MAX's paged kernels, and FlashInfer's paged attention alone on queries rotated
+    # before the timed call (its fused RoPE would rotate the cached keys again)
+    providers={"max_paged": pkv.max_paged_provider("attention", softmax_scale),
+               "flashinfer": paged_attention_provider(softmax_scale)},
     golden=(
         _case(1, 1, 0, 0, 16, 1, 1, 16, "one token, empty cache: o = v of position 0 whatever "
               "the logit"),

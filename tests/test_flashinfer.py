@@ -1,8 +1,10 @@
 """The `flashinfer` provider of `kt microbench` (pykernels/_flashinfer.py), on the CPU: it is
-registered for rope and fused_rope_attention, skipped with its reason where FlashInfer cannot
-run, kt's layouts map onto FlashInfer's, its RoPE arguments reproduce kt's frequencies, and
-the gate refuses what FlashInfer computes where it is not kt's op (FA3's attention without
-RoPE; plain RoPE on a Llama 3 case), so such output is never timed."""
+registered for rope, fused_rope_attention and paged_rope_attention, skipped with its reason
+where FlashInfer cannot run, kt's layouts (and MAX's paged cache tables) map onto FlashInfer's,
+its RoPE arguments reproduce kt's frequencies, and the gate refuses what FlashInfer computes
+where it is not kt's op (FA3's attention without RoPE; plain RoPE on a Llama 3 case), so such
+output is never timed. The paged provider's calls run against a stand-in for FlashInfer's
+paged wrappers written from their documented contract (no FlashInfer on the CPU)."""
 
 import dataclasses
 import math
@@ -17,16 +19,20 @@ import torch.nn.functional as F
 
 import pykernels
 from harness.bench.engine import Settings, benchmark_families
-from harness.bench.families import Family, load_bench_file
+from harness.bench.families import Family, load_bench_file, warm_jobs
 from harness.bench.gate import Gate
 from harness.bench.providers import providers_of
 from harness.spec import Unavailable
 from pykernels._common import llama3_inv_freq
-from pykernels._flashinfer import (PAGE_SIZE, attention_call, paged_layout, ragged_indptr,
-                                   rope_call, to_pages, unavailable_reason)
+import pykernels._flashinfer as fi
+import pykernels._paged_kv as pkv
+from pykernels._flashinfer import (PAGE_SIZE, PAGED_NOTE, attention_call, paged_index,
+                                   paged_layout, ragged_indptr, rope_call, to_pages,
+                                   unavailable_reason)
 
 REPO = Path(__file__).resolve().parents[1]
 KERNELS = ("rope", "fused_rope_attention")
+PAGED = pykernels.get("paged_rope_attention")
 SETTINGS = Settings(warmup_ms=1, min_reps=3, max_reps=5, budget_s=0.05)
 
 
@@ -38,7 +44,16 @@ def test_registered_and_compiled_ahead_by_gpu_run(kernel):
     assert any(getattr(t, "provider", None) == "flashinfer" for t in spec.targets)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+def test_paged_registered_and_each_kernel_variant_compiled_ahead_by_gpu_run():
+    """One phase-1 job per JIT module: decode per head dim, the prefill (FA3 on Hopper)."""
+    assert "flashinfer" in providers_of(PAGED)
+    jobs = [j for j in warm_jobs(PAGED, load_bench_file(PAGED), "gpu") if j[0] == "flashinfer"]
+    assert ["flashinfer", "--where", "D=128", "--where", "S=1"] in jobs
+    assert ["flashinfer", "--where", "D=64", "--where", "S=1"] in jobs
+    assert any("S=1" not in j for j in jobs)
+
+
+@pytest.mark.parametrize("kernel", KERNELS + ("paged_rope_attention",))
 def test_skipped_with_its_reason_where_it_cannot_run(kernel):
     prepare = pykernels.get(kernel).providers["flashinfer"]
     with pytest.raises(Unavailable, match="n/a on cpu: FlashInfer runs on NVIDIA CUDA GPUs"):
@@ -74,6 +89,15 @@ def test_microbench_row_is_na_with_the_reason_and_the_run_goes_on(kernel, shape,
     assert "p50" not in rows["flashinfer"]
     other = next(r for p, r in rows.items() if p != "flashinfer")
     assert other["status"] == "ok" and "p50" in other
+
+
+def test_paged_microbench_row_is_na_with_the_reason():
+    shape = PAGED.complete({"B": 2, "S": 3, "C": 20, "R": 1, "page": 16, "L": 1, "Hk": 1,
+                            "group": 2, "D": 32})
+    fam = Family("t", "", "cpu", "bfloat16", "memory", "C", [(shape, PAGED.full_params({}))])
+    (row,) = benchmark_families(PAGED, "cpu", [fam], ["flashinfer"], settings=SETTINGS)["rows"]
+    assert row["status"] == "n/a" and "p50" not in row
+    assert row["note"] == "n/a on cpu: FlashInfer runs on NVIDIA CUDA GPUs only"
 
 
 def test_ragged_indptr_is_kt_batch_back_to_back():
@@ -231,3 +255,193 @@ def test_device_stage_unpacks_the_flashinfer_bundle_and_exports_its_path(tmp_pat
     assert (path / "flashinfer" / "__init__.py").read_text().startswith("__version__")
     for script in ("gpu_run.sh", "gpu_kernels.sh"):
         assert "KT_FLASHINFER_PYTHONPATH" in (REPO / "benchmarks" / script).read_text()
+
+
+# --- paged_rope_attention: MAX's paged cache as FlashInfer's ---------------------------------
+
+def _u32(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64).to(torch.uint32)
+
+
+def test_paged_index_by_hand():
+    """Pages of 4 tokens; sequence 0 ends on a page boundary (5 cached + 3 new = 8), 1 is a
+    prefill into an empty cache (6 new), 2 and 3 decode one token (after 9 and after 3, the
+    latter filling its only page). Table entries past a sequence's pages (0, MAX's null page,
+    or a stale id) are not FlashInfer's."""
+    idx = paged_index(cache_lengths=_u32([5, 0, 9, 3]),
+                      lookup_table=_u32([[7, 2, 0, 0], [5, 1, 0, 0], [3, 8, 6, 0], [4, 9, 9, 9]]),
+                      row_offsets=_u32([0, 3, 9, 10, 11]), page_size=4)
+    assert idx.qo_indptr.tolist() == [0, 3, 9, 10, 11]
+    assert idx.kv_indptr.tolist() == [0, 2, 4, 7, 8]
+    assert idx.kv_indices.tolist() == [7, 2, 5, 1, 3, 8, 6, 4]
+    assert idx.kv_last_page_len.tolist() == [4, 2, 2, 4]
+    assert idx.positions.tolist() == [5, 6, 7, 0, 1, 2, 3, 4, 5, 9, 3]
+    assert all(t.dtype == torch.int32 for t in (idx.qo_indptr, idx.kv_indptr, idx.kv_indices,
+                                                 idx.kv_last_page_len))
+    assert not idx.decode
+
+
+def test_paged_index_one_token_decode_and_an_empty_sequence():
+    idx = paged_index(_u32([0, 16, 17]), _u32([[3, 0], [1, 2], [5, 4]]), _u32([0, 1, 2, 3]), 16)
+    assert idx.decode
+    assert idx.qo_indptr.tolist() == [0, 1, 2, 3] and idx.positions.tolist() == [0, 16, 17]
+    assert idx.kv_indptr.tolist() == [0, 1, 3, 5] and idx.kv_indices.tolist() == [3, 1, 2, 5, 4]
+    assert idx.kv_last_page_len.tolist() == [1, 1, 2]
+    none = paged_index(_u32([0]), _u32([[0]]), _u32([0, 0]), 16)  # no cache, no new token
+    assert none.kv_indptr.tolist() == [0, 0] and none.kv_last_page_len.tolist() == [0]
+    assert none.kv_indices.numel() == 0 and not none.decode
+
+
+def test_paged_index_refuses_a_table_too_short():
+    with pytest.raises(ValueError, match="needs 3 pages"):
+        paged_index(_u32([8]), _u32([[1, 2]]), _u32([0, 1]), 4)
+
+
+PAGED_SHAPES = [
+    {"B": 3, "S": 12, "C": 40, "R": 5, "page": 3, "L": 1, "Hk": 2, "group": 3, "D": 32},
+    {"B": 2, "S": 1, "C": 128, "R": 0, "page": 128, "L": 1, "Hk": 2, "group": 4, "D": 16},
+    {"B": 4, "S": 30, "C": 7, "R": 11, "page": 1, "L": 1, "Hk": 1, "group": 8, "D": 16},
+    {"B": 2, "S": 40, "C": 0, "R": 9, "page": 16, "L": 1, "Hk": 2, "group": 2, "D": 16},
+]
+
+
+@pytest.mark.parametrize("free", PAGED_SHAPES, ids=lambda f: "x".join(map(str, f.values())))
+def test_paged_index_reads_each_sequence_from_the_cache_as_the_reference_does(free):
+    """Through FlashInfer's indices, the (pages, 2, page, Hk, D) view of MAX's blocks yields
+    each sequence's keys and values exactly as `_paged_kv.gather` (the reference's read)."""
+    shape = PAGED.complete(free)
+    inputs = PAGED.make_inputs(shape, PAGED.full_params({}), torch.float32, torch.device("cpu"),
+                               torch.Generator().manual_seed(0))
+    idx = paged_index(inputs["cache_lengths"], inputs["lookup_table"], inputs["row_offsets"],
+                      shape["page"])
+    cache = inputs["blocks"].select(2, 0)
+    assert cache.is_contiguous() and cache.shape == (shape["P"], 2, shape["page"], shape["Hk"],
+                                                     shape["D"])
+    for b, (first, n, cached) in enumerate(pkv.sequences(inputs)):
+        pages = idx.kv_indices[idx.kv_indptr[b]:idx.kv_indptr[b + 1]].long()
+        kv = cache[pages].transpose(0, 1).reshape(2, -1, shape["Hk"], shape["D"])
+        kv = kv[:, :len(pages) * shape["page"] - shape["page"] + int(idx.kv_last_page_len[b])]
+        k, v = pkv.gather(inputs, b, 0, cached + n)
+        assert torch.equal(kv[0], k) and torch.equal(kv[1], v)  # no NaN: no unused slot read
+        assert idx.qo_indptr[b] == first and idx.positions[first:first + n].tolist() == \
+            list(range(cached, cached + n))
+    assert idx.decode == (free["S"] == 1)
+
+
+class _FakeFlashInfer:
+    """FlashInfer's paged wrappers as documented (flashinfer/decode.py, prefill.py at 0.6.18;
+    the module docstring of pykernels/_flashinfer.py), computed plainly in fp32: sequence b's
+    queries are rows qo_indptr[b].., its keys the first kv_len slots of its pages, query i of
+    qo_len sees keys j <= kv_len - qo_len + i when causal, q head h reads kv head h // group.
+    Strict about what the provider must pass; records each plan."""
+
+    __version__ = "0.0.fake"
+    plans: list
+    fail_auto = False
+
+    def __init__(self):
+        self.plans = []
+        fake = self
+
+        class _Wrapper:
+            def __init__(self, workspace, kv_layout, use_tensor_cores=False, backend="auto"):
+                assert kv_layout == "NHD" and workspace.dtype == torch.uint8
+                self.use_tensor_cores, self._backend = use_tensor_cores, backend
+
+            def _plan(self, qo_indptr, indptr, indices, last, hq, hk, d, page, causal, **kw):
+                for t in (qo_indptr, indptr, indices, last):
+                    assert t.dtype == torch.int32 and t.dim() == 1
+                assert kw["pos_encoding_mode"] == "NONE" and kw["q_data_type"] == kw["kv_data_type"]
+                if self._backend == "auto" and fake.fail_auto:
+                    raise RuntimeError("nvcc: FA3 module failed to build\nmore")
+                self._backend = "fa3" if self._backend == "auto" else self._backend
+                self.args = (qo_indptr, indptr, indices, last, hq, hk, d, page, causal,
+                             kw["sm_scale"])
+                fake.plans.append((type(self).__name__, self._backend, self.use_tensor_cores,
+                                   causal))
+
+            def run(self, q, paged_kv_cache):
+                qo_indptr, indptr, indices, last, hq, hk, d, page, causal, scale = self.args
+                k_cache, v_cache = paged_kv_cache.unbind(1)
+                assert k_cache.shape[1:] == (page, hk, d) and q.shape[1:] == (hq, d)
+                o = torch.empty_like(q)
+                for b in range(len(indptr) - 1):
+                    pages = indices[indptr[b]:indptr[b + 1]].long()
+                    kv_len = (len(pages) - 1) * page + int(last[b])
+                    k = k_cache[pages].reshape(-1, hk, d)[:kv_len].float()
+                    v = v_cache[pages].reshape(-1, hk, d)[:kv_len].float()
+                    rows = slice(int(qo_indptr[b]), int(qo_indptr[b + 1]))
+                    qb = q[rows].float()
+                    heads = torch.arange(hq) // (hq // hk)
+                    s = torch.einsum("qhd,khd->hqk", qb, k[:, heads]) * scale
+                    if causal:
+                        i, j = torch.arange(len(qb))[:, None], torch.arange(kv_len)[None, :]
+                        s = s.masked_fill(j > kv_len - len(qb) + i, float("-inf"))
+                    o[rows] = torch.einsum("hqk,khd->qhd", s.softmax(-1), v[:, heads]).to(q.dtype)
+                return o
+
+        class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
+            def plan(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim,
+                     page_size, **kw):
+                batch = torch.arange(len(indptr), dtype=torch.int32)
+                self._plan(batch, indptr, indices, last_page_len, num_qo_heads, num_kv_heads,
+                           head_dim, page_size, False, **kw)
+
+        class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
+            def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len,
+                     num_qo_heads, num_kv_heads, head_dim_qk, page_size, causal=False, **kw):
+                self._plan(qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len,
+                           num_qo_heads, num_kv_heads, head_dim_qk, page_size, causal, **kw)
+
+        self.BatchDecodeWithPagedKVCacheWrapper = BatchDecodeWithPagedKVCacheWrapper
+        self.BatchPrefillWithPagedKVCacheWrapper = BatchPrefillWithPagedKVCacheWrapper
+
+
+def _paged_rows(monkeypatch, fake, free_shapes, params=None):
+    monkeypatch.setattr(fi, "_flashinfer", lambda device, dtype: fake)
+    cases = [(PAGED.complete(f), PAGED.full_params(params or {})) for f in free_shapes]
+    fam = Family("t", "", "cpu", "bfloat16", "compute", "S", cases)
+    return benchmark_families(PAGED, "cpu", [fam], ["flashinfer"], settings=SETTINGS)["rows"]
+
+
+def test_paged_provider_passes_the_gate_on_decode_and_prefill(monkeypatch):
+    """Queries rotated outside, attention alone: the op's function (ragged prefill after a
+    prefix, an empty cache, pages of 1 and 3, decode ending on a page boundary), checked and
+    timed; decode on the tensor-core decode wrapper (FA2), prefill causal on FlashInfer's
+    backend choice."""
+    fake = _FakeFlashInfer()
+    shapes = PAGED_SHAPES + [{"B": 3, "S": 1, "C": 31, "R": 0, "page": 16, "L": 1, "Hk": 2,
+                              "group": 4, "D": 64}]
+    rows = _paged_rows(monkeypatch, fake, shapes)
+    for row in rows:
+        assert row["status"] == "ok" and row["check"]["passed"] and "p50" in row, row
+        assert row["note"].endswith(f"; {PAGED_NOTE}; flashinfer 0.0.fake")
+    decode = [r for r, f in zip(rows, shapes) if f["S"] == 1]
+    assert all(r["note"].startswith("FlashInfer batch decode (tensor cores, FA2)") for r in decode)
+    assert "FlashInfer FA3 batch prefill, causal, paged KV (page 3)" in rows[0]["note"]
+    assert ("BatchDecodeWithPagedKVCacheWrapper", "fa2", True, False) in fake.plans
+    assert ("BatchPrefillWithPagedKVCacheWrapper", "fa3", False, True) in fake.plans
+
+
+def test_paged_provider_rotates_the_queries_it_is_checked_on(monkeypatch):
+    """Attention on unrotated queries (FlashInfer alone, nothing done outside) is WRONG: the
+    gate is what makes the row the op's."""
+    monkeypatch.setattr(fi, "rotated_queries", lambda q, positions, params: q.contiguous())
+    (row,) = _paged_rows(monkeypatch, _FakeFlashInfer(), PAGED_SHAPES[:1])
+    assert row["status"] == "WRONG" and "p50" not in row
+
+
+def test_paged_provider_falls_back_to_fa2_once_its_backend_choice_fails(monkeypatch):
+    fake = _FakeFlashInfer()
+    fake.fail_auto = True
+    rows = _paged_rows(monkeypatch, fake, [PAGED_SHAPES[0], PAGED_SHAPES[3]])
+    assert all(r["status"] == "ok" for r in rows)
+    assert all("FlashInfer FA2 batch prefill, causal (its own choice failed to plan: "
+               "RuntimeError: nvcc: FA3 module failed to build)" in r["note"] for r in rows)
+    assert [p[1] for p in fake.plans] == ["fa2", "fa2"]  # the choice is not retried
+
+
+def test_paged_provider_is_na_on_a_multi_layer_cache(monkeypatch):
+    free = {**PAGED_SHAPES[0], "L": 3}
+    (row,) = _paged_rows(monkeypatch, _FakeFlashInfer(), [free], {"layer": 1})
+    assert row["status"] == "n/a" and "a cache of 3 layers" in row["note"]
