@@ -64,6 +64,25 @@ def ratio_interval(num: list[float], den: list[float], *, confidence: float = CO
     return med, float(lo), float(hi)
 
 
+def median_ratio_interval(num: list[float], den: list[float], *, confidence: float = CONFIDENCE,
+                          resamples: int = BOOTSTRAP_RESAMPLES,
+                          seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
+    """(ratio, lo, hi): median(num) / median(den) and its percentile bootstrap interval, the two
+    samples resampled independently (unpaired: e.g. the requests of one load point on two
+    engines). (nan, nan, nan) when either sample is empty."""
+    a = np.asarray(num, dtype=float)
+    b = np.asarray(den, dtype=float)
+    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+    if a.size == 0 or b.size == 0 or np.median(b) == 0:
+        return math.nan, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    ma = np.median(a[rng.integers(0, a.size, size=(resamples, a.size))], axis=1)
+    mb = np.median(b[rng.integers(0, b.size, size=(resamples, b.size))], axis=1)
+    tail = (1.0 - confidence) / 2.0
+    lo, hi = np.quantile(ma / mb, [tail, 1.0 - tail])
+    return float(np.median(a) / np.median(b)), float(lo), float(hi)
+
+
 def halfwidth(ratio: float, lo: float, hi: float) -> float:
     """Half the interval's width relative to the ratio (0.01: +-1 %); inf if unbounded."""
     if not (math.isfinite(lo) and math.isfinite(hi)) or ratio <= 0:

@@ -3,12 +3,15 @@ and PNG plots against concurrency."""
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from harness import stats
 
 COLUMNS = [
     ("engine", "engine", "{}"),
@@ -61,10 +64,37 @@ def markdown(rows: list[dict]) -> str:
 RATIO_METRICS = [("output_throughput", "out tok/s"), ("median_ttft_ms", "TTFT p50"), ("median_tpot_ms", "TPOT p50")]
 
 
+def per_request(row: dict, key: str) -> list[float]:
+    """The per-request samples behind a row's median: "ttft" (the row's `ttfts`) or "tpot"
+    (each request's inter-token gaps summed over its output tokens after the first), seconds."""
+    if key == "ttft":
+        return [t for t in row.get("ttfts") or [] if t is not None and t > 0]
+    out = []
+    for gaps, n in zip(row.get("itls") or [], row.get("output_lens") or []):
+        if gaps and n and n > 1:
+            out.append(sum(gaps) / (n - 1))
+    return out
+
+
+def _ratio_cell(e: dict, b: dict, key: str, metric: str) -> str:
+    """e / b for one metric: latencies with the 95 % bootstrap interval of the ratio of medians
+    over the point's requests, marked ~ when it holds 1 (inside the noise)."""
+    ev, bv = e.get(metric), b.get(metric)
+    if ev is None or not bv:
+        return MISSING
+    if key in ("ttft", "tpot"):
+        r, lo, hi = stats.median_ratio_interval(per_request(e, key), per_request(b, key))
+        if math.isfinite(lo) and math.isfinite(hi):
+            return f"{ev / bv:.2f} [{lo:.2f}, {hi:.2f}]" + (" ~" if lo <= 1.0 <= hi else "")
+    return f"{ev / bv:.2f}"
+
+
 def ratios(rows: list[dict], baseline: str | None = None) -> str:
     """Engines side by side per load point, each metric as a ratio to `baseline` (vllm when it
     ran, else stock max when it ran, else the first engine): >1 is more throughput, or a longer
-    latency, than the baseline."""
+    latency, than the baseline. TTFT and TPOT ratios carry the bootstrap interval over the
+    point's requests (requests of one point share batches, so it is a floor on the noise);
+    throughput is one number per point."""
     engines = sorted({r["engine"] for r in rows}, key=lambda e: min(r["engine_order"] for r in rows if r["engine"] == e))
     if len(engines) < 2:
         return ""
@@ -75,17 +105,18 @@ def ratios(rows: list[dict], baseline: str | None = None) -> str:
     heads = ["dataset", "load"]
     for key, name in RATIO_METRICS:
         heads += [f"{name} {base}"] + [f"{name} {e}/{base}" for e in others]
-    lines = [f"Ratios to {base} (same load point, same run):", "",
+    lines = [f"Ratios to {base} (same load point, same run; [95 % interval over the point's requests], "
+             "~ inside the noise):", "",
              "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for (ds, load), _ in points:
-        b = by.get((ds, load, base))
+        b = by.get((ds, load, base)) or {}
         cells = [ds, load]
         for key, _ in RATIO_METRICS:
-            bv = b.get(key) if b else None
+            bv = b.get(key)
             cells.append(MISSING if bv is None else f"{bv:.1f}")
+            short = key.removeprefix("median_").removesuffix("_ms")
             for e in others:
-                ev = by.get((ds, load, e), {}).get(key)
-                cells.append(MISSING if ev is None or not bv else f"{ev / bv:.2f}")
+                cells.append(_ratio_cell(by.get((ds, load, e), {}), b, short, key))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -128,3 +128,22 @@ def test_ratios_are_to_stock_max_when_vllm_did_not_run():
     assert text.startswith("Ratios to max ")
     assert "| random | c8 | 100.0 | 0.90 |" in text
     assert report.ratios([row("max+kt", 0, 90.0), row("max", 1, 100.0), row("vllm", 2, 50.0)]).startswith("Ratios to vllm ")
+
+
+def test_latency_ratios_carry_an_interval_over_the_requests():
+    """TPOT from each request's gaps over its tokens after the first; a clear 1.5x is outside
+    the noise, two draws of the same distribution are inside it (~)."""
+    rng = np.random.default_rng(1)
+
+    def row(engine, order, scale):
+        n = 64
+        ttfts = list(0.02 * scale * rng.uniform(0.9, 1.1, n))
+        itls = [list(0.002 * scale * rng.uniform(0.9, 1.1, 15)) for _ in range(n)]
+        return {"engine": engine, "engine_order": order, "dataset_name": "random", "load": "c8", "load_order": 1,
+                "output_throughput": 100.0 / scale, "median_ttft_ms": 1000 * float(np.median(ttfts)),
+                "median_tpot_ms": 2.0 * scale, "ttfts": ttfts, "itls": itls, "output_lens": [16] * n}
+    assert report.per_request(row("max", 1, 1.0), "tpot")[0] == pytest.approx(0.002, rel=0.11)
+    slow = report.ratios([row("max+kt", 0, 1.5), row("max", 1, 1.0)]).splitlines()[-1]
+    same = report.ratios([row("max+kt", 0, 1.0), row("max", 1, 1.0)]).splitlines()[-1]
+    assert " 1.50 [" in slow and "~" not in slow
+    assert same.count("~") == 2
