@@ -40,6 +40,7 @@ from .fused_rope_attention import (
     _merge_scale,
 )
 from .paged_kv import PagedLayout, U32Ptr, seq_of_row
+from .paged_max_prefill import _max_prefill_dispatch, _max_prefill_supported
 from .rope import RopeFreqs, rotate_pair, sincos_f32_accurate
 
 comptime GPU_BLOCK = 128
@@ -974,10 +975,18 @@ comptime TILED_PREFILL = True
 # (D 64) (benchmarks/results/kernels_h200/pipelined_decode_2026-12-03/). False puts the old
 # loop back.
 comptime PIPELINED_DECODE = True
+# Prefill on MAX's paged flash attention behind kt's query rotation (`paged_max_prefill.mojo`),
+# for the shapes it instantiates; off until tests/mojo/gpu_launch.mojo --check prints "max
+# prefill check: all PASS" on an H200 and `kt verify paged_rope_attention --device gpu` passes
+# with it.
+comptime MAX_PREFILL = False
 
 
 def paged_rope_attention_gpu[
-    dtype: DType, tiled_prefill: Bool = TILED_PREFILL, pipelined_decode: Bool = PIPELINED_DECODE
+    dtype: DType,
+    tiled_prefill: Bool = TILED_PREFILL,
+    pipelined_decode: Bool = PIPELINED_DECODE,
+    max_prefill: Bool = MAX_PREFILL,
 ](
     o: Pointer[Scalar[dtype], MutAnyOrigin],
     q: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -992,16 +1001,19 @@ def paged_rope_attention_gpu[
     q_hs: Int,
     scale: Float32,
     lay: PagedLayout,
+    pages: Int,
     freqs: RopeFreqs,
     ctx: DeviceContext,
 ) raises:
-    """The op's GPU branch (arguments validated, scale resolved). Decode (one new token per
-    sequence: rows == batch), 16-bit dtypes, D 64 or 128, a 16-byte aligned cache: the
-    split-KV kernel `_split_decode_gpu`, then `_decode_combine_gpu`. Other decode steps:
-    `_attention_gpu`, one block per (row, q head). Prefill (rows > batch: some sequence has
-    several new tokens; decided from shapes, the host never reads the row offsets): the
-    tiled `_prefill_gpu` with `tiled_prefill` (TILED_PREFILL, on),
-    else `_attention_gpu`."""
+    """The op's GPU branch (arguments validated, scale resolved; pages: the cache's page
+    count). Decode (one new token per sequence: rows == batch), 16-bit dtypes, D 64 or 128, a
+    16-byte aligned cache: the split-KV kernel `_split_decode_gpu`, then `_decode_combine_gpu`.
+    Other decode steps: `_attention_gpu`, one block per (row, q head). Prefill (rows > batch:
+    some sequence has several new tokens; decided from shapes, the host never reads the row
+    offsets): with `max_prefill` (MAX_PREFILL), 16-byte aligned o and cache and a shape
+    `_max_prefill_supported` lists, kt's query rotation and MAX's paged flash attention
+    (`_max_prefill_dispatch`); else the tiled `_prefill_gpu` with `tiled_prefill`
+    (TILED_PREFILL, on), else `_attention_gpu`."""
     if rows * q_heads == 0:
         return
     var aligned = Int(blocks) % 16 == 0
@@ -1011,6 +1023,18 @@ def paged_rope_attention_gpu[
             scale, lay, freqs, ctx,
         )
         return
+    comptime if max_prefill:
+        if (
+            rows > batch
+            and aligned
+            and Int(o) % 16 == 0
+            and _max_prefill_supported[dtype](q_heads, lay)
+        ):
+            _max_prefill_dispatch[dtype](
+                o, q, blocks, cache_lengths, table, row_offsets, rows, batch, q_heads, q_rs,
+                q_hs, scale, lay, pages, freqs, ctx,
+            )
+            return
     if tiled_prefill and rows > batch:
         _prefill_dispatch[dtype](
             o, q, blocks, cache_lengths, table, row_offsets, rows, batch, q_heads, q_rs, q_hs,
@@ -1092,5 +1116,6 @@ struct PagedRopeAttention:
             sync_parallelize(attend, rows * q_heads)
         else:
             paged_rope_attention_gpu[dtype](
-                op, qp, bp, cl, lt, ro, rows, batch, q_heads, q_rs, q_hs, sm_scale, lay, freqs, ctx
+                op, qp, bp, cl, lt, ro, rows, batch, q_heads, q_rs, q_hs, sm_scale, lay,
+                blocks.dim_size(0), freqs, ctx,
             )

@@ -1,9 +1,9 @@
 # Raw kernel timings on a GPU, outside MAX graphs, for tuning the kernels' compile-time
 # parameters (each variant is its own instantiation). Not part of CI (it needs a GPU):
 #   mojo run -I <repo> tests/mojo/gpu_bench.mojo
-# (the paged kernels come first: kt.paged_rope_attention's tiled prefill kernel and the
-# per-row kernel it replaced, at the serving shape, then its split-KV decode with and without
-# PIPELINED_DECODE).
+# (the paged kernels come first: kt.paged_rope_attention's tiled prefill kernel, its prefill on
+# MAX's paged flash attention (MAX_PREFILL) and the per-row kernel the tiled one replaced, at the
+# serving shape, then its split-KV decode with and without PIPELINED_DECODE).
 # Each line: a kernel variant, its mean milliseconds over back-to-back launches (the host
 # enqueues far faster than the GPU runs them, so launch overhead is hidden) and GB/s of the
 # bytes it must move.
@@ -19,6 +19,7 @@ from kernels.fused_rope_attention import (
     _fused_rope_attention_gpu,
 )
 from kernels.paged_kv import PagedLayout
+from kernels.paged_max_prefill import _max_prefill_supported
 from kernels.paged_rope_attention import (
     PIPELINED_DECODE,
     _attention_gpu_launch,
@@ -174,16 +175,20 @@ def paged_attention[d: Int](
 ) raises:
     """kt.paged_rope_attention on a batch (each sequence: new rows after cached tokens; pages
     of 128, a 2-layer cache, layer 1 read). Prefill (new > 1): the op's tiled kernel, the tiled
-    kernel with the other register budget (MB 1 <-> 2 blocks an SM); decode (new = 1): the op's
-    split-KV decode, then the same with the other PIPELINED_DECODE; then the per-row
-    `_attention_gpu` (fewer launches: it is slow). TFLOP/s counts the causal work, 4 D flops
+    kernel with the other register budget (MB 1 <-> 2 blocks an SM), kt's query rotation and
+    MAX's paged flash attention (MAX_PREFILL; its row bound is rows: see paged_max_prefill.mojo);
+    decode (new = 1): the op's split-KV decode, then the same with the other PIPELINED_DECODE;
+    then the per-row `_attention_gpu` (fewer launches: it is slow). TFLOP/s counts the causal work, 4 D flops
     per visible (query, key) pair; GB/s the keys and values read once."""
     comptime page = 128
     comptime MB = _prefill_min_blocks(d)
     comptime OTHER_MB = 1 if MB == 2 else 2
     var rows = batch * new
-    var cols = ceildiv(cached + new, page)
-    var pages = batch * cols
+    var used = ceildiv(cached + new, page)
+    # Prefill: the block table laid out as MAX Serve's (columns rounded up to 8 plus 16, the
+    # padding on a valid page), as MAX's kernel may read past a row's pages.
+    var cols = ceildiv(used, 8) * 8 + 16 if new > 1 else used
+    var pages = batch * used
     var nb = pages * 2 * 2 * page * hk * d
     var blocks = ctx.enqueue_create_buffer[BF16](nb)
     var qkv = ctx.enqueue_create_buffer[BF16](rows * (hq + 2 * hk) * d)
@@ -191,17 +196,18 @@ def paged_attention[d: Int](
     fill(ctx, blocks, nb)
     fill(ctx, qkv, rows * (hq + 2 * hk) * d)
     var host_cl = ctx.enqueue_create_host_buffer[DType.uint32](batch)
-    var host_lt = ctx.enqueue_create_host_buffer[DType.uint32](pages)
+    var host_lt = ctx.enqueue_create_host_buffer[DType.uint32](batch * cols)
     var host_ro = ctx.enqueue_create_host_buffer[DType.uint32](batch + 1)
     ctx.synchronize()
     for b in range(batch):
         host_cl[b] = UInt32(cached)
         host_ro[b] = UInt32(b * new)
+        for c in range(cols):
+            var i = b * used + c
+            host_lt[b * cols + c] = UInt32((i * (pages - 1) + 5) % pages if c < used else 0)
     host_ro[batch] = UInt32(rows)
-    for i in range(pages):
-        host_lt[i] = UInt32((i * (pages - 1) + 5) % pages)
     var cl = ctx.enqueue_create_buffer[DType.uint32](batch)
-    var lt = ctx.enqueue_create_buffer[DType.uint32](pages)
+    var lt = ctx.enqueue_create_buffer[DType.uint32](batch * cols)
     var ro = ctx.enqueue_create_buffer[DType.uint32](batch + 1)
     ctx.enqueue_copy(cl, host_cl)
     ctx.enqueue_copy(lt, host_lt)
@@ -217,7 +223,9 @@ def paged_attention[d: Int](
     var scale = Float32(1.0) / Float32(d) ** 0.5
     var q_rs = (hq + 2 * hk) * d
     var flops = Float64(4 * batch * hq * d) * Float64(new * cached + new * (new + 1) // 2)
-    for variant in range(3):
+    for variant in range(4):
+        if variant == 3 and new == 1:
+            continue
         var iters = 3 if variant == 2 else ITERS
         var t0 = perf_counter_ns()
         for it in range(WARM + iters):
@@ -225,16 +233,20 @@ def paged_attention[d: Int](
                 ctx.synchronize()
                 t0 = perf_counter_ns()
             if variant == 0:
-                paged_rope_attention_gpu[BF16, tiled_prefill=True](
-                    op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, freqs, ctx
+                paged_rope_attention_gpu[BF16, tiled_prefill=True, max_prefill=False](
+                    op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, pages, freqs, ctx
                 )
             elif variant == 1 and new == 1:
                 paged_rope_attention_gpu[BF16, tiled_prefill=True, pipelined_decode=not PIPELINED_DECODE](
-                    op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, freqs, ctx
+                    op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, pages, freqs, ctx
                 )
             elif variant == 1:
                 _prefill_launch[BF16, d, OTHER_MB](
                     op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, freqs, ctx
+                )
+            elif variant == 3:
+                paged_rope_attention_gpu[BF16, max_prefill=True](
+                    op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, pages, freqs, ctx
                 )
             else:
                 _attention_gpu_launch[BF16](
@@ -249,6 +261,8 @@ def paged_attention[d: Int](
             name = String("split-KV pipelined=", not PIPELINED_DECODE) if new == 1 else String("tiled MB=", OTHER_MB)
         elif variant == 2:
             name = "per-row _attention_gpu"
+        elif variant == 3:
+            name = "MAX flash attention (kt rope)" if _max_prefill_supported[BF16](hq, lay) else "MAX flash attention: shape not instantiated, tiled ran"
         var kv_bytes = Float64(2 * batch * (cached + new) * hk * d * 2)
         print(
             "paged decode" if new == 1 else "paged prefill", name,
@@ -267,6 +281,8 @@ def main() raises:
     paged_attention[64](ctx, 8, 0, 1024, 32, 8, freqs)
     paged_attention[128](ctx, 8, 0, 1024, 32, 8, freqs)
     paged_attention[64](ctx, 8, 3072, 1024, 32, 8, freqs)
+    # One 8192-token prompt: MAX's row bound (rows) is exact.
+    paged_attention[64](ctx, 1, 0, 8192, 32, 8, freqs)
     # Paged decode: the microbench's decode (D 128, B 8) and decode_1b (D 64, B 32) shapes.
     paged_attention[128](ctx, 8, 16383, 1, 32, 8, freqs)
     paged_attention[128](ctx, 8, 4095, 1, 32, 8, freqs)

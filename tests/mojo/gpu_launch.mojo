@@ -8,7 +8,9 @@
 # `_attention_gpu` on random bf16 inputs, and kt.paged_rope_attention's tiled prefill kernel
 # with its per-row kernel `_attention_gpu` (every dtype, ragged batches, cached prefixes), and
 # its split-KV decode kernel, as in use and with the key loads one step ahead (PIPELINED_DECODE),
-# with `_attention_gpu` on decode batches (16-bit dtypes):
+# with `_attention_gpu` on decode batches (16-bit dtypes), and its prefill on MAX's paged flash
+# attention behind kt's query rotation (MAX_PREFILL) with `_attention_gpu` on prefill batches
+# (bf16 and fp16, every (Hq, Hk, D) it instantiates):
 #   mojo run -I <repo> tests/mojo/gpu_launch.mojo --check
 from max.gpu.host import DeviceBuffer, DeviceContext
 from std.math import ceildiv
@@ -22,6 +24,7 @@ from kernels.fused_rope_attention import (
     _fused_rope_attention_gpu,
 )
 from kernels.paged_kv import PagedLayout
+from kernels.paged_max_prefill import MAX_PREFILL_PAGE, _max_prefill_supported
 from kernels.paged_rope_attention import PIPELINED_DECODE, _attention_gpu_launch, paged_rope_attention_gpu
 from kernels.paged_rope_store import RowStrides, paged_rope_store_gpu
 from kernels.rms_norm import GPU_BLOCK as NORM_BLOCK, _rms_norm_gpu, _rms_norm_gpu_launch
@@ -155,39 +158,47 @@ def paged_all[dtype: DType](ctx: DeviceContext) raises:
         paged_rope_store_gpu[dtype](bp, qp + 4 * d, qp + 6 * d, cl, lt, ro, 4, 2, st, lay, freqs, ctx)
         paged_rope_attention_gpu[dtype](
             o.unsafe_ptr().as_unsafe_any_origin(), qp, bp, cl, lt, ro, 4, 2, 4, 8 * d, d, Float32(0.25),
-            lay, freqs, ctx,
+            lay, 5, freqs, ctx,
         )
         paged_rope_attention_gpu[dtype](
             o.unsafe_ptr().as_unsafe_any_origin(), qp, bp, cl, lt, dro, 2, 2, 4, 8 * d, d, Float32(0.25),
-            lay, freqs, ctx,
+            lay, 5, freqs, ctx,
         )
         ctx.synchronize()
     _ = check_prefill[dtype](ctx, False)
+    _ = check_max_prefill[dtype](ctx, False)
 
 
-def paged_case[dtype: DType, pipelined: Bool = PIPELINED_DECODE](
+def paged_case[dtype: DType, pipelined: Bool = PIPELINED_DECODE, max_prefill: Bool = False](
     ctx: DeviceContext, d: Int, hq: Int, hk: Int, page: Int, cached: List[Int], new: List[Int],
     check: Bool,
 ) raises -> Bool:
     """The GPU branch of kt.paged_rope_attention on a batch (sequence b: new[b] rows after
-    cached[b] cached tokens): a prefill batch takes the tiled `_prefill_gpu`, a decode batch
-    (one new row each) the split-KV decode, its key loads one step ahead with `pipelined`; with
-    check, compared with `_attention_gpu` (one block per row and q head) on the same inputs. A
-    random cache of 2 layers (layer 1 read), pages handed out in a scrambled order, q a strided
-    view of a QKV row."""
+    cached[b] cached tokens): a prefill batch takes the tiled `_prefill_gpu`, or with
+    max_prefill kt's query rotation and MAX's paged flash attention, a decode batch (one new row
+    each) the split-KV decode, its key loads one step ahead with `pipelined`; with check,
+    compared with `_attention_gpu` (one block per row and q head) on the same inputs. A random
+    cache of 2 layers (layer 1 read), pages handed out in a scrambled order, q a strided view of
+    a QKV row. With max_prefill the block table is laid out as MAX Serve's: its columns rounded
+    up to 8 plus 16, the padding pointing at one extra page (MAX's null page)."""
     var batch = len(new)
     var freqs = RopeFreqs(500000.0, 8.0, 1.0, 4.0, 8192.0)
     var offsets = List[Int]()
     offsets.append(0)
-    var cols = 1
+    var used = 1
     for b in range(batch):
         offsets.append(offsets[b] + new[b])
-        cols = max(cols, ceildiv(cached[b] + new[b], page))
+        used = max(used, ceildiv(cached[b] + new[b], page))
     var rows = offsets[batch]
-    var pages = batch * cols
+    var cols = ceildiv(used, 8) * 8 + 16 if max_prefill else used
+    var owned = batch * used
+    var pages = owned + 1 if max_prefill else owned
     var table = List[Int]()
-    for i in range(pages):
-        table.append((i * (pages - 1) + 3) % pages)  # a permutation: pages - 1 is prime to pages
+    for b in range(batch):
+        for c in range(cols):
+            var i = b * used + c
+            # a permutation of the owned pages: owned - 1 is prime to owned
+            table.append((i * (owned - 1) + 3) % owned if c < used else owned)
     var lay = PagedLayout(page, 2, hk, d, 1, cols)
     var qkv_row = (hq + 2 * hk) * d
     var nb = pages * 2 * 2 * page * hk * d
@@ -207,9 +218,12 @@ def paged_case[dtype: DType, pipelined: Bool = PIPELINED_DECODE](
         ro.unsafe_ptr().as_unsafe_any_origin(),
     )
     var scale = Float32(1.0) / Float32(d) ** 0.5
-    paged_rope_attention_gpu[dtype, tiled_prefill=True, pipelined_decode=pipelined](
+    paged_rope_attention_gpu[
+        dtype, tiled_prefill=True, pipelined_decode=pipelined, max_prefill=max_prefill
+    ](
         o_fast.unsafe_ptr().as_unsafe_any_origin(), qkv.unsafe_ptr().as_unsafe_any_origin(),
-        args[0], args[1], args[2], args[3], rows, batch, hq, qkv_row, d, scale, lay, freqs, ctx,
+        args[0], args[1], args[2], args[3], rows, batch, hq, qkv_row, d, scale, lay, pages, freqs,
+        ctx,
     )
     if not check:
         ctx.synchronize()
@@ -218,8 +232,14 @@ def paged_case[dtype: DType, pipelined: Bool = PIPELINED_DECODE](
         o_ref.unsafe_ptr().as_unsafe_any_origin(), qkv.unsafe_ptr().as_unsafe_any_origin(),
         args[0], args[1], args[2], args[3], rows, batch, hq, qkv_row, d, scale, lay, freqs, ctx,
     )
-    var res = _compare[dtype](ctx, o_fast, o_ref, rows * hq * d)
+    # MAX's kernel takes the rotated queries and the probabilities in dtype (the reference
+    # keeps them in fp32): a few more ulps.
+    var res = _compare[dtype](ctx, o_fast, o_ref, rows * hq * d, Float32(4) if max_prefill else Float32(1))
     var kind = String("paged prefill") if rows > batch else String("paged decode pipelined=", pipelined)
+    if max_prefill:
+        var on_max = rows > batch and _max_prefill_supported[dtype](hq, lay)
+        kind = String("max prefill (MAX kernel)") if on_max else String("max prefill (NOT on MAX's kernel)")
+        res = (res[0] and on_max, res[1])
     print(
         kind, dtype, "D", d, "Hq", hq, "Hk", hk, "page", page, "rows", rows,
         "batch", batch, "max|diff|", res[1], "PASS" if res[0] else "FAIL",
@@ -247,6 +267,30 @@ def check_prefill_all(ctx: DeviceContext) raises:
     if not ok:
         raise Error("paged prefill check failed")
     print("paged prefill check: all PASS")
+
+
+def check_max_prefill[dtype: DType](ctx: DeviceContext, check: Bool) raises -> Bool:
+    """Prefill batches on MAX's paged flash attention (16-bit dtypes; pages of
+    MAX_PREFILL_PAGE): every (Hq, Hk, D) instantiated, GQA 4 / 3 / 8 / 1 at D 128 and 64,
+    ragged rows, cached prefixes ending mid-page, sequences of 1 or 2 rows beside long ones,
+    row counts off every tile size."""
+    comptime if dtype != DType.bfloat16 and dtype != DType.float16:
+        return True
+    comptime page = MAX_PREFILL_PAGE
+    var ok = paged_case[dtype, max_prefill=True](ctx, 128, 32, 8, page, [0, 130, 7], [300, 77, 129], check)
+    ok = paged_case[dtype, max_prefill=True](ctx, 64, 32, 8, page, [0, 1000, 5], [1024, 33, 1], check) and ok
+    ok = paged_case[dtype, max_prefill=True](ctx, 128, 24, 8, page, [128, 0], [100, 45], check) and ok
+    ok = paged_case[dtype, max_prefill=True](ctx, 128, 64, 8, page, [250, 0], [200, 2], check) and ok
+    ok = paged_case[dtype, max_prefill=True](ctx, 64, 16, 16, page, [3, 0, 129], [61, 257, 2], check) and ok
+    return ok
+
+
+def check_max_prefill_all(ctx: DeviceContext) raises:
+    var ok = check_max_prefill[DType.bfloat16](ctx, True)
+    ok = check_max_prefill[DType.float16](ctx, True) and ok
+    if not ok:
+        raise Error("max prefill check failed")
+    print("max prefill check: all PASS")
 
 
 def check_decode[dtype: DType, pipelined: Bool](ctx: DeviceContext) raises -> Bool:
@@ -292,9 +336,10 @@ def _tolerance[dtype: DType]() -> Float32:
 
 
 def _compare[dtype: DType](
-    ctx: DeviceContext, fast: DeviceBuffer[dtype], reference: DeviceBuffer[dtype], n: Int
+    ctx: DeviceContext, fast: DeviceBuffer[dtype], reference: DeviceBuffer[dtype], n: Int,
+    slack: Float32 = 1,
 ) raises -> Tuple[Bool, Float32]:
-    """(every element within tolerance and finite, max |diff|)."""
+    """(every element within slack x tolerance and finite, max |diff|)."""
     var hf = ctx.enqueue_create_host_buffer[dtype](n)
     var hr = ctx.enqueue_create_host_buffer[dtype](n)
     ctx.enqueue_copy(hf, fast)
@@ -302,7 +347,7 @@ def _compare[dtype: DType](
     ctx.synchronize()
     var ok = True
     var max_err = Float32(0)
-    var tol = _tolerance[dtype]()
+    var tol = _tolerance[dtype]() * slack
     for i in range(n):
         var a = hf[i].cast[DType.float32]()
         var b = hr[i].cast[DType.float32]()
@@ -505,3 +550,4 @@ def main() raises:
             check_fast_path(ctx)
             check_prefill_all(ctx)
             check_decode_all(ctx)
+            check_max_prefill_all(ctx)
