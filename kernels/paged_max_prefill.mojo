@@ -9,8 +9,8 @@ tensors the way MAX's graph boundary builds it (`PagedKVCacheCollection` of bloc
 cache_lengths, lookup_table and the two host-side maximum lengths), and writes o.
 
 MAX fixes the kv heads, head dim and page size at compile time, so the path runs for the
-(Hq, Hk, D) of `_max_prefill_heads` and pages of MAX_PREFILL_PAGE; other shapes keep kt's
-tiled kernel. bf16 takes MAX's FA3 (wgmma); fp16 its FA2 (mma.sync): MAX 26.7's FA3 does not
+(Hq, Hk, D) of `_max_prefill_heads` (the served models' heads) and pages of MAX_PREFILL_PAGE;
+other shapes keep kt's tiled kernel. bf16 takes MAX's FA3 (wgmma); fp16 its FA2 (mma.sync): MAX 26.7's FA3 does not
 build for fp16 on sm_90 (a wgmma constraint of the P @ V step fails to instantiate).
 
 The host never reads the row offsets or the cache lengths, so the maximum lengths MAX asks
@@ -37,21 +37,16 @@ from .rope import RopeFreqs, rotate_pair, sincos_f32_accurate
 
 comptime ROTATE_THREADS = 128
 comptime MAX_PREFILL_PAGE = 128
-comptime MAX_PREFILL_CONFIGS = 5
+comptime MAX_PREFILL_CONFIGS = 2
 
 
 def _max_prefill_heads(i: Int) -> Tuple[Int, Int, Int]:
-    """(Hq, Hk, D) instantiated for MAX's kernel: Llama 3.1 8B (GQA 4, D 128), Llama 3.2 1B
-    (GQA 4, D 64), Llama 3.2 3B (GQA 3), Llama 3 70B's heads (GQA 8), and MHA at D 64."""
+    """(Hq, Hk, D) instantiated for MAX's kernel: Llama 3.1 8B's heads (GQA 4, D 128) and
+    Llama 3.2 1B's (GQA 4, D 64), the models kt serves. Each instantiation is one more FA3
+    kernel in every graph that holds the op (~40 s of compile on a CPU core), so no more."""
     if i == 0:
         return (32, 8, 128)
-    if i == 1:
-        return (32, 8, 64)
-    if i == 2:
-        return (24, 8, 128)
-    if i == 3:
-        return (64, 8, 128)
-    return (16, 16, 64)
+    return (32, 8, 64)
 
 
 def _max_prefill_supported[dtype: DType](q_heads: Int, lay: PagedLayout) -> Bool:
