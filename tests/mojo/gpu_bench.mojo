@@ -3,7 +3,7 @@
 #   mojo run -I <repo> tests/mojo/gpu_bench.mojo
 # (the paged kernels come first: kt.paged_rope_attention's tiled prefill kernel and the
 # per-row kernel it replaced, at the serving shape, then its split-KV decode with and without
-# PIPELINED_DECODE).
+# PIPELINED_DECODE, and tiled (TILED_DECODE)).
 # Each line: a kernel variant, its mean milliseconds over back-to-back launches (the host
 # enqueues far faster than the GPU runs them, so launch overhead is hidden) and GB/s of the
 # bytes it must move.
@@ -21,6 +21,7 @@ from kernels.fused_rope_attention import (
 from kernels.paged_kv import PagedLayout
 from kernels.paged_rope_attention import (
     PIPELINED_DECODE,
+    TILED_DECODE,
     _attention_gpu_launch,
     _prefill_launch,
     _prefill_min_blocks,
@@ -175,7 +176,8 @@ def paged_attention[d: Int](
     """kt.paged_rope_attention on a batch (each sequence: new rows after cached tokens; pages
     of 128, a 2-layer cache, layer 1 read). Prefill (new > 1): the op's tiled kernel, the tiled
     kernel with the other register budget (MB 1 <-> 2 blocks an SM); decode (new = 1): the op's
-    split-KV decode, then the same with the other PIPELINED_DECODE; then the per-row
+    split-KV decode, `_split_decode_gpu` with the other PIPELINED_DECODE, and the other
+    TILED_DECODE (the line "split-KV tiled" while the op does not take it); then the per-row
     `_attention_gpu` (fewer launches: it is slow). TFLOP/s counts the causal work, 4 D flops
     per visible (query, key) pair; GB/s the keys and values read once."""
     comptime page = 128
@@ -217,8 +219,10 @@ def paged_attention[d: Int](
     var scale = Float32(1.0) / Float32(d) ** 0.5
     var q_rs = (hq + 2 * hk) * d
     var flops = Float64(4 * batch * hq * d) * Float64(new * cached + new * (new + 1) // 2)
-    for variant in range(3):
-        var iters = 3 if variant == 2 else ITERS
+    for variant in range(4):
+        if variant == 2 and new != 1:
+            continue
+        var iters = 3 if variant == 3 else ITERS
         var t0 = perf_counter_ns()
         for it in range(WARM + iters):
             if it == WARM:
@@ -229,7 +233,11 @@ def paged_attention[d: Int](
                     op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, freqs, ctx
                 )
             elif variant == 1 and new == 1:
-                paged_rope_attention_gpu[BF16, tiled_prefill=True, pipelined_decode=not PIPELINED_DECODE](
+                paged_rope_attention_gpu[
+                    BF16, tiled_prefill=True, pipelined_decode=not PIPELINED_DECODE, tiled_decode=False
+                ](op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, freqs, ctx)
+            elif variant == 2:
+                paged_rope_attention_gpu[BF16, tiled_prefill=True, tiled_decode=not TILED_DECODE](
                     op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, freqs, ctx
                 )
             elif variant == 1:
@@ -244,10 +252,18 @@ def paged_attention[d: Int](
         var ms = Float64(perf_counter_ns() - t0) / Float64(iters) / 1e6
         var name = String("tiled (op) MB=", MB)
         if new == 1:
-            name = String("split-KV (op) pipelined=", PIPELINED_DECODE)
+            comptime if TILED_DECODE:
+                name = "split-KV (op) tiled"
+            else:
+                name = String("split-KV (op) pipelined=", PIPELINED_DECODE)
         if variant == 1:
             name = String("split-KV pipelined=", not PIPELINED_DECODE) if new == 1 else String("tiled MB=", OTHER_MB)
         elif variant == 2:
+            comptime if TILED_DECODE:
+                name = String("split-KV pipelined=", PIPELINED_DECODE)
+            else:
+                name = "split-KV tiled"
+        elif variant == 3:
             name = "per-row _attention_gpu"
         var kv_bytes = Float64(2 * batch * (cached + new) * hk * d * 2)
         print(
@@ -267,10 +283,13 @@ def main() raises:
     paged_attention[64](ctx, 8, 0, 1024, 32, 8, freqs)
     paged_attention[128](ctx, 8, 0, 1024, 32, 8, freqs)
     paged_attention[64](ctx, 8, 3072, 1024, 32, 8, freqs)
-    # Paged decode: the microbench's decode (D 128, B 8) and decode_1b (D 64, B 32) shapes.
+    # Paged decode: the microbench's decode (D 128, B 8) and decode_1b (D 64, B 32) shapes, short
+    # contexts at D 128, and max+kt's serving shape (Llama 3.2 1B, 128 sequences of 1k tokens).
     paged_attention[128](ctx, 8, 16383, 1, 32, 8, freqs)
     paged_attention[128](ctx, 8, 4095, 1, 32, 8, freqs)
     paged_attention[64](ctx, 32, 4095, 1, 32, 8, freqs)
+    paged_attention[128](ctx, 8, 1023, 1, 32, 8, freqs)
+    paged_attention[64](ctx, 128, 1023, 1, 32, 8, freqs)
 
     # RoPE alone: 32768 tokens, 32 q heads, 8 k heads, D 128 (168M elements).
     var tokens = 32768
