@@ -19,7 +19,7 @@ from extensibility import InputTensor, OutputTensor
 from extensibility.managed_tensor_slice import _MutableInputTensor as MutableInputTensor
 from max.algorithm import sync_parallelize
 from max.gpu import MAX_THREADS_PER_BLOCK_METADATA, block_idx, thread_idx
-from max.gpu.primitives.warp import shuffle_xor
+from max.gpu.primitives.warp import shuffle_xor, vote
 from max.gpu.host import DeviceContext, FuncAttribute
 from max.gpu.host.info import is_cpu
 from max.gpu.memory import AddressSpace, external_memory
@@ -39,7 +39,7 @@ from .fused_rope_attention import (
     _decode_heads_per_block,
     _merge_scale,
 )
-from .paged_kv import PagedLayout, U32Ptr, seq_of_row
+from .paged_kv import KeyRows, PagedLayout, U32Ptr, seq_of_row
 from .paged_max_prefill import _max_prefill_dispatch, _max_prefill_supported
 from .rope import RopeFreqs, rotate_pair, sincos_f32_accurate
 
@@ -544,26 +544,16 @@ def _prefill_load_tile[
 
 # Decode (one new token per sequence, 16-bit dtypes, D 64 or 128): split-KV flash decoding
 # through the block table. Keys are rotated in the cache already, so only the queries are
-# rotated, once per block, into shared memory.
+# rotated, once per block, into shared memory. Two kernels share the block's prologue
+# (`_decode_queries`) and epilogue (`_decode_write_partial`): `_split_decode_gpu`, one key
+# per lane group at a time, and `_tiled_decode_gpu`, TILE_KEYS keys per lane group at a time.
 
-
-@fieldwise_init
-struct _KeyRows(TrivialRegisterPassable):
-    """Offsets of one sequence's key rows (one kv head, one lane's slice) in the paged cache,
-    with 32-bit page arithmetic: position j sits in slot j % page of page table[first + j /
-    page]; its key row is page * page_stride + slot * slot_stride + base (its value row
-    `page_stride / 2` further)."""
-
-    var first: Int
-    var page: UInt32
-    var page_stride: Int
-    var slot_stride: Int
-    var base: Int
-
-    def row(self, table: U32Ptr, j: Int) -> Int:
-        var pos = UInt32(j)
-        var p = Int(table[unsafe_offset=self.first + Int(pos // self.page)])
-        return p * self.page_stride + Int(pos % self.page) * self.slot_stride + self.base
+# Keys a lane group of `_tiled_decode_gpu` takes per step.
+comptime TILE_KEYS = 4
+# `_tiled_decode_gpu` moves a head's running maximum only when a score passes it by more than
+# this (log2 units), so its probabilities are at most 2^LAZY_MAX and most steps skip the
+# accumulator rescale.
+comptime LAZY_MAX = Float32(8)
 
 
 def _split_decode_supported[dtype: DType](head_dim: Int) -> Bool:
@@ -571,6 +561,126 @@ def _split_decode_supported[dtype: DType](head_dim: Int) -> Bool:
     comptime if dtype != DType.bfloat16 and dtype != DType.float16:
         return False
     return head_dim == 64 or head_dim == 128
+
+
+@always_inline
+def _decode_queries[
+    dtype: DType, D: Int, GB: Int
+](
+    q: Pointer[Scalar[dtype], MutAnyOrigin],
+    row: Int,
+    q_rs: Int,
+    q_hs: Int,
+    h0: Int,
+    pos: Int,
+    freqs: RopeFreqs,
+    scale_log2: Float32,
+    i0: Int,
+    hx: Int,
+) -> StaticTuple[SIMD[DType.float32, 16 // size_of[dtype]()], GB]:
+    """The block's GB queries (q heads h0 .. h0 + GB - 1 of `row`) rotated at position pos
+    and pre-scaled by scale_log2, through shared memory (the whole block calls it: a
+    barrier). Entry g is this lane's slice i0 .. i0 + W - 1 of head h0 + (g ^ hx)."""
+    comptime W = 16 // size_of[dtype]()
+    comptime HALF = D // 2
+    var tid = thread_idx.x
+    var q_s = unsafe_stack_allocation[GB * D, Float32, address_space=.SHARED]()
+    for e in range(tid, GB * HALF, DECODE_THREADS):
+        var g = e // HALF
+        var i = e % HALF
+        var src = q.unsafe_offset(row * q_rs + (h0 + g) * q_hs)
+        # Accurate fp32 sin/cos: std.math's lower to sin/cos.approx on NVIDIA GPUs.
+        var sc = sincos_f32_accurate(SIMD[DType.float32, 1](Float32(pos) * freqs.inv_freq(i, D)))
+        var r = rotate_pair(
+            src[unsafe_offset=i].cast[DType.float32](),
+            src[unsafe_offset=i + HALF].cast[DType.float32](),
+            sc[1][0],
+            sc[0][0],
+        )
+        q_s[unsafe_offset=g * D + i] = r[0] * scale_log2
+        q_s[unsafe_offset=g * D + i + HALF] = r[1] * scale_log2
+    barrier()
+    var qv = StaticTuple[SIMD[DType.float32, W], GB](fill=0)
+    comptime for g in range(GB):
+        var hg = g ^ hx
+        comptime for e in range(W):
+            qv[g][e] = q_s[unsafe_offset=hg * D + i0 + e]
+    return qv
+
+
+@always_inline
+def _decode_write_partial[
+    D: Int, GB: Int, W: Int
+](
+    m_in: StaticTuple[Float32, GB],
+    l_in: StaticTuple[Float32, GB],
+    acc_in: StaticTuple[SIMD[DType.float32, W], GB],
+    hx: Int,
+    m_part: Pointer[Float32, MutAnyOrigin],
+    l_part: Pointer[Float32, MutAnyOrigin],
+    acc_part: Pointer[Float32, MutAnyOrigin],
+    part0: Int,
+    splits: Int,
+):
+    """The block's epilogue (the whole block calls it). Each group of TPK = D / W lanes
+    holds, in entry g, the online softmax state (base 2) of head h0 + (g ^ hx) over the keys
+    it visited: m and l (the same in the group's lanes) and the lane's slice i0 .. i0 + W - 1
+    of the unnormalized output. The groups of a warp merge through xor shuffles over the
+    group bits of the lane (hx must agree across them), the warps through shared memory,
+    and the block writes head h0 + g's state to part part0 + g * splits of m_part, l_part
+    and acc_part."""
+    comptime TPK = D // W
+    comptime NEG_INF = -inf[DType.float32]()
+    var m = m_in
+    var l = l_in
+    var acc = acc_in
+    var tid = thread_idx.x
+    var lane = tid % 32
+    var warp = tid // 32
+    var i0 = (lane % TPK) * W
+    comptime for step in range(5):
+        comptime off = TPK << step
+        comptime if off < 32:
+            comptime for g in range(GB):
+                var m_o = shuffle_xor(m[g], UInt32(off))
+                var l_o = shuffle_xor(l[g], UInt32(off))
+                var m_new = max(m[g], m_o)
+                var a = _merge_scale(m[g], m_new)
+                var c = _merge_scale(m_o, m_new)
+                l[g] = l[g] * a + l_o * c
+                comptime for e in range(W):
+                    acc[g][e] = acc[g][e] * a + shuffle_xor(acc[g][e], UInt32(off)) * c
+                m[g] = m_new
+
+    var m_s = unsafe_stack_allocation[DECODE_WARPS * GB, Float32, address_space=.SHARED]()
+    var l_s = unsafe_stack_allocation[DECODE_WARPS * GB, Float32, address_space=.SHARED]()
+    var acc_s = unsafe_stack_allocation[DECODE_WARPS * GB * D, Float32, address_space=.SHARED]()
+    if lane < TPK:
+        comptime for g in range(GB):
+            var slot = warp * GB + (g ^ hx)
+            comptime for e in range(W):
+                acc_s[unsafe_offset=slot * D + i0 + e] = acc[g][e]
+            if lane == 0:
+                m_s[unsafe_offset=slot] = m[g]
+                l_s[unsafe_offset=slot] = l[g]
+    barrier()
+    for idx in range(tid, GB * D, DECODE_THREADS):
+        var g = idx // D
+        var d = idx % D
+        var m_all = NEG_INF
+        comptime for w in range(DECODE_WARPS):
+            m_all = max(m_all, m_s[unsafe_offset=w * GB + g])
+        var l_all = Float32(0)
+        var a_all = Float32(0)
+        comptime for w in range(DECODE_WARPS):
+            var c = _merge_scale(m_s[unsafe_offset=w * GB + g], m_all)
+            l_all += l_s[unsafe_offset=w * GB + g] * c
+            a_all += acc_s[unsafe_offset=(w * GB + g) * D + d] * c
+        var part = part0 + g * splits
+        acc_part[unsafe_offset=part * D + d] = a_all
+        if d == 0:
+            m_part[unsafe_offset=part] = m_all
+            l_part[unsafe_offset=part] = l_all
 
 
 def _split_decode_gpu[
@@ -646,27 +756,9 @@ def _split_decode_gpu[
     var b = seq_of_row(row_offsets, Int(batch_), row)
     var pos = Int(cache_lengths[unsafe_offset=b]) + row - Int(row_offsets[unsafe_offset=b])
 
-    comptime HALF = D // 2
-    var q_s = unsafe_stack_allocation[GB * D, Float32, address_space=.SHARED]()
-    for e in range(tid, GB * HALF, DECODE_THREADS):
-        var g = e // HALF
-        var i = e % HALF
-        var src = q.unsafe_offset(row * Int(q_rs) + (h0 + g) * Int(q_hs))
-        # Accurate fp32 sin/cos: std.math's lower to sin/cos.approx on NVIDIA GPUs.
-        var sc = sincos_f32_accurate(SIMD[DType.float32, 1](Float32(pos) * freqs.inv_freq(i, D)))
-        var r = rotate_pair(
-            src[unsafe_offset=i].cast[DType.float32](),
-            src[unsafe_offset=i + HALF].cast[DType.float32](),
-            sc[1][0],
-            sc[0][0],
-        )
-        q_s[unsafe_offset=g * D + i] = r[0] * scale_log2
-        q_s[unsafe_offset=g * D + i + HALF] = r[1] * scale_log2
-    barrier()
-    var qv = StaticTuple[F, GB](fill=0)
-    comptime for g in range(GB):
-        comptime for e in range(W):
-            qv[g][e] = q_s[unsafe_offset=g * D + i0 + e]
+    var qv = _decode_queries[dtype, D, GB](
+        q, row, Int(q_rs), Int(q_hs), h0, pos, freqs, scale_log2, i0, 0
+    )
 
     var m = StaticTuple[Float32, GB](fill=NEG_INF)
     var l = StaticTuple[Float32, GB](fill=0)
@@ -677,11 +769,8 @@ def _split_decode_gpu[
     # whole warp); a lane past the end masks its key out.
     var warp_first = start + warp * KPW
     var j = start + stream
-    var v_off = lay.layers * lay.page_size * lay.kv_heads * D
-    var rows_of = _KeyRows(
-        b * lay.table_cols, UInt32(lay.page_size), 2 * v_off, lay.kv_heads * D,
-        (lay.layer * lay.page_size * lay.kv_heads + kvh) * D + i0,
-    )
+    var v_off = lay.value_offset()
+    var rows_of = lay.key_rows(b, kvh, i0)
     var kn = SIMD[dtype, W](0)
     var vn = SIMD[dtype, W](0)
     comptime if pipelined:
@@ -723,54 +812,286 @@ def _split_decode_gpu[
         j += STREAMS
         warp_first += STREAMS
 
-    # Merge the KPW streams of each warp (lanes with the same slice, xor over the stream bits).
-    comptime for step in range(5):
-        comptime off = TPK << step
-        comptime if off < 32:
-            comptime for g in range(GB):
-                var m_o = shuffle_xor(m[g], UInt32(off))
-                var l_o = shuffle_xor(l[g], UInt32(off))
-                var m_new = max(m[g], m_o)
-                var a = _merge_scale(m[g], m_new)
-                var c = _merge_scale(m_o, m_new)
-                l[g] = l[g] * a + l_o * c
-                comptime for e in range(W):
-                    acc[g][e] = acc[g][e] * a + shuffle_xor(acc[g][e], UInt32(off)) * c
-                m[g] = m_new
+    _decode_write_partial[D, GB, W](
+        m, l, acc, 0, m_part, l_part, acc_part, (row * q_heads + h0) * splits + split, splits
+    )
 
-    # Then the warps, through shared memory.
-    var m_s = unsafe_stack_allocation[DECODE_WARPS * GB, Float32, address_space=.SHARED]()
-    var l_s = unsafe_stack_allocation[DECODE_WARPS * GB, Float32, address_space=.SHARED]()
-    var acc_s = unsafe_stack_allocation[DECODE_WARPS * GB * D, Float32, address_space=.SHARED]()
-    if lane < TPK:
-        comptime for g in range(GB):
-            comptime for e in range(W):
-                acc_s[unsafe_offset=(warp * GB + g) * D + i0 + e] = acc[g][e]
-            if lane == 0:
-                m_s[unsafe_offset=warp * GB + g] = m[g]
-                l_s[unsafe_offset=warp * GB + g] = l[g]
-    barrier()
-    for idx in range(tid, GB * D, DECODE_THREADS):
-        var g = idx // D
-        var d = idx % D
-        var m_all = NEG_INF
-        comptime for w in range(DECODE_WARPS):
-            m_all = max(m_all, m_s[unsafe_offset=w * GB + g])
-        var l_all = Float32(0)
-        var a_all = Float32(0)
-        comptime for w in range(DECODE_WARPS):
-            var c = _merge_scale(m_s[unsafe_offset=w * GB + g], m_all)
-            l_all += l_s[unsafe_offset=w * GB + g] * c
-            a_all += acc_s[unsafe_offset=(w * GB + g) * D + d] * c
-        var part = (row * q_heads + h0 + g) * splits + split
-        acc_part[unsafe_offset=part * D + d] = a_all
-        if d == 0:
-            m_part[unsafe_offset=part] = m_all
-            l_part[unsafe_offset=part] = l_all
+
+@always_inline
+def _tile_rows[
+    U: Int
+](
+    table: U32Ptr,
+    rows_of: KeyRows,
+    entry: Int,
+    slot: UInt32,
+    j0: Int,
+    end: Int,
+    ux: Int,
+    last: Int,
+) -> StaticTuple[Int, U]:
+    """Key rows (`rows_of`) of positions j0 + (u ^ ux), u < U, (entry, slot) locating j0;
+    `last`, a row every lane may read, for positions at or past `end` (so the loads need
+    no branch and read no stale slot: its values times p = 0 could be NaN). A tile inside
+    one page (always, when U divides the page and j0) takes one table lookup."""
+    var rows = StaticTuple[Int, U](fill=last)
+    if j0 < end:
+        if slot + UInt32(U) <= rows_of.page:
+            var r0 = rows_of.row_at(table, entry, slot)
+            comptime for u in range(U):
+                var x = u ^ ux
+                if j0 + x < end:
+                    rows[u] = r0 + Int(UInt32(x) * rows_of.slot_stride)
+        else:
+            comptime for u in range(U):
+                var x = u ^ ux
+                if j0 + x < end:
+                    var at = rows_of.step(entry, slot, UInt32(x))
+                    rows[u] = rows_of.row_at(table, at[0], at[1])
+    return rows
+
+
+@always_inline
+def _load_key_tile[
+    dtype: DType, U: Int
+](
+    blocks: Pointer[Scalar[dtype], MutAnyOrigin], rows: StaticTuple[Int, U], v_off: Int
+) -> StaticTuple[SIMD[dtype, 16 // size_of[dtype]()], 2 * U]:
+    """This lane's 16-byte slices of the keys at `rows` (entries 0 .. U - 1) and of their
+    values (entries U .. 2U - 1)."""
+    comptime W = 16 // size_of[dtype]()
+    var kv = StaticTuple[SIMD[dtype, W], 2 * U](fill=0)
+    comptime for u in range(U):
+        kv[u] = blocks.unsafe_load[width=W, alignment=16](rows[u])
+    comptime for u in range(U):
+        kv[U + u] = blocks.unsafe_load[width=W, alignment=16](rows[u] + v_off)
+    return kv
+
+
+@__llvm_metadata(
+    MAX_THREADS_PER_BLOCK_METADATA=StaticTuple[Int32, 1](Int32(DECODE_THREADS)),
+)
+def _tiled_decode_gpu[
+    dtype: DType, D: Int, GB: Int, U: Int = TILE_KEYS
+](
+    m_part: Pointer[Float32, MutAnyOrigin],
+    l_part: Pointer[Float32, MutAnyOrigin],
+    acc_part: Pointer[Float32, MutAnyOrigin],
+    q: Pointer[Scalar[dtype], MutAnyOrigin],
+    blocks: Pointer[Scalar[dtype], MutAnyOrigin],
+    cache_lengths: U32Ptr,
+    table: U32Ptr,
+    row_offsets: U32Ptr,
+    batch_: Int32,
+    q_heads_: Int32,
+    page_size: Int32,
+    layers: Int32,
+    kv_heads: Int32,
+    layer: Int32,
+    table_cols: Int32,
+    q_rs: Int32,
+    q_hs: Int32,
+    chunk_: Int32,
+    splits_: Int32,
+    scale_log2: Float32,
+    theta: Float32,
+    factor: Float32,
+    low_freq_factor: Float32,
+    high_freq_factor: Float32,
+    original_max_position: Float32,
+):
+    """`_split_decode_gpu`'s grid, block and output, with fewer instructions a key: each
+    group of TPK = D / W lanes (lane slice i0 = W t, t = lane % TPK) takes a tile of U
+    consecutive keys at a time, the stream s = warp * KPW + lane / TPK taking tiles
+    j0 = start + (n STREAMS + s) U, n = 0, 1, ..., its next tile's K and V loaded before the
+    current one is used. Per tile:
+
+    Scores. The N = U GB (key, head) scores of the tile are numbered v = u GB + g. Lane t
+    has f = R (t / DUP) (R = max(1, N / TPK) scores a lane ends with, DUP = max(1, TPK / N)
+    lanes holding each) and keeps its registers in the order v ^ f: its entry u of the tile
+    is key j0 + (u ^ f / GB), its query entry g is head h0 + (g ^ f % GB), so its partial
+    dot product (over its W dims) in entry e = u GB + g belongs to score e ^ f.
+
+    Reduce-scatter (recursive halving), steps k = 0 .. log2 min(N, TPK) - 1 with lane mask
+    mk = TPK >> (k + 1) and half h = N >> (k + 1): entry e < h += partner (lane ^ mk)'s
+    entry e + h. The partner's f is f ^ h, so its entry e + h holds score (e + h) ^ f ^ h
+    = e ^ f: the same score. Invariant after step k: entry e < h of lane t holds score
+    e ^ f summed over the 2^(k+1) lanes that differ from t only in the bits mk .. TPK / 2.
+    No lane selects: the half kept is always the lower. Then a butterfly over the lane bits
+    below DUP (lanes with the same f) completes the sums. Lane t then holds, in entry
+    r < R, the full score f + r: key f / GB of the tile, head f % GB + r (R <= GB).
+
+    Softmax. The lanes holding a head's U scores differ in the lane bits TPK / U ..
+    TPK / 2; a max butterfly over them gives the tile's maximum, and m (kept per lane for
+    its R heads, equal in those lanes) moves to it when it passes m by more than LAZY_MAX;
+    when m moves in any lane of the warp (a vote), the correction exp2(m - m_new) rescales
+    l and, shuffled to the lanes as below, the accumulators. p = exp2(score - m), one a
+    score; l (per lane, for its key of the tile) += p.
+
+    Values. Entry (u, g) of the output needs p of score (u GB + g) ^ f, which lane
+    t ^ ((u GB + g) / R) DUP holds in entry (u GB + g) % R (f of that lane is
+    f ^ R ((u GB + g) / R)): one xor shuffle each, then acc[g] += V[u] p. The head
+    corrections come the same way (u = 0).
+
+    At the end l is summed over the key lanes (bits TPK / U .. TPK / 2), and m and l are
+    gathered into the output's head order (entry g: head h0 + (g ^ f % GB)) for
+    `_decode_write_partial`. A tile costs a lane 2 W U conversions and 2 W N FMAs (dot and
+    V), N - R + R log2(DUP U) shuffles for the scores and their maxima, N - 1 for p (GB - 1
+    more when a maximum moves) and 2 R exp2: at D 128, GB 4, 8 shuffles and half an exp2 a
+    key, where `_split_decode_gpu` spends 16 shuffles (and adds), 8 exp2 and 32 rescaling
+    multiplies."""
+    comptime W = 16 // size_of[dtype]()
+    comptime TPK = D // W
+    comptime KPW = 32 // TPK
+    comptime STREAMS = DECODE_WARPS * KPW
+    comptime N = U * GB
+    comptime R = max(1, N // TPK)
+    comptime DUP = max(1, TPK // N)
+    comptime F = SIMD[DType.float32, W]
+    comptime NEG_INF = -inf[DType.float32]()
+    comptime STEP = STREAMS * U
+    comptime assert U <= TPK and R <= GB, "a tile's scores must fit the lanes of a key"
+
+    var lay = PagedLayout(
+        Int(page_size), Int(layers), Int(kv_heads), D, Int(layer), Int(table_cols)
+    )
+    var freqs = RopeFreqs(theta, factor, low_freq_factor, high_freq_factor, original_max_position)
+    var q_heads = Int(q_heads_)
+    var group = q_heads // lay.kv_heads
+    var subs = group // GB
+    var split = block_idx.x
+    var kvh = block_idx.y // subs
+    var h0 = kvh * group + (block_idx.y % subs) * GB
+    var row = block_idx.z
+    var splits = Int(splits_)
+    var chunk = Int(chunk_)
+    var tid = thread_idx.x
+    var lane = tid % 32
+    var warp = tid // 32
+    var t = lane % TPK
+    var i0 = t * W
+    var stream = warp * KPW + lane // TPK
+    var f = R * (t // DUP)
+    var fu = f // GB
+    var fg = f % GB
+    var b = seq_of_row(row_offsets, Int(batch_), row)
+    var pos = Int(cache_lengths[unsafe_offset=b]) + row - Int(row_offsets[unsafe_offset=b])
+
+    var qv = _decode_queries[dtype, D, GB](
+        q, row, Int(q_rs), Int(q_hs), h0, pos, freqs, scale_log2, i0, fg
+    )
+
+    var m = StaticTuple[Float32, R](fill=NEG_INF)
+    var l = StaticTuple[Float32, R](fill=0)
+    var acc = StaticTuple[F, GB](fill=0)
+    var start = split * chunk
+    var end = min(start + chunk, pos + 1)
+    # Warp-uniform trip count (the shuffles need the whole warp); keys past the end are
+    # masked out.
+    var warp_j0 = start + warp * KPW * U
+    var j0 = start + stream * U
+    var v_off = lay.value_offset()
+    var rows_of = lay.key_rows(b, kvh, i0)
+    var last = rows_of.row(table, end - 1)  # end - 1 is a key: end >= 1, pos >= 0
+    var at = rows_of.locate(j0)
+    var kvn = _load_key_tile[dtype, U](
+        blocks, _tile_rows[U](table, rows_of, at[0], at[1], j0, end, fu, last), v_off
+    )
+    while warp_j0 < end:
+        var kv = kvn
+        var nxt = rows_of.step(at[0], at[1], UInt32(STEP))
+        kvn = _load_key_tile[dtype, U](
+            blocks, _tile_rows[U](table, rows_of, nxt[0], nxt[1], j0 + STEP, end, fu, last), v_off
+        )
+
+        var s = StaticTuple[Float32, N](fill=0)
+        comptime for u in range(U):
+            var kf = kv[u].cast[DType.float32]()
+            comptime for g in range(GB):
+                var dot = qv[g][0] * kf[0]
+                comptime for e in range(1, W):
+                    dot = qv[g][e].fma(kf[e], dot)
+                s[u * GB + g] = dot
+        comptime for k in range(5):
+            comptime h = N >> (k + 1)
+            comptime mk = TPK >> (k + 1)
+            comptime if h >= 1 and mk >= 1:
+                comptime for e in range(h):
+                    s[e] += shuffle_xor(s[e + h], UInt32(mk))
+        comptime for k in range(5):
+            comptime mk = DUP >> (k + 1)
+            comptime if mk >= 1:
+                comptime for r in range(R):
+                    s[r] += shuffle_xor(s[r], UInt32(mk))
+        if j0 + fu >= end:
+            comptime for r in range(R):
+                s[r] = NEG_INF
+
+        var m_new = StaticTuple[Float32, R](fill=NEG_INF)
+        var moved = False
+        comptime for r in range(R):
+            var mx = s[r]
+            comptime for k in range(5):
+                comptime mk = (TPK // U) << k
+                comptime if mk < TPK:
+                    mx = max(mx, shuffle_xor(mx, UInt32(mk)))
+            m_new[r] = mx if mx > m[r] + LAZY_MAX else m[r]
+            moved = moved or m_new[r] != m[r]
+        if vote[DType.uint32](moved) != 0:
+            var corr = StaticTuple[Float32, R](fill=0)
+            comptime for r in range(R):
+                corr[r] = _merge_scale(m[r], m_new[r])
+                l[r] = l[r] * corr[r]
+                m[r] = m_new[r]
+            comptime for g in range(GB):
+                comptime src = (g // R) * DUP
+                var c = corr[g % R]
+                comptime if src != 0:
+                    c = shuffle_xor(c, UInt32(src))
+                acc[g] = acc[g] * c
+        var p = StaticTuple[Float32, R](fill=0)
+        comptime for r in range(R):
+            p[r] = Float32(0) if m[r] == NEG_INF else exp2(s[r] - m[r])
+            l[r] += p[r]
+
+        comptime for u in range(U):
+            var vf = kv[U + u].cast[DType.float32]()
+            comptime for g in range(GB):
+                comptime e = u * GB + g
+                comptime src = (e // R) * DUP
+                var pe = p[e % R]
+                comptime if src != 0:
+                    pe = shuffle_xor(pe, UInt32(src))
+                acc[g] = vf.fma(F(pe), acc[g])
+
+        j0 += STEP
+        warp_j0 += STEP
+        at = nxt
+
+    # l over the tile's key lanes; then m and l in the output's head order.
+    comptime for r in range(R):
+        comptime for k in range(5):
+            comptime mk = (TPK // U) << k
+            comptime if mk < TPK:
+                l[r] += shuffle_xor(l[r], UInt32(mk))
+    var m_h = StaticTuple[Float32, GB](fill=NEG_INF)
+    var l_h = StaticTuple[Float32, GB](fill=0)
+    comptime for g in range(GB):
+        comptime src = (g // R) * DUP
+        m_h[g] = m[g % R]
+        l_h[g] = l[g % R]
+        comptime if src != 0:
+            m_h[g] = shuffle_xor(m_h[g], UInt32(src))
+            l_h[g] = shuffle_xor(l_h[g], UInt32(src))
+
+    _decode_write_partial[D, GB, W](
+        m_h, l_h, acc, fg, m_part, l_part, acc_part, (row * q_heads + h0) * splits + split,
+        splits,
+    )
 
 
 def _split_decode_launch[
-    dtype: DType, D: Int, GB: Int, pipelined: Bool
+    dtype: DType, D: Int, GB: Int, pipelined: Bool, tiled: Bool = False
 ](
     o: Pointer[Scalar[dtype], MutAnyOrigin],
     q: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -788,19 +1109,25 @@ def _split_decode_launch[
     freqs: RopeFreqs,
     ctx: DeviceContext,
 ) raises:
-    """Splits sized from the longest sequence the block table can hold (table columns x
-    page size: the host does not see the cache lengths); splits past a row's keys are empty."""
+    """`_tiled_decode_gpu` with `tiled`, else `_split_decode_gpu[..., pipelined]`, then
+    `_decode_combine_gpu`. Splits sized from the longest sequence the block table can hold
+    (table columns x page size: the host does not see the cache lengths); splits past a
+    row's keys are empty. The tiled kernel's chunks are whole block steps (STREAMS x
+    TILE_KEYS keys), so its tiles start at multiples of TILE_KEYS."""
+    comptime W = 16 // size_of[dtype]()
+    comptime BLOCK_STEP = DECODE_WARPS * (32 // (D // W)) * TILE_KEYS if tiled else 1
     var bound = max(1, lay.table_cols * lay.page_size)
     var blocks_per_split = rows * lay.kv_heads * (q_heads // lay.kv_heads // GB)
     var splits = max(
         1, min(ceildiv(bound, DECODE_MIN_CHUNK), ceildiv(DECODE_TARGET_BLOCKS, blocks_per_split))
     )
-    var chunk = ceildiv(bound, splits)
+    var chunk = ceildiv(ceildiv(bound, splits), BLOCK_STEP) * BLOCK_STEP
     splits = ceildiv(bound, chunk)
     var m_part = ctx.enqueue_create_buffer[DType.float32](rows * q_heads * splits)
     var l_part = ctx.enqueue_create_buffer[DType.float32](rows * q_heads * splits)
     var acc_part = ctx.enqueue_create_buffer[DType.float32](rows * q_heads * splits * D)
-    ctx.enqueue_function[_split_decode_gpu[dtype, D, GB, pipelined]](
+    comptime kernel = _tiled_decode_gpu[dtype, D, GB] if tiled else _split_decode_gpu[dtype, D, GB, pipelined]
+    ctx.enqueue_function[kernel](
         m_part.unsafe_ptr(), l_part.unsafe_ptr(), acc_part.unsafe_ptr(), q, blocks,
         cache_lengths, table, row_offsets, Int32(batch), Int32(q_heads), Int32(lay.page_size),
         Int32(lay.layers), Int32(lay.kv_heads), Int32(lay.layer), Int32(lay.table_cols),
@@ -822,7 +1149,7 @@ def _split_decode_launch[
 
 
 def _split_decode_dispatch[
-    dtype: DType, pipelined: Bool
+    dtype: DType, pipelined: Bool, tiled: Bool = False
 ](
     o: Pointer[Scalar[dtype], MutAnyOrigin],
     q: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -848,7 +1175,7 @@ def _split_decode_dispatch[
             if lay.head_dim == D:
                 comptime for GB in [1, 2, 4]:
                     if gb == GB:
-                        _split_decode_launch[dtype, D, GB, pipelined](
+                        _split_decode_launch[dtype, D, GB, pipelined, tiled](
                             o, q, blocks, cache_lengths, table, row_offsets, rows, batch,
                             q_heads, q_rs, q_hs, scale, lay, freqs, ctx,
                         )
@@ -980,6 +1307,11 @@ comptime PIPELINED_DECODE = True
 # prefill check: all PASS" on an H200 and `kt verify paged_rope_attention --device gpu` passes
 # with it.
 comptime MAX_PREFILL = False
+# The split-KV decode a tile of TILE_KEYS keys per lane group at a time (`_tiled_decode_gpu`):
+# off until a GPU check (tests/mojo/gpu_launch.mojo --check: "tiled decode check: all PASS")
+# and a timing (tests/mojo/gpu_bench.mojo) pick it. True puts it in the op in place of
+# `_split_decode_gpu`.
+comptime TILED_DECODE = False
 
 
 def paged_rope_attention_gpu[
@@ -987,6 +1319,7 @@ def paged_rope_attention_gpu[
     tiled_prefill: Bool = TILED_PREFILL,
     pipelined_decode: Bool = PIPELINED_DECODE,
     max_prefill: Bool = MAX_PREFILL,
+    tiled_decode: Bool = TILED_DECODE,
 ](
     o: Pointer[Scalar[dtype], MutAnyOrigin],
     q: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -1007,10 +1340,11 @@ def paged_rope_attention_gpu[
 ) raises:
     """The op's GPU branch (arguments validated, scale resolved; pages: the cache's page
     count). Decode (one new token per sequence: rows == batch), 16-bit dtypes, D 64 or 128, a
-    16-byte aligned cache: the split-KV kernel `_split_decode_gpu`, then `_decode_combine_gpu`.
-    Other decode steps: `_attention_gpu`, one block per (row, q head). Prefill (rows > batch:
-    some sequence has several new tokens; decided from shapes, the host never reads the row
-    offsets): with `max_prefill` (MAX_PREFILL), 16-byte aligned o and cache and a shape
+    16-byte aligned cache: the split-KV kernel (`_tiled_decode_gpu` with `tiled_decode`,
+    TILED_DECODE, else `_split_decode_gpu`), then `_decode_combine_gpu`. Other decode steps:
+    `_attention_gpu`, one block per (row, q head). Prefill (rows > batch: some sequence has
+    several new tokens; decided from shapes, the host never reads the row offsets): with
+    `max_prefill` (MAX_PREFILL), 16-byte aligned o and cache and a shape
     `_max_prefill_supported` lists, kt's query rotation and MAX's paged flash attention
     (`_max_prefill_dispatch`); else the tiled `_prefill_gpu` with `tiled_prefill`
     (TILED_PREFILL, on), else `_attention_gpu`."""
@@ -1018,7 +1352,7 @@ def paged_rope_attention_gpu[
         return
     var aligned = Int(blocks) % 16 == 0
     if rows == batch and aligned and _split_decode_supported[dtype](lay.head_dim):
-        _split_decode_dispatch[dtype, pipelined_decode](
+        _split_decode_dispatch[dtype, pipelined_decode, tiled_decode](
             o, q, blocks, cache_lengths, table, row_offsets, rows, batch, q_heads, q_rs, q_hs,
             scale, lay, freqs, ctx,
         )

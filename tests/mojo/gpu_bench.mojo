@@ -1,14 +1,15 @@
 # Raw kernel timings on a GPU, outside MAX graphs, for tuning the kernels' compile-time
 # parameters (each variant is its own instantiation). Not part of CI (it needs a GPU):
-#   mojo run -I <repo> tests/mojo/gpu_bench.mojo
-# (the paged kernels come first: kt.paged_rope_attention's tiled prefill kernel, its prefill on
-# MAX's paged flash attention (MAX_PREFILL) and the per-row kernel the tiled one replaced, at the
-# serving shape, then its split-KV decode with and without PIPELINED_DECODE).
+#   mojo run -I <repo> tests/mojo/gpu_bench.mojo [TILED_DECODE] [MAX_PREFILL]
+# (the paged kernels come first: kt.paged_rope_attention's prefill and decode kernels at the
+# serving shapes, and each candidate named on the command line beside the kernel it would
+# replace, then "<candidate> faster: yes|no"; then RoPE, RMSNorm and the dense decode variants).
 # Each line: a kernel variant, its mean milliseconds over back-to-back launches (the host
 # enqueues far faster than the GPU runs them, so launch overhead is hidden) and GB/s of the
 # bytes it must move.
 from max.gpu.host import DeviceAttribute, DeviceBuffer, DeviceContext
-from std.math import ceildiv
+from std.math import ceildiv, exp, log
+from std.sys import argv
 from std.time import perf_counter_ns
 
 from kernels.fused_rope_attention import (
@@ -21,7 +22,6 @@ from kernels.fused_rope_attention import (
 from kernels.paged_kv import PagedLayout
 from kernels.paged_max_prefill import _max_prefill_supported
 from kernels.paged_rope_attention import (
-    PIPELINED_DECODE,
     _attention_gpu_launch,
     _prefill_launch,
     _prefill_min_blocks,
@@ -171,23 +171,27 @@ def decode_variant[unroll: Int, warps: Int](
 
 
 def paged_attention[d: Int](
-    ctx: DeviceContext, batch: Int, cached: Int, new: Int, hq: Int, hk: Int, freqs: RopeFreqs
-) raises:
+    ctx: DeviceContext, batch: Int, cached: Int, new: Int, hq: Int, hk: Int, freqs: RopeFreqs,
+    candidate: Bool,
+) raises -> Float64:
     """kt.paged_rope_attention on a batch (each sequence: new rows after cached tokens; pages
-    of 128, a 2-layer cache, layer 1 read). Prefill (new > 1): the op's tiled kernel, the tiled
-    kernel with the other register budget (MB 1 <-> 2 blocks an SM), kt's query rotation and
-    MAX's paged flash attention (MAX_PREFILL; its row bound is rows: see paged_max_prefill.mojo);
-    decode (new = 1): the op's split-KV decode, then the same with the other PIPELINED_DECODE;
-    then the per-row `_attention_gpu` (fewer launches: it is slow). TFLOP/s counts the causal work, 4 D flops
-    per visible (query, key) pair; GB/s the keys and values read once."""
+    of 128, a 2-layer cache, layer 1 read). Prefill (new > 1): the tiled kernel, the tiled
+    kernel with the other register budget (MB 1 <-> 2 blocks an SM), the per-row
+    `_attention_gpu` (fewer launches: it is slow), and with `candidate` kt's query rotation and
+    MAX's paged flash attention (MAX_PREFILL; its row bound is rows: see paged_max_prefill.mojo)
+    on a block table laid out as MAX Serve's. Decode (new = 1): `_split_decode_gpu` pipelined
+    and not, the per-row kernel, and with `candidate` `_tiled_decode_gpu` (TILED_DECODE).
+    Returns the candidate's time over the first kernel's (0 without a candidate). TFLOP/s counts
+    the causal work, 4 D flops per visible (query, key) pair; GB/s the keys and values read
+    once."""
     comptime page = 128
     comptime MB = _prefill_min_blocks(d)
     comptime OTHER_MB = 1 if MB == 2 else 2
     var rows = batch * new
     var used = ceildiv(cached + new, page)
-    # Prefill: the block table laid out as MAX Serve's (columns rounded up to 8 plus 16, the
-    # padding on a valid page), as MAX's kernel may read past a row's pages.
-    var cols = ceildiv(used, 8) * 8 + 16 if new > 1 else used
+    # The block table laid out as MAX Serve's (columns rounded up to 8 plus 16, the padding on
+    # a valid page), as MAX's kernel may read past a row's pages.
+    var cols = ceildiv(used, 8) * 8 + 16
     var pages = batch * used
     var nb = pages * 2 * 2 * page * hk * d
     var blocks = ctx.enqueue_create_buffer[BF16](nb)
@@ -223,8 +227,11 @@ def paged_attention[d: Int](
     var scale = Float32(1.0) / Float32(d) ** 0.5
     var q_rs = (hq + 2 * hk) * d
     var flops = Float64(4 * batch * hq * d) * Float64(new * cached + new * (new + 1) // 2)
+    var decode = new == 1
+    var first_ms = Float64(0)
+    var ratio = Float64(0)
     for variant in range(4):
-        if variant == 3 and new == 1:
+        if variant == 3 and not candidate:
             continue
         var iters = 3 if variant == 2 else ITERS
         var t0 = perf_counter_ns()
@@ -232,61 +239,110 @@ def paged_attention[d: Int](
             if it == WARM:
                 ctx.synchronize()
                 t0 = perf_counter_ns()
-            if variant == 0:
+            if variant == 0 and decode:
+                paged_rope_attention_gpu[BF16, pipelined_decode=True, tiled_decode=False](
+                    op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, pages, freqs, ctx
+                )
+            elif variant == 0:
                 paged_rope_attention_gpu[BF16, tiled_prefill=True, max_prefill=False](
                     op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, pages, freqs, ctx
                 )
-            elif variant == 1 and new == 1:
-                paged_rope_attention_gpu[BF16, tiled_prefill=True, pipelined_decode=not PIPELINED_DECODE](
+            elif variant == 1 and decode:
+                paged_rope_attention_gpu[BF16, pipelined_decode=False, tiled_decode=False](
                     op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, pages, freqs, ctx
                 )
             elif variant == 1:
                 _prefill_launch[BF16, d, OTHER_MB](
                     op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, freqs, ctx
                 )
-            elif variant == 3:
-                paged_rope_attention_gpu[BF16, max_prefill=True](
-                    op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, pages, freqs, ctx
-                )
-            else:
+            elif variant == 2:
                 _attention_gpu_launch[BF16](
                     op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, freqs, ctx
                 )
+            elif decode:
+                paged_rope_attention_gpu[BF16, tiled_decode=True](
+                    op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, pages, freqs, ctx
+                )
+            else:
+                paged_rope_attention_gpu[BF16, max_prefill=True](
+                    op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, pages, freqs, ctx
+                )
         ctx.synchronize()
         var ms = Float64(perf_counter_ns() - t0) / Float64(iters) / 1e6
-        var name = String("tiled (op) MB=", MB)
-        if new == 1:
-            name = String("split-KV (op) pipelined=", PIPELINED_DECODE)
-        if variant == 1:
-            name = String("split-KV pipelined=", not PIPELINED_DECODE) if new == 1 else String("tiled MB=", OTHER_MB)
+        var name: String
+        if variant == 0:
+            name = "split-KV pipelined=True" if decode else String("tiled MB=", MB)
+            first_ms = ms
+        elif variant == 1:
+            name = "split-KV pipelined=False" if decode else String("tiled MB=", OTHER_MB)
         elif variant == 2:
             name = "per-row _attention_gpu"
-        elif variant == 3:
-            name = "MAX flash attention (kt rope)" if _max_prefill_supported[BF16](hq, lay) else "MAX flash attention: shape not instantiated, tiled ran"
+        else:
+            ratio = ms / first_ms
+            if decode:
+                name = "split-KV tiled (TILED_DECODE)"
+            elif _max_prefill_supported[BF16](hq, lay):
+                name = "MAX flash attention, kt rope (MAX_PREFILL)"
+            else:
+                name = "MAX_PREFILL: shape not instantiated, tiled ran"
         var kv_bytes = Float64(2 * batch * (cached + new) * hk * d * 2)
         print(
-            "paged decode" if new == 1 else "paged prefill", name,
+            "paged decode" if decode else "paged prefill", name,
             "B", batch, "cached", cached, "new", new, "Hq", hq, "Hk", hk, "D", d,
             "ms", ms, "TFLOP/s", flops / ms / 1e9, "GB/s", kv_bytes / ms / 1e6,
+            String("vs first ", ratio) if variant == 3 else String(""),
         )
+    return ratio
+
+
+def verdict(label: String, ratios: List[Float64]) raises:
+    """"<label> faster: yes" when the candidate's time over the kernel it would replace is below
+    0.97 in geometric mean and below 1.05 at every shape timed (no shape it slows down)."""
+    if len(ratios) == 0:
+        return
+    var log_sum = Float64(0)
+    var worst = Float64(0)
+    for r in ratios:
+        log_sum += log(r)
+        worst = max(worst, r)
+    var geo = exp(log_sum / Float64(len(ratios)))
+    print(label, "faster:", "yes" if geo < 0.97 and worst < 1.05 else "no",
+          "(time over the kernel it replaces: geometric mean", geo, "worst", worst, ")")
 
 
 def main() raises:
     var ctx = DeviceContext()
     var freqs = RopeFreqs(500000.0, 8.0, 1.0, 4.0, 8192.0)
 
+    var tiled_decode = False
+    var max_prefill = False
+    for arg in argv():
+        if arg == "TILED_DECODE":
+            tiled_decode = True
+        elif arg == "MAX_PREFILL":
+            max_prefill = True
+
     # Paged prefill at max+kt's serving shape (Llama 3.2 1B: 32 q / 8 kv heads, D 64, bf16,
-    # pages of 128): 8 prompts of 1024 tokens; then D 128 (Llama 3.1 8B) and 1024 new tokens
-    # after 3072 cached (chunked prefill).
-    paged_attention[64](ctx, 8, 0, 1024, 32, 8, freqs)
-    paged_attention[128](ctx, 8, 0, 1024, 32, 8, freqs)
-    paged_attention[64](ctx, 8, 3072, 1024, 32, 8, freqs)
-    # One 8192-token prompt: MAX's row bound (rows) is exact.
-    paged_attention[64](ctx, 1, 0, 8192, 32, 8, freqs)
-    # Paged decode: the microbench's decode (D 128, B 8) and decode_1b (D 64, B 32) shapes.
-    paged_attention[128](ctx, 8, 16383, 1, 32, 8, freqs)
-    paged_attention[128](ctx, 8, 4095, 1, 32, 8, freqs)
-    paged_attention[64](ctx, 32, 4095, 1, 32, 8, freqs)
+    # pages of 128): 8 prompts of 1024 tokens; then D 128 (Llama 3.1 8B), 1024 new tokens
+    # after 3072 cached (chunked prefill), and one 8192-token prompt (MAX's row bound exact).
+    var prefill = List[Float64]()
+    prefill.append(paged_attention[64](ctx, 8, 0, 1024, 32, 8, freqs, max_prefill))
+    prefill.append(paged_attention[128](ctx, 8, 0, 1024, 32, 8, freqs, max_prefill))
+    prefill.append(paged_attention[64](ctx, 8, 3072, 1024, 32, 8, freqs, max_prefill))
+    prefill.append(paged_attention[64](ctx, 1, 0, 8192, 32, 8, freqs, max_prefill))
+    if max_prefill:
+        verdict("max prefill", prefill)
+    # Paged decode: the microbench's decode (D 128, B 8) and decode_1b (D 64, B 32) shapes, short
+    # contexts at D 128, and max+kt's serving shape (Llama 3.2 1B, 128 sequences of 1k tokens).
+    var decode = List[Float64]()
+    decode.append(paged_attention[128](ctx, 8, 16383, 1, 32, 8, freqs, tiled_decode))
+    decode.append(paged_attention[128](ctx, 8, 4095, 1, 32, 8, freqs, tiled_decode))
+    decode.append(paged_attention[64](ctx, 32, 4095, 1, 32, 8, freqs, tiled_decode))
+    decode.append(paged_attention[128](ctx, 8, 1023, 1, 32, 8, freqs, tiled_decode))
+    decode.append(paged_attention[64](ctx, 128, 1023, 1, 32, 8, freqs, tiled_decode))
+    decode.append(paged_attention[64](ctx, 32, 1087, 1, 32, 8, freqs, tiled_decode))
+    if tiled_decode:
+        verdict("tiled decode", decode)
 
     # RoPE alone: 32768 tokens, 32 q heads, 8 k heads, D 128 (168M elements).
     var tokens = 32768

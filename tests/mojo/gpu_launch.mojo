@@ -8,9 +8,10 @@
 # `_attention_gpu` on random bf16 inputs, and kt.paged_rope_attention's tiled prefill kernel
 # with its per-row kernel `_attention_gpu` (every dtype, ragged batches, cached prefixes), and
 # its split-KV decode kernel, as in use and with the key loads one step ahead (PIPELINED_DECODE),
-# with `_attention_gpu` on decode batches (16-bit dtypes), and its prefill on MAX's paged flash
-# attention behind kt's query rotation (MAX_PREFILL) with `_attention_gpu` on prefill batches
-# (bf16 and fp16, every (Hq, Hk, D) it instantiates):
+# with `_attention_gpu` on decode batches (16-bit dtypes), and its tiled split-KV decode
+# (TILED_DECODE) the same way, and its prefill on MAX's paged flash attention behind kt's query
+# rotation (MAX_PREFILL) with `_attention_gpu` on prefill batches (bf16 and fp16, every
+# (Hq, Hk, D) it instantiates):
 #   mojo run -I <repo> tests/mojo/gpu_launch.mojo --check
 from max.gpu.host import DeviceBuffer, DeviceContext
 from std.math import ceildiv
@@ -25,7 +26,12 @@ from kernels.fused_rope_attention import (
 )
 from kernels.paged_kv import PagedLayout
 from kernels.paged_max_prefill import MAX_PREFILL_PAGE, _max_prefill_supported
-from kernels.paged_rope_attention import PIPELINED_DECODE, _attention_gpu_launch, paged_rope_attention_gpu
+from kernels.paged_rope_attention import (
+    PIPELINED_DECODE,
+    TILED_DECODE,
+    _attention_gpu_launch,
+    paged_rope_attention_gpu,
+)
 from kernels.paged_rope_store import RowStrides, paged_rope_store_gpu
 from kernels.rms_norm import GPU_BLOCK as NORM_BLOCK, _rms_norm_gpu, _rms_norm_gpu_launch
 from kernels.rope import GPU_BLOCK as ROPE_BLOCK, RopeFreqs, _rope_gpu, _rope_gpu_launch
@@ -132,7 +138,8 @@ def paged_all[dtype: DType](ctx: DeviceContext) raises:
     """kt.paged_rope_store's and kt.paged_rope_attention's GPU branches, as the ops call them:
     two sequences (3 new tokens after 2 cached, 1 after 5) in pages of 4 of a 5-page cache,
     2 layers, 2 kv heads, 4 q heads, writing and reading layer 1; then a decode step (one
-    token per sequence), which takes the split-KV kernel for 16-bit dtypes at D 64 and 128.
+    token per sequence), which takes the split-KV kernel for 16-bit dtypes at D 64 and 128,
+    as in use and tiled (TILED_DECODE).
     """
     var freqs = RopeFreqs(500000.0, 8.0, 1.0, 4.0, 8192.0)
     var cache_lengths = _u32_buffer(ctx, [2, 5])
@@ -164,23 +171,33 @@ def paged_all[dtype: DType](ctx: DeviceContext) raises:
             o.unsafe_ptr().as_unsafe_any_origin(), qp, bp, cl, lt, dro, 2, 2, 4, 8 * d, d, Float32(0.25),
             lay, 5, freqs, ctx,
         )
+        paged_rope_attention_gpu[dtype, tiled_decode=True](
+            o.unsafe_ptr().as_unsafe_any_origin(), qp, bp, cl, lt, dro, 2, 2, 4, 8 * d, d, Float32(0.25),
+            lay, 5, freqs, ctx,
+        )
         ctx.synchronize()
     _ = check_prefill[dtype](ctx, False)
     _ = check_max_prefill[dtype](ctx, False)
 
 
-def paged_case[dtype: DType, pipelined: Bool = PIPELINED_DECODE, max_prefill: Bool = False](
+def paged_case[
+    dtype: DType,
+    pipelined: Bool = PIPELINED_DECODE,
+    tiled: Bool = TILED_DECODE,
+    max_prefill: Bool = False,
+](
     ctx: DeviceContext, d: Int, hq: Int, hk: Int, page: Int, cached: List[Int], new: List[Int],
     check: Bool,
 ) raises -> Bool:
     """The GPU branch of kt.paged_rope_attention on a batch (sequence b: new[b] rows after
     cached[b] cached tokens): a prefill batch takes the tiled `_prefill_gpu`, or with
     max_prefill kt's query rotation and MAX's paged flash attention, a decode batch (one new row
-    each) the split-KV decode, its key loads one step ahead with `pipelined`; with check,
-    compared with `_attention_gpu` (one block per row and q head) on the same inputs. A random
-    cache of 2 layers (layer 1 read), pages handed out in a scrambled order, q a strided view of
-    a QKV row. With max_prefill the block table is laid out as MAX Serve's: its columns rounded
-    up to 8 plus 16, the padding pointing at one extra page (MAX's null page)."""
+    each) the split-KV decode, `_tiled_decode_gpu` with `tiled`, else `_split_decode_gpu` with
+    its key loads one step ahead with `pipelined`; with check, compared with `_attention_gpu`
+    (one block per row and q head) on the same inputs. A random cache of 2 layers (layer 1
+    read), pages handed out in a scrambled order, q a strided view of a QKV row. With
+    max_prefill the block table is laid out as MAX Serve's: its columns rounded up to 8 plus
+    16, the padding pointing at one extra page (MAX's null page)."""
     var batch = len(new)
     var freqs = RopeFreqs(500000.0, 8.0, 1.0, 4.0, 8192.0)
     var offsets = List[Int]()
@@ -219,7 +236,8 @@ def paged_case[dtype: DType, pipelined: Bool = PIPELINED_DECODE, max_prefill: Bo
     )
     var scale = Float32(1.0) / Float32(d) ** 0.5
     paged_rope_attention_gpu[
-        dtype, tiled_prefill=True, pipelined_decode=pipelined, max_prefill=max_prefill
+        dtype, tiled_prefill=True, pipelined_decode=pipelined, tiled_decode=tiled,
+        max_prefill=max_prefill,
     ](
         o_fast.unsafe_ptr().as_unsafe_any_origin(), qkv.unsafe_ptr().as_unsafe_any_origin(),
         args[0], args[1], args[2], args[3], rows, batch, hq, qkv_row, d, scale, lay, pages, freqs,
@@ -235,7 +253,11 @@ def paged_case[dtype: DType, pipelined: Bool = PIPELINED_DECODE, max_prefill: Bo
     # MAX's kernel takes the rotated queries and the probabilities in dtype (the reference
     # keeps them in fp32): a few more ulps.
     var res = _compare[dtype](ctx, o_fast, o_ref, rows * hq * d, Float32(4) if max_prefill else Float32(1))
-    var kind = String("paged prefill") if rows > batch else String("paged decode pipelined=", pipelined)
+    var kind = String("paged decode pipelined=", pipelined)
+    if rows > batch:
+        kind = "paged prefill"
+    elif tiled:
+        kind = "tiled decode"
     if max_prefill:
         var on_max = rows > batch and _max_prefill_supported[dtype](hq, lay)
         kind = String("max prefill (MAX kernel)") if on_max else String("max prefill (NOT on MAX's kernel)")
@@ -293,14 +315,18 @@ def check_max_prefill_all(ctx: DeviceContext) raises:
     print("max prefill check: all PASS")
 
 
-def check_decode[dtype: DType, pipelined: Bool](ctx: DeviceContext) raises -> Bool:
+def check_decode[dtype: DType, pipelined: Bool, tiled: Bool = False](ctx: DeviceContext) raises -> Bool:
     """Decode batches (one new row per sequence) through the split-KV kernel: the 8B and 1B
     models' GQA 4 at D 128 and 64 with MAX's 128-token pages, an empty cache, keys ending on
-    a page boundary, pages of 7 and 16, MHA, GQA 8."""
-    var ok = paged_case[dtype, pipelined](ctx, 128, 32, 8, 128, [1023, 4095, 0, 127], [1, 1, 1, 1], True)
-    ok = paged_case[dtype, pipelined](ctx, 64, 32, 8, 16, [37, 1, 500], [1, 1, 1], True) and ok
-    ok = paged_case[dtype, pipelined](ctx, 128, 8, 8, 7, [100, 3], [1, 1], True) and ok
-    ok = paged_case[dtype, pipelined](ctx, 64, 16, 2, 128, [2000], [1], True) and ok
+    a page boundary, pages of 7 and 16, MHA, GQA 8; the tiled kernel also GQA 2 (two heads a
+    block) with pages of 3 (tiles of TILE_KEYS keys across pages)."""
+    var ok = paged_case[dtype, pipelined, tiled](ctx, 128, 32, 8, 128, [1023, 4095, 0, 127], [1, 1, 1, 1], True)
+    ok = paged_case[dtype, pipelined, tiled](ctx, 64, 32, 8, 16, [37, 1, 500], [1, 1, 1], True) and ok
+    ok = paged_case[dtype, pipelined, tiled](ctx, 128, 8, 8, 7, [100, 3], [1, 1], True) and ok
+    ok = paged_case[dtype, pipelined, tiled](ctx, 64, 16, 2, 128, [2000], [1], True) and ok
+    comptime if tiled:
+        ok = paged_case[dtype, pipelined, tiled](ctx, 64, 16, 8, 3, [5, 0, 70, 11], [1, 1, 1, 1], True) and ok
+        ok = paged_case[dtype, pipelined, tiled](ctx, 128, 16, 8, 3, [300, 2], [1, 1], True) and ok
     return ok
 
 
@@ -312,6 +338,14 @@ def check_decode_all(ctx: DeviceContext) raises:
     if not ok:
         raise Error("paged decode check failed")
     print("paged decode check: all PASS")
+
+
+def check_tiled_decode_all(ctx: DeviceContext) raises:
+    var ok = check_decode[DType.bfloat16, True, True](ctx)
+    ok = check_decode[DType.float16, True, True](ctx) and ok
+    if not ok:
+        raise Error("tiled decode check failed")
+    print("tiled decode check: all PASS")
 
 
 def _fill_random(ctx: DeviceContext, buf: DeviceBuffer, n: Int, seed: Int) raises:
@@ -546,8 +580,35 @@ def main() raises:
     ctx.synchronize()
     for arg in argv():
         if arg == "--check":
-            check_norm_and_rope_all(ctx)
-            check_fast_path(ctx)
-            check_prefill_all(ctx)
-            check_decode_all(ctx)
-            check_max_prefill_all(ctx)
+            # Each check prints its own verdict line; a failed one does not hide the others'
+            # (a candidate's line is what turns it on), and the program fails at the end.
+            var failed = List[String]()
+            try:
+                check_norm_and_rope_all(ctx)
+            except e:
+                failed.append(String(e))
+            try:
+                check_fast_path(ctx)
+            except e:
+                failed.append(String(e))
+            try:
+                check_prefill_all(ctx)
+            except e:
+                failed.append(String(e))
+            try:
+                check_decode_all(ctx)
+            except e:
+                failed.append(String(e))
+            try:
+                check_max_prefill_all(ctx)
+            except e:
+                failed.append(String(e))
+            try:
+                check_tiled_decode_all(ctx)
+            except e:
+                failed.append(String(e))
+            if len(failed) > 0:
+                var msg = String("checks failed:")
+                for f in failed:
+                    msg += String(" [", f, "]")
+                raise Error(msg)
