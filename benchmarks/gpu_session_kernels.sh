@@ -3,10 +3,10 @@
 # steps, each one benchmarks/gpu_kernels.sh run over one private copy of the repository (a later
 # device call re-syncs the working tree; the copy does not change under the run):
 #
-#   1. pick: tests/mojo/gpu_launch.mojo --check, then tests/mojo/gpu_bench.mojo. A candidate
-#      kernel of kernels/paged_rope_attention.mojo (CANDIDATES: its flag, off as shipped, and
-#      its label) is turned on in the copy when the check printed "<label> check: all PASS"
-#      and the bench "<label> faster: yes". Then $RESULTS/kernels_ready names the flags turned
+#   1. check, time: tests/mojo/gpu_launch.mojo --check, then tests/mojo/gpu_bench.mojo with
+#      the candidates that passed. A candidate kernel of kernels/paged_rope_attention.mojo
+#      (CANDIDATES: its flag, off as shipped, and its label) is turned on in the copy when the
+#      check printed "<label> check: all PASS" and the bench "<label> faster: yes". Then $RESULTS/kernels_ready names the flags turned
 #      on: gpu_serve.sh's START_AFTER, so that max+kt serves the kernels picked here
 #      (SERVE_KERNELS=$RESULTS/src/kernels);
 #   2. verify: `kt verify` of VERIFY_KERNELS on the GPU with the flags picked, then
@@ -25,8 +25,8 @@
 # BENCH_KERNELS ("paged_rope_attention"), AFTER (none: no wait), AFTER_WAIT_S (1200),
 # STAGE_ARGS (as gpu_kernels.sh takes it; step 3 waits for the flashinfer bundle when it names
 # one), PICK_LIMIT_S (420), VERIFY_LIMIT_S (420), BENCH_LIMIT_S (720).
-# Progress: $RESULTS/status.txt. The end: $RESULTS/DONE (the flags on) and $RESULTS/pick.tar.xz,
-# verify.tar.xz, bench.tar.xz (each step's mojo/, verify/ or microbench/ folder, logs,
+# Progress: $RESULTS/status.txt. The end: $RESULTS/DONE (the flags on) and $RESULTS/check.tar.xz,
+# time.tar.xz, verify.tar.xz, bench.tar.xz (each step's mojo/, verify/ or microbench/ folder, logs,
 # machine.txt).
 set -uo pipefail
 main() {
@@ -53,6 +53,8 @@ main() {
     [ -e "$SRC/$item" ] && cp -a "$SRC/$item" "$COPY/"
   done
   OP="$COPY/kernels/paged_rope_attention.mojo"
+  STAGE_ARGS=${STAGE_ARGS:-}
+  stage_max=${STAGE_ARGS%% *}  # the MAX bundle's NAME=PARTS: steps 1 and 2 need no other
   flag() {  # NAME True|False: set the flag in the copy; fails when the line is not there
     sed -i "s/^comptime $1 = \(True\|False\)\$/comptime $1 = $2/" "$OP"
     grep -q "^comptime $1 = $2\$" "$OP"
@@ -67,30 +69,38 @@ main() {
   }
 
   if [ "$CANDIDATES" != none ]; then
-    kernels pick STAGE_ARGS="${STAGE_ARGS%% *}" VERIFY_KERNELS=none BENCH_KERNELS=none \
-      KERNELS_LIMIT_S="${PICK_LIMIT_S:-420}" \
-      MOJO_RUNS="tests/mojo/gpu_launch.mojo --check;tests/mojo/gpu_bench.mojo"
     # NAME=label pairs; a label is the words up to the next NAME=.
-    local pairs
+    local pairs passed=()
     pairs=$(sed -E 's/ ([A-Z_]+=)/\n\1/g' <<<"$CANDIDATES")
+    kernels check STAGE_ARGS="$stage_max" VERIFY_KERNELS=none BENCH_KERNELS=none \
+      KERNELS_LIMIT_S="${PICK_LIMIT_S:-420}" MOJO_RUNS="tests/mojo/gpu_launch.mojo --check"
     while IFS='=' read -r name label; do
       [ -n "$name" ] || continue
-      if ! grep -qF "$label check: all PASS" "$RESULTS/pick/mojo/gpu_launch.log" 2>/dev/null; then
+      if grep -qF "$label check: all PASS" "$RESULTS/check/mojo/gpu_launch.log" 2>/dev/null; then
+        passed+=("$name")
+      else
         stamp "$name stays off: no '$label check: all PASS'"
-      elif ! grep -qF "$label faster: yes" "$RESULTS/pick/mojo/gpu_bench.log" 2>/dev/null; then
-        stamp "$name stays off: checked, but no '$label faster: yes'"
+      fi
+    done <<<"$pairs"
+    # Only the candidates that passed are timed (one that faults must not take the bench down).
+    kernels time STAGE_ARGS="$stage_max" VERIFY_KERNELS=none BENCH_KERNELS=none \
+      KERNELS_LIMIT_S="${PICK_LIMIT_S:-420}" MOJO_RUNS="tests/mojo/gpu_bench.mojo ${passed[*]}"
+    while IFS='=' read -r name label; do
+      [[ " ${passed[*]} " == *" $name "* ]] || continue
+      if ! grep -qF "$label faster: yes" "$RESULTS/time/mojo/gpu_bench.log" 2>/dev/null; then
+        stamp "$name stays off: checked, but not '$label faster: yes'"
       elif flag "$name" True; then
         on+=("$name")
         stamp "$name on: checked and faster"
       else
-        stamp "$name: no 'comptime $name = ...' line in kernels/paged_rope_attention.mojo"
+        stamp "$name: no 'comptime $name = ...' line in kernels/"
       fi
     done <<<"$pairs"
   fi
   echo "${on[*]:-none}" >"$RESULTS/kernels_ready"
 
   if [ "$VERIFY_KERNELS" != none ]; then
-    kernels verify STAGE_ARGS="${STAGE_ARGS%% *}" VERIFY_KERNELS="$VERIFY_KERNELS" BENCH_KERNELS=none \
+    kernels verify STAGE_ARGS="$stage_max" VERIFY_KERNELS="$VERIFY_KERNELS" BENCH_KERNELS=none \
       KERNELS_LIMIT_S="${VERIFY_LIMIT_S:-420}" CHECK_S=0 VERIFY_EXAMPLES="${VERIFY_EXAMPLES:-3}" \
       VERIFY_FLAGS="${VERIFY_FLAGS:---no-triton --dtype bfloat16 --dtype float16}"
     if [ ${#on[@]} -gt 0 ] && ! grep -q "paged_rope_attention:PASS" "$RESULTS/verify/verify/gpu_verify.log" 2>/dev/null; then
