@@ -21,7 +21,7 @@
 #
 # Variables (defaults): RESULTS (/tmp/kt-session), CANDIDATES ("TILED_DECODE=tiled decode
 # MAX_PREFILL=max prefill"; none: no step 1 programs), VERIFY_KERNELS (paged_rope_attention;
-# none: no step 2), VERIFY_FLAGS ("--no-triton --dtype bfloat16 --dtype float16"),
+# none: no step 2), VERIFY_S (360: its time limit), VERIFY_FLAGS ("--no-triton --dtype bfloat16 --dtype float16"),
 # BENCH_KERNELS ("paged_rope_attention"), AFTER (none: no wait), AFTER_WAIT_S (1200),
 # STAGE_ARGS (as gpu_kernels.sh takes it; step 3 waits for the flashinfer bundle when it names
 # one), PICK_LIMIT_S (420), VERIFY_LIMIT_S (420), BENCH_LIMIT_S (720).
@@ -101,7 +101,7 @@ main() {
 
   if [ "$VERIFY_KERNELS" != none ]; then
     kernels verify STAGE_ARGS="$stage_max" VERIFY_KERNELS="$VERIFY_KERNELS" BENCH_KERNELS=none \
-      KERNELS_LIMIT_S="${VERIFY_LIMIT_S:-420}" CHECK_S=0 VERIFY_EXAMPLES="${VERIFY_EXAMPLES:-3}" \
+      KERNELS_LIMIT_S="${VERIFY_LIMIT_S:-420}" CHECK_S=0 VERIFY_EXAMPLES="${VERIFY_EXAMPLES:-3}" VERIFY_S="${VERIFY_S:-360}" \
       VERIFY_FLAGS="${VERIFY_FLAGS:---no-triton --dtype bfloat16 --dtype float16}"
     if [ ${#on[@]} -gt 0 ] && ! grep -q "paged_rope_attention:PASS" "$RESULTS/verify/verify/gpu_verify.log" 2>/dev/null; then
       for name in "${on[@]}"; do flag "$name" False; done
