@@ -1303,15 +1303,18 @@ comptime TILED_PREFILL = True
 # loop back.
 comptime PIPELINED_DECODE = True
 # Prefill on MAX's paged flash attention behind kt's query rotation (`paged_max_prefill.mojo`),
-# for the shapes it instantiates; off until tests/mojo/gpu_launch.mojo --check prints "max
-# prefill check: all PASS" on an H200 and `kt verify paged_rope_attention --device gpu` passes
-# with it.
-comptime MAX_PREFILL = False
-# The split-KV decode a tile of TILE_KEYS keys per lane group at a time (`_tiled_decode_gpu`):
-# off until a GPU check (tests/mojo/gpu_launch.mojo --check: "tiled decode check: all PASS")
-# and a timing (tests/mojo/gpu_bench.mojo) pick it. True puts it in the op in place of
-# `_split_decode_gpu`.
-comptime TILED_DECODE = False
+# for the shapes it instantiates: on the H200 (2026-12-03) tests/mojo/gpu_launch.mojo --check
+# matched it with `_attention_gpu` on 5 prefill batches in bf16 (MAX's FA3) and fp16 (its FA2),
+# `kt verify paged_rope_attention --device gpu` passed with it through MAX, and it took 0.09-0.21x
+# the tiled kernel's time (270 TFLOP/s on one 8k prompt; benchmarks/results/kernels_h200/
+# paged_candidates_2026-12-03/). False puts the tiled kernel back.
+comptime MAX_PREFILL = True
+# The split-KV decode a tile of TILE_KEYS keys per lane group at a time (`_tiled_decode_gpu`): on
+# the H200 (2026-12-03) it matched the per-row kernel on 6 decode batches per dtype (bf16, fp16),
+# passed `kt verify paged_rope_attention --device gpu`, and took 0.56-0.73x the pipelined loop's
+# time on 6 decode shapes (3.1 TB/s at B 8 x 16k keys, D 128; same folder). False puts
+# `_split_decode_gpu` back.
+comptime TILED_DECODE = True
 
 
 def paged_rope_attention_gpu[

@@ -28,22 +28,28 @@ def test_candidates_on_only_when_checked_and_faster(tmp_path):
     for item in ("harness", "pykernels", "kernels", "benchmarks", "scripts", "pyproject.toml"):
         src = REPO / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, copy / item)
+    op = copy / "kernels" / "paged_rope_attention.mojo"
+    shipped = (REPO / "kernels" / "paged_rope_attention.mojo").read_text()
+    # Both candidates off in the copy, as a candidate is shipped.
+    op.write_text(shipped.replace("comptime TILED_DECODE = True", "comptime TILED_DECODE = False")
+                  .replace("comptime MAX_PREFILL = True", "comptime MAX_PREFILL = False"))
     (copy / "tests" / "mojo").mkdir(parents=True)
     (copy / "tests" / "mojo" / "gpu_launch.mojo").write_text(LAUNCH)
     (copy / "tests" / "mojo" / "gpu_bench.mojo").write_text(BENCH)
     results = tmp_path / "session"
     env = dict(os.environ, RESULTS=str(results), VERIFY_KERNELS="none", BENCH_KERNELS="none",
+               CANDIDATES="TILED_DECODE=tiled decode MAX_PREFILL=max prefill",
                PYTHON=sys.executable)
     r = subprocess.run(["bash", "benchmarks/gpu_session_kernels.sh"], cwd=copy, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    op = (results / "src" / "kernels" / "paged_rope_attention.mojo").read_text()
-    assert "\ncomptime TILED_DECODE = True\n" in op
-    assert "\ncomptime MAX_PREFILL = False\n" in op
+    picked = (results / "src" / "kernels" / "paged_rope_attention.mojo").read_text()
+    assert "\ncomptime TILED_DECODE = True\n" in picked
+    assert "\ncomptime MAX_PREFILL = False\n" in picked
     bench_args = [ln.split()[1] for ln in (results / "time" / "mojo" / "gpu_bench.log").read_text().splitlines()
                   if ln.startswith("arg ")]
     assert bench_args[1:] == ["TILED_DECODE"]  # the failed candidate is not timed
     assert (results / "kernels_ready").read_text().split() == ["TILED_DECODE"]
     assert (results / "verified").exists() and (results / "DONE").exists()
     # The repository's own kernels are untouched.
-    assert "\ncomptime TILED_DECODE = False\n" in (REPO / "kernels" / "paged_rope_attention.mojo").read_text()
+    assert (REPO / "kernels" / "paged_rope_attention.mojo").read_text() == shipped
