@@ -19,7 +19,7 @@ from extensibility import InputTensor, OutputTensor
 from extensibility.managed_tensor_slice import _MutableInputTensor as MutableInputTensor
 from max.algorithm import sync_parallelize
 from max.gpu import MAX_THREADS_PER_BLOCK_METADATA, block_idx, thread_idx
-from max.gpu.primitives.warp import shuffle_xor, vote
+from max.gpu.primitives.warp import shuffle_xor
 from max.gpu.host import DeviceContext, FuncAttribute
 from max.gpu.host.info import is_cpu
 from max.gpu.memory import AddressSpace, external_memory
@@ -29,6 +29,7 @@ from std.memory import alloc, unsafe_stack_allocation
 from std.sys import size_of
 from std.utils import StaticTuple
 
+from .decode_tile import _merge_scale, tile_finish, tile_pick, tile_reduce_scatter, tile_softmax
 from .fused_rope_attention import (
     DECODE_MIN_CHUNK,
     DECODE_TARGET_BLOCKS,
@@ -37,7 +38,7 @@ from .fused_rope_attention import (
     LOG2E,
     _decode_combine_gpu,
     _decode_heads_per_block,
-    _merge_scale,
+    _decode_write_partial,
 )
 from .paged_kv import KeyRows, PagedLayout, U32Ptr, seq_of_row
 from .paged_max_prefill import _max_prefill_dispatch, _max_prefill_supported
@@ -545,15 +546,12 @@ def _prefill_load_tile[
 # Decode (one new token per sequence, 16-bit dtypes, D 64 or 128): split-KV flash decoding
 # through the block table. Keys are rotated in the cache already, so only the queries are
 # rotated, once per block, into shared memory. Two kernels share the block's prologue
-# (`_decode_queries`) and epilogue (`_decode_write_partial`): `_split_decode_gpu`, one key
-# per lane group at a time, and `_tiled_decode_gpu`, TILE_KEYS keys per lane group at a time.
+# (`_decode_queries`) and epilogue (`fused_rope_attention._decode_write_partial`):
+# `_split_decode_gpu`, one key per lane group at a time, and `_tiled_decode_gpu`, TILE_KEYS
+# keys per lane group at a time.
 
 # Keys a lane group of `_tiled_decode_gpu` takes per step.
 comptime TILE_KEYS = 4
-# `_tiled_decode_gpu` moves a head's running maximum only when a score passes it by more than
-# this (log2 units), so its probabilities are at most 2^LAZY_MAX and most steps skip the
-# accumulator rescale.
-comptime LAZY_MAX = Float32(8)
 
 
 def _split_decode_supported[dtype: DType](head_dim: Int) -> Bool:
@@ -606,81 +604,6 @@ def _decode_queries[
         comptime for e in range(W):
             qv[g][e] = q_s[unsafe_offset=hg * D + i0 + e]
     return qv
-
-
-@always_inline
-def _decode_write_partial[
-    D: Int, GB: Int, W: Int
-](
-    m_in: StaticTuple[Float32, GB],
-    l_in: StaticTuple[Float32, GB],
-    acc_in: StaticTuple[SIMD[DType.float32, W], GB],
-    hx: Int,
-    m_part: Pointer[Float32, MutAnyOrigin],
-    l_part: Pointer[Float32, MutAnyOrigin],
-    acc_part: Pointer[Float32, MutAnyOrigin],
-    part0: Int,
-    splits: Int,
-):
-    """The block's epilogue (the whole block calls it). Each group of TPK = D / W lanes
-    holds, in entry g, the online softmax state (base 2) of head h0 + (g ^ hx) over the keys
-    it visited: m and l (the same in the group's lanes) and the lane's slice i0 .. i0 + W - 1
-    of the unnormalized output. The groups of a warp merge through xor shuffles over the
-    group bits of the lane (hx must agree across them), the warps through shared memory,
-    and the block writes head h0 + g's state to part part0 + g * splits of m_part, l_part
-    and acc_part."""
-    comptime TPK = D // W
-    comptime NEG_INF = -inf[DType.float32]()
-    var m = m_in
-    var l = l_in
-    var acc = acc_in
-    var tid = thread_idx.x
-    var lane = tid % 32
-    var warp = tid // 32
-    var i0 = (lane % TPK) * W
-    comptime for step in range(5):
-        comptime off = TPK << step
-        comptime if off < 32:
-            comptime for g in range(GB):
-                var m_o = shuffle_xor(m[g], UInt32(off))
-                var l_o = shuffle_xor(l[g], UInt32(off))
-                var m_new = max(m[g], m_o)
-                var a = _merge_scale(m[g], m_new)
-                var c = _merge_scale(m_o, m_new)
-                l[g] = l[g] * a + l_o * c
-                comptime for e in range(W):
-                    acc[g][e] = acc[g][e] * a + shuffle_xor(acc[g][e], UInt32(off)) * c
-                m[g] = m_new
-
-    var m_s = unsafe_stack_allocation[DECODE_WARPS * GB, Float32, address_space=.SHARED]()
-    var l_s = unsafe_stack_allocation[DECODE_WARPS * GB, Float32, address_space=.SHARED]()
-    var acc_s = unsafe_stack_allocation[DECODE_WARPS * GB * D, Float32, address_space=.SHARED]()
-    if lane < TPK:
-        comptime for g in range(GB):
-            var slot = warp * GB + (g ^ hx)
-            comptime for e in range(W):
-                acc_s[unsafe_offset=slot * D + i0 + e] = acc[g][e]
-            if lane == 0:
-                m_s[unsafe_offset=slot] = m[g]
-                l_s[unsafe_offset=slot] = l[g]
-    barrier()
-    for idx in range(tid, GB * D, DECODE_THREADS):
-        var g = idx // D
-        var d = idx % D
-        var m_all = NEG_INF
-        comptime for w in range(DECODE_WARPS):
-            m_all = max(m_all, m_s[unsafe_offset=w * GB + g])
-        var l_all = Float32(0)
-        var a_all = Float32(0)
-        comptime for w in range(DECODE_WARPS):
-            var c = _merge_scale(m_s[unsafe_offset=w * GB + g], m_all)
-            l_all += l_s[unsafe_offset=w * GB + g] * c
-            a_all += acc_s[unsafe_offset=(w * GB + g) * D + d] * c
-        var part = part0 + g * splits
-        acc_part[unsafe_offset=part * D + d] = a_all
-        if d == 0:
-            m_part[unsafe_offset=part] = m_all
-            l_part[unsafe_offset=part] = l_all
 
 
 def _split_decode_gpu[
@@ -906,35 +829,11 @@ def _tiled_decode_gpu[
     j0 = start + (n STREAMS + s) U, n = 0, 1, ..., its next tile's K and V loaded before the
     current one is used. Per tile:
 
-    Scores. The N = U GB (key, head) scores of the tile are numbered v = u GB + g. Lane t
-    has f = R (t / DUP) (R = max(1, N / TPK) scores a lane ends with, DUP = max(1, TPK / N)
-    lanes holding each) and keeps its registers in the order v ^ f: its entry u of the tile
-    is key j0 + (u ^ f / GB), its query entry g is head h0 + (g ^ f % GB), so its partial
-    dot product (over its W dims) in entry e = u GB + g belongs to score e ^ f.
-
-    Reduce-scatter (recursive halving), steps k = 0 .. log2 min(N, TPK) - 1 with lane mask
-    mk = TPK >> (k + 1) and half h = N >> (k + 1): entry e < h += partner (lane ^ mk)'s
-    entry e + h. The partner's f is f ^ h, so its entry e + h holds score (e + h) ^ f ^ h
-    = e ^ f: the same score. Invariant after step k: entry e < h of lane t holds score
-    e ^ f summed over the 2^(k+1) lanes that differ from t only in the bits mk .. TPK / 2.
-    No lane selects: the half kept is always the lower. Then a butterfly over the lane bits
-    below DUP (lanes with the same f) completes the sums. Lane t then holds, in entry
-    r < R, the full score f + r: key f / GB of the tile, head f % GB + r (R <= GB).
-
-    Softmax. The lanes holding a head's U scores differ in the lane bits TPK / U ..
-    TPK / 2; a max butterfly over them gives the tile's maximum, and m (kept per lane for
-    its R heads, equal in those lanes) moves to it when it passes m by more than LAZY_MAX;
-    when m moves in any lane of the warp (a vote), the correction exp2(m - m_new) rescales
-    l and, shuffled to the lanes as below, the accumulators. p = exp2(score - m), one a
-    score; l (per lane, for its key of the tile) += p.
-
-    Values. Entry (u, g) of the output needs p of score (u GB + g) ^ f, which lane
-    t ^ ((u GB + g) / R) DUP holds in entry (u GB + g) % R (f of that lane is
-    f ^ R ((u GB + g) / R)): one xor shuffle each, then acc[g] += V[u] p. The head
-    corrections come the same way (u = 0).
-
-    At the end l is summed over the key lanes (bits TPK / U .. TPK / 2), and m and l are
-    gathered into the output's head order (entry g: head h0 + (g ^ f % GB)) for
+    Scores, softmax and values as in `decode_tile.mojo` (N = U GB scores a tile, a lane's
+    registers in the order v ^ f, f = R (t / DUP): its entry u is key j0 + (u ^ f / GB), its
+    query entry g head h0 + (g ^ f % GB)): a reduce-scatter of the dot products over the TPK
+    lanes, one maximum a tile moved lazily (LAZY_MAX), p broadcast by xor shuffles, acc[g] +=
+    V[u] p; at the end m and l are gathered into the output's head order for
     `_decode_write_partial`. A tile costs a lane 2 W U conversions and 2 W N FMAs (dot and
     V), N - R + R log2(DUP U) shuffles for the scores and their maxima, N - 1 for p (GB - 1
     more when a maximum moves) and 2 R exp2: at D 128, GB 4, 8 shuffles and half an exp2 a
@@ -1012,80 +911,29 @@ def _tiled_decode_gpu[
                 comptime for e in range(1, W):
                     dot = qv[g][e].fma(kf[e], dot)
                 s[u * GB + g] = dot
-        comptime for k in range(5):
-            comptime h = N >> (k + 1)
-            comptime mk = TPK >> (k + 1)
-            comptime if h >= 1 and mk >= 1:
-                comptime for e in range(h):
-                    s[e] += shuffle_xor(s[e + h], UInt32(mk))
-        comptime for k in range(5):
-            comptime mk = DUP >> (k + 1)
-            comptime if mk >= 1:
-                comptime for r in range(R):
-                    s[r] += shuffle_xor(s[r], UInt32(mk))
+        tile_reduce_scatter[N, TPK](s)
         if j0 + fu >= end:
             comptime for r in range(R):
                 s[r] = NEG_INF
 
-        var m_new = StaticTuple[Float32, R](fill=NEG_INF)
-        var moved = False
-        comptime for r in range(R):
-            var mx = s[r]
-            comptime for k in range(5):
-                comptime mk = (TPK // U) << k
-                comptime if mk < TPK:
-                    mx = max(mx, shuffle_xor(mx, UInt32(mk)))
-            m_new[r] = mx if mx > m[r] + LAZY_MAX else m[r]
-            moved = moved or m_new[r] != m[r]
-        if vote[DType.uint32](moved) != 0:
-            var corr = StaticTuple[Float32, R](fill=0)
-            comptime for r in range(R):
-                corr[r] = _merge_scale(m[r], m_new[r])
-                l[r] = l[r] * corr[r]
-                m[r] = m_new[r]
+        var sm = tile_softmax[N, TPK, U, R](s, m, l)
+        if sm[0]:
             comptime for g in range(GB):
-                comptime src = (g // R) * DUP
-                var c = corr[g % R]
-                comptime if src != 0:
-                    c = shuffle_xor(c, UInt32(src))
-                acc[g] = acc[g] * c
-        var p = StaticTuple[Float32, R](fill=0)
-        comptime for r in range(R):
-            p[r] = Float32(0) if m[r] == NEG_INF else exp2(s[r] - m[r])
-            l[r] += p[r]
+                acc[g] = acc[g] * tile_pick[R, DUP, g](sm[1])
 
         comptime for u in range(U):
             var vf = kv[U + u].cast[DType.float32]()
             comptime for g in range(GB):
-                comptime e = u * GB + g
-                comptime src = (e // R) * DUP
-                var pe = p[e % R]
-                comptime if src != 0:
-                    pe = shuffle_xor(pe, UInt32(src))
-                acc[g] = vf.fma(F(pe), acc[g])
+                acc[g] = vf.fma(F(tile_pick[R, DUP, u * GB + g](sm[2])), acc[g])
 
         j0 += STEP
         warp_j0 += STEP
         at = nxt
 
-    # l over the tile's key lanes; then m and l in the output's head order.
-    comptime for r in range(R):
-        comptime for k in range(5):
-            comptime mk = (TPK // U) << k
-            comptime if mk < TPK:
-                l[r] += shuffle_xor(l[r], UInt32(mk))
-    var m_h = StaticTuple[Float32, GB](fill=NEG_INF)
-    var l_h = StaticTuple[Float32, GB](fill=0)
-    comptime for g in range(GB):
-        comptime src = (g // R) * DUP
-        m_h[g] = m[g % R]
-        l_h[g] = l[g % R]
-        comptime if src != 0:
-            m_h[g] = shuffle_xor(m_h[g], UInt32(src))
-            l_h[g] = shuffle_xor(l_h[g], UInt32(src))
+    var ml = tile_finish[TPK, U, R, DUP, GB](m, l)
 
     _decode_write_partial[D, GB, W](
-        m_h, l_h, acc, fg, m_part, l_part, acc_part, (row * q_heads + h0) * splits + split,
+        ml[0], ml[1], acc, fg, m_part, l_part, acc_part, (row * q_heads + h0) * splits + split,
         splits,
     )
 
