@@ -4,9 +4,10 @@
 # device call re-syncs the working tree; the copy does not change under the run):
 #
 #   1. check, time: tests/mojo/gpu_launch.mojo --check, then tests/mojo/gpu_bench.mojo with
-#      the candidates that passed. A candidate kernel of kernels/paged_rope_attention.mojo
-#      (CANDIDATES: its flag, off as shipped, and its label) is turned on in the copy when the
-#      check printed "<label> check: all PASS" and the bench "<label> faster: yes". Then $RESULTS/kernels_ready names the flags turned
+#      the candidates that passed. A candidate kernel (CANDIDATES: its flag, a
+#      `comptime NAME = False` line in exactly one kernels/*.mojo, and its label) is turned on in
+#      the copy when the check printed the line "<label> check: all PASS" and the bench a line
+#      starting "<label> faster: yes". Then $RESULTS/kernels_ready names the flags turned
 #      on: gpu_serve.sh's START_AFTER, so that max+kt serves the kernels picked here
 #      (SERVE_KERNELS=$RESULTS/src/kernels);
 #   2. verify: `kt verify` of VERIFY_KERNELS on the GPU with the flags picked, then
@@ -19,10 +20,10 @@
 #   KT_GIT_SHA=<sha> STAGE_ARGS="max=4 flashinfer=1" AFTER=/tmp/kt-serve/DONE \
 #     setsid nohup bash benchmarks/gpu_session_kernels.sh >/tmp/kt-session.out 2>&1 </dev/null &
 #
-# Variables (defaults): RESULTS (/tmp/kt-session), CANDIDATES (none: no step 1 programs; e.g.
-# "TILED_DECODE=tiled decode MAX_PREFILL=max prefill", the two picked on 2026-12-03; a flag on
-# as shipped is left alone), VERIFY_KERNELS (paged_rope_attention;
-# none: no step 2), VERIFY_S (360: its time limit), VERIFY_FLAGS ("--no-triton --dtype bfloat16 --dtype float16"),
+# Variables (defaults): RESULTS (/tmp/kt-session), CANDIDATES ("DENSE_TILED_DECODE=dense tiled
+# decode"; none: no step 1 programs; TILED_DECODE and MAX_PREFILL were picked this way on
+# 2026-12-03; a flag on as shipped is left alone), VERIFY_KERNELS (paged_rope_attention; none:
+# no step 2), VERIFY_S (360: its time limit), VERIFY_FLAGS ("--no-triton --dtype bfloat16 --dtype float16"),
 # BENCH_KERNELS ("paged_rope_attention"), AFTER (none: no wait), AFTER_WAIT_S (1200),
 # STAGE_ARGS (as gpu_kernels.sh takes it; step 3 waits for the flashinfer bundle when it names
 # one), PICK_LIMIT_S (420), VERIFY_LIMIT_S (420), BENCH_LIMIT_S (720).
@@ -33,7 +34,7 @@ set -uo pipefail
 main() {
   SRC=$(cd "$(dirname "$0")/.." && pwd)
   RESULTS=${RESULTS:-/tmp/kt-session}
-  CANDIDATES=${CANDIDATES-none}
+  CANDIDATES=${CANDIDATES-DENSE_TILED_DECODE=dense tiled decode}
   VERIFY_KERNELS=${VERIFY_KERNELS:-paged_rope_attention}
   BENCH_KERNELS=${BENCH_KERNELS:-paged_rope_attention}
   mkdir -p "$RESULTS"
@@ -53,12 +54,15 @@ main() {
   for item in harness pykernels kernels benchmarks scripts tests pyproject.toml; do
     [ -e "$SRC/$item" ] && cp -a "$SRC/$item" "$COPY/"
   done
-  OP="$COPY/kernels/paged_rope_attention.mojo"
   STAGE_ARGS=${STAGE_ARGS:-}
   stage_max=${STAGE_ARGS%% *}  # the MAX bundle's NAME=PARTS: steps 1 and 2 need no other
-  flag() {  # NAME True|False: set the flag in the copy; fails when the line is not there
-    sed -i "s/^comptime $1 = \(True\|False\)\$/comptime $1 = $2/" "$OP"
-    grep -q "^comptime $1 = $2\$" "$OP"
+  flag() {  # NAME True|False: set the flag in the copy's one kernels/*.mojo that defines it;
+            # fails when no file or several do
+    local files
+    mapfile -t files < <(grep -lE "^comptime $1 = (True|False)\$" "$COPY"/kernels/*.mojo)
+    [ ${#files[@]} -eq 1 ] || return 1
+    sed -i "s/^comptime $1 = \(True\|False\)\$/comptime $1 = $2/" "${files[0]}"
+    grep -q "^comptime $1 = $2\$" "${files[0]}"
   }
 
   kernels() {  # step name, then VAR=value settings for gpu_kernels.sh
@@ -77,9 +81,10 @@ main() {
       KERNELS_LIMIT_S="${PICK_LIMIT_S:-420}" MOJO_RUNS="tests/mojo/gpu_launch.mojo --check"
     while IFS='=' read -r name label; do
       [ -n "$name" ] || continue
-      if grep -q "^comptime $name = True\$" "$OP"; then
+      if grep -qsx "comptime $name = True" "$COPY"/kernels/*.mojo; then
         stamp "$name is on as shipped: left alone"
-      elif grep -qF "$label check: all PASS" "$RESULTS/check/mojo/gpu_launch.log" 2>/dev/null; then
+      # Whole lines: "tiled decode" must not pass on "dense tiled decode"'s line.
+      elif grep -qxF "$label check: all PASS" "$RESULTS/check/mojo/gpu_launch.log" 2>/dev/null; then
         passed+=("$name")
       else
         stamp "$name stays off: no '$label check: all PASS'"
@@ -90,13 +95,13 @@ main() {
       KERNELS_LIMIT_S="${PICK_LIMIT_S:-420}" MOJO_RUNS="tests/mojo/gpu_bench.mojo ${passed[*]}"
     while IFS='=' read -r name label; do
       [[ " ${passed[*]} " == *" $name "* ]] || continue
-      if ! grep -qF "$label faster: yes" "$RESULTS/time/mojo/gpu_bench.log" 2>/dev/null; then
+      if ! grep -q "^$label faster: yes" "$RESULTS/time/mojo/gpu_bench.log" 2>/dev/null; then
         stamp "$name stays off: checked, but not '$label faster: yes'"
       elif flag "$name" True; then
         on+=("$name")
         stamp "$name on: checked and faster"
       else
-        stamp "$name: no 'comptime $name = ...' line in kernels/"
+        stamp "$name: not exactly one kernels/*.mojo with a 'comptime $name = ...' line"
       fi
     done <<<"$pairs"
   fi

@@ -12,7 +12,7 @@ softmax subtracts the running maximum and everything accumulates in fp32.
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.algorithm import sync_parallelize
-from max.gpu import block_idx, thread_idx
+from max.gpu import MAX_THREADS_PER_BLOCK_METADATA, block_idx, thread_idx
 from max.gpu.primitives.warp import shuffle_xor
 from max.gpu.host import DeviceContext
 from max.gpu.host.info import is_cpu
@@ -25,6 +25,7 @@ from std.memory import alloc, unsafe_stack_allocation
 from std.sys import size_of
 from std.utils import StaticTuple
 
+from .decode_tile import _merge_scale, tile_finish, tile_pick, tile_reduce_scatter, tile_softmax
 from .rope import (
     RopeFreqs,
     _rope_gpu_launch,
@@ -209,6 +210,15 @@ comptime DECODE_UNROLL = 2
 comptime DECODE_MIN_CHUNK = 256
 comptime DECODE_TARGET_BLOCKS = 1024
 comptime LOG2E = Float32(1.4426950408889634)
+# Keys a lane group of `_dense_tiled_decode_gpu` takes per step (a lane holds four 16-byte
+# slices of a key and its value, twice the paged kernel's two: half its TILE_KEYS keeps as many
+# bytes in flight a lane).
+comptime DENSE_TILE_KEYS = 2
+# The dense decode a tile of DENSE_TILE_KEYS keys per lane group at a time
+# (`_dense_tiled_decode_gpu`): off until a GPU check (tests/mojo/gpu_launch.mojo --check:
+# "dense tiled decode check: all PASS") and a timing (tests/mojo/gpu_bench.mojo
+# DENSE_TILED_DECODE) pick it. True puts it in the op in place of `_decode_partial_gpu`.
+comptime DENSE_TILED_DECODE = False
 
 
 def _decode_heads_per_block(group: Int) -> Int:
@@ -241,11 +251,6 @@ def _sincos_hw[
     r = (-kf).fma(F(-1.7484555314695172e-07), r)
     r = (-kf).fma(F(-6.8604980400235275e-15), r)
     return (sin(r), cos(r))
-
-
-def _merge_scale(m: Float32, m_new: Float32) -> Float32:
-    """exp2(m - m_new), 0 for an empty softmax state (m = -inf)."""
-    return Float32(0) if m == -inf[DType.float32]() else exp2(m - m_new)
 
 
 def _decode_partial_gpu[
@@ -441,6 +446,254 @@ def _decode_partial_gpu[
             l_part[unsafe_offset=part] = l_all
 
 
+@always_inline
+def _decode_write_partial[
+    D: Int, GB: Int, W: Int
+](
+    m_in: StaticTuple[Float32, GB],
+    l_in: StaticTuple[Float32, GB],
+    acc_in: StaticTuple[SIMD[DType.float32, W], GB],
+    hx: Int,
+    m_part: Pointer[Float32, MutAnyOrigin],
+    l_part: Pointer[Float32, MutAnyOrigin],
+    acc_part: Pointer[Float32, MutAnyOrigin],
+    part0: Int,
+    splits: Int,
+):
+    """The block's epilogue (the whole block calls it). Each group of TPK = D / W lanes
+    holds, in entry g, the online softmax state (base 2) of head h0 + (g ^ hx) over the keys
+    it visited: m and l (the same in the group's lanes) and the lane's slice i0 .. i0 + W - 1
+    of the unnormalized output. The groups of a warp merge through xor shuffles over the
+    group bits of the lane (hx must agree across them), the warps through shared memory,
+    and the block writes head h0 + g's state to part part0 + g * splits of m_part, l_part
+    and acc_part."""
+    comptime TPK = D // W
+    comptime NEG_INF = -inf[DType.float32]()
+    var m = m_in
+    var l = l_in
+    var acc = acc_in
+    var tid = thread_idx.x
+    var lane = tid % 32
+    var warp = tid // 32
+    var i0 = (lane % TPK) * W
+    comptime for step in range(5):
+        comptime off = TPK << step
+        comptime if off < 32:
+            comptime for g in range(GB):
+                var m_o = shuffle_xor(m[g], UInt32(off))
+                var l_o = shuffle_xor(l[g], UInt32(off))
+                var m_new = max(m[g], m_o)
+                var a = _merge_scale(m[g], m_new)
+                var c = _merge_scale(m_o, m_new)
+                l[g] = l[g] * a + l_o * c
+                comptime for e in range(W):
+                    acc[g][e] = acc[g][e] * a + shuffle_xor(acc[g][e], UInt32(off)) * c
+                m[g] = m_new
+
+    var m_s = unsafe_stack_allocation[DECODE_WARPS * GB, Float32, address_space=.SHARED]()
+    var l_s = unsafe_stack_allocation[DECODE_WARPS * GB, Float32, address_space=.SHARED]()
+    var acc_s = unsafe_stack_allocation[DECODE_WARPS * GB * D, Float32, address_space=.SHARED]()
+    if lane < TPK:
+        comptime for g in range(GB):
+            var slot = warp * GB + (g ^ hx)
+            comptime for e in range(W):
+                acc_s[unsafe_offset=slot * D + i0 + e] = acc[g][e]
+            if lane == 0:
+                m_s[unsafe_offset=slot] = m[g]
+                l_s[unsafe_offset=slot] = l[g]
+    barrier()
+    for idx in range(tid, GB * D, DECODE_THREADS):
+        var g = idx // D
+        var d = idx % D
+        var m_all = NEG_INF
+        comptime for w in range(DECODE_WARPS):
+            m_all = max(m_all, m_s[unsafe_offset=w * GB + g])
+        var l_all = Float32(0)
+        var a_all = Float32(0)
+        comptime for w in range(DECODE_WARPS):
+            var c = _merge_scale(m_s[unsafe_offset=w * GB + g], m_all)
+            l_all += l_s[unsafe_offset=w * GB + g] * c
+            a_all += acc_s[unsafe_offset=(w * GB + g) * D + d] * c
+        var part = part0 + g * splits
+        acc_part[unsafe_offset=part * D + d] = a_all
+        if d == 0:
+            m_part[unsafe_offset=part] = m_all
+            l_part[unsafe_offset=part] = l_all
+
+
+@always_inline
+def _dense_load_tile[
+    dtype: DType, D: Int, U: Int
+](
+    k: Pointer[Scalar[dtype], MutAnyOrigin],
+    v: Pointer[Scalar[dtype], MutAnyOrigin],
+    k_at: Int,
+    v_at: Int,
+    kv_stride: Int,
+    j0: Int,
+    end: Int,
+    ux: Int,
+) -> StaticTuple[SIMD[dtype, 16 // size_of[dtype]()], 4 * U]:
+    """This lane's 16-byte slices of keys j0 + (u ^ ux), u < U (element k_at of key 0 its
+    first): entry u the key's at k_at, U + u its partner half of each RoPE pair at
+    k_at + D / 2, 2U + u and 3U + u the value's at v_at and v_at + W. A key at or past `end`
+    reads key end - 1 instead (no branch; its score is masked and its p is 0)."""
+    comptime W = 16 // size_of[dtype]()
+    var kv = StaticTuple[SIMD[dtype, W], 4 * U](fill=0)
+    comptime for u in range(U):
+        var row = min(j0 + (u ^ ux), end - 1) * kv_stride
+        kv[u] = k.unsafe_load[width=W, alignment=16](k_at + row)
+        kv[U + u] = k.unsafe_load[width=W, alignment=16](k_at + row + D // 2)
+    comptime for u in range(U):
+        var row = min(j0 + (u ^ ux), end - 1) * kv_stride
+        kv[2 * U + u] = v.unsafe_load[width=W, alignment=16](v_at + row)
+        kv[3 * U + u] = v.unsafe_load[width=W, alignment=16](v_at + row + W)
+    return kv
+
+
+@__llvm_metadata(
+    MAX_THREADS_PER_BLOCK_METADATA=StaticTuple[Int32, 1](Int32(DECODE_THREADS)),
+)
+def _dense_tiled_decode_gpu[
+    dtype: DType, D: Int, GB: Int, U: Int = DENSE_TILE_KEYS
+](
+    m_part: Pointer[Float32, MutAnyOrigin],
+    l_part: Pointer[Float32, MutAnyOrigin],
+    acc_part: Pointer[Float32, MutAnyOrigin],
+    q: Pointer[Scalar[dtype], MutAnyOrigin],
+    k: Pointer[Scalar[dtype], MutAnyOrigin],
+    v: Pointer[Scalar[dtype], MutAnyOrigin],
+    skv_: Int32,
+    hq_: Int32,
+    hk_: Int32,
+    chunk_: Int32,
+    scale_log2: Float32,
+    theta: Float32,
+    factor: Float32,
+    low_freq_factor: Float32,
+    high_freq_factor: Float32,
+    original_max_position: Float32,
+):
+    """`_decode_partial_gpu`'s grid (DECODE_WARPS warps), queries and output, a tile of U
+    keys per lane group at a time as `paged_rope_attention._tiled_decode_gpu`.
+
+    A key is read by TPK = D / 2 / W lanes; lane t = lane % TPK holds, as in
+    `_decode_partial_gpu`, the slices i0 .. i0 + W - 1 and i0 + D / 2 .. (i0 = W t) of the
+    key, so both halves of each of its RoPE pairs: it rotates them in registers exactly as
+    `_decode_partial_gpu` does (`_sincos_hw` of fp32 j * inv_freq, then
+    (k1 c - k2 s, k2 c + k1 s)). Its value slice is dims 2 W t .. 2 W t + 2 W - 1 instead
+    (values need no pairing), so its accumulator is one 2W-wide slice per head, as
+    `_decode_write_partial` takes it. The stream s = warp * KPW + lane / TPK takes tiles
+    j0 = start + (n STREAMS + s) U, n = 0, 1, ..., its next tile's K and V loaded before the
+    current one is used. Scores, softmax and values as in `decode_tile.mojo` (N = U GB scores
+    a tile, f = R (t / DUP): the lane's entry u is key j0 + (u ^ f / GB), its query entry g
+    head h0 + (g ^ f % GB)); keys past the split's end are masked out."""
+    comptime W = 16 // size_of[dtype]()
+    comptime HALF = D // 2
+    comptime TPK = HALF // W
+    comptime KPW = 32 // TPK
+    comptime STREAMS = DECODE_WARPS * KPW
+    comptime N = U * GB
+    comptime R = max(1, N // TPK)
+    comptime DUP = max(1, TPK // N)
+    comptime F = SIMD[DType.float32, W]
+    comptime F2 = SIMD[DType.float32, 2 * W]
+    comptime NEG_INF = -inf[DType.float32]()
+    comptime STEP = STREAMS * U
+    comptime assert U <= TPK and R <= GB, "a tile's scores must fit the lanes of a key"
+
+    var skv, hq, hk, chunk = Int(skv_), Int(hq_), Int(hk_), Int(chunk_)
+    var group = hq // hk
+    var subs = group // GB
+    var split = block_idx.x
+    var kvh = block_idx.y // subs
+    var h0 = kvh * group + (block_idx.y % subs) * GB
+    var b = block_idx.z
+    var splits = Int(ceildiv(skv, chunk))
+    var tid = thread_idx.x
+    var lane = tid % 32
+    var warp = tid // 32
+    var t = lane % TPK
+    var i0 = t * W
+    var stream = warp * KPW + lane // TPK
+    var f = R * (t // DUP)
+    var fu = f // GB
+    var fg = f % GB
+
+    var freqs = RopeFreqs(theta, factor, low_freq_factor, high_freq_factor, original_max_position)
+    var inv_s = unsafe_stack_allocation[HALF, Float32, address_space=.SHARED]()
+    for i in range(tid, HALF, DECODE_THREADS):
+        inv_s[unsafe_offset=i] = freqs.inv_freq(i, D)
+    barrier()
+    var inv = F()
+    comptime for e in range(W):
+        inv[e] = inv_s[unsafe_offset=i0 + e]
+
+    # The GB queries (entry g: head h0 + (g ^ fg)), rotated at position skv - 1, pre-scaled.
+    var q_lo = StaticTuple[F, GB](fill=0)
+    var q_hi = StaticTuple[F, GB](fill=0)
+    var qsc = sincos_f32_fast(Float32(skv - 1) * inv)
+    comptime for g in range(GB):
+        var row = (b * hq + h0 + (g ^ fg)) * D + i0
+        var x1 = q.unsafe_load[width=W, alignment=16](row).cast[DType.float32]()
+        var x2 = q.unsafe_load[width=W, alignment=16](row + HALF).cast[DType.float32]()
+        q_lo[g] = (x1 * qsc[1] - x2 * qsc[0]) * scale_log2
+        q_hi[g] = (x2 * qsc[1] + x1 * qsc[0]) * scale_log2
+
+    var m = StaticTuple[Float32, R](fill=NEG_INF)
+    var l = StaticTuple[Float32, R](fill=0)
+    var acc = StaticTuple[F2, GB](fill=0)
+    var start = split * chunk
+    var end = min(start + chunk, skv)
+    var kv_stride = hk * D
+    var k_at = b * skv * kv_stride + kvh * D + i0
+    var v_at = b * skv * kv_stride + kvh * D + 2 * i0
+    # Warp-uniform trip count (the shuffles need the whole warp).
+    var warp_j0 = start + warp * KPW * U
+    var j0 = start + stream * U
+    var kvn = _dense_load_tile[dtype, D, U](k, v, k_at, v_at, kv_stride, j0, end, fu)
+    while warp_j0 < end:
+        var kv = kvn
+        kvn = _dense_load_tile[dtype, D, U](k, v, k_at, v_at, kv_stride, j0 + STEP, end, fu)
+
+        var s = StaticTuple[Float32, N](fill=0)
+        comptime for u in range(U):
+            var sc = _sincos_hw(Float32(min(j0 + (u ^ fu), end - 1)) * inv)
+            var k1 = kv[u].cast[DType.float32]()
+            var k2 = kv[U + u].cast[DType.float32]()
+            var kr1 = k1 * sc[1] - k2 * sc[0]
+            var kr2 = k2 * sc[1] + k1 * sc[0]
+            comptime for g in range(GB):
+                var dot = q_lo[g][0] * kr1[0]
+                comptime for e in range(1, W):
+                    dot = q_lo[g][e].fma(kr1[e], dot)
+                comptime for e in range(W):
+                    dot = q_hi[g][e].fma(kr2[e], dot)
+                s[u * GB + g] = dot
+        tile_reduce_scatter[N, TPK](s)
+        if j0 + fu >= end:
+            comptime for r in range(R):
+                s[r] = NEG_INF
+
+        var sm = tile_softmax[N, TPK, U, R](s, m, l)
+        if sm[0]:
+            comptime for g in range(GB):
+                acc[g] = acc[g] * tile_pick[R, DUP, g](sm[1])
+
+        comptime for u in range(U):
+            var vf = kv[2 * U + u].join(kv[3 * U + u]).cast[DType.float32]()
+            comptime for g in range(GB):
+                acc[g] = vf.fma(F2(tile_pick[R, DUP, u * GB + g](sm[2])), acc[g])
+
+        j0 += STEP
+        warp_j0 += STEP
+
+    var ml = tile_finish[TPK, U, R, DUP, GB](m, l)
+    _decode_write_partial[D, GB, 2 * W](
+        ml[0], ml[1], acc, fg, m_part, l_part, acc_part, (b * hq + h0) * splits + split, splits
+    )
+
+
 def _decode_combine_gpu[
     dtype: DType
 ](
@@ -473,7 +726,7 @@ def _decode_combine_gpu[
 
 
 def _decode_launch_static[
-    dtype: DType, D: Int, GB: Int
+    dtype: DType, D: Int, GB: Int, tiled: Bool = False, U: Int = DENSE_TILE_KEYS
 ](
     o: Pointer[Scalar[dtype], MutAnyOrigin],
     q: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -487,16 +740,24 @@ def _decode_launch_static[
     freqs: RopeFreqs,
     ctx: DeviceContext,
 ) raises:
+    """`_dense_tiled_decode_gpu[..., U]` with `tiled`, else `_decode_partial_gpu`, then
+    `_decode_combine_gpu`. The tiled kernel's chunks are whole block steps (STREAMS x U keys)
+    so that no warp idles in a split's last step but the row's last."""
+    comptime TPK = D // 2 // (16 // size_of[dtype]())
+    comptime BLOCK_STEP = DECODE_WARPS * (32 // TPK) * U if tiled else 1
     var blocks_per_split = batch * hk * (hq // hk // GB)
     var splits = max(
         1, min(ceildiv(skv, DECODE_MIN_CHUNK), ceildiv(DECODE_TARGET_BLOCKS, blocks_per_split))
     )
-    var chunk = ceildiv(skv, splits)
+    var chunk = ceildiv(ceildiv(skv, splits), BLOCK_STEP) * BLOCK_STEP
     splits = ceildiv(skv, chunk)
     var m_part = ctx.enqueue_create_buffer[DType.float32](batch * hq * splits)
     var l_part = ctx.enqueue_create_buffer[DType.float32](batch * hq * splits)
     var acc_part = ctx.enqueue_create_buffer[DType.float32](batch * hq * splits * D)
-    ctx.enqueue_function[_decode_partial_gpu[dtype, D, GB]](
+    comptime kernel = (
+        _dense_tiled_decode_gpu[dtype, D, GB, U] if tiled else _decode_partial_gpu[dtype, D, GB]
+    )
+    ctx.enqueue_function[kernel](
         m_part.unsafe_ptr(), l_part.unsafe_ptr(), acc_part.unsafe_ptr(), q, k, v,
         Int32(skv), Int32(hq), Int32(hk), Int32(chunk), sm_scale * LOG2E,
         freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
@@ -515,7 +776,7 @@ def _decode_launch_static[
 
 
 def _decode_dispatch[
-    dtype: DType
+    dtype: DType, tiled: Bool = False
 ](
     o: Pointer[Scalar[dtype], MutAnyOrigin],
     q: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -538,7 +799,7 @@ def _decode_dispatch[
             if head_dim == D:
                 comptime for GB in [1, 2, 4]:
                     if gb == GB:
-                        _decode_launch_static[dtype, D, GB](
+                        _decode_launch_static[dtype, D, GB, tiled](
                             o, q, k, v, batch, skv, hq, hk, sm_scale, freqs, ctx
                         )
                         return
@@ -629,7 +890,7 @@ def _flash_attention_dispatch[
 
 
 def _fused_rope_attention_gpu[
-    dtype: DType
+    dtype: DType, dense_tiled_decode: Bool = DENSE_TILED_DECODE
 ](
     o: Pointer[Scalar[dtype], _],
     q: Pointer[Scalar[dtype], _],
@@ -648,9 +909,10 @@ def _fused_rope_attention_gpu[
 ) raises:
     """The op's GPU branch (arguments already validated, sm_scale resolved).
 
-    Decode (sq = 1, bf16 or fp16, head_dim 64 or 128, 16-byte aligned tensors): the
-    split-KV kernel `_decode_partial_gpu`, which rotates each key in registers as it
-    streams, then `_decode_combine_gpu`.
+    Decode (sq = 1, bf16 or fp16, head_dim 64 or 128, 16-byte aligned tensors): a split-KV
+    kernel that rotates each key in registers as it streams (`_dense_tiled_decode_gpu` with
+    `dense_tiled_decode`, DENSE_TILED_DECODE, else `_decode_partial_gpu`), then
+    `_decode_combine_gpu`.
     Fast path (`_fast_path_supported`: bf16 and a listed (hq, hk, head_dim)):
     rotate q (positions skv - sq + i) and k (positions j) into scratch buffers of dtype
     with the vectorized RoPE kernel, then MAX's flash attention on (q_rot, k_rot, v).
@@ -662,7 +924,7 @@ def _fused_rope_attention_gpu[
     var vp = v.unsafe_mut_cast[True]().as_unsafe_any_origin()
     var aligned = Int(q) % 16 == 0 and Int(k) % 16 == 0 and Int(v) % 16 == 0
     if sq == 1 and skv <= 131072 and aligned and _decode_supported[dtype](head_dim):
-        _decode_dispatch[dtype](
+        _decode_dispatch[dtype, dense_tiled_decode](
             op,
             q.unsafe_mut_cast[True]().as_unsafe_any_origin(),
             k.unsafe_mut_cast[True]().as_unsafe_any_origin(),

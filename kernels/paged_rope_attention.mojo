@@ -37,6 +37,7 @@ from .fused_rope_attention import (
     LOG2E,
     _decode_combine_gpu,
     _decode_heads_per_block,
+    _decode_write_partial,
     _merge_scale,
 )
 from .paged_kv import KeyRows, PagedLayout, U32Ptr, seq_of_row
@@ -609,80 +610,6 @@ def _decode_queries[
 
 
 @always_inline
-def _decode_write_partial[
-    D: Int, GB: Int, W: Int
-](
-    m_in: StaticTuple[Float32, GB],
-    l_in: StaticTuple[Float32, GB],
-    acc_in: StaticTuple[SIMD[DType.float32, W], GB],
-    hx: Int,
-    m_part: Pointer[Float32, MutAnyOrigin],
-    l_part: Pointer[Float32, MutAnyOrigin],
-    acc_part: Pointer[Float32, MutAnyOrigin],
-    part0: Int,
-    splits: Int,
-):
-    """The block's epilogue (the whole block calls it). Each group of TPK = D / W lanes
-    holds, in entry g, the online softmax state (base 2) of head h0 + (g ^ hx) over the keys
-    it visited: m and l (the same in the group's lanes) and the lane's slice i0 .. i0 + W - 1
-    of the unnormalized output. The groups of a warp merge through xor shuffles over the
-    group bits of the lane (hx must agree across them), the warps through shared memory,
-    and the block writes head h0 + g's state to part part0 + g * splits of m_part, l_part
-    and acc_part."""
-    comptime TPK = D // W
-    comptime NEG_INF = -inf[DType.float32]()
-    var m = m_in
-    var l = l_in
-    var acc = acc_in
-    var tid = thread_idx.x
-    var lane = tid % 32
-    var warp = tid // 32
-    var i0 = (lane % TPK) * W
-    comptime for step in range(5):
-        comptime off = TPK << step
-        comptime if off < 32:
-            comptime for g in range(GB):
-                var m_o = shuffle_xor(m[g], UInt32(off))
-                var l_o = shuffle_xor(l[g], UInt32(off))
-                var m_new = max(m[g], m_o)
-                var a = _merge_scale(m[g], m_new)
-                var c = _merge_scale(m_o, m_new)
-                l[g] = l[g] * a + l_o * c
-                comptime for e in range(W):
-                    acc[g][e] = acc[g][e] * a + shuffle_xor(acc[g][e], UInt32(off)) * c
-                m[g] = m_new
-
-    var m_s = unsafe_stack_allocation[DECODE_WARPS * GB, Float32, address_space=.SHARED]()
-    var l_s = unsafe_stack_allocation[DECODE_WARPS * GB, Float32, address_space=.SHARED]()
-    var acc_s = unsafe_stack_allocation[DECODE_WARPS * GB * D, Float32, address_space=.SHARED]()
-    if lane < TPK:
-        comptime for g in range(GB):
-            var slot = warp * GB + (g ^ hx)
-            comptime for e in range(W):
-                acc_s[unsafe_offset=slot * D + i0 + e] = acc[g][e]
-            if lane == 0:
-                m_s[unsafe_offset=slot] = m[g]
-                l_s[unsafe_offset=slot] = l[g]
-    barrier()
-    for idx in range(tid, GB * D, DECODE_THREADS):
-        var g = idx // D
-        var d = idx % D
-        var m_all = NEG_INF
-        comptime for w in range(DECODE_WARPS):
-            m_all = max(m_all, m_s[unsafe_offset=w * GB + g])
-        var l_all = Float32(0)
-        var a_all = Float32(0)
-        comptime for w in range(DECODE_WARPS):
-            var c = _merge_scale(m_s[unsafe_offset=w * GB + g], m_all)
-            l_all += l_s[unsafe_offset=w * GB + g] * c
-            a_all += acc_s[unsafe_offset=(w * GB + g) * D + d] * c
-        var part = part0 + g * splits
-        acc_part[unsafe_offset=part * D + d] = a_all
-        if d == 0:
-            m_part[unsafe_offset=part] = m_all
-            l_part[unsafe_offset=part] = l_all
-
-
 def _split_decode_gpu[
     dtype: DType, D: Int, GB: Int, pipelined: Bool
 ](

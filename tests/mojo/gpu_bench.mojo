@@ -1,9 +1,11 @@
 # Raw kernel timings on a GPU, outside MAX graphs, for tuning the kernels' compile-time
 # parameters (each variant is its own instantiation). Not part of CI (it needs a GPU):
-#   mojo run -I <repo> tests/mojo/gpu_bench.mojo [TILED_DECODE] [MAX_PREFILL]
+#   mojo run -I <repo> tests/mojo/gpu_bench.mojo [TILED_DECODE] [MAX_PREFILL] [DENSE_TILED_DECODE]
 # (the paged kernels come first: kt.paged_rope_attention's prefill and decode kernels at the
 # serving shapes, and each candidate named on the command line beside the kernel it would
-# replace, then "<candidate> faster: yes|no"; then RoPE, RMSNorm and the dense decode variants).
+# replace, then "<candidate> faster: yes|no"; then, with DENSE_TILED_DECODE,
+# kt.fused_rope_attention's decode beside its tiled kernel the same way; then RoPE, RMSNorm and
+# the dense decode variants).
 # Each line: a kernel variant, its mean milliseconds over back-to-back launches (the host
 # enqueues far faster than the GPU runs them, so launch overhead is hidden) and GB/s of the
 # bytes it must move.
@@ -170,6 +172,57 @@ def decode_variant[unroll: Int, warps: Int](
            t0, Float64(2 * batch * skv * hk * 128 * 2))
 
 
+def dense_decode(
+    ctx: DeviceContext, batch: Int, skv: Int, hq: Int, hk: Int, d: Int, freqs: RopeFreqs
+) raises -> Float64:
+    """kt.fused_rope_attention's decode (one query, keys rotated as they stream) as the op runs
+    it, then with `_dense_tiled_decode_gpu` (DENSE_TILED_DECODE); returns the tiled kernel's
+    time over the op's. GB/s: the keys and values read once."""
+    var nq = batch * hq * d
+    var nkv = batch * skv * hk * d
+    var q = ctx.enqueue_create_buffer[BF16](nq)
+    var k = ctx.enqueue_create_buffer[BF16](nkv)
+    var v = ctx.enqueue_create_buffer[BF16](nkv)
+    var o = ctx.enqueue_create_buffer[BF16](nq)
+    fill(ctx, q, nq)
+    fill(ctx, k, nkv)
+    fill(ctx, v, nkv)
+    var scale = Float32(1.0) / Float32(d) ** 0.5
+    var nbytes = Float64(2 * nkv * 2)
+    var first_ms = Float64(0)
+    var ratio = Float64(0)
+    for variant in range(2):
+        var t0 = perf_counter_ns()
+        for it in range(WARM + ITERS):
+            if it == WARM:
+                ctx.synchronize()
+                t0 = perf_counter_ns()
+            if variant == 0:
+                _fused_rope_attention_gpu[BF16, dense_tiled_decode=False](
+                    o.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
+                    batch, 1, skv, hq, hk, d, scale, Int32(1), freqs, ctx,
+                )
+            else:
+                _fused_rope_attention_gpu[BF16, dense_tiled_decode=True](
+                    o.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
+                    batch, 1, skv, hq, hk, d, scale, Int32(1), freqs, ctx,
+                )
+        ctx.synchronize()
+        var ms = Float64(perf_counter_ns() - t0) / Float64(ITERS) / 1e6
+        var name: String
+        if variant == 0:
+            first_ms = ms
+            name = "op (default)"
+        else:
+            ratio = ms / first_ms
+            name = String("dense tiled (DENSE_TILED_DECODE) vs op ", ratio)
+        print(
+            String("decode skv=", skv, " B ", batch, " Hq ", hq, " Hk ", hk, " D ", d), name,
+            "ms", ms, "GB/s", nbytes / ms / 1e6,
+        )
+    return ratio
+
+
 def paged_attention[d: Int](
     ctx: DeviceContext, batch: Int, cached: Int, new: Int, hq: Int, hk: Int, freqs: RopeFreqs,
     candidate: Bool,
@@ -316,11 +369,14 @@ def main() raises:
 
     var tiled_decode = False
     var max_prefill = False
+    var dense_tiled_decode = False
     for arg in argv():
         if arg == "TILED_DECODE":
             tiled_decode = True
         elif arg == "MAX_PREFILL":
             max_prefill = True
+        elif arg == "DENSE_TILED_DECODE":
+            dense_tiled_decode = True
 
     # Paged prefill at max+kt's serving shape (Llama 3.2 1B: 32 q / 8 kv heads, D 64, bf16,
     # pages of 128): 8 prompts of 1024 tokens; then D 128 (Llama 3.1 8B), 1024 new tokens
@@ -343,6 +399,14 @@ def main() raises:
     decode.append(paged_attention[64](ctx, 32, 1087, 1, 32, 8, freqs, tiled_decode))
     if tiled_decode:
         verdict("tiled decode", decode)
+    # Dense decode (kt.fused_rope_attention): the op's decode shapes below (B 8, 32 q / 8 kv
+    # heads, D 128, 4k and 32k keys) and decode_1b's (B 32, D 64, 4k keys).
+    if dense_tiled_decode:
+        var dense = List[Float64]()
+        dense.append(dense_decode(ctx, 8, 4096, 32, 8, 128, freqs))
+        dense.append(dense_decode(ctx, 8, 32768, 32, 8, 128, freqs))
+        dense.append(dense_decode(ctx, 32, 4096, 32, 8, 64, freqs))
+        verdict("dense tiled decode", dense)
 
     # RoPE alone: 32768 tokens, 32 q heads, 8 k heads, D 128 (168M elements).
     var tokens = 32768

@@ -11,7 +11,9 @@
 # with `_attention_gpu` on decode batches (16-bit dtypes), and its tiled split-KV decode
 # (TILED_DECODE) the same way, and its prefill on MAX's paged flash attention behind kt's query
 # rotation (MAX_PREFILL) with `_attention_gpu` on prefill batches (bf16 and fp16, every
-# (Hq, Hk, D) it instantiates):
+# (Hq, Hk, D) it instantiates), and kt.fused_rope_attention's tiled dense decode
+# (DENSE_TILED_DECODE) with `_attention_gpu` on decode batches (bf16 and fp16, D 64 and 128,
+# GQA 1/2/4/8):
 #   mojo run -I <repo> tests/mojo/gpu_launch.mojo --check
 from max.gpu.host import DeviceBuffer, DeviceContext
 from std.math import ceildiv
@@ -122,6 +124,14 @@ def fused_attention_all[dtype: DType](ctx: DeviceContext) raises:
             o.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
             2, 4, 8, 6, 2, 96, scale, Int32(causal), freqs, ctx,
         )
+    # Decode (one query) with the tiled dense kernel (DENSE_TILED_DECODE): 1, 2 and 4 heads a
+    # block at D 64 and 128 (16-bit dtypes; fp32 takes `_attention_gpu`).
+    for heads in [(32, 32), (4, 2), (32, 8)]:
+        for d in [64, 128]:
+            _fused_rope_attention_gpu[dtype, dense_tiled_decode=True](
+                o.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
+                2, 1, 8, heads[0], heads[1], d, scale, Int32(1), freqs, ctx,
+            )
 
 
 def _u32_buffer(ctx: DeviceContext, values: List[Int]) raises -> DeviceBuffer[DType.uint32]:
@@ -566,6 +576,64 @@ def check_fast_path(ctx: DeviceContext) raises:
     print("fast path check: all PASS")
 
 
+def dense_decode_case[dtype: DType](
+    ctx: DeviceContext, batch: Int, skv: Int, hq: Int, hk: Int, d: Int
+) raises -> Bool:
+    """kt.fused_rope_attention's decode (one query at position skv - 1, keys rotated as they
+    stream) with `_dense_tiled_decode_gpu` vs the simple fused kernel `_attention_gpu` (fp32
+    RoPE and dot products) on random inputs."""
+    var freqs = RopeFreqs(500000.0, 8.0, 1.0, 4.0, 8192.0)
+    var scale = Float32(1.0) / Float32(d) ** 0.5
+    var nq = batch * hq * d
+    var nkv = batch * skv * hk * d
+    var q = ctx.enqueue_create_buffer[dtype](nq)
+    var k = ctx.enqueue_create_buffer[dtype](nkv)
+    var v = ctx.enqueue_create_buffer[dtype](nkv)
+    var o_fast = ctx.enqueue_create_buffer[dtype](nq)
+    var o_ref = ctx.enqueue_create_buffer[dtype](nq)
+    _fill_random(ctx, q, nq, 41 + d + hk)
+    _fill_random(ctx, k, nkv, 42 + d + hk)
+    _fill_random(ctx, v, nkv, 43 + d + hk)
+    _fused_rope_attention_gpu[dtype, dense_tiled_decode=True](
+        o_fast.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
+        batch, 1, skv, hq, hk, d, scale, Int32(1), freqs, ctx,
+    )
+    ctx.enqueue_function[_attention_gpu[dtype]](
+        o_ref.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
+        Int32(1), Int32(skv), Int32(hq), Int32(hk), Int32(d), scale, Int32(1),
+        freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
+        freqs.original_max_position,
+        grid_dim=batch * hq, block_dim=ATTN_BLOCK,
+    )
+    var res = _compare[dtype](ctx, o_fast, o_ref, nq)
+    print(
+        "dense tiled decode", dtype, "B", batch, "Skv", skv, "Hq", hq, "Hk", hk, "D", d,
+        "max|diff|", res[1], "PASS" if res[0] else "FAIL",
+    )
+    return res[0]
+
+
+def check_dense_tiled_decode[dtype: DType](ctx: DeviceContext) raises -> Bool:
+    """GQA 1, 4 and 8 (1 and 4 heads a block, 4 over two blocks a kv head) and GQA 2, at D 64
+    and 128; key counts of one key, shorter than a block step, one short of a split's, and past
+    16k by an odd few (splits and tiles with keys past the end)."""
+    var ok = True
+    for d in [64, 128]:
+        for heads in [(4, 4), (8, 2), (16, 2)]:
+            for skv in [1, 37, 4095, 16384 + 5]:
+                ok = dense_decode_case[dtype](ctx, 2, skv, heads[0], heads[1], d) and ok
+        ok = dense_decode_case[dtype](ctx, 3, 1000 + 3, 4, 2, d) and ok
+    return ok
+
+
+def check_dense_tiled_decode_all(ctx: DeviceContext) raises:
+    var ok = check_dense_tiled_decode[DType.bfloat16](ctx)
+    ok = check_dense_tiled_decode[DType.float16](ctx) and ok
+    if not ok:
+        raise Error("dense tiled decode check failed")
+    print("dense tiled decode check: all PASS")
+
+
 def main() raises:
     var ctx = DeviceContext()
     launch_all[DType.float32](ctx)
@@ -605,6 +673,10 @@ def main() raises:
                 failed.append(String(e))
             try:
                 check_tiled_decode_all(ctx)
+            except e:
+                failed.append(String(e))
+            try:
+                check_dense_tiled_decode_all(ctx)
             except e:
                 failed.append(String(e))
             if len(failed) > 0:
