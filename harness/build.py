@@ -168,7 +168,8 @@ class CompiledOp:
             else:
                 args.append(x if x.is_contiguous() else x.contiguous())
         for p in self.spec.kernel_params():
-            args.append(np.array(params[p.name], dtype=np.int32 if p.dtype == "int32" else np.float32))
+            args.append(np.array(p.op_value(params, inputs),
+                                 dtype=np.int32 if p.dtype == "int32" else np.float32))
         if self.device != "cpu":
             torch.cuda.synchronize()
         outs = self._model.execute(*args)
@@ -193,7 +194,7 @@ class CompiledOp:
                 for t in self.spec.inputs]
         args = [driver.Buffer.from_dlpack(x) for x in keep]
         args += [driver.Buffer.from_numpy(np.array(
-            params[p.name], dtype=np.int32 if p.dtype == "int32" else np.float32))
+            p.op_value(params, inputs), dtype=np.int32 if p.dtype == "int32" else np.float32))
             for p in self.spec.kernel_params()]
         model = self._model
 

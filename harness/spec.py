@@ -81,13 +81,23 @@ class Axis:
 @dataclass(frozen=True)
 class Param:
     """A scalar parameter drawn from `choices`. `kernel_arg` params are passed to the op
-    (as `dtype` scalars); the others only shape the data (e.g. input magnitude)."""
+    (as `dtype` scalars); the others only shape the data (e.g. input magnitude).
+
+    `resolve(value, inputs)`, for a kernel argument that a caller computes from the data
+    (the longest sequence of a batch): the number the op gets for a drawn value, which may
+    name a rule (a string among `choices`, such as "exact") rather than be a number."""
 
     name: str
     choices: tuple[Any, ...]
     dtype: str = "float32"  # float32 | int32
     kernel_arg: bool = True
     doc: str = ""
+    resolve: Callable[[Any, Tensors], Any] | None = None
+
+    def op_value(self, params: Params, inputs: Tensors) -> Any:
+        """What the op is passed for this param, given the case's params and inputs."""
+        value = params[self.name]
+        return self.resolve(value, inputs) if self.resolve is not None else value
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,15 @@ other shapes keep kt's tiled kernel. bf16 takes MAX's FA3 (wgmma); fp16 its FA2 
 build for fp16 on sm_90 (a wgmma constraint of the P @ V step fails to instantiate).
 
 The host never reads the row offsets or the cache lengths, so the maximum lengths MAX asks
-for are bounds from shapes: the longest prompt <= rows, the longest sequence (cached + new)
-<= table columns x page size. Both are what MAX's own graph-capture replay passes (aligned
-upper bounds), and only the first sizes work: MAX's sm_90 grid is ceil(max prompt / 128)
-row tiles x Hq x batch, and a tile past its sequence's rows exits at once. With the bound
-rows, B prompts of n tokens launch B times the row tiles they need: at the serving shape
-(8 x 1024, Hq 32) 16384 blocks, 2048 with work; if an empty block costs ~1.5 us of an SM's
-time (one FA3 block an SM), that is ~14336 / 132 x 1.5 us ~ 0.16 ms beside ~0.14 ms of
-attention (34 GFLOP at ~250 TFLOP/s) at D 64. A single prompt (B 1) wastes nothing.
+for are the op's host scalars (`max_prompt_length`, `max_cache_length`, as MAX's own graph
+gets them) when the caller knows them, each capped by its bound from shapes: the longest
+prompt <= rows, the longest sequence (cached + new) <= table columns x page size; where the
+caller passes 0 (unknown), the bounds alone. MAX's sm_90 grid is ceil(max prompt / 128) row
+tiles x Hq x batch, and a tile past its sequence's rows exits at once, so the bound rows
+launches B times the row tiles B prompts of n tokens need: at the serving shape (8 x 1024,
+Hq 32) 16384 blocks, 2048 with work (the H200's 93 TFLOP/s there, against 259-270 where
+the empty tiles are few or none: benchmarks/results/kernels_h200/paged_candidates_2026-12-03/).
+The exact longest prompt launches only the tiles the longest prompt needs.
 """
 
 from kv_cache.types import KVCacheStaticParams, PagedKVCacheCollection
@@ -117,13 +118,16 @@ def _max_flash_attention[
     row_offsets: U32Ptr,
     rows: Int,
     batch: Int,
+    max_prompt: Int,
+    max_seq: Int,
     pages: Int,
     scale: Float32,
     lay: PagedLayout,
     ctx: DeviceContext,
 ) raises:
     """MAX's ragged flash attention with a causal mask over layer lay.layer of the paged
-    cache blocks [pages, 2, layers, PAGE, HK, D]; q_rot and o dense [rows, HQ, D]."""
+    cache blocks [pages, 2, layers, PAGE, HK, D]; q_rot and o dense [rows, HQ, D]; max_prompt
+    and max_seq bound the new tokens and the length (cached + new) of every sequence."""
     comptime Collection = PagedKVCacheCollection[
         dtype,
         KVCacheStaticParams(num_heads=HK, head_size=D),
@@ -138,8 +142,8 @@ def _max_flash_attention[
         TileTensor(blocks, row_major(pages, Idx[2], lay.layers, Idx[PAGE], Idx[HK], Idx[D])),
         TileTensor(cache_lengths, row_major(batch)).as_imm(),
         TileTensor(table, row_major(batch, lay.table_cols)).as_imm(),
-        UInt32(rows),
-        UInt32(lay.table_cols * PAGE),
+        UInt32(max_prompt),
+        UInt32(max_seq),
     )
     var qt = TileTensor(q_rot, row_major(rows, Idx[HQ], Idx[D]))
     var ot = TileTensor(o, row_major(rows, Idx[HQ], Idx[D]))
@@ -153,7 +157,7 @@ def _max_flash_attention[
         offsets.as_imm(),
         scale,
         ctx,
-        q_max_seq_len=Optional[Int](rows),
+        q_max_seq_len=Optional[Int](max_prompt),
     )
 
 
@@ -168,6 +172,8 @@ def _max_prefill_dispatch[
     row_offsets: U32Ptr,
     rows: Int,
     batch: Int,
+    max_prompt: Int,
+    max_seq: Int,
     q_heads: Int,
     q_rs: Int,
     q_hs: Int,
@@ -178,7 +184,8 @@ def _max_prefill_dispatch[
     ctx: DeviceContext,
 ) raises:
     """kt's query rotation into a scratch buffer, then `_max_flash_attention` for the runtime
-    shape; the caller checks `_max_prefill_supported` first."""
+    shape (max_prompt <= rows and max_seq <= table columns x page size: the maximum lengths
+    MAX's kernel is given); the caller checks `_max_prefill_supported` first."""
     comptime if dtype == DType.bfloat16 or dtype == DType.float16:
         comptime for i in range(MAX_PREFILL_CONFIGS):
             comptime HQ = _max_prefill_heads(i)[0]
@@ -194,8 +201,8 @@ def _max_prefill_dispatch[
                     grid_dim=rows, block_dim=ROTATE_THREADS,
                 )
                 _max_flash_attention[dtype, HQ, HK, D, MAX_PREFILL_PAGE](
-                    o, qr, blocks, cache_lengths, table, row_offsets, rows, batch, pages, scale,
-                    lay, ctx,
+                    o, qr, blocks, cache_lengths, table, row_offsets, rows, batch, max_prompt,
+                    max_seq, pages, scale, lay, ctx,
                 )
                 # Frees are stream-ordered: the buffer outlives the kernels that use it.
                 _ = q_rot^

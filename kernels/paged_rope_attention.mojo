@@ -12,6 +12,13 @@ MAX's `mo.mha.ragged.paged` with a causal mask. scale <= 0 means 1/sqrt(D). RoPE
 `rope.mojo` (half rotation, Llama 3 frequencies); softmax subtracts the running maximum and
 everything accumulates in fp32. The cache is read, never written (it is an in-place operand
 only so that MAX orders this op after the store).
+
+Two host scalars size the GPU launches, as MAX's paged collection carries them
+(`max_prompt_length`, `max_cache_length` of MAX's `PagedCacheValues`): the most new tokens
+of any sequence of the batch and the longest sequence after this step (cached + new), exact
+or upper bounds; 0 means unknown, and the op falls back to bounds from shapes (q's rows, the
+table's columns x page size). The host never reads the index tensors themselves, so a value
+below the truth leaves keys or rows out. The CPU path does not need them.
 """
 
 import extensibility
@@ -1028,6 +1035,7 @@ def _split_decode_launch[
     row_offsets: U32Ptr,
     rows: Int,
     batch: Int,
+    max_seq: Int,
     q_heads: Int,
     q_rs: Int,
     q_hs: Int,
@@ -1037,13 +1045,13 @@ def _split_decode_launch[
     ctx: DeviceContext,
 ) raises:
     """`_tiled_decode_gpu` with `tiled`, else `_split_decode_gpu[..., pipelined]`, then
-    `_decode_combine_gpu`. Splits sized from the longest sequence the block table can hold
-    (table columns x page size: the host does not see the cache lengths); splits past a
-    row's keys are empty. The tiled kernel's chunks are whole block steps (STREAMS x
-    TILE_KEYS keys), so its tiles start at multiples of TILE_KEYS."""
+    `_decode_combine_gpu`. Splits sized from max_seq, a bound on the longest sequence
+    (cached + new: every row's keys lie below it; the host does not read the cache lengths);
+    splits past a row's keys are empty. The tiled kernel's chunks are whole block steps
+    (STREAMS x TILE_KEYS keys), so its tiles start at multiples of TILE_KEYS."""
     comptime W = 16 // size_of[dtype]()
     comptime BLOCK_STEP = DECODE_WARPS * (32 // (D // W)) * TILE_KEYS if tiled else 1
-    var bound = max(1, lay.table_cols * lay.page_size)
+    var bound = max(1, max_seq)
     var blocks_per_split = rows * lay.kv_heads * (q_heads // lay.kv_heads // GB)
     var splits = max(
         1, min(ceildiv(bound, DECODE_MIN_CHUNK), ceildiv(DECODE_TARGET_BLOCKS, blocks_per_split))
@@ -1086,6 +1094,7 @@ def _split_decode_dispatch[
     row_offsets: U32Ptr,
     rows: Int,
     batch: Int,
+    max_seq: Int,
     q_heads: Int,
     q_rs: Int,
     q_hs: Int,
@@ -1104,7 +1113,7 @@ def _split_decode_dispatch[
                     if gb == GB:
                         _split_decode_launch[dtype, D, GB, pipelined, tiled](
                             o, q, blocks, cache_lengths, table, row_offsets, rows, batch,
-                            q_heads, q_rs, q_hs, scale, lay, freqs, ctx,
+                            max_seq, q_heads, q_rs, q_hs, scale, lay, freqs, ctx,
                         )
                         return
     raise Error("kt.paged_rope_attention: no decode kernel for this shape")
@@ -1259,6 +1268,8 @@ def paged_rope_attention_gpu[
     row_offsets: U32Ptr,
     rows: Int,
     batch: Int,
+    max_prompt_length: Int,
+    max_cache_length: Int,
     q_heads: Int,
     q_rs: Int,
     q_hs: Int,
@@ -1269,22 +1280,30 @@ def paged_rope_attention_gpu[
     ctx: DeviceContext,
 ) raises:
     """The op's GPU branch (arguments validated, scale resolved; pages: the cache's page
-    count). Decode (one new token per sequence: rows == batch), 16-bit dtypes, D 64 or 128, a
-    16-byte aligned cache: the split-KV kernel (`_tiled_decode_gpu` with `tiled_decode`,
-    TILED_DECODE, else `_split_decode_gpu`), then `_decode_combine_gpu`. Other decode steps:
-    `_attention_gpu`, one block per (row, q head). Prefill (rows > batch: some sequence has
-    several new tokens; decided from shapes, the host never reads the row offsets): with
-    `max_prefill` (MAX_PREFILL), 16-byte aligned o and cache and a shape
-    `_max_prefill_supported` lists, kt's query rotation and MAX's paged flash attention
-    (`_max_prefill_dispatch`); else the tiled `_prefill_gpu` with `tiled_prefill`
-    (TILED_PREFILL, on), else `_attention_gpu`."""
+    count). max_prompt_length (the most new tokens of a sequence) and max_cache_length (the
+    longest sequence, cached + new), the host's exact values or upper bounds, 0 where unknown,
+    tighten the bounds from shapes: the longest prompt <= rows, the longest sequence <= table
+    columns x page size. Decode (one new token per sequence: rows == batch), 16-bit dtypes,
+    D 64 or 128, a 16-byte aligned cache: the split-KV kernel (`_tiled_decode_gpu` with
+    `tiled_decode`, TILED_DECODE, else `_split_decode_gpu`), its splits sized from the
+    longest sequence, then `_decode_combine_gpu`. Other decode steps: `_attention_gpu`, one
+    block per (row, q head). Prefill (rows > batch: some sequence has several new tokens;
+    decided from shapes, the host never reads the row offsets): with `max_prefill`
+    (MAX_PREFILL), 16-byte aligned o and cache and a shape `_max_prefill_supported` lists,
+    kt's query rotation and MAX's paged flash attention (`_max_prefill_dispatch`), given
+    both maximum lengths; else the tiled `_prefill_gpu` with `tiled_prefill` (TILED_PREFILL,
+    on), else `_attention_gpu`."""
     if rows * q_heads == 0:
         return
+    var max_prompt = min(rows, max_prompt_length) if max_prompt_length > 0 else rows
+    var max_seq = lay.table_cols * lay.page_size
+    if max_cache_length > 0:
+        max_seq = min(max_seq, max_cache_length)
     var aligned = Int(blocks) % 16 == 0
     if rows == batch and aligned and _split_decode_supported[dtype](lay.head_dim):
         _split_decode_dispatch[dtype, pipelined_decode, tiled_decode](
-            o, q, blocks, cache_lengths, table, row_offsets, rows, batch, q_heads, q_rs, q_hs,
-            scale, lay, freqs, ctx,
+            o, q, blocks, cache_lengths, table, row_offsets, rows, batch, max_seq, q_heads,
+            q_rs, q_hs, scale, lay, freqs, ctx,
         )
         return
     comptime if max_prefill:
@@ -1295,8 +1314,8 @@ def paged_rope_attention_gpu[
             and _max_prefill_supported[dtype](q_heads, lay)
         ):
             _max_prefill_dispatch[dtype](
-                o, q, blocks, cache_lengths, table, row_offsets, rows, batch, q_heads, q_rs,
-                q_hs, scale, lay, pages, freqs, ctx,
+                o, q, blocks, cache_lengths, table, row_offsets, rows, batch, max_prompt,
+                max_seq, q_heads, q_rs, q_hs, scale, lay, pages, freqs, ctx,
             )
             return
     if tiled_prefill and rows > batch:
@@ -1324,6 +1343,8 @@ struct PagedRopeAttention:
         lookup_table: InputTensor[dtype=DType.uint32, rank=2, ...],
         row_offsets: InputTensor[dtype=DType.uint32, rank=1, ...],
         layer: Int32,
+        max_prompt_length: Int32,
+        max_cache_length: Int32,
         scale: Float32,
         theta: Float32,
         factor: Float32,
@@ -1347,6 +1368,8 @@ struct PagedRopeAttention:
             raise Error("kt.paged_rope_attention: layer out of range")
         if lookup_table.dim_size(0) != batch or row_offsets.dim_size(0) != batch + 1:
             raise Error("kt.paged_rope_attention: lookup_table and row_offsets must cover the batch of cache_lengths")
+        if max_prompt_length < 0 or max_cache_length < 0:
+            raise Error("kt.paged_rope_attention: the maximum lengths must be >= 0 (0: unknown)")
         var lay = PagedLayout(
             blocks.dim_size(3), blocks.dim_size(2), kv_heads, head_dim, Int(layer),
             lookup_table.dim_size(1),
@@ -1380,6 +1403,7 @@ struct PagedRopeAttention:
             sync_parallelize(attend, rows * q_heads)
         else:
             paged_rope_attention_gpu[dtype](
-                op, qp, bp, cl, lt, ro, rows, batch, q_heads, q_rs, q_hs, sm_scale, lay,
-                blocks.dim_size(0), freqs, ctx,
+                op, qp, bp, cl, lt, ro, rows, batch, Int(max_prompt_length),
+                Int(max_cache_length), q_heads, q_rs, q_hs, sm_scale, lay, blocks.dim_size(0),
+                freqs, ctx,
             )

@@ -118,6 +118,13 @@ def sequences(inputs: Tensors) -> list[tuple[int, int, int]]:
     return [(off[i], off[i + 1] - off[i], cache[i]) for i in range(len(cache))]
 
 
+def max_lengths(inputs: Tensors) -> tuple[int, int]:
+    """(the most new tokens of a sequence, the longest sequence after the step: cached + new),
+    as MAX's paged collection carries them (`max_prompt_length`, `max_cache_length`)."""
+    seqs = sequences(inputs)
+    return max((n for _, n, _ in seqs), default=0), max((c + n for _, n, c in seqs), default=0)
+
+
 def slots(inputs: Tensors, seq: int, positions: range) -> tuple[torch.Tensor, torch.Tensor]:
     """(page, slot) of each position of sequence `seq`, through the block table."""
     page = inputs["blocks"].shape[3]
@@ -249,8 +256,7 @@ def max_paged_provider(kind: str, scale_of=None):
                                                int(params["layer"]), scale)
             model, max_device, kv_params = models[key]
             seqs = sequences(inputs)
-            max_prompt = max(n for _, n, _ in seqs)
-            max_cache = max(c + n for _, n, c in seqs)
+            max_prompt, max_cache = max_lengths(inputs)
             angle = torch.arange(max(1, max_cache), device=blocks.device,
                                  dtype=torch.float32)[:, None] * triton_inv_freq(d, params,
                                                                                blocks.device)

@@ -33,6 +33,24 @@ from pykernels._flashinfer import paged_attention_provider
 LAYER = Param("layer", (0, 1, 2), dtype="int32", doc="the layer of the cache read")
 
 
+def _exact(which: int):
+    """resolve for a maximum length: "exact" is pkv.max_lengths(inputs)[which]; a number is
+    passed as it is (0: unknown)."""
+    return lambda value, inputs: pkv.max_lengths(inputs)[which] if value == "exact" else value
+
+
+# The host-side maximum lengths MAX's paged collection carries; the op sizes its GPU launches
+# from them, or from bounds from shapes where they are 0 (unknown). Both are drawn, so the
+# exact values and the fallback are verified.
+MAX_LENGTHS = (
+    Param("max_prompt_length", ("exact", 0), dtype="int32", resolve=_exact(0),
+          doc="the most new tokens of a sequence: exact (from row_offsets) or 0 (unknown)"),
+    Param("max_cache_length", ("exact", 0), dtype="int32", resolve=_exact(1),
+          doc="the longest sequence after the step, cached + new: exact (from cache_lengths "
+              "and row_offsets) or 0 (unknown)"),
+)
+
+
 def softmax_scale(params: Params, head_dim: int) -> float:
     """The logit scale: the `scale` param, or 1/sqrt(D) when it is <= 0."""
     scale = f32(params["scale"])
@@ -181,7 +199,8 @@ SPEC = KernelSpec(
         Axis("D", choices=(16, 32, 64, 80, 96, 128, 256), doc="head dim"),
     ),
     derived={"Hq": lambda s: s["Hk"] * s["group"], **pkv.DERIVED},
-    params=(LAYER, Param("scale", (0.0, 0.3), doc="logit scale; <= 0 means 1/sqrt(D)"))
+    params=(LAYER, *MAX_LENGTHS,
+            Param("scale", (0.0, 0.3), doc="logit scale; <= 0 means 1/sqrt(D)"))
     + freq_param_decls(),
     inputs=(TensorArg("q", ("T", "Hq", "D")),
             TensorArg("blocks", pkv.BLOCKS, mutable=True, partial=True)) + pkv.index_args(),
@@ -205,6 +224,15 @@ SPEC = KernelSpec(
               "boundary (positions 111..127 on pages 1 and 2); D/2 = 40"),
         _case(3, 1, 300, 11, 128, 8, 4, 128, "Llama 3 8B decode (32 q, 8 kv heads, D 128), "
               "one token per sequence after ragged caches of 300, 267, 234"),
+        _case(3, 1, 300, 11, 128, 8, 4, 128, "the 8B decode with the maximum lengths unknown "
+              "(0): the split-KV decode sized from the block table", max_prompt_length=0,
+              max_cache_length=0),
+        _case(3, 70, 40, 9, 128, 8, 4, 64, "Llama 3.2 1B heads (32 q, 8 kv, D 64) in pages of "
+              "128 (MAX's paged flash attention on the GPU): ragged prompts of 70, 61, 52 after "
+              "ragged prefixes, the launch sized by the exact longest prompt"),
+        _case(3, 70, 40, 9, 128, 8, 4, 64, "the same prefill with the maximum lengths unknown "
+              "(0): MAX's kernel given q's rows and the table's length", max_prompt_length=0,
+              max_cache_length=0),
         _case(2, 1, 128, 0, 128, 2, 2, 32, "decode after a full page: the new key is the first "
               "slot of the next page"),
         _case(2, 6, 9, 1, 1, 1, 3, 32, "one token per page, GQA 3: every key through its own "

@@ -13,6 +13,7 @@ import pykernels
 import pykernels._paged_kv as pkv
 import twins
 from harness.spec import Case
+from harness.verify.engine import case_problem
 from kernel_helpers import (LLAMA3, assert_families_are_maxs_serving_cache,
                             assert_stock_max_paged_passes_the_gate, fails_rule, golden_case,
                             inputs_for, rope_complex)
@@ -26,11 +27,35 @@ SPEC = pykernels.get("paged_rope_attention")
 def test_kernel_params_in_op_order():
     """The Mojo op takes its scalars in exactly this order."""
     assert [p.name for p in SPEC.kernel_params()] == [
-        "layer", "scale", "theta", "factor", "low_freq_factor", "high_freq_factor",
+        "layer", "max_prompt_length", "max_cache_length", "scale", "theta", "factor", "low_freq_factor", "high_freq_factor",
         "original_max_position"]
     assert [t.name for t in SPEC.inputs] == ["q", "blocks", "cache_lengths", "lookup_table",
                                              "row_offsets"]
     assert [t.name for t in SPEC.checked] == ["o", "blocks"]
+
+
+def test_max_lengths_are_exact_from_the_inputs_or_unknown():
+    """The op gets the batch's most new tokens and longest sequence (cached + new), as MAX's
+    paged collection carries them, for "exact", and 0 (unknown: the op's bounds from shapes)
+    as given; both are drawn, golden cases hold both, and a replayed case may name either."""
+    _, params, inp = inputs_for(SPEC, {"B": 3, "S": 12, "C": 40, "R": 5, "page": 3, "L": 1,
+                                       "Hk": 1, "group": 1, "D": 16}, {})
+    seqs = pkv.sequences(inp)
+    assert [n for _, n, _ in seqs] == [12, 7, 2] and [c for _, _, c in seqs] == [40, 25, 10]
+    args = {p.name: p.op_value(params, inp) for p in SPEC.kernel_params()}
+    assert (args["max_prompt_length"], args["max_cache_length"]) == (12, 52)
+    unknown = dict(params, max_prompt_length=0, max_cache_length=0)
+    assert [p.op_value(unknown, inp) for p in pra.MAX_LENGTHS] == [0, 0]
+    assert all(p.choices == ("exact", 0) for p in pra.MAX_LENGTHS)
+    for known in (True, False):
+        assert any((SPEC.full_params(c.params)["max_prompt_length"] == "exact") == known
+                   and c.shape["page"] == 128 and c.shape["Hk"] == 8 and c.shape["T"] > c.shape["B"]
+                   for c in SPEC.golden)
+    case = {"dtype": "bfloat16", "layout": "dense", "data_seed": 0, "shape": {
+        "B": 1, "S": 1, "C": 0, "R": 0, "page": 16, "L": 1, "Hk": 1, "group": 1, "D": 16}}
+    for value in ("exact", 0, 7):
+        assert case_problem(SPEC, dict(case, params={"max_cache_length": value})) is None
+    assert "kernel argument" in case_problem(SPEC, dict(case, params={"max_cache_length": "big"}))
 
 
 # --- the reference ---------------------------------------------------------------------------

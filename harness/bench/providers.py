@@ -83,7 +83,7 @@ def kt_bridge(spec: KernelSpec, device: str, dtype: torch.dtype, package):
         for t in spec.inputs:
             sizes.update(zip(t.dims, inputs[t.name].shape))
         args = [inputs[t.name].contiguous() for t in spec.inputs]
-        args += [torch.tensor(params[p.name], dtype=torch.int32 if p.dtype == "int32"
+        args += [torch.tensor(p.op_value(params, inputs), dtype=torch.int32 if p.dtype == "int32"
                               else torch.float32) for p in scalars]
         shapes = [(tuple(sizes[d] for d in t.dims), t.torch_dtype(dtype)) for t in spec.outputs]
 

@@ -83,8 +83,9 @@ def case_problem(spec: KernelSpec, case: Any) -> str | None:
     """Why `case` (a `--replay` argument, parsed JSON) is not a case of `spec` that kt verify
     could have printed, or None: every key present and nothing else, a dtype the spec runs,
     a known layout, an integer data seed in the drawn range, the shape and params the spec
-    accepts (a kernel argument a number of its type; a param that only shapes the data one of
-    its choices, which `make_inputs` knows)."""
+    accepts (a kernel argument a number of its type, or a rule among its choices that the spec
+    resolves from the inputs; a param that only shapes the data one of its choices, which
+    `make_inputs` knows)."""
     if not isinstance(case, dict):
         return f"a case is a JSON object with keys {', '.join(CASE_KEYS)}"
     missing = [k for k in CASE_KEYS if k not in case]
@@ -111,6 +112,8 @@ def case_problem(spec: KernelSpec, case: Any) -> str | None:
             if v not in p.choices or isinstance(v, bool) != any(isinstance(c, bool) for c in p.choices):
                 return f"param {p.name} must be one of {', '.join(map(repr, p.choices))}, got {v!r}"
             continue
+        if isinstance(v, str) and p.resolve is not None and v in p.choices:
+            continue  # a rule the spec resolves from the inputs ("exact")
         kinds = (int,) if p.dtype == "int32" else (int, float)
         if not isinstance(v, kinds) or isinstance(v, bool):
             kind = "an integer" if p.dtype == "int32" else "a number"

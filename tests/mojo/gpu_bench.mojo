@@ -231,9 +231,10 @@ def paged_attention[d: Int](
     of 128, a 2-layer cache, layer 1 read). Prefill (new > 1): the tiled kernel, the tiled
     kernel with the other register budget (MB 1 <-> 2 blocks an SM), the per-row
     `_attention_gpu` (fewer launches: it is slow), and with `candidate` kt's query rotation and
-    MAX's paged flash attention (MAX_PREFILL; its row bound is rows: see paged_max_prefill.mojo)
-    on a block table laid out as MAX Serve's. Decode (new = 1): `_split_decode_gpu` pipelined
-    and not, the per-row kernel, and with `candidate` `_tiled_decode_gpu` (TILED_DECODE).
+    MAX's paged flash attention (MAX_PREFILL) on a block table laid out as MAX Serve's. Decode
+    (new = 1): `_split_decode_gpu` pipelined and not, the per-row kernel, and with `candidate`
+    `_tiled_decode_gpu` (TILED_DECODE). The op's calls get the exact longest prompt (new) and
+    sequence (cached + new), as MAX Serve passes them.
     Returns the candidate's time over the first kernel's (0 without a candidate). TFLOP/s counts
     the causal work, 4 D flops per visible (query, key) pair; GB/s the keys and values read
     once."""
@@ -294,15 +295,18 @@ def paged_attention[d: Int](
                 t0 = perf_counter_ns()
             if variant == 0 and decode:
                 paged_rope_attention_gpu[BF16, pipelined_decode=True, tiled_decode=False](
-                    op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, pages, freqs, ctx
+                    op, qp, bp, clp, ltp, rop, rows, batch, new, cached + new, hq, q_rs, d, scale, lay,
+                    pages, freqs, ctx,
                 )
             elif variant == 0:
                 paged_rope_attention_gpu[BF16, tiled_prefill=True, max_prefill=False](
-                    op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, pages, freqs, ctx
+                    op, qp, bp, clp, ltp, rop, rows, batch, new, cached + new, hq, q_rs, d, scale, lay,
+                    pages, freqs, ctx,
                 )
             elif variant == 1 and decode:
                 paged_rope_attention_gpu[BF16, pipelined_decode=False, tiled_decode=False](
-                    op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, pages, freqs, ctx
+                    op, qp, bp, clp, ltp, rop, rows, batch, new, cached + new, hq, q_rs, d, scale, lay,
+                    pages, freqs, ctx,
                 )
             elif variant == 1:
                 _prefill_launch[BF16, d, OTHER_MB](
@@ -314,11 +318,13 @@ def paged_attention[d: Int](
                 )
             elif decode:
                 paged_rope_attention_gpu[BF16, tiled_decode=True](
-                    op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, pages, freqs, ctx
+                    op, qp, bp, clp, ltp, rop, rows, batch, new, cached + new, hq, q_rs, d, scale, lay,
+                    pages, freqs, ctx,
                 )
             else:
                 paged_rope_attention_gpu[BF16, max_prefill=True](
-                    op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, pages, freqs, ctx
+                    op, qp, bp, clp, ltp, rop, rows, batch, new, cached + new, hq, q_rs, d, scale, lay,
+                    pages, freqs, ctx,
                 )
         ctx.synchronize()
         var ms = Float64(perf_counter_ns() - t0) / Float64(iters) / 1e6

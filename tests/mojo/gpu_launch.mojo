@@ -173,17 +173,18 @@ def paged_all[dtype: DType](ctx: DeviceContext) raises:
         var qp = qkv.unsafe_ptr().as_unsafe_any_origin()
         var st = RowStrides(8 * d, d, 8 * d, d)
         paged_rope_store_gpu[dtype](bp, qp + 4 * d, qp + 6 * d, cl, lt, ro, 4, 2, st, lay, freqs, ctx)
+        # Longest prompt and sequence: 3 and 6 for the prefill, 1 and 6 (5 + 1) for the decode.
         paged_rope_attention_gpu[dtype](
-            o.unsafe_ptr().as_unsafe_any_origin(), qp, bp, cl, lt, ro, 4, 2, 4, 8 * d, d, Float32(0.25),
-            lay, 5, freqs, ctx,
+            o.unsafe_ptr().as_unsafe_any_origin(), qp, bp, cl, lt, ro, 4, 2, 3, 6, 4, 8 * d, d,
+            Float32(0.25), lay, 5, freqs, ctx,
         )
         paged_rope_attention_gpu[dtype](
-            o.unsafe_ptr().as_unsafe_any_origin(), qp, bp, cl, lt, dro, 2, 2, 4, 8 * d, d, Float32(0.25),
-            lay, 5, freqs, ctx,
+            o.unsafe_ptr().as_unsafe_any_origin(), qp, bp, cl, lt, dro, 2, 2, 1, 6, 4, 8 * d, d,
+            Float32(0.25), lay, 5, freqs, ctx,
         )
         paged_rope_attention_gpu[dtype, tiled_decode=True](
-            o.unsafe_ptr().as_unsafe_any_origin(), qp, bp, cl, lt, dro, 2, 2, 4, 8 * d, d, Float32(0.25),
-            lay, 5, freqs, ctx,
+            o.unsafe_ptr().as_unsafe_any_origin(), qp, bp, cl, lt, dro, 2, 2, 1, 6, 4, 8 * d, d,
+            Float32(0.25), lay, 5, freqs, ctx,
         )
         ctx.synchronize()
     _ = check_prefill[dtype](ctx, False)
@@ -197,7 +198,7 @@ def paged_case[
     max_prefill: Bool = False,
 ](
     ctx: DeviceContext, d: Int, hq: Int, hk: Int, page: Int, cached: List[Int], new: List[Int],
-    check: Bool,
+    check: Bool, known_lengths: Bool = True,
 ) raises -> Bool:
     """The GPU branch of kt.paged_rope_attention on a batch (sequence b: new[b] rows after
     cached[b] cached tokens): a prefill batch takes the tiled `_prefill_gpu`, or with
@@ -207,15 +208,23 @@ def paged_case[
     (one block per row and q head) on the same inputs. A random cache of 2 layers (layer 1
     read), pages handed out in a scrambled order, q a strided view of a QKV row. With
     max_prefill the block table is laid out as MAX Serve's: its columns rounded up to 8 plus
-    16, the padding pointing at one extra page (MAX's null page)."""
+    16, the padding pointing at one extra page (MAX's null page). The op is given the longest
+    prompt and sequence with known_lengths, else 0 (unknown)."""
     var batch = len(new)
     var freqs = RopeFreqs(500000.0, 8.0, 1.0, 4.0, 8192.0)
     var offsets = List[Int]()
     offsets.append(0)
     var used = 1
+    var max_prompt = 0
+    var max_cache = 0
     for b in range(batch):
         offsets.append(offsets[b] + new[b])
         used = max(used, ceildiv(cached[b] + new[b], page))
+        max_prompt = max(max_prompt, new[b])
+        max_cache = max(max_cache, cached[b] + new[b])
+    if not known_lengths:
+        max_prompt = 0
+        max_cache = 0
     var rows = offsets[batch]
     var cols = ceildiv(used, 8) * 8 + 16 if max_prefill else used
     var owned = batch * used
@@ -250,8 +259,8 @@ def paged_case[
         max_prefill=max_prefill,
     ](
         o_fast.unsafe_ptr().as_unsafe_any_origin(), qkv.unsafe_ptr().as_unsafe_any_origin(),
-        args[0], args[1], args[2], args[3], rows, batch, hq, qkv_row, d, scale, lay, pages, freqs,
-        ctx,
+        args[0], args[1], args[2], args[3], rows, batch, max_prompt, max_cache, hq, qkv_row, d,
+        scale, lay, pages, freqs, ctx,
     )
     if not check:
         ctx.synchronize()
@@ -274,7 +283,8 @@ def paged_case[
         res = (res[0] and on_max, res[1])
     print(
         kind, dtype, "D", d, "Hq", hq, "Hk", hk, "page", page, "rows", rows,
-        "batch", batch, "max|diff|", res[1], "PASS" if res[0] else "FAIL",
+        "batch", batch, "lengths", "exact" if known_lengths else "unknown", "max|diff|", res[1],
+        "PASS" if res[0] else "FAIL",
     )
     return res[0]
 
@@ -305,7 +315,7 @@ def check_max_prefill[dtype: DType](ctx: DeviceContext, check: Bool) raises -> B
     """Prefill batches on MAX's paged flash attention (16-bit dtypes; pages of
     MAX_PREFILL_PAGE): both (Hq, Hk, D) instantiated (GQA 4 at D 128 and 64),
     ragged rows, cached prefixes ending mid-page, sequences of 1 or 2 rows beside long ones,
-    row counts off every tile size."""
+    row counts off every tile size; the first batch again with the maximum lengths unknown."""
     comptime if dtype != DType.bfloat16 and dtype != DType.float16:
         return True
     comptime page = MAX_PREFILL_PAGE
@@ -314,6 +324,7 @@ def check_max_prefill[dtype: DType](ctx: DeviceContext, check: Bool) raises -> B
     ok = paged_case[dtype, max_prefill=True](ctx, 128, 32, 8, page, [128, 0], [100, 45], check) and ok
     ok = paged_case[dtype, max_prefill=True](ctx, 128, 32, 8, page, [250, 0], [200, 2], check) and ok
     ok = paged_case[dtype, max_prefill=True](ctx, 64, 32, 8, page, [3, 0, 129], [61, 257, 2], check) and ok
+    ok = paged_case[dtype, max_prefill=True](ctx, 128, 32, 8, page, [0, 130, 7], [300, 77, 129], check, False) and ok
     return ok
 
 
@@ -328,12 +339,14 @@ def check_max_prefill_all(ctx: DeviceContext) raises:
 def check_decode[dtype: DType, pipelined: Bool, tiled: Bool = False](ctx: DeviceContext) raises -> Bool:
     """Decode batches (one new row per sequence) through the split-KV kernel: the 8B and 1B
     models' GQA 4 at D 128 and 64 with MAX's 128-token pages, an empty cache, keys ending on
-    a page boundary, pages of 7 and 16, MHA, GQA 8; the tiled kernel also GQA 2 (two heads a
-    block) with pages of 3 (tiles of TILE_KEYS keys across pages)."""
+    a page boundary, pages of 7 and 16, MHA, GQA 8, the 1B batch again with the maximum
+    lengths unknown; the tiled kernel also GQA 2 (two heads a block) with pages of 3 (tiles
+    of TILE_KEYS keys across pages)."""
     var ok = paged_case[dtype, pipelined, tiled](ctx, 128, 32, 8, 128, [1023, 4095, 0, 127], [1, 1, 1, 1], True)
     ok = paged_case[dtype, pipelined, tiled](ctx, 64, 32, 8, 16, [37, 1, 500], [1, 1, 1], True) and ok
     ok = paged_case[dtype, pipelined, tiled](ctx, 128, 8, 8, 7, [100, 3], [1, 1], True) and ok
     ok = paged_case[dtype, pipelined, tiled](ctx, 64, 16, 2, 128, [2000], [1], True) and ok
+    ok = paged_case[dtype, pipelined, tiled](ctx, 64, 32, 8, 16, [37, 1, 500], [1, 1, 1], True, False) and ok
     comptime if tiled:
         ok = paged_case[dtype, pipelined, tiled](ctx, 64, 16, 8, 3, [5, 0, 70, 11], [1, 1, 1, 1], True) and ok
         ok = paged_case[dtype, pipelined, tiled](ctx, 128, 16, 8, 3, [300, 2], [1, 1], True) and ok

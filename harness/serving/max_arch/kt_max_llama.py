@@ -11,7 +11,8 @@ keys rotated as they are written, with the values, into MAX's paged KV cache, in
 kt.paged_rope_attention (the unrotated queries rotated as the kernel loads them, causal GQA
 attention over the cache through MAX's block table), then MAX's output projection. kt's ops
 take the raw tensors MAX's paged collection is built of (the blocks buffer, cache lengths,
-lookup table) and the RoPE parameters of the model's config: they are called from this
+lookup table; the attention also its host-side maximum prompt and cache lengths, which size
+its GPU launches) and the RoPE parameters of the model's config: they are called from this
 architecture rather than registered over MAX's kernel names, because MAX's named kernels
 (`mo.rope_split_store.ragged.paged`, `mo.mha.ragged.paged`) receive rotated queries and a
 precomputed cos/sin table, not the unrotated queries and frequency parameters a fused kernel
@@ -87,6 +88,14 @@ def _scalar(value, dtype=DType.float32) -> TensorValue:
     return ops.constant(value, dtype, device=DeviceRef.CPU())
 
 
+def _max_lengths(kv_collection) -> list[TensorValue]:
+    """MAX's maximum prompt and cache lengths of the batch (uint32 [1] tensors on the host:
+    the most new tokens of a sequence, the longest sequence after the step) as the int32
+    scalars kt.paged_rope_attention takes."""
+    return [ops.cast(ops.reshape(x, []), DType.int32)
+            for x in (kv_collection.max_prompt_length, kv_collection.max_cache_length)]
+
+
 class KtAttentionWithRope(AttentionWithRope):
     """MAX's Llama attention with RoPE, the KV store and attention done by kt's paged ops."""
 
@@ -116,11 +125,12 @@ class KtAttentionWithRope(AttentionWithRope):
         index = [kv_collection.cache_lengths, kv_collection.lookup_table, input_row_offsets]
         rope = self.rope_args()
         blocks = kv_collection.kv_blocks
+        lengths = _max_lengths(kv_collection)
 
         def attend() -> TensorValue:  # kt's attention over the cache as it stands
             return ops.inplace_custom(
                 ATTENTION_OP, device=x.device,
-                values=[xq, blocks, *index, layer, _scalar(float(self.scale)), *rope],
+                values=[xq, blocks, *index, layer, *lengths, _scalar(float(self.scale)), *rope],
                 out_types=[TensorType(xq.dtype, xq.shape, x.device)])[0].tensor
 
         if CHECK:
@@ -141,6 +151,8 @@ class KtAttentionWithRope(AttentionWithRope):
             ops.print(kv_collection.page_stride, label="kt check page_stride")
             ops.print(kv_collection.cache_lengths.to(DeviceRef.CPU()), label="kt check cache_lengths")
             ops.print(input_row_offsets.to(DeviceRef.CPU()), label="kt check row_offsets")
+            ops.print(kv_collection.max_prompt_length, label="kt check max_prompt_length")
+            ops.print(kv_collection.max_cache_length, label="kt check max_cache_length")
             _check("attention kernel on MAX's cache", kernel_only, ref_attn)
             _check("attention store+kernel", attn, ref_attn)
             _check("attention", out, ref)

@@ -23,6 +23,8 @@ struct BrokenPagedRopeAttention:
         lookup_table: InputTensor[dtype=DType.uint32, rank=2, ...],
         row_offsets: InputTensor[dtype=DType.uint32, rank=1, ...],
         layer: Int32,
+        max_prompt_length: Int32,
+        max_cache_length: Int32,
         scale: Float32,
         theta: Float32,
         factor: Float32,
