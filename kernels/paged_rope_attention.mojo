@@ -1251,6 +1251,11 @@ comptime MAX_PREFILL = True
 # time on 6 decode shapes (3.1 TB/s at B 8 x 16k keys, D 128; same folder). False puts
 # `_split_decode_gpu` back.
 comptime TILED_DECODE = True
+# The host's maximum lengths (the op's max_prompt_length / max_cache_length) tighten the GPU
+# kernels' bounds: MAX's prefill grid and q_max_seq_len, the decode's split sizing. Off until
+# tests/mojo/gpu_launch.mojo --check ("exact lengths check: all PASS") and gpu_bench pick it on
+# a GPU: with False the op ignores them and keeps the shape bounds it was verified with.
+comptime EXACT_LENGTHS = False
 
 
 def paged_rope_attention_gpu[
@@ -1259,6 +1264,7 @@ def paged_rope_attention_gpu[
     pipelined_decode: Bool = PIPELINED_DECODE,
     max_prefill: Bool = MAX_PREFILL,
     tiled_decode: Bool = TILED_DECODE,
+    exact_lengths: Bool = EXACT_LENGTHS,
 ](
     o: Pointer[Scalar[dtype], MutAnyOrigin],
     q: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -1282,7 +1288,7 @@ def paged_rope_attention_gpu[
     """The op's GPU branch (arguments validated, scale resolved; pages: the cache's page
     count). max_prompt_length (the most new tokens of a sequence) and max_cache_length (the
     longest sequence, cached + new), the host's exact values or upper bounds, 0 where unknown,
-    tighten the bounds from shapes: the longest prompt <= rows, the longest sequence <= table
+    tighten, with `exact_lengths` (EXACT_LENGTHS), the bounds from shapes: the longest prompt <= rows, the longest sequence <= table
     columns x page size. Decode (one new token per sequence: rows == batch), 16-bit dtypes,
     D 64 or 128, a 16-byte aligned cache: the split-KV kernel (`_tiled_decode_gpu` with
     `tiled_decode`, TILED_DECODE, else `_split_decode_gpu`), its splits sized from the
@@ -1295,10 +1301,13 @@ def paged_rope_attention_gpu[
     on), else `_attention_gpu`."""
     if rows * q_heads == 0:
         return
-    var max_prompt = min(rows, max_prompt_length) if max_prompt_length > 0 else rows
+    var max_prompt = rows
     var max_seq = lay.table_cols * lay.page_size
-    if max_cache_length > 0:
-        max_seq = min(max_seq, max_cache_length)
+    comptime if exact_lengths:
+        if max_prompt_length > 0:
+            max_prompt = min(rows, max_prompt_length)
+        if max_cache_length > 0:
+            max_seq = min(max_seq, max_cache_length)
     var aligned = Int(blocks) % 16 == 0
     if rows == batch and aligned and _split_decode_supported[dtype](lay.head_dim):
         _split_decode_dispatch[dtype, pipelined_decode, tiled_decode](

@@ -1,6 +1,6 @@
 # Raw kernel timings on a GPU, outside MAX graphs, for tuning the kernels' compile-time
 # parameters (each variant is its own instantiation). Not part of CI (it needs a GPU):
-#   mojo run -I <repo> tests/mojo/gpu_bench.mojo [TILED_DECODE] [MAX_PREFILL] [DENSE_TILED_DECODE]
+#   mojo run -I <repo> tests/mojo/gpu_bench.mojo [EXACT_LENGTHS] [DENSE_TILED_DECODE]
 # (the paged kernels come first: kt.paged_rope_attention's prefill and decode kernels at the
 # serving shapes, and each candidate named on the command line beside the kernel it would
 # replace, then "<candidate> faster: yes|no"; then, with DENSE_TILED_DECODE,
@@ -24,8 +24,9 @@ from kernels.fused_rope_attention import (
 from kernels.paged_kv import PagedLayout
 from kernels.paged_max_prefill import _max_prefill_supported
 from kernels.paged_rope_attention import (
+    MAX_PREFILL,
+    TILED_DECODE,
     _attention_gpu_launch,
-    _prefill_launch,
     _prefill_min_blocks,
     paged_rope_attention_gpu,
 )
@@ -228,19 +229,16 @@ def paged_attention[d: Int](
     candidate: Bool,
 ) raises -> Float64:
     """kt.paged_rope_attention on a batch (each sequence: new rows after cached tokens; pages
-    of 128, a 2-layer cache, layer 1 read). Prefill (new > 1): the tiled kernel, the tiled
-    kernel with the other register budget (MB 1 <-> 2 blocks an SM), the per-row
-    `_attention_gpu` (fewer launches: it is slow), and with `candidate` kt's query rotation and
-    MAX's paged flash attention (MAX_PREFILL) on a block table laid out as MAX Serve's. Decode
-    (new = 1): `_split_decode_gpu` pipelined and not, the per-row kernel, and with `candidate`
-    `_tiled_decode_gpu` (TILED_DECODE). The op's calls get the exact longest prompt (new) and
-    sequence (cached + new), as MAX Serve passes them.
-    Returns the candidate's time over the first kernel's (0 without a candidate). TFLOP/s counts
+    of 128, a 2-layer cache, layer 1 read, the block table padded as MAX Serve's): the op as
+    shipped, the kernel its flag replaced (prefill: the tiled kernel, MAX_PREFILL off; decode:
+    the pipelined split-KV loop, TILED_DECODE off), the per-row `_attention_gpu` (fewer
+    launches: it is slow), and with `candidate` the op using the exact longest prompt (new)
+    and sequence (cached + new) it is given (EXACT_LENGTHS).
+    Returns the candidate's time over the op's (0 without a candidate). TFLOP/s counts
     the causal work, 4 D flops per visible (query, key) pair; GB/s the keys and values read
     once."""
     comptime page = 128
     comptime MB = _prefill_min_blocks(d)
-    comptime OTHER_MB = 1 if MB == 2 else 2
     var rows = batch * new
     var used = ceildiv(cached + new, page)
     # The block table laid out as MAX Serve's (columns rounded up to 8 plus 16, the padding on
@@ -293,36 +291,27 @@ def paged_attention[d: Int](
             if it == WARM:
                 ctx.synchronize()
                 t0 = perf_counter_ns()
-            if variant == 0 and decode:
-                paged_rope_attention_gpu[BF16, pipelined_decode=True, tiled_decode=False](
-                    op, qp, bp, clp, ltp, rop, rows, batch, new, cached + new, hq, q_rs, d, scale, lay,
-                    pages, freqs, ctx,
-                )
-            elif variant == 0:
-                paged_rope_attention_gpu[BF16, tiled_prefill=True, max_prefill=False](
+            if variant == 0:
+                paged_rope_attention_gpu[BF16, exact_lengths=False](
                     op, qp, bp, clp, ltp, rop, rows, batch, new, cached + new, hq, q_rs, d, scale, lay,
                     pages, freqs, ctx,
                 )
             elif variant == 1 and decode:
-                paged_rope_attention_gpu[BF16, pipelined_decode=False, tiled_decode=False](
+                paged_rope_attention_gpu[BF16, pipelined_decode=True, tiled_decode=False, exact_lengths=False](
                     op, qp, bp, clp, ltp, rop, rows, batch, new, cached + new, hq, q_rs, d, scale, lay,
                     pages, freqs, ctx,
                 )
             elif variant == 1:
-                _prefill_launch[BF16, d, OTHER_MB](
-                    op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, freqs, ctx
+                paged_rope_attention_gpu[BF16, tiled_prefill=True, max_prefill=False, exact_lengths=False](
+                    op, qp, bp, clp, ltp, rop, rows, batch, new, cached + new, hq, q_rs, d, scale, lay,
+                    pages, freqs, ctx,
                 )
             elif variant == 2:
                 _attention_gpu_launch[BF16](
                     op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, freqs, ctx
                 )
-            elif decode:
-                paged_rope_attention_gpu[BF16, tiled_decode=True](
-                    op, qp, bp, clp, ltp, rop, rows, batch, new, cached + new, hq, q_rs, d, scale, lay,
-                    pages, freqs, ctx,
-                )
             else:
-                paged_rope_attention_gpu[BF16, max_prefill=True](
+                paged_rope_attention_gpu[BF16, exact_lengths=True](
                     op, qp, bp, clp, ltp, rop, rows, batch, new, cached + new, hq, q_rs, d, scale, lay,
                     pages, freqs, ctx,
                 )
@@ -330,26 +319,23 @@ def paged_attention[d: Int](
         var ms = Float64(perf_counter_ns() - t0) / Float64(iters) / 1e6
         var name: String
         if variant == 0:
-            name = "split-KV pipelined=True" if decode else String("tiled MB=", MB)
+            name = String("op (tiled decode=", TILED_DECODE, ")") if decode else String(
+                "op (MAX prefill=", MAX_PREFILL and _max_prefill_supported[BF16](hq, lay), ")"
+            )
             first_ms = ms
         elif variant == 1:
-            name = "split-KV pipelined=False" if decode else String("tiled MB=", OTHER_MB)
+            name = "split-KV pipelined (replaced)" if decode else String("tiled MB=", MB, " (replaced)")
         elif variant == 2:
             name = "per-row _attention_gpu"
         else:
             ratio = ms / first_ms
-            if decode:
-                name = "split-KV tiled (TILED_DECODE)"
-            elif _max_prefill_supported[BF16](hq, lay):
-                name = "MAX flash attention, kt rope (MAX_PREFILL)"
-            else:
-                name = "MAX_PREFILL: shape not instantiated, tiled ran"
+            name = "op, exact lengths (EXACT_LENGTHS)"
         var kv_bytes = Float64(2 * batch * (cached + new) * hk * d * 2)
         print(
             "paged decode" if decode else "paged prefill", name,
             "B", batch, "cached", cached, "new", new, "Hq", hq, "Hk", hk, "D", d,
             "ms", ms, "TFLOP/s", flops / ms / 1e9, "GB/s", kv_bytes / ms / 1e6,
-            String("vs first ", ratio) if variant == 3 else String(""),
+            String("vs op ", ratio) if variant == 3 else String(""),
         )
     return ratio
 
@@ -373,14 +359,11 @@ def main() raises:
     var ctx = DeviceContext()
     var freqs = RopeFreqs(500000.0, 8.0, 1.0, 4.0, 8192.0)
 
-    var tiled_decode = False
-    var max_prefill = False
+    var exact_lengths = False
     var dense_tiled_decode = False
     for arg in argv():
-        if arg == "TILED_DECODE":
-            tiled_decode = True
-        elif arg == "MAX_PREFILL":
-            max_prefill = True
+        if arg == "EXACT_LENGTHS":
+            exact_lengths = True
         elif arg == "DENSE_TILED_DECODE":
             dense_tiled_decode = True
 
@@ -388,23 +371,23 @@ def main() raises:
     # pages of 128): 8 prompts of 1024 tokens; then D 128 (Llama 3.1 8B), 1024 new tokens
     # after 3072 cached (chunked prefill), and one 8192-token prompt (MAX's row bound exact).
     var prefill = List[Float64]()
-    prefill.append(paged_attention[64](ctx, 8, 0, 1024, 32, 8, freqs, max_prefill))
-    prefill.append(paged_attention[128](ctx, 8, 0, 1024, 32, 8, freqs, max_prefill))
-    prefill.append(paged_attention[64](ctx, 8, 3072, 1024, 32, 8, freqs, max_prefill))
-    prefill.append(paged_attention[64](ctx, 1, 0, 8192, 32, 8, freqs, max_prefill))
-    if max_prefill:
-        verdict("max prefill", prefill)
+    prefill.append(paged_attention[64](ctx, 8, 0, 1024, 32, 8, freqs, exact_lengths))
+    prefill.append(paged_attention[128](ctx, 8, 0, 1024, 32, 8, freqs, exact_lengths))
+    prefill.append(paged_attention[64](ctx, 8, 3072, 1024, 32, 8, freqs, exact_lengths))
+    prefill.append(paged_attention[64](ctx, 1, 0, 8192, 32, 8, freqs, exact_lengths))
+
     # Paged decode: the microbench's decode (D 128, B 8) and decode_1b (D 64, B 32) shapes, short
     # contexts at D 128, and max+kt's serving shape (Llama 3.2 1B, 128 sequences of 1k tokens).
     var decode = List[Float64]()
-    decode.append(paged_attention[128](ctx, 8, 16383, 1, 32, 8, freqs, tiled_decode))
-    decode.append(paged_attention[128](ctx, 8, 4095, 1, 32, 8, freqs, tiled_decode))
-    decode.append(paged_attention[64](ctx, 32, 4095, 1, 32, 8, freqs, tiled_decode))
-    decode.append(paged_attention[128](ctx, 8, 1023, 1, 32, 8, freqs, tiled_decode))
-    decode.append(paged_attention[64](ctx, 128, 1023, 1, 32, 8, freqs, tiled_decode))
-    decode.append(paged_attention[64](ctx, 32, 1087, 1, 32, 8, freqs, tiled_decode))
-    if tiled_decode:
-        verdict("tiled decode", decode)
+    decode.append(paged_attention[128](ctx, 8, 16383, 1, 32, 8, freqs, exact_lengths))
+    decode.append(paged_attention[128](ctx, 8, 4095, 1, 32, 8, freqs, exact_lengths))
+    decode.append(paged_attention[64](ctx, 32, 4095, 1, 32, 8, freqs, exact_lengths))
+    decode.append(paged_attention[128](ctx, 8, 1023, 1, 32, 8, freqs, exact_lengths))
+    decode.append(paged_attention[64](ctx, 128, 1023, 1, 32, 8, freqs, exact_lengths))
+    decode.append(paged_attention[64](ctx, 32, 1087, 1, 32, 8, freqs, exact_lengths))
+    if exact_lengths:
+        prefill.extend(decode^)
+        verdict("exact lengths", prefill)
     # Dense decode (kt.fused_rope_attention): the op's decode shapes below (B 8, 32 q / 8 kv
     # heads, D 128, 4k and 32k keys) and decode_1b's (B 32, D 64, 4k keys).
     if dense_tiled_decode:

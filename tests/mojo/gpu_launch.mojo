@@ -29,6 +29,7 @@ from kernels.fused_rope_attention import (
 from kernels.paged_kv import PagedLayout
 from kernels.paged_max_prefill import MAX_PREFILL_PAGE, _max_prefill_supported
 from kernels.paged_rope_attention import (
+    EXACT_LENGTHS,
     PIPELINED_DECODE,
     TILED_DECODE,
     _attention_gpu_launch,
@@ -196,6 +197,7 @@ def paged_case[
     pipelined: Bool = PIPELINED_DECODE,
     tiled: Bool = TILED_DECODE,
     max_prefill: Bool = False,
+    exact: Bool = EXACT_LENGTHS,
 ](
     ctx: DeviceContext, d: Int, hq: Int, hk: Int, page: Int, cached: List[Int], new: List[Int],
     check: Bool, known_lengths: Bool = True,
@@ -209,7 +211,9 @@ def paged_case[
     read), pages handed out in a scrambled order, q a strided view of a QKV row. With
     max_prefill the block table is laid out as MAX Serve's: its columns rounded up to 8 plus
     16, the padding pointing at one extra page (MAX's null page). The op is given the longest
-    prompt and sequence with known_lengths, else 0 (unknown)."""
+    prompt and sequence with known_lengths, else 0 (unknown); it uses them with `exact`
+    (EXACT_LENGTHS), and then the table is padded as MAX Serve's too (so the lengths, not the
+    table, bound the work)."""
     var batch = len(new)
     var freqs = RopeFreqs(500000.0, 8.0, 1.0, 4.0, 8192.0)
     var offsets = List[Int]()
@@ -226,9 +230,10 @@ def paged_case[
         max_prompt = 0
         max_cache = 0
     var rows = offsets[batch]
-    var cols = ceildiv(used, 8) * 8 + 16 if max_prefill else used
+    var padded = max_prefill or exact
+    var cols = ceildiv(used, 8) * 8 + 16 if padded else used
     var owned = batch * used
-    var pages = owned + 1 if max_prefill else owned
+    var pages = owned + 1 if padded else owned
     var table = List[Int]()
     for b in range(batch):
         for c in range(cols):
@@ -256,7 +261,7 @@ def paged_case[
     var scale = Float32(1.0) / Float32(d) ** 0.5
     paged_rope_attention_gpu[
         dtype, tiled_prefill=True, pipelined_decode=pipelined, tiled_decode=tiled,
-        max_prefill=max_prefill,
+        max_prefill=max_prefill, exact_lengths=exact,
     ](
         o_fast.unsafe_ptr().as_unsafe_any_origin(), qkv.unsafe_ptr().as_unsafe_any_origin(),
         args[0], args[1], args[2], args[3], rows, batch, max_prompt, max_cache, hq, qkv_row, d,
@@ -369,6 +374,28 @@ def check_tiled_decode_all(ctx: DeviceContext) raises:
     if not ok:
         raise Error("tiled decode check failed")
     print("tiled decode check: all PASS")
+
+
+def check_exact_lengths[dtype: DType](ctx: DeviceContext) raises -> Bool:
+    """The op with EXACT_LENGTHS on a table padded as MAX Serve's: MAX's prefill given the
+    longest prompt and sequence (2 batches) and without them, the tiled decode's splits sized
+    from the longest sequence (2 batches) and without it."""
+    comptime page = MAX_PREFILL_PAGE
+    var ok = paged_case[dtype, max_prefill=True, exact=True](ctx, 128, 32, 8, page, [0, 130, 7], [300, 77, 129], True)
+    ok = paged_case[dtype, max_prefill=True, exact=True](ctx, 64, 32, 8, page, [0, 1000, 5], [1024, 33, 1], True) and ok
+    ok = paged_case[dtype, max_prefill=True, exact=True](ctx, 64, 32, 8, page, [3, 0, 129], [61, 257, 2], True, False) and ok
+    ok = paged_case[dtype, True, True, exact=True](ctx, 128, 32, 8, 128, [1023, 4095, 0, 127], [1, 1, 1, 1], True) and ok
+    ok = paged_case[dtype, True, True, exact=True](ctx, 64, 32, 8, 16, [37, 1, 500], [1, 1, 1], True) and ok
+    ok = paged_case[dtype, True, True, exact=True](ctx, 64, 32, 8, 16, [37, 1, 500], [1, 1, 1], True, False) and ok
+    return ok
+
+
+def check_exact_lengths_all(ctx: DeviceContext) raises:
+    var ok = check_exact_lengths[DType.bfloat16](ctx)
+    ok = check_exact_lengths[DType.float16](ctx) and ok
+    if not ok:
+        raise Error("exact lengths check failed")
+    print("exact lengths check: all PASS")
 
 
 def _fill_random(ctx: DeviceContext, buf: DeviceBuffer, n: Int, seed: Int) raises:
@@ -690,6 +717,10 @@ def main() raises:
                 failed.append(String(e))
             try:
                 check_dense_tiled_decode_all(ctx)
+            except e:
+                failed.append(String(e))
+            try:
+                check_exact_lengths_all(ctx)
             except e:
                 failed.append(String(e))
             if len(failed) > 0:
