@@ -10,12 +10,12 @@ cache_lengths, lookup_table and the two host-side maximum lengths), and writes o
 
 MAX fixes the kv heads, head dim and page size at compile time, so the path runs for the
 (Hq, Hk, D) of `_max_prefill_heads` (the served models' heads) and pages of MAX_PREFILL_PAGE;
-other shapes keep kt's tiled kernel. bf16 takes MAX's FA3 (wgmma); fp16 its FA2 (mma.sync): MAX 26.7's FA3 does not
-build for fp16 on sm_90 (a wgmma constraint of the P @ V step fails to instantiate).
+other shapes keep kt's tiled kernel. bf16 takes MAX's FA3 (wgmma); fp16 its FA2 (mma.sync):
+MAX 26.7's FA3 does not build for fp16 on sm_90 (a wgmma constraint of the P @ V step fails to instantiate).
 
 The host never reads the row offsets or the cache lengths, so the maximum lengths MAX asks
 for are the op's host scalars (`max_prompt_length`, `max_cache_length`, as MAX's own graph
-gets them) when the caller knows them, each capped by its bound from shapes: the longest
+gets them) when the caller knows them and EXACT_LENGTHS is on (paged_rope_attention.mojo), each capped by its bound from shapes: the longest
 prompt <= rows, the longest sequence (cached + new) <= table columns x page size; where the
 caller passes 0 (unknown), the bounds alone. MAX's sm_90 grid is ceil(max prompt / 128) row
 tiles x Hq x batch, and a tile past its sequence's rows exits at once, so the bound rows
