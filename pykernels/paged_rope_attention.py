@@ -224,8 +224,9 @@ SPEC = KernelSpec(
               "boundary (positions 111..127 on pages 1 and 2); D/2 = 40"),
         _case(3, 1, 300, 11, 128, 8, 4, 128, "Llama 3 8B decode (32 q, 8 kv heads, D 128), "
               "one token per sequence after ragged caches of 300, 267, 234"),
-        _case(3, 1, 300, 11, 128, 8, 4, 128, "the 8B decode with the maximum lengths unknown "
-              "(0): the split-KV decode sized from the block table", max_prompt_length=0,
+        _case(3, 1, 40, 11, 128, 8, 4, 128, "the 8B heads' decode after caches of 40, 29, 18 with "
+              "the maximum lengths unknown (0): the split-KV decode sized from the block table",
+              max_prompt_length=0,
               max_cache_length=0),
         _case(3, 24, 40, 9, 128, 8, 4, 64, "Llama 3.2 1B heads (32 q, 8 kv, D 64) in pages of "
               "128 (MAX's paged flash attention on the GPU): ragged prompts of 24, 15, 6 after "
