@@ -11,19 +11,21 @@
 #      on: gpu_serve.sh's START_AFTER, so that max+kt serves the kernels picked here
 #      (SERVE_KERNELS=$RESULTS/src/kernels);
 #   2. verify: `kt verify` of VERIFY_KERNELS on the GPU with the flags picked, then
-#      $RESULTS/verified (gpu_serve.sh's MEASURE_AFTER: no load point is measured while a
-#      kernel runs). When the verify of paged_rope_attention fails, the flags of step 1 are
-#      turned off again in the copy (the microbench then times the op as shipped; a serving run
-#      that started with them says so in its status: kernels_ready is rewritten);
+#      $RESULTS/verified (gpu_serve.sh's START_AFTER or MEASURE_AFTER). When any kernel's
+#      verify fails, the flags of step 1 are turned off again in the copy (the microbench then
+#      times the ops as shipped; a serving run that started with them says so in its status:
+#      kernels_ready is rewritten);
 #   3. once the file AFTER exists (the serving run's DONE), the microbench of BENCH_KERNELS.
 #
 #   KT_GIT_SHA=<sha> STAGE_ARGS="max=4 flashinfer=1" AFTER=/tmp/kt-serve/DONE \
 #     setsid nohup bash benchmarks/gpu_session_kernels.sh >/tmp/kt-session.out 2>&1 </dev/null &
 #
 # Variables (defaults): RESULTS (/tmp/kt-session), CANDIDATES ("DENSE_TILED_DECODE=dense tiled
-# decode EXACT_LENGTHS=exact lengths"; none: no step 1 programs; TILED_DECODE and MAX_PREFILL were picked this way on
-# 2026-12-03; a flag on as shipped is left alone), VERIFY_KERNELS (paged_rope_attention; none:
-# no step 2), VERIFY_S (360: its time limit), VERIFY_FLAGS ("--no-triton --dtype bfloat16 --dtype float16"),
+# decode EXACT_LENGTHS=exact lengths"; none: no step 1 programs; TILED_DECODE and MAX_PREFILL
+# were picked this way on 2026-12-03; a flag on as shipped is left alone), VERIFY_KERNELS
+# ("paged_rope_attention fused_rope_attention", the ops the candidates are in; none: no step
+# 2), VERIFY_S (360: its time limit), VERIFY_FLAGS ("--no-triton --dtype bfloat16 --dtype
+# float16"),
 # BENCH_KERNELS ("paged_rope_attention"), AFTER (none: no wait), AFTER_WAIT_S (1200),
 # STAGE_ARGS (as gpu_kernels.sh takes it; step 3 waits for the flashinfer bundle when it names
 # one), PICK_LIMIT_S (420), VERIFY_LIMIT_S (420), BENCH_LIMIT_S (720).
@@ -35,7 +37,7 @@ main() {
   SRC=$(cd "$(dirname "$0")/.." && pwd)
   RESULTS=${RESULTS:-/tmp/kt-session}
   CANDIDATES=${CANDIDATES-DENSE_TILED_DECODE=dense tiled decode EXACT_LENGTHS=exact lengths}
-  VERIFY_KERNELS=${VERIFY_KERNELS:-paged_rope_attention}
+  VERIFY_KERNELS=${VERIFY_KERNELS:-paged_rope_attention fused_rope_attention}
   BENCH_KERNELS=${BENCH_KERNELS:-paged_rope_attention}
   mkdir -p "$RESULTS"
   rm -f "$RESULTS/DONE" "$RESULTS/kernels_ready" "$RESULTS/verified"
@@ -111,7 +113,10 @@ main() {
     kernels verify STAGE_ARGS="$stage_max" VERIFY_KERNELS="$VERIFY_KERNELS" BENCH_KERNELS=none \
       KERNELS_LIMIT_S="${VERIFY_LIMIT_S:-420}" CHECK_S=0 VERIFY_EXAMPLES="${VERIFY_EXAMPLES:-3}" VERIFY_S="${VERIFY_S:-360}" \
       VERIFY_FLAGS="${VERIFY_FLAGS:---no-triton --dtype bfloat16 --dtype float16}"
-    if [ ${#on[@]} -gt 0 ] && ! grep -q "paged_rope_attention:PASS" "$RESULTS/verify/verify/gpu_verify.log" 2>/dev/null; then
+    # Every kernel verified must pass (a summary line, no FAIL in it), else every flag goes off.
+    local summary
+    summary=$(grep -o 'summary: .*' "$RESULTS/verify/verify/gpu_verify.log" 2>/dev/null | tail -n 1)
+    if [ ${#on[@]} -gt 0 ] && { [ -z "$summary" ] || [[ "$summary" == *FAIL* ]]; }; then
       for name in "${on[@]}"; do flag "$name" False; done
       stamp "${on[*]} failed kt verify on the GPU: off again (the microbench times the op as shipped)"
       echo "none (${on[*]} failed kt verify after the engines started with them)" >"$RESULTS/kernels_ready"
