@@ -76,12 +76,13 @@ def per_request(row: dict, key: str) -> list[float]:
     return out
 
 
-def _ratio_cell(e: dict, b: dict, key: str, metric: str) -> str:
+def _ratio_cell(e: dict, b: dict, metric: str) -> str:
     """e / b for one metric: latencies with the 95 % bootstrap interval of the ratio of medians
     over the point's requests, marked ~ when it holds 1 (inside the noise)."""
     ev, bv = e.get(metric), b.get(metric)
     if ev is None or not bv:
         return MISSING
+    key = metric.removeprefix("median_").removesuffix("_ms")
     if key in ("ttft", "tpot"):
         # The ratio and its interval come from the same per-request samples (a row's TPOT p50
         # counts tokens from usage, the samples the streamed gaps: they can differ by a few %).
@@ -116,9 +117,8 @@ def ratios(rows: list[dict], baseline: str | None = None) -> str:
         for key, _ in RATIO_METRICS:
             bv = b.get(key)
             cells.append(MISSING if bv is None else f"{bv:.1f}")
-            short = key.removeprefix("median_").removesuffix("_ms")
             for e in others:
-                cells.append(_ratio_cell(by.get((ds, load, e), {}), b, short, key))
+                cells.append(_ratio_cell(by.get((ds, load, e), {}), b, key))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
