@@ -48,3 +48,20 @@ def test_bad_kt_ops_stop_the_architecture_in_one_line():
     env = dict(os.environ, KT_CUSTOM_KERNEL_PATH=str(REPO / "kernels"), PYTHONPATH=str(ARCH_DIR), KT_OPS="softmax")
     r = subprocess.run([str(python), "-c", "import kt_max_llama"], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode != 0 and "KT_OPS='softmax'" in r.stderr
+
+
+@pytest.mark.parametrize("mode, parsed", [("1", "full"), ("store", "store"), ("sync", "sync"), ("0", "None")])
+def test_check_modes(mode, parsed):
+    python = engine_python("max")
+    env = dict(os.environ, KT_CUSTOM_KERNEL_PATH=str(REPO / "kernels"), PYTHONPATH=str(ARCH_DIR), KT_CHECK=mode)
+    r = subprocess.run([str(python), "-c", "import kt_max_llama as kt; print(kt.CHECK_MODE, kt.CHECK)"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == [parsed, str(parsed == "full")]
+
+
+def test_bad_check_mode_stops_the_architecture_in_one_line():
+    python = engine_python("max")
+    env = dict(os.environ, KT_CUSTOM_KERNEL_PATH=str(REPO / "kernels"), PYTHONPATH=str(ARCH_DIR), KT_CHECK="prints")
+    r = subprocess.run([str(python), "-c", "import kt_max_llama"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode != 0 and "KT_CHECK='prints'" in r.stderr

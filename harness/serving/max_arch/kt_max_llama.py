@@ -49,7 +49,16 @@ if not KT_OPS <= {"rms_norm", "attention"}:
 # call, the largest |kt| and |kt - MAX| ("kt check ..." lines in the model worker's log). The
 # served output stays kt's. Prints run where the graph runs eagerly (prefill; captured device
 # graphs may skip them: serve with --no-device-graph-capture to see decode steps too).
-CHECK = os.environ.get("KT_CHECK", "") not in ("", "0")
+# Two parts of what KT_CHECK=1 adds, apart, to tell which of them changes the served output:
+# KT_CHECK=store: MAX's RoPE + KV store writes each layer's keys and values into the cache
+# before kt's store does (no prints, no MAX attention); KT_CHECK=sync: no MAX ops, but each
+# attention layer, kt's or MAX's, ends by copying its row offsets and cache lengths to the
+# host and printing them (the host waits for the GPU at every layer, as KT_CHECK=1's prints do).
+CHECK_MODE = {"": None, "0": None, "1": "full", "full": "full", "store": "store",
+              "sync": "sync"}.get(os.environ.get("KT_CHECK", ""), "invalid")
+if CHECK_MODE == "invalid":
+    raise ValueError(f"KT_CHECK={os.environ['KT_CHECK']!r}: use 1 (full), store or sync")
+CHECK = CHECK_MODE == "full"
 
 
 def _check(label: str, kt: TensorValue, ref: TensorValue) -> None:
@@ -140,6 +149,8 @@ class KtAttentionWithRope(AttentionWithRope):
             ref, ref_attn = self._max_attention(qkv, layer_idx, kv_collection, freqs_cis,
                                                 input_row_offsets)
             kernel_only = attend()
+        elif CHECK_MODE == "store":
+            self._max_store(qkv, layer_idx, kv_collection, freqs_cis, input_row_offsets)
         ops.inplace_custom(STORE_OP, device=x.device, values=[xk, xv, blocks, *index, layer, *rope],
                            out_types=[])
         attn = attend()
@@ -156,23 +167,45 @@ class KtAttentionWithRope(AttentionWithRope):
             _check("attention kernel on MAX's cache", kernel_only, ref_attn)
             _check("attention store+kernel", attn, ref_attn)
             _check("attention", out, ref)
+        elif CHECK_MODE == "sync":
+            _sync_print(layer_idx, kv_collection, input_row_offsets)
         return out
+
+    def _max_store(self, qkv, layer_idx, kv_collection, freqs_cis, input_row_offsets):
+        """MAX's RoPE + store of this step's keys and values (its rotated queries unused)."""
+        return rope_split_store_ragged(
+            kv_params=self.kv_params, qkv=qkv, input_row_offsets=input_row_offsets,
+            freqs_cis=ops.cast(freqs_cis, qkv.dtype).to(qkv.device), kv_collection=kv_collection,
+            layer_idx=layer_idx, n_heads=self.n_heads, interleaved=self.rope.interleaved,
+            fuse=self._fuse_rope_and_store)
 
     def _max_attention(self, qkv, layer_idx, kv_collection, freqs_cis, input_row_offsets):
         """MAX's attention layer as `AttentionWithRope.__call__` builds it after the QKV
         projection (RoPE + store into the cache, flash attention over it, output projection):
         (the layer's output, the attention before the projection)."""
-        xq = rope_split_store_ragged(
-            kv_params=self.kv_params, qkv=qkv, input_row_offsets=input_row_offsets,
-            freqs_cis=ops.cast(freqs_cis, qkv.dtype).to(qkv.device), kv_collection=kv_collection,
-            layer_idx=layer_idx, n_heads=self.n_heads, interleaved=self.rope.interleaved,
-            fuse=self._fuse_rope_and_store)
+        xq = self._max_store(qkv, layer_idx, kv_collection, freqs_cis, input_row_offsets)
         xq = xq.reshape((-1, self.n_heads, self.kv_params.head_dim))
         attn = flash_attention_ragged(
             self.kv_params, input=xq, kv_collection=kv_collection, layer_idx=layer_idx,
             input_row_offsets=input_row_offsets, mask_variant=self.mask_variant,
             scale=self.scale, local_window_size=-1)
         return self.o_proj(ops.reshape(attn, [qkv.shape[0], self.q_weight_dim])), attn
+
+
+def _sync_print(layer_idx, kv_collection, input_row_offsets) -> None:
+    """KT_CHECK=sync: the layer's row offsets and cache lengths copied to the host and printed."""
+    ops.print(ops.cast(layer_idx, DType.int32), label="kt sync attention layer")
+    ops.print(kv_collection.cache_lengths.to(DeviceRef.CPU()), label="kt sync cache_lengths")
+    ops.print(input_row_offsets.to(DeviceRef.CPU()), label="kt sync row_offsets")
+
+
+class SyncedAttentionWithRope(AttentionWithRope):
+    """KT_CHECK=sync on MAX's own attention layer (max+kt variants without kt's attention)."""
+
+    def __call__(self, layer_idx, x, kv_collection, freqs_cis, input_row_offsets, *args, **kwargs):
+        out = super().__call__(layer_idx, x, kv_collection, freqs_cis, input_row_offsets, *args, **kwargs)
+        _sync_print(layer_idx, kv_collection, input_row_offsets)
+        return out
 
 
 def _norms(module):
@@ -192,13 +225,18 @@ def _with_kt(spec):
             module.__class__ = KtRMSNorm
             swapped.add(id(module))
     print(f"kt: {len(swapped)} RMSNorm layers call {OP} from {KERNELS}", file=sys.stderr, flush=True)
-    attention = 0
-    for _, module in spec.module.named_modules() if "attention" in KT_OPS else ():
-        if type(module) is AttentionWithRope:
+    attention = synced = 0
+    for _, module in spec.module.named_modules():
+        if type(module) is AttentionWithRope and "attention" in KT_OPS:
             module.__class__ = KtAttentionWithRope
             attention += 1
+        elif type(module) is AttentionWithRope and CHECK_MODE == "sync":
+            module.__class__ = SyncedAttentionWithRope
+            synced += 1
     print(f"kt: {attention} attention layers call {STORE_OP} + {ATTENTION_OP} from {KERNELS}",
           file=sys.stderr, flush=True)
+    if CHECK_MODE:
+        print(f"kt: KT_CHECK={CHECK_MODE} ({synced} of MAX's attention layers synced)", file=sys.stderr, flush=True)
     return dataclasses.replace(spec, custom_extensions=[*spec.custom_extensions, KERNELS])
 
 
