@@ -50,18 +50,29 @@ def test_bad_kt_ops_stop_the_architecture_in_one_line():
     assert r.returncode != 0 and "KT_OPS='softmax'" in r.stderr
 
 
-@pytest.mark.parametrize("mode, parsed", [("1", "full"), ("store", "store"), ("sync", "sync"), ("0", "None")])
-def test_check_modes(mode, parsed):
+
+MODES = """
+import importlib, os
+import kt_max_llama as kt
+for mode in ["1", "store", "sync", "0", ""]:
+    os.environ["KT_CHECK"] = mode
+    importlib.reload(kt)
+    print(repr(mode), kt.CHECK_MODE, kt.CHECK)
+os.environ["KT_CHECK"] = "prints"
+try:
+    importlib.reload(kt)
+except ValueError as e:
+    print("refused:", e)
+"""
+
+
+def test_check_modes_and_a_bad_one():
+    """KT_CHECK=1 is the full check; store and sync are its two parts alone; anything else stops
+    the architecture with one line naming the value."""
     python = engine_python("max")
-    env = dict(os.environ, KT_CUSTOM_KERNEL_PATH=str(REPO / "kernels"), PYTHONPATH=str(ARCH_DIR), KT_CHECK=mode)
-    r = subprocess.run([str(python), "-c", "import kt_max_llama as kt; print(kt.CHECK_MODE, kt.CHECK)"],
-                       capture_output=True, text=True, timeout=300, env=env)
+    env = dict(os.environ, KT_CUSTOM_KERNEL_PATH=str(REPO / "kernels"), PYTHONPATH=str(ARCH_DIR))
+    r = subprocess.run([str(python), "-c", MODES], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.split() == [parsed, str(parsed == "full")]
-
-
-def test_bad_check_mode_stops_the_architecture_in_one_line():
-    python = engine_python("max")
-    env = dict(os.environ, KT_CUSTOM_KERNEL_PATH=str(REPO / "kernels"), PYTHONPATH=str(ARCH_DIR), KT_CHECK="prints")
-    r = subprocess.run([str(python), "-c", "import kt_max_llama"], capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode != 0 and "KT_CHECK='prints'" in r.stderr
+    assert r.stdout.splitlines() == [
+        "'1' full True", "'store' store False", "'sync' sync False", "'0' None False", "'' None False",
+        "refused: KT_CHECK='prints': use 1 (full), store or sync"]
