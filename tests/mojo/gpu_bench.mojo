@@ -1,10 +1,11 @@
 # Raw kernel timings on a GPU, outside MAX graphs, for tuning the kernels' compile-time
 # parameters (each variant is its own instantiation). Not part of CI (it needs a GPU):
-#   mojo run -I <repo> tests/mojo/gpu_bench.mojo [EXACT_LENGTHS] [DENSE_TILED_DECODE]
+#   mojo run -I <repo> tests/mojo/gpu_bench.mojo [EXACT_LENGTHS] [DENSE_TILED_DECODE] [RMS_NORM_V2]
 # (the paged kernels come first: kt.paged_rope_attention's prefill and decode kernels at the
 # serving shapes, and each candidate named on the command line beside the kernel it would
 # replace, then "<candidate> faster: yes|no"; then, with DENSE_TILED_DECODE,
-# kt.fused_rope_attention's decode beside its tiled kernel the same way; then RoPE, RMSNorm and
+# kt.fused_rope_attention's decode beside its tiled kernel the same way; with RMS_NORM_V2,
+# kt.rms_norm's launch beside its candidate row kernel the same way; then RoPE, RMSNorm and
 # the dense decode variants).
 # Each line: a kernel variant, its mean milliseconds over back-to-back launches (the host
 # enqueues far faster than the GPU runs them, so launch overhead is hidden) and GB/s of the
@@ -224,6 +225,45 @@ def dense_decode(
     return ratio
 
 
+def rms_norm_v2(ctx: DeviceContext, m: Int, n: Int) raises -> Float64:
+    """kt.rms_norm's GPU launch with the shipped kernels (v2 off), then with
+    `_rms_norm_rows_v2_gpu` (RMS_NORM_V2) on m rows of n (bf16); returns v2's time over the
+    shipped launch's. GB/s: x read and y written once."""
+    var x = ctx.enqueue_create_buffer[BF16](m * n)
+    var y = ctx.enqueue_create_buffer[BF16](m * n)
+    var w = ctx.enqueue_create_buffer[BF16](n)
+    fill(ctx, x, m * n)
+    fill(ctx, w, n)
+    var nbytes = Float64(2 * m * n * 2)
+    var first_ms = Float64(0)
+    var ratio = Float64(0)
+    for variant in range(2):
+        var t0 = perf_counter_ns()
+        for it in range(WARM + ITERS):
+            if it == WARM:
+                ctx.synchronize()
+                t0 = perf_counter_ns()
+            if variant == 0:
+                _rms_norm_gpu_launch[BF16, v2=False](
+                    ctx, y.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), m, n, Float32(1e-5)
+                )
+            else:
+                _rms_norm_gpu_launch[BF16, v2=True](
+                    ctx, y.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), m, n, Float32(1e-5)
+                )
+        ctx.synchronize()
+        var ms = Float64(perf_counter_ns() - t0) / Float64(ITERS) / 1e6
+        var name: String
+        if variant == 0:
+            first_ms = ms
+            name = "op (default)"
+        else:
+            ratio = ms / first_ms
+            name = String("v2 (RMS_NORM_V2) vs op ", ratio)
+        print(String("rms_norm M=", m, " N=", n), name, "ms", ms, "GB/s", nbytes / ms / 1e6)
+    return ratio
+
+
 def paged_attention[d: Int](
     ctx: DeviceContext, batch: Int, cached: Int, new: Int, hq: Int, hk: Int, freqs: RopeFreqs,
     candidate: Bool,
@@ -361,11 +401,14 @@ def main() raises:
 
     var exact_lengths = False
     var dense_tiled_decode = False
+    var rms_norm_v2_on = False
     for arg in argv():
         if arg == "EXACT_LENGTHS":
             exact_lengths = True
         elif arg == "DENSE_TILED_DECODE":
             dense_tiled_decode = True
+        elif arg == "RMS_NORM_V2":
+            rms_norm_v2_on = True
 
     # Paged prefill at max+kt's serving shape (Llama 3.2 1B: 32 q / 8 kv heads, D 64, bf16,
     # pages of 128): 8 prompts of 1024 tokens; then D 128 (Llama 3.1 8B), 1024 new tokens
@@ -396,6 +439,13 @@ def main() raises:
         dense.append(dense_decode(ctx, 8, 32768, 32, 8, 128, freqs))
         dense.append(dense_decode(ctx, 32, 4096, 32, 8, 64, freqs))
         verdict("dense tiled decode", dense)
+    # RMSNorm (kt.rms_norm): Llama 8B's hidden size 4096 and 70B's 8192 over 4k..32k tokens
+    # (bf16, 64..256 MiB each way).
+    if rms_norm_v2_on:
+        var norm = List[Float64]()
+        for mn in [(32768, 4096), (16384, 4096), (8192, 4096), (16384, 8192), (8192, 8192), (4096, 8192)]:
+            norm.append(rms_norm_v2(ctx, mn[0], mn[1]))
+        verdict("rms norm v2", norm)
 
     # RoPE alone: 32768 tokens, 32 q heads, 8 k heads, D 128 (168M elements).
     var tokens = 32768

@@ -13,11 +13,12 @@
 # rotation (MAX_PREFILL) with `_attention_gpu` on prefill batches (bf16 and fp16, every
 # (Hq, Hk, D) it instantiates), and kt.fused_rope_attention's tiled dense decode
 # (DENSE_TILED_DECODE) with `_attention_gpu` on decode batches (bf16 and fp16, D 64 and 128,
-# GQA 1/2/4/8):
+# GQA 1/2/4/8), and kt.rms_norm's candidate row kernel (RMS_NORM_V2) with `_rms_norm_gpu` (every
+# dtype, as the op would launch it and with each threads-per-row and rows per block forced):
 #   mojo run -I <repo> tests/mojo/gpu_launch.mojo --check
 from max.gpu.host import DeviceBuffer, DeviceContext
 from std.math import ceildiv
-from std.sys import argv
+from std.sys import argv, size_of
 
 from kernels.fused_rope_attention import (
     GPU_BLOCK as ATTN_BLOCK,
@@ -37,6 +38,7 @@ from kernels.paged_rope_attention import (
 )
 from kernels.paged_rope_store import RowStrides, paged_rope_store_gpu
 from kernels.rms_norm import GPU_BLOCK as NORM_BLOCK, _rms_norm_gpu, _rms_norm_gpu_launch
+from kernels.rms_norm import V2_VECTORS, _rms_norm_v2_enqueue
 from kernels.rope import GPU_BLOCK as ROPE_BLOCK, RopeFreqs, _rope_gpu, _rope_gpu_launch
 
 
@@ -542,6 +544,77 @@ def check_norm_and_rope_all(ctx: DeviceContext) raises:
     print("rms_norm / rope check: all PASS")
 
 
+def check_rms_norm_v2_case[dtype: DType, threads: Int = 0](
+    ctx: DeviceContext, m: Int, n: Int, rows_per_block: Int = 1
+) raises -> Bool:
+    """`_rms_norm_rows_v2_gpu` (RMS_NORM_V2) vs the scalar two-pass `_rms_norm_gpu` on one
+    shape: threads 0, through the op's launch with v2 on (its own threads per row and rows
+    per block; the shipped kernels where v2 does not take the row); else enqueued with
+    `threads` per row and `rows_per_block` (a shape the block cannot hold is skipped)."""
+    comptime W = max(1, 16 // size_of[dtype]())
+    comptime if threads > 0:
+        if ceildiv(n, W) > threads * V2_VECTORS or n % W != 0:
+            return True
+    var x = ctx.enqueue_create_buffer[dtype](m * n)
+    var w = ctx.enqueue_create_buffer[dtype](n)
+    var y_v2 = ctx.enqueue_create_buffer[dtype](m * n)
+    var y_ref = ctx.enqueue_create_buffer[dtype](m * n)
+    _fill_random(ctx, x, m * n, 31 + n + m)
+    _fill_random(ctx, w, n, 32 + n)
+    # Garbage in the output: a row or a vector v2 never writes shows.
+    _fill_random(ctx, y_v2, m * n, 33)
+    var eps = Float32(1e-5)
+    comptime if threads == 0:
+        _rms_norm_gpu_launch[dtype, v2=True](
+            ctx, y_v2.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), m, n, eps
+        )
+    else:
+        _rms_norm_v2_enqueue[dtype, threads](
+            ctx, y_v2.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), m, n, eps, rows_per_block
+        )
+    ctx.enqueue_function[_rms_norm_gpu[dtype]](
+        y_ref.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), Int32(n), eps,
+        grid_dim=m, block_dim=NORM_BLOCK,
+    )
+    var res = _compare[dtype](ctx, y_v2, y_ref, m * n)
+    print(
+        "rms_norm v2", dtype, "threads", threads, "rows/block", rows_per_block, "M", m, "N", n,
+        "max|diff|", res[1], "PASS" if res[0] else "FAIL",
+    )
+    return res[0]
+
+
+def check_rms_norm_v2[dtype: DType](ctx: DeviceContext) raises -> Bool:
+    """The op's launch with v2 at odd and small M over N 64..16384 (N 1000: not a multiple of
+    a block's vectors; N 1001: not a multiple of the width, the scalar fallback), then the
+    kernel itself at each threads per row, with rows per block that leave the last block
+    short (rows past M) and a single block that walks every row."""
+    var ok = True
+    for m in [1, 3, 37]:
+        for n in [64, 128, 1000, 4096, 8192, 16384]:
+            ok = check_rms_norm_v2_case[dtype](ctx, m, n) and ok
+    ok = check_rms_norm_v2_case[dtype](ctx, 3, 1001) and ok
+    ok = check_rms_norm_v2_case[dtype](ctx, 300, 2048) and ok
+    for mn in [(37, 64, 3), (37, 128, 8), (37, 1000, 2), (5, 2048, 5)]:
+        ok = check_rms_norm_v2_case[dtype, 64](ctx, mn[0], mn[1], mn[2]) and ok
+    for mn in [(37, 1000, 3), (37, 4096, 3), (9, 2056, 4)]:
+        ok = check_rms_norm_v2_case[dtype, 128](ctx, mn[0], mn[1], mn[2]) and ok
+    for mn in [(37, 8192, 5), (1, 8192, 4), (3, 8192, 8), (37, 4104, 2)]:
+        ok = check_rms_norm_v2_case[dtype, 256](ctx, mn[0], mn[1], mn[2]) and ok
+    for mn in [(37, 16384, 2), (3, 8200, 3)]:
+        ok = check_rms_norm_v2_case[dtype, 512](ctx, mn[0], mn[1], mn[2]) and ok
+    return ok
+
+
+def check_rms_norm_v2_all(ctx: DeviceContext) raises:
+    var ok = check_rms_norm_v2[DType.bfloat16](ctx)
+    ok = check_rms_norm_v2[DType.float16](ctx) and ok
+    ok = check_rms_norm_v2[DType.float32](ctx) and ok
+    if not ok:
+        raise Error("rms norm v2 check failed")
+    print("rms norm v2 check: all PASS")
+
+
 def check_fast_case(
     ctx: DeviceContext, batch: Int, sq: Int, skv: Int, hq: Int, hk: Int, d: Int, causal: Int
 ) raises -> Bool:
@@ -721,6 +794,10 @@ def main() raises:
                 failed.append(String(e))
             try:
                 check_exact_lengths_all(ctx)
+            except e:
+                failed.append(String(e))
+            try:
+                check_rms_norm_v2_all(ctx)
             except e:
                 failed.append(String(e))
             if len(failed) > 0:
