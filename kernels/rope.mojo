@@ -508,24 +508,24 @@ def _rope_twin_gpu[
 ):
     """Vectorized RoPE of q and k in one launch, shaped like the Triton twin
     (pykernels/rope.py `_rope_kernel`): no grid-stride loop, one short-lived block per tile
-    of (token, head group) units, every load of a thread issued at its start.
+    of (token, head group) units, every q/k load of a thread issued before its first store.
 
     A unit is `heads_per_thread` consecutive heads of one token of q or of k; units are
     numbered q first (token-major: q_tokens * q_groups of them), then k, so consecutive
     units are consecutive memory and GQA's k needs no second launch. A block's TWIN_BLOCK
     threads are TWIN_BLOCK / chunks units of chunks = head_dim / 2 / width threads; a thread
     owns `width` consecutive pairs of its unit (16-byte loads when width = 16 /
-    size_of[dtype]) and issues the loads of all of its heads, and its position's load, before
-    anything else. While they are in flight the block computes the inv_freq schedule (fp64,
-    rounded once: `RopeFreqs.inv_freq`) into shared memory; then each thread computes its
-    pairs' cos/sin once (fp32, as Triton's tl.cos/tl.sin: `sincos_f32_fast` below position
-    2^17, `sincos_f32_accurate` beyond) and rotates all of its heads with them. Unlike
-    `_rope_tile_gpu`, whose threads walk tokens with 4 heads' loads in flight at a time and
-    2 blocks per SM, the bytes in flight here scale with the blocks the SM can hold, as in
-    Triton's grid of many small programs. Positions and rounding are exactly
-    `_rope_tile_gpu`'s: positions[token] when explicit_positions, else token % seq +
-    pos_offset for q and k separately; angle = Float32(pos) * inv_freq; one rounding to
-    dtype.
+    size_of[dtype]). The block computes the inv_freq schedule (fp64, rounded once:
+    `RopeFreqs.inv_freq`) into shared memory while the positions load; each thread then
+    computes its pairs' cos/sin once (fp32, as Triton's tl.cos/tl.sin: `sincos_f32_fast`
+    below position 2^17, `sincos_f32_accurate` beyond), loads all of its heads and rotates
+    them with it. Unlike `_rope_tile_gpu`, whose threads walk tokens with 4 heads' loads in
+    flight at a time and whose 226 registers leave one block per SM, the bytes in flight
+    here scale with the TWIN_MIN_BLOCKS blocks an SM holds (registers capped for them), as
+    with Triton's grid of many small programs. `dim` > 0 fixes head_dim at compile time.
+    Positions and rounding are exactly `_rope_tile_gpu`'s: positions[token] when
+    explicit_positions, else token % seq + pos_offset for q and k separately; angle =
+    Float32(pos) * inv_freq; one rounding to dtype.
     """
     comptime H = heads_per_thread
     var hq, hk = Int(hq_), Int(hk_)
