@@ -10,7 +10,7 @@ once; angles and the rotation run in fp32.
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.algorithm import sync_parallelize
-from max.gpu import block_idx, grid_dim, thread_idx
+from max.gpu import MAX_THREADS_PER_BLOCK_METADATA, block_idx, grid_dim, thread_idx
 from max.gpu.host import DeviceAttribute, DeviceContext
 from max.gpu.host.info import is_cpu
 from max.gpu.sync import barrier
@@ -36,6 +36,19 @@ comptime TILE_BLOCK = 256
 comptime TILE_HEADS = 4
 comptime TILE_BLOCKS_PER_SM = 2
 comptime TILE_RESIDENT_THREADS = 2 * TILE_BLOCK
+# Candidate: the op's GPU launch enqueues `_rope_twin_gpu` (the Triton twin's structure, see
+# there) instead of `_rope_tile_gpu`. A GPU session flips it after gpu_launch --check and
+# gpu_bench have said yes.
+comptime ROPE_TWIN = False
+# Twin kernel: threads per block, heads each thread rotates with one cos/sin vector (4: 8
+# 16-byte loads, 128 bytes in flight per thread, as a thread of pykernels/rope.py's Triton
+# program holds at D 128) and the blocks per SM its registers are capped for. ptxas -v
+# (sm_90a, D 128, bf16): uncapped 111-128 registers (2 blocks of 256 resident); capped for 3
+# blocks, 80 registers and 36 bytes of spills; for 4, 64 and 120 bytes. (`_rope_tile_gpu`
+# takes 226: one block of 256 threads per SM, whatever grid it is launched on.)
+comptime TWIN_BLOCK = 256
+comptime TWIN_HEADS = 4
+comptime TWIN_MIN_BLOCKS = 3
 
 
 @fieldwise_init
@@ -462,12 +475,174 @@ def _rope_tile_gpu[
         t += stride
 
 
+@__llvm_metadata(
+    MAX_THREADS_PER_BLOCK_METADATA=StaticTuple[Int32, 1](Int32(TWIN_BLOCK)),
+    `nvvm.minctasm`=SIMDLength(TWIN_MIN_BLOCKS),
+)
+def _rope_twin_gpu[
+    dtype: DType,
+    width: Int,
+    explicit_positions: Bool,
+    dim: Int = 0,
+    heads_per_thread: Int = TWIN_HEADS,
+](
+    q_out: Pointer[Scalar[dtype], MutAnyOrigin],
+    k_out: Pointer[Scalar[dtype], MutAnyOrigin],
+    q: Pointer[Scalar[dtype], MutAnyOrigin],
+    k: Pointer[Scalar[dtype], MutAnyOrigin],
+    positions: Pointer[Int64, MutAnyOrigin],
+    q_tokens_: Int32,
+    k_tokens_: Int32,
+    q_seq_: Int32,
+    k_seq_: Int32,
+    q_pos_offset_: Int32,
+    k_pos_offset_: Int32,
+    hq_: Int32,
+    hk_: Int32,
+    head_dim_: Int32,
+    theta: Float32,
+    factor: Float32,
+    low_freq_factor: Float32,
+    high_freq_factor: Float32,
+    original_max_position: Float32,
+):
+    """Vectorized RoPE of q and k in one launch, shaped like the Triton twin
+    (pykernels/rope.py `_rope_kernel`): no grid-stride loop, one short-lived block per tile
+    of (token, head group) units, every q/k load of a thread issued before its first store.
+
+    A unit is `heads_per_thread` consecutive heads of one token of q or of k; units are
+    numbered q first (token-major: q_tokens * q_groups of them), then k, so consecutive
+    units are consecutive memory and GQA's k needs no second launch. A block's TWIN_BLOCK
+    threads are TWIN_BLOCK / chunks units of chunks = head_dim / 2 / width threads; a thread
+    owns `width` consecutive pairs of its unit (16-byte loads when width = 16 /
+    size_of[dtype]). The block computes the inv_freq schedule (fp64, rounded once:
+    `RopeFreqs.inv_freq`) into shared memory while the positions load; each thread then
+    computes its pairs' cos/sin once (fp32, as Triton's tl.cos/tl.sin: `sincos_f32_fast`
+    below position 2^17, `sincos_f32_accurate` beyond), loads all of its heads and rotates
+    them with it. Unlike `_rope_tile_gpu`, whose threads walk tokens with 4 heads' loads in
+    flight at a time and whose 226 registers leave one block per SM, the bytes in flight
+    here scale with the TWIN_MIN_BLOCKS blocks an SM holds (registers capped for them), as
+    with Triton's grid of many small programs. `dim` > 0 fixes head_dim at compile time.
+    Positions and rounding are exactly `_rope_tile_gpu`'s: positions[token] when
+    explicit_positions, else token % seq + pos_offset for q and k separately; angle =
+    Float32(pos) * inv_freq; one rounding to dtype.
+    """
+    comptime H = heads_per_thread
+    var hq, hk = Int(hq_), Int(hk_)
+    var head_dim: Int
+    comptime if dim > 0:
+        head_dim = dim
+    else:
+        head_dim = Int(head_dim_)
+    var freqs = RopeFreqs(theta, factor, low_freq_factor, high_freq_factor, original_max_position)
+    var half = head_dim // 2
+    var chunks = UInt32(half // width)
+    var per_block = UInt32(TWIN_BLOCK) // chunks
+    var tid = thread_idx.x
+    var slot = UInt32(tid) // chunks
+    var i0 = Int(UInt32(tid) % chunks) * width
+    var q_groups = UInt32(ceildiv(hq, H))
+    var k_groups = UInt32(ceildiv(hk, H))
+    var q_units = UInt32(q_tokens_) * q_groups
+    var units = q_units + UInt32(k_tokens_) * k_groups
+    var u = UInt32(block_idx.x) * per_block + slot
+    var active = slot < per_block and u < units
+
+    var src = q
+    var dst = q_out
+    var heads = hq
+    var groups = q_groups
+    var seq = UInt32(q_seq_)
+    var pos_offset = Int(q_pos_offset_)
+    if u >= q_units:
+        u -= q_units
+        src = k
+        dst = k_out
+        heads = hk
+        groups = k_groups
+        seq = UInt32(k_seq_)
+        pos_offset = Int(k_pos_offset_)
+    groups = max(groups, 1)
+    var token = u // groups
+    var h0 = Int(u % groups) * H
+    var base = (Int(token) * heads + h0) * head_dim + i0
+    comptime align = width * size_of[dtype]()
+    var pos = 0
+    if active:
+        comptime if explicit_positions:
+            pos = Int(positions[unsafe_offset=Int(token)])
+        else:
+            pos = Int(token % max(seq, 1)) + pos_offset
+    # The fp64 schedule while the position's load is in flight; cos/sin before the q/k loads,
+    # so that neither the fp64 pow nor the fp64 sincos shares the registers of 8 loads.
+    var inv_s = unsafe_stack_allocation[MAX_HALF_DIM, Float32, address_space=.SHARED]()
+    for i in range(tid, half, TWIN_BLOCK):
+        inv_s[unsafe_offset=i] = freqs.inv_freq(i, head_dim)
+    barrier()
+    if not active:
+        return
+    var angle = Float32(pos) * inv_s.unsafe_load[width=width](i0)
+    var sc = sincos_f32_fast(angle) if pos < 131072 else sincos_f32_accurate(angle)
+    var s = sc[0]
+    var c = sc[1]
+    # Every load before the first store: the compiler cannot prove that src and dst do not
+    # alias, so it would not hoist loads above stores itself.
+    var x1s = StaticTuple[SIMD[dtype, width], H](fill=0)
+    var x2s = StaticTuple[SIMD[dtype, width], H](fill=0)
+    comptime for j in range(H):
+        if h0 + j < heads:
+            var row = base + j * head_dim
+            x1s[j] = src.unsafe_load[width=width, alignment=align](row)
+            x2s[j] = src.unsafe_load[width=width, alignment=align](row + half)
+    comptime for j in range(H):
+        if h0 + j < heads:
+            var row = base + j * head_dim
+            var x1 = x1s[j].cast[DType.float32]()
+            var x2 = x2s[j].cast[DType.float32]()
+            dst.unsafe_store[alignment=align](row, (x1 * c - x2 * s).cast[dtype]())
+            dst.unsafe_store[alignment=align](row + half, (x2 * c + x1 * s).cast[dtype]())
+
+
 def _rope_vector_width[dtype: DType]() -> Int:
     """Elements per 16-byte access."""
     return max(1, 16 // size_of[dtype]())
 
 
 def _rope_gpu_launch[
+    dtype: DType, explicit_positions: Bool
+](
+    ctx: DeviceContext,
+    q_out: Pointer[Scalar[dtype], _],
+    k_out: Pointer[Scalar[dtype], _],
+    q: Pointer[Scalar[dtype], _],
+    k: Pointer[Scalar[dtype], _],
+    positions: Pointer[Int64, _],
+    q_tokens: Int,
+    k_tokens: Int,
+    q_seq: Int,
+    k_seq: Int,
+    q_pos_offset: Int,
+    k_pos_offset: Int,
+    hq: Int,
+    hk: Int,
+    head_dim: Int,
+    freqs: RopeFreqs,
+) raises:
+    """Enqueues the op's GPU kernel: `_rope_twin_gpu` when ROPE_TWIN, else `_rope_tile_gpu`
+    (see `_rope_tile_launch` for the layout and limits both accept)."""
+    comptime if ROPE_TWIN:
+        _rope_twin_launch[dtype, explicit_positions](
+            ctx, q_out, k_out, q, k, positions, q_tokens, k_tokens, q_seq, k_seq,
+            q_pos_offset, k_pos_offset, hq, hk, head_dim, freqs,
+        )
+    else:
+        _rope_tile_launch[dtype, explicit_positions](
+            ctx, q_out, k_out, q, k, positions, q_tokens, k_tokens, q_seq, k_seq,
+            q_pos_offset, k_pos_offset, hq, hk, head_dim, freqs,
+        )
+
+
+def _rope_tile_launch[
     dtype: DType, explicit_positions: Bool
 ](
     ctx: DeviceContext,
@@ -533,6 +708,94 @@ def _rope_gpu_launch[
             freqs.original_max_position,
             grid_dim=(blocks, parts),
             block_dim=TILE_BLOCK,
+        )
+
+
+def _rope_twin_launch[
+    dtype: DType, explicit_positions: Bool
+](
+    ctx: DeviceContext,
+    q_out: Pointer[Scalar[dtype], _],
+    k_out: Pointer[Scalar[dtype], _],
+    q: Pointer[Scalar[dtype], _],
+    k: Pointer[Scalar[dtype], _],
+    positions: Pointer[Int64, _],
+    q_tokens: Int,
+    k_tokens: Int,
+    q_seq: Int,
+    k_seq: Int,
+    q_pos_offset: Int,
+    k_pos_offset: Int,
+    hq: Int,
+    hk: Int,
+    head_dim: Int,
+    freqs: RopeFreqs,
+) raises:
+    """Enqueues `_rope_twin_gpu` (16-byte accesses under the same conditions as
+    `_rope_tile_launch`, scalar ones otherwise): one block per TWIN_BLOCK / chunks units of
+    TWIN_HEADS heads, q's units then k's, however many blocks that makes."""
+    var q_units = q_tokens * ceildiv(hq, TWIN_HEADS) if hq > 0 else 0
+    var k_units = k_tokens * ceildiv(hk, TWIN_HEADS) if hk > 0 else 0
+    if q_units + k_units == 0 or head_dim == 0:
+        return
+    var half = head_dim // 2
+    comptime W = _rope_vector_width[dtype]()
+    var aligned = (
+        half % W == 0
+        and Int(q_out) % 16 == 0
+        and Int(k_out) % 16 == 0
+        and Int(q) % 16 == 0
+        and Int(k) % 16 == 0
+    )
+    var width = W if aligned else 1
+    var blocks = ceildiv(q_units + k_units, TWIN_BLOCK // (half // width))
+    # Llama's head sizes get their own instantiation, as the Triton twin's HALF is a
+    # compile-time constant: a thread's 8 loads and 8 stores then share two base addresses
+    # with immediate offsets (with a runtime head_dim each is its own 64-bit register,
+    # which pushed the kernel past 64 registers) and the index math divides by constants.
+    if aligned and head_dim == 128:
+        ctx.enqueue_function[_rope_twin_gpu[dtype, W, explicit_positions, 128]](
+            q_out, k_out, q, k, positions,
+            Int32(q_tokens if hq > 0 else 0), Int32(k_tokens if hk > 0 else 0),
+            Int32(max(q_seq, 1)), Int32(max(k_seq, 1)),
+            Int32(q_pos_offset), Int32(k_pos_offset), Int32(hq), Int32(hk), Int32(head_dim),
+            freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
+            freqs.original_max_position,
+            grid_dim=blocks,
+            block_dim=TWIN_BLOCK,
+        )
+    elif aligned and head_dim == 64:
+        ctx.enqueue_function[_rope_twin_gpu[dtype, W, explicit_positions, 64]](
+            q_out, k_out, q, k, positions,
+            Int32(q_tokens if hq > 0 else 0), Int32(k_tokens if hk > 0 else 0),
+            Int32(max(q_seq, 1)), Int32(max(k_seq, 1)),
+            Int32(q_pos_offset), Int32(k_pos_offset), Int32(hq), Int32(hk), Int32(head_dim),
+            freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
+            freqs.original_max_position,
+            grid_dim=blocks,
+            block_dim=TWIN_BLOCK,
+        )
+    elif aligned:
+        ctx.enqueue_function[_rope_twin_gpu[dtype, W, explicit_positions]](
+            q_out, k_out, q, k, positions,
+            Int32(q_tokens if hq > 0 else 0), Int32(k_tokens if hk > 0 else 0),
+            Int32(max(q_seq, 1)), Int32(max(k_seq, 1)),
+            Int32(q_pos_offset), Int32(k_pos_offset), Int32(hq), Int32(hk), Int32(head_dim),
+            freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
+            freqs.original_max_position,
+            grid_dim=blocks,
+            block_dim=TWIN_BLOCK,
+        )
+    else:
+        ctx.enqueue_function[_rope_twin_gpu[dtype, 1, explicit_positions]](
+            q_out, k_out, q, k, positions,
+            Int32(q_tokens if hq > 0 else 0), Int32(k_tokens if hk > 0 else 0),
+            Int32(max(q_seq, 1)), Int32(max(k_seq, 1)),
+            Int32(q_pos_offset), Int32(k_pos_offset), Int32(hq), Int32(hk), Int32(head_dim),
+            freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
+            freqs.original_max_position,
+            grid_dim=blocks,
+            block_dim=TWIN_BLOCK,
         )
 
 

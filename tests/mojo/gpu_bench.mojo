@@ -1,11 +1,12 @@
 # Raw kernel timings on a GPU, outside MAX graphs, for tuning the kernels' compile-time
 # parameters (each variant is its own instantiation). Not part of CI (it needs a GPU):
-#   mojo run -I <repo> tests/mojo/gpu_bench.mojo [EXACT_LENGTHS] [DENSE_TILED_DECODE] [RMS_NORM_V2]
+#   mojo run -I <repo> tests/mojo/gpu_bench.mojo [EXACT_LENGTHS] [DENSE_TILED_DECODE] [RMS_NORM_V2] [ROPE_TWIN]
 # (the paged kernels come first: kt.paged_rope_attention's prefill and decode kernels at the
 # serving shapes, and each candidate named on the command line beside the kernel it would
 # replace, then "<candidate> faster: yes|no"; then, with DENSE_TILED_DECODE,
 # kt.fused_rope_attention's decode beside its tiled kernel the same way; with RMS_NORM_V2,
-# kt.rms_norm's launch beside its candidate row kernel the same way; then RoPE, RMSNorm and
+# kt.rms_norm's launch beside its candidate row kernel the same way; with ROPE_TWIN, kt.rope's
+# tile kernel beside the twin kernel the same way; then RoPE, RMSNorm and
 # the dense decode variants).
 # Each line: a kernel variant, its mean milliseconds over back-to-back launches (the host
 # enqueues far faster than the GPU runs them, so launch overhead is hidden) and GB/s of the
@@ -38,7 +39,15 @@ from kernels.rms_norm import (
     _rms_norm_gpu_launch,
     _rms_norm_rows_gpu,
 )
-from kernels.rope import FAST_BLOCK, TILE_BLOCK, RopeFreqs, _rope_fast_gpu, _rope_tile_gpu
+from kernels.rope import (
+    FAST_BLOCK,
+    TILE_BLOCK,
+    RopeFreqs,
+    _rope_fast_gpu,
+    _rope_tile_gpu,
+    _rope_tile_launch,
+    _rope_twin_launch,
+)
 
 comptime BF16 = DType.bfloat16
 comptime WARM = 3
@@ -380,6 +389,61 @@ def paged_attention[d: Int](
     return ratio
 
 
+def rope_twin_shape(
+    ctx: DeviceContext, tokens: Int, hq: Int, hk: Int, d: Int, freqs: RopeFreqs
+) raises -> Float64:
+    """kt.rope's GPU kernels on one bf16 shape (explicit positions below 32768, as the op
+    passes them): the tile kernel (`_rope_tile_launch`, the op's default), then ROPE_TWIN's
+    `_rope_twin_launch` on the same inputs; returns twin time over tile time."""
+    var nq = tokens * hq * d
+    var nk = tokens * hk * d
+    var q = ctx.enqueue_create_buffer[BF16](nq)
+    var k = ctx.enqueue_create_buffer[BF16](nk)
+    var qo = ctx.enqueue_create_buffer[BF16](nq)
+    var ko = ctx.enqueue_create_buffer[BF16](nk)
+    var pos = ctx.enqueue_create_buffer[DType.int64](tokens)
+    fill(ctx, q, nq)
+    fill(ctx, k, nk)
+    var hp = ctx.enqueue_create_host_buffer[DType.int64](tokens)
+    ctx.synchronize()
+    for t in range(tokens):
+        hp[t] = Int64((t * 7919) % 32768)
+    ctx.enqueue_copy(pos, hp)
+    ctx.synchronize()
+    var nbytes = Float64(2 * (nq + nk) * 2 + 8 * tokens)
+    var first_ms = Float64(0)
+    var ratio = Float64(1)
+    for variant in range(2):
+        var t0 = perf_counter_ns()
+        for it in range(WARM + ITERS):
+            if it == WARM:
+                ctx.synchronize()
+                t0 = perf_counter_ns()
+            if variant == 0:
+                _rope_tile_launch[BF16, explicit_positions=True](
+                    ctx, qo.unsafe_ptr(), ko.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(),
+                    pos.unsafe_ptr(), tokens, tokens, 1, 1, 0, 0, hq, hk, d, freqs,
+                )
+            else:
+                _rope_twin_launch[BF16, explicit_positions=True](
+                    ctx, qo.unsafe_ptr(), ko.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(),
+                    pos.unsafe_ptr(), tokens, tokens, 1, 1, 0, 0, hq, hk, d, freqs,
+                )
+        ctx.synchronize()
+        var ms = Float64(perf_counter_ns() - t0) / Float64(ITERS) / 1e6
+        var name = String("op (tile)")
+        if variant == 0:
+            first_ms = ms
+        else:
+            ratio = ms / first_ms
+            name = "twin (ROPE_TWIN)"
+        print(
+            "rope", name, "tokens", tokens, "Hq", hq, "Hk", hk, "D", d, "ms", ms,
+            "GB/s", nbytes / ms / 1e6, String("vs op ", ratio) if variant == 1 else String(""),
+        )
+    return ratio
+
+
 def verdict(label: String, ratios: List[Float64]) raises:
     """"<label> faster: yes" when the candidate's time over the kernel it would replace is below
     0.97 in geometric mean and below 1.05 at every shape timed (no shape it slows down)."""
@@ -402,6 +466,7 @@ def main() raises:
     var exact_lengths = False
     var dense_tiled_decode = False
     var rms_norm_v2_on = False
+    var rope_twin = False
     for arg in argv():
         if arg == "EXACT_LENGTHS":
             exact_lengths = True
@@ -409,6 +474,8 @@ def main() raises:
             dense_tiled_decode = True
         elif arg == "RMS_NORM_V2":
             rms_norm_v2_on = True
+        elif arg == "ROPE_TWIN":
+            rope_twin = True
 
     # Paged prefill at max+kt's serving shape (Llama 3.2 1B: 32 q / 8 kv heads, D 64, bf16,
     # pages of 128): 8 prompts of 1024 tokens; then D 128 (Llama 3.1 8B), 1024 new tokens
@@ -446,6 +513,16 @@ def main() raises:
         for mn in [(32768, 4096), (16384, 4096), (8192, 4096), (16384, 8192), (8192, 8192), (4096, 8192)]:
             norm.append(rms_norm_v2(ctx, mn[0], mn[1]))
         verdict("rms norm v2", norm)
+    # kt.rope alone (bf16, explicit positions): B1 S32768 at Llama 3 8B's heads (32 q / 8 k,
+    # D 128; the shape of the RoPE variants below), the same at Llama 3.2 1B's D 64, 8192
+    # tokens of MHA 32 / 32, and a short prefill of 512 tokens.
+    if rope_twin:
+        var rope = List[Float64]()
+        rope.append(rope_twin_shape(ctx, 32768, 32, 8, 128, freqs))
+        rope.append(rope_twin_shape(ctx, 32768, 32, 8, 64, freqs))
+        rope.append(rope_twin_shape(ctx, 8192, 32, 32, 128, freqs))
+        rope.append(rope_twin_shape(ctx, 512, 32, 8, 128, freqs))
+        verdict("rope twin", rope)
 
     # RoPE alone: 32768 tokens, 32 q heads, 8 k heads, D 128 (168M elements).
     var tokens = 32768

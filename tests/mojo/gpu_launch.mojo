@@ -13,8 +13,10 @@
 # rotation (MAX_PREFILL) with `_attention_gpu` on prefill batches (bf16 and fp16, every
 # (Hq, Hk, D) it instantiates), and kt.fused_rope_attention's tiled dense decode
 # (DENSE_TILED_DECODE) with `_attention_gpu` on decode batches (bf16 and fp16, D 64 and 128,
-# GQA 1/2/4/8), and kt.rms_norm's candidate row kernel (RMS_NORM_V2) with `_rms_norm_gpu` (every
-# dtype, as the op would launch it and with each threads-per-row and rows per block forced):
+# GQA 1/2/4/8), kt.rms_norm's candidate row kernel (RMS_NORM_V2) with `_rms_norm_gpu` (every
+# dtype, as the op would launch it and with each threads-per-row and rows per block forced),
+# and kt.rope's candidate kernel (ROPE_TWIN) with `_rope_gpu` and the tile kernel (bf16 and
+# fp16, D 64 and 128 among others, positions to 40000 and past 2^17):
 #   mojo run -I <repo> tests/mojo/gpu_launch.mojo --check
 from max.gpu.host import DeviceBuffer, DeviceContext
 from std.math import ceildiv
@@ -39,7 +41,14 @@ from kernels.paged_rope_attention import (
 from kernels.paged_rope_store import RowStrides, paged_rope_store_gpu
 from kernels.rms_norm import GPU_BLOCK as NORM_BLOCK, _rms_norm_gpu, _rms_norm_gpu_launch
 from kernels.rms_norm import V2_VECTORS, _rms_norm_v2_enqueue
-from kernels.rope import GPU_BLOCK as ROPE_BLOCK, RopeFreqs, _rope_gpu, _rope_gpu_launch
+from kernels.rope import (
+    GPU_BLOCK as ROPE_BLOCK,
+    RopeFreqs,
+    _rope_gpu,
+    _rope_gpu_launch,
+    _rope_tile_launch,
+    _rope_twin_launch,
+)
 
 
 def launch_all[dtype: DType](ctx: DeviceContext) raises:
@@ -615,6 +624,115 @@ def check_rms_norm_v2_all(ctx: DeviceContext) raises:
     print("rms norm v2 check: all PASS")
 
 
+def _fill_positions(
+    ctx: DeviceContext, pos: DeviceBuffer[DType.int64], n: Int, max_pos: Int, seed: Int
+) raises:
+    var hp = ctx.enqueue_create_host_buffer[DType.int64](n)
+    ctx.synchronize()
+    var state = UInt64(seed)
+    for t in range(n):
+        state = state * 6364136223846793005 + 1442695040888963407
+        hp[t] = Int64(Int((state >> 33) % UInt64(max_pos)))
+    ctx.enqueue_copy(pos, hp)
+
+
+def rope_twin_case[dtype: DType](
+    ctx: DeviceContext, tokens: Int, hq: Int, hk: Int, d: Int, max_pos: Int, factor: Float32
+) raises -> Bool:
+    """ROPE_TWIN's kernel (`_rope_twin_launch`) vs the one-block-per-token `_rope_gpu`
+    (fp64-based cos/sin) with explicit positions pseudo-random in [0, max_pos), and vs the
+    tile kernel (`_rope_tile_launch`) with implicit ones (token % seq + offset, q and k
+    apart, as the fused attention calls it)."""
+    var freqs = RopeFreqs(500000.0, factor, 1.0, 4.0, 8192.0)
+    var nq = max(1, tokens * hq * d)
+    var nk = max(1, tokens * hk * d)
+    var q = ctx.enqueue_create_buffer[dtype](nq)
+    var k = ctx.enqueue_create_buffer[dtype](nk)
+    var qo_twin = ctx.enqueue_create_buffer[dtype](nq)
+    var ko_twin = ctx.enqueue_create_buffer[dtype](nk)
+    var qo_ref = ctx.enqueue_create_buffer[dtype](nq)
+    var ko_ref = ctx.enqueue_create_buffer[dtype](nk)
+    _fill_random(ctx, q, nq, 31 + d)
+    _fill_random(ctx, k, nk, 32 + d)
+    _fill_random(ctx, qo_twin, nq, 33)
+    _fill_random(ctx, ko_twin, nk, 34)
+    _fill_random(ctx, qo_ref, nq, 33)
+    _fill_random(ctx, ko_ref, nk, 34)
+    var pos = ctx.enqueue_create_buffer[DType.int64](max(1, tokens))
+    _fill_positions(ctx, pos, max(1, tokens), max_pos, tokens * 131 + d)
+    _rope_twin_launch[dtype, explicit_positions=True](
+        ctx, qo_twin.unsafe_ptr(), ko_twin.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(),
+        pos.unsafe_ptr(), tokens, tokens, 1, 1, 0, 0, hq, hk, d, freqs,
+    )
+    if tokens > 0:
+        ctx.enqueue_function[_rope_gpu[dtype]](
+            qo_ref.unsafe_ptr(), ko_ref.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(),
+            pos.unsafe_ptr(), Int32(hq), Int32(hk), Int32(d),
+            freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
+            freqs.original_max_position,
+            grid_dim=tokens, block_dim=ROPE_BLOCK,
+        )
+    var rq = _compare[dtype](ctx, qo_twin, qo_ref, nq)
+    var rk = _compare[dtype](ctx, ko_twin, ko_ref, nk)
+    var ok = rq[0] and rk[0]
+    # Implicit positions: q's tokens = tokens, k's fewer (or more), seq and offsets apart.
+    var k_tokens = max(1, tokens // 2 + 3)
+    var seq = max(1, tokens // 3 + 1)
+    var off = max_pos // 2
+    var nk2 = max(1, k_tokens * hk * d)
+    var k2 = ctx.enqueue_create_buffer[dtype](nk2)
+    var ko2_twin = ctx.enqueue_create_buffer[dtype](nk2)
+    var ko2_ref = ctx.enqueue_create_buffer[dtype](nk2)
+    _fill_random(ctx, k2, nk2, 35 + d)
+    _fill_random(ctx, ko2_twin, nk2, 36)
+    _fill_random(ctx, ko2_ref, nk2, 36)
+    _fill_random(ctx, qo_twin, nq, 37)
+    _fill_random(ctx, qo_ref, nq, 37)
+    _rope_twin_launch[dtype, explicit_positions=False](
+        ctx, qo_twin.unsafe_ptr(), ko2_twin.unsafe_ptr(), q.unsafe_ptr(), k2.unsafe_ptr(),
+        pos.unsafe_ptr(), tokens, k_tokens, seq, k_tokens, off, 7, hq, hk, d, freqs,
+    )
+    _rope_tile_launch[dtype, explicit_positions=False](
+        ctx, qo_ref.unsafe_ptr(), ko2_ref.unsafe_ptr(), q.unsafe_ptr(), k2.unsafe_ptr(),
+        pos.unsafe_ptr(), tokens, k_tokens, seq, k_tokens, off, 7, hq, hk, d, freqs,
+    )
+    var iq = _compare[dtype](ctx, qo_twin, qo_ref, nq)
+    var ik = _compare[dtype](ctx, ko2_twin, ko2_ref, nk2)
+    ok = ok and iq[0] and ik[0]
+    print(
+        "rope twin", dtype, "tokens", tokens, "Hq", hq, "Hk", hk, "D", d, "max_pos", max_pos,
+        "factor", factor, "max|diff| q", rq[1], "k", rk[1], "implicit q", iq[1], "k", ik[1],
+        "PASS" if ok else "FAIL",
+    )
+    return ok
+
+
+def check_rope_twin[dtype: DType](ctx: DeviceContext) raises -> Bool:
+    """Odd token counts, GQA and MHA, q only, D 64 and 128 (compile-time head sizes) and
+    96 / 6 / 256 (runtime and scalar variants), positions up to ~40000 (fp32 cos/sin) and
+    past 2^17 (fp64-based), Llama 3 scaling factor 8 and none."""
+    var ok = True
+    for factor in [Float32(8.0), Float32(1.0)]:
+        for shape in [
+            (1, 32, 8, 128), (129, 32, 8, 128), (77, 5, 1, 64), (1001, 32, 8, 64),
+            (333, 8, 8, 128), (65, 3, 2, 96), (33, 3, 2, 6), (40, 3, 0, 128), (17, 4, 4, 256),
+            (4097, 32, 8, 128),
+        ]:
+            ok = rope_twin_case[dtype](
+                ctx, shape[0], shape[1], shape[2], shape[3], 40000, factor
+            ) and ok
+        ok = rope_twin_case[dtype](ctx, 257, 8, 2, 128, 1 << 20, factor) and ok
+    return ok
+
+
+def check_rope_twin_all(ctx: DeviceContext) raises:
+    var ok = check_rope_twin[DType.bfloat16](ctx)
+    ok = check_rope_twin[DType.float16](ctx) and ok
+    if not ok:
+        raise Error("rope twin check failed")
+    print("rope twin check: all PASS")
+
+
 def check_fast_case(
     ctx: DeviceContext, batch: Int, sq: Int, skv: Int, hq: Int, hk: Int, d: Int, causal: Int
 ) raises -> Bool:
@@ -798,6 +916,10 @@ def main() raises:
                 failed.append(String(e))
             try:
                 check_rms_norm_v2_all(ctx)
+            except e:
+                failed.append(String(e))
+            try:
+                check_rope_twin_all(ctx)
             except e:
                 failed.append(String(e))
             if len(failed) > 0:
