@@ -28,7 +28,8 @@
 # VERIFY_FLAGS ("--no-triton --dtype bfloat16 --dtype float16"),
 # BENCH_KERNELS ("paged_rope_attention"), AFTER (none: no wait), AFTER_WAIT_S (1200),
 # STAGE_ARGS (as gpu_kernels.sh takes it; step 3 waits for the flashinfer bundle when it names
-# one), PICK_LIMIT_S (420), VERIFY_LIMIT_S (420), BENCH_LIMIT_S (720).
+# one), PICK_LIMIT_S (420), VERIFY_LIMIT_S (420), BENCH_LIMIT_S (720), CHECK_FROM (the check
+# folder of an earlier run of the same code: step 1's check is not run again).
 # Progress: $RESULTS/status.txt. The end: $RESULTS/DONE (the flags on) and $RESULTS/check.tar.xz,
 # time.tar.xz, verify.tar.xz, bench.tar.xz (each step's mojo/, verify/ or microbench/ folder, logs,
 # machine.txt).
@@ -78,9 +79,14 @@ main() {
   if [ "$CANDIDATES" != none ]; then
     # NAME=label pairs; a label is the words up to the next NAME=.
     local pairs passed=()
-    pairs=$(sed -E 's/ ([A-Z_]+=)/\n\1/g' <<<"$CANDIDATES")
-    kernels check STAGE_ARGS="$stage_max" VERIFY_KERNELS=none BENCH_KERNELS=none \
-      KERNELS_LIMIT_S="${PICK_LIMIT_S:-420}" MOJO_RUNS="tests/mojo/gpu_launch.mojo --check"
+    pairs=$(sed -E 's/ ([A-Z][A-Z0-9_]*=)/\n\1/g' <<<"$CANDIDATES")
+    if [ -n "${CHECK_FROM:-}" ]; then  # an earlier check step's folder (same code): not run again
+      rm -rf "$RESULTS/check" && cp -a "$CHECK_FROM" "$RESULTS/check"
+      stamp "check: the results of $CHECK_FROM"
+    else
+      kernels check STAGE_ARGS="$stage_max" VERIFY_KERNELS=none BENCH_KERNELS=none \
+        KERNELS_LIMIT_S="${PICK_LIMIT_S:-420}" MOJO_RUNS="tests/mojo/gpu_launch.mojo --check"
+    fi
     while IFS='=' read -r name label; do
       [ -n "$name" ] || continue
       if grep -qsx "comptime $name = True" "$COPY"/kernels/*.mojo; then
