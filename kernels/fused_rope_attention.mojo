@@ -218,7 +218,7 @@ comptime DENSE_TILE_KEYS = 2
 # (`_dense_tiled_decode_gpu`): off until a GPU check (tests/mojo/gpu_launch.mojo --check:
 # "dense tiled decode check: all PASS") and a timing (tests/mojo/gpu_bench.mojo
 # DENSE_TILED_DECODE) pick it. True puts it in the op in place of `_decode_partial_gpu`.
-comptime DENSE_TILED_DECODE = False
+comptime DENSE_TILED_DECODE = True
 
 
 def _decode_heads_per_block(group: Int) -> Int:

@@ -39,7 +39,7 @@ comptime TILE_RESIDENT_THREADS = 2 * TILE_BLOCK
 # Candidate: the op's GPU launch enqueues `_rope_twin_gpu` (the Triton twin's structure, see
 # there) instead of `_rope_tile_gpu`. A GPU session flips it after gpu_launch --check and
 # gpu_bench have said yes.
-comptime ROPE_TWIN = False
+comptime ROPE_TWIN = True
 # Twin kernel: threads per block, heads each thread rotates with one cos/sin vector (4: 8
 # 16-byte loads, 128 bytes in flight per thread, as a thread of pykernels/rope.py's Triton
 # program holds at D 128) and the blocks per SM its registers are capped for. ptxas -v

@@ -18,9 +18,12 @@ Page 0 is MAX's null block: no sequence owns it.
 
 The batch is ragged by formula, so that every tensor's size follows from the axes: sequence
 b has n_b = S - (b R) mod S new tokens and c_b = C - (3 b R) mod (C + 1) cached ones
-(R = 0: every sequence has S new tokens after C cached ones). Cache slots that hold no
-token, unowned pages and the null page are NaN, so a kernel that reads past a sequence's
-keys, or through an unused table entry, produces NaN where the reference has none.
+(R = 0: every sequence has S new tokens after C cached ones). Unowned pages and the null
+page are NaN, so a kernel that reads through an unused table entry produces NaN where the
+reference has none. Slots of a sequence's own pages past its tokens are NaN too before a store
+(what it must not write); for attention they hold large finite values (N(0, 1) x POISON): a
+kernel may load them in a tile whose causal mask gives them zero weight (MAX's flash attention
+does, in the last key tile of a sequence), but any weight on them shows as a large error.
 """
 
 from __future__ import annotations
@@ -84,6 +87,9 @@ def layer_ok(shape: Shape, params) -> bool:
     return params["layer"] < shape["L"]
 
 
+POISON = 1e3  # the scale of the finite values past a sequence's tokens in its own pages
+
+
 def make_cache(shape: Shape, dtype: torch.dtype, device, gen: torch.Generator,
                filled: bool) -> Tensors:
     """blocks and the three index tensors. `filled`: slots of the new tokens hold keys and
@@ -101,6 +107,10 @@ def make_cache(shape: Shape, dtype: torch.dtype, device, gen: torch.Generator,
         pages = torch.tensor(owned, dtype=torch.int64)[pos // page]
         blocks[pages, :, :, pos % page] = torch.randn(
             (len(pos), *blocks.shape[1:3], *blocks.shape[4:]), generator=gen, device=gen.device).cpu()
+        if filled:  # the rest of its pages: loaded under a mask at most, never weighed
+            rest = torch.arange(len(pos), npages[i] * page)
+            blocks[torch.tensor(owned, dtype=torch.int64)[rest // page], :, :, rest % page] = POISON * torch.randn(
+                (len(rest), *blocks.shape[1:3], *blocks.shape[4:]), generator=gen, device=gen.device).cpu()
     offsets = torch.tensor([0] + new, dtype=torch.int64).cumsum(0)
     return {"blocks": blocks.to(device=device, dtype=dtype),
             "cache_lengths": _u32(torch.tensor(cache), device),
