@@ -11,10 +11,10 @@
 #      on: gpu_serve.sh's START_AFTER, so that max+kt serves the kernels picked here
 #      (SERVE_KERNELS=$RESULTS/src/kernels);
 #   2. verify: `kt verify` of VERIFY_KERNELS on the GPU with the flags picked, then
-#      $RESULTS/verified (gpu_serve.sh's START_AFTER or MEASURE_AFTER). When any kernel's
-#      verify fails, the flags of step 1 are turned off again in the copy (the microbench then
-#      times the ops as shipped; a serving run that started with them says so in its status:
-#      kernels_ready is rewritten);
+#      $RESULTS/verified (gpu_serve.sh's START_AFTER or MEASURE_AFTER). A flag of step 1 is
+#      turned off again in the copy when an op that reaches its file (imports it, directly or
+#      not) did not pass, or when the step gave no summary (the microbench then times those ops
+#      as shipped; a serving run that started with them says so: kernels_ready is rewritten);
 #   3. once the file AFTER exists (the serving run's DONE), the microbench of BENCH_KERNELS.
 #
 #   KT_GIT_SHA=<sha> STAGE_ARGS="max=4 flashinfer=1" AFTER=/tmp/kt-serve/DONE \
@@ -68,6 +68,21 @@ main() {
     grep -q "^comptime $1 = $2\$" "${files[0]}"
   }
 
+  reaches() {  # OP FILE: whether kernels/OP.mojo is FILE or imports it, directly or not
+    local want seen=" " todo=("$1") f dep
+    want=$(basename "$2" .mojo)
+    while [ ${#todo[@]} -gt 0 ]; do
+      f=${todo[0]}; todo=("${todo[@]:1}")
+      [ "$f" = "$want" ] && return 0
+      [[ "$seen" == *" $f "* ]] && continue
+      seen="$seen$f "
+      for dep in $(sed -nE 's/^from (kernels)?\.([a-z_0-9]+) import.*/\2/p' "$COPY/kernels/$f.mojo" 2>/dev/null); do
+        todo+=("$dep")
+      done
+    done
+    return 1
+  }
+
   kernels() {  # step name, then VAR=value settings for gpu_kernels.sh
     local name=$1; shift
     stamp "$name: gpu_kernels.sh $*"
@@ -119,15 +134,30 @@ main() {
     kernels verify STAGE_ARGS="$stage_max" VERIFY_KERNELS="$VERIFY_KERNELS" BENCH_KERNELS=none \
       KERNELS_LIMIT_S="${VERIFY_LIMIT_S:-420}" CHECK_S=0 VERIFY_EXAMPLES="${VERIFY_EXAMPLES:-3}" VERIFY_S="${VERIFY_S:-360}" \
       VERIFY_FLAGS="${VERIFY_FLAGS:---no-triton --dtype bfloat16 --dtype float16}"
-    # Every kernel verified must pass (a summary line, no FAIL in it), else every flag goes off.
-    local summary
+    # A flag stays on when every verified op that reaches its file (the op's own file, or one it
+    # imports, directly or through another kernels/ file) passed; with no summary line (the
+    # step stopped) every flag goes off.
+    local summary name kept=() dropped=()
     summary=$(grep -o 'summary: .*' "$RESULTS/verify/verify/gpu_verify.log" 2>/dev/null | tail -n 1)
-    if [ ${#on[@]} -gt 0 ] && { [ -z "$summary" ] || [[ "$summary" == *FAIL* ]]; }; then
-      for name in "${on[@]}"; do flag "$name" False; done
-      stamp "${on[*]} failed kt verify on the GPU: off again (the microbench times the op as shipped)"
-      echo "none (${on[*]} failed kt verify after the engines started with them)" >"$RESULTS/kernels_ready"
-      on=()
+    for name in "${on[@]}"; do
+      local bad=""
+      if [ -z "$summary" ]; then
+        bad="no verify summary"
+      else
+        for op in $VERIFY_KERNELS; do
+          if reaches "$op" "$(grep -lE "^comptime $name = True\$" "$COPY"/kernels/*.mojo | head -n 1)" \
+             && [[ " ${summary#summary: } " != *" $op:PASS "* ]]; then
+            bad="$bad $op"
+          fi
+        done
+      fi
+      if [ -n "$bad" ]; then flag "$name" False; dropped+=("$name (${bad# })"); else kept+=("$name"); fi
+    done
+    if [ ${#dropped[@]} -gt 0 ]; then
+      stamp "off again after kt verify on the GPU: ${dropped[*]} (the microbench times those ops as shipped)"
+      echo "${kept[*]:-none} (off after kt verify: ${dropped[*]}; the engines started with them)" >"$RESULTS/kernels_ready"
     fi
+    on=("${kept[@]}")
   fi
   echo "${on[*]:-none}" >"$RESULTS/verified"
 

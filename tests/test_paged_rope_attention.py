@@ -129,21 +129,24 @@ def test_decode_sees_every_cached_key():
 
 # --- golden cases against the bugs they guard against ----------------------------------------
 
-def _variant(q_position=None, visible=None):
-    """The reference with the query's position or the keys it sees replaced."""
+def _variant(q_position=None, visible=None, whole_pages=False):
+    """The reference with the query's position or the keys it sees replaced (whole_pages: the
+    keys gathered run to the end of the sequence's last page)."""
     def run(inp, params):
         q, blocks = inp["q"], inp["blocks"]
         hq, d = q.shape[1:]
+        page = blocks.shape[3]
         o = torch.empty_like(q)
         for b, (first, n, cached) in enumerate(pkv.sequences(inp)):
-            k, v = pkv.gather(inp, b, params["layer"], cached + n)
+            span = -(-(cached + n) // page) * page if whole_pages else cached + n
+            k, v = pkv.gather(inp, b, params["layer"], span)
             k, v = (x.repeat_interleave(hq // k.shape[1], dim=1) for x in (k, v))
             qpos = torch.arange(cached, cached + n)
             rot = qpos if q_position is None else q_position(qpos, cached)
             qr = apply_rope(q[None, first:first + n], *rope_cos_sin(rot[None], d, params,
                                                                     q.dtype))[0]
             s = torch.einsum("qhd,khd->hqk", qr * pra.softmax_scale(params, d), k)
-            kpos = torch.arange(cached + n)
+            kpos = torch.arange(span)
             seen = kpos[None, :] <= qpos[:, None] if visible is None else visible(kpos, qpos, cached)
             s = s.masked_fill(~seen[None], float("-inf"))
             o[first:first + n] = torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
@@ -175,6 +178,16 @@ def test_golden_catches_the_new_keys_left_out():
         return o, blocks
 
     assert fails_rule(SPEC, case, torch.float32, cache_only)
+
+
+def test_golden_catches_slots_past_the_sequence_weighed():
+    """A mask bounded by the page rather than the sequence: the last page's slots past the
+    sequence's tokens hold large finite values (a masked load of them, as MAX's flash attention
+    does in a sequence's last key tile, weighs them 0 and passes), so weighing them fails."""
+    case = golden_case(SPEC, "ragged prefill")
+    bug = _variant(visible=lambda kpos, qpos, cached: (kpos[None, :] <= qpos[:, None])
+                   | (kpos[None, :] > qpos[-1]), whole_pages=True)
+    assert fails_rule(SPEC, case, torch.float32, bug)
 
 
 PLANTS = [
