@@ -36,9 +36,10 @@ comptime TILE_BLOCK = 256
 comptime TILE_HEADS = 4
 comptime TILE_BLOCKS_PER_SM = 2
 comptime TILE_RESIDENT_THREADS = 2 * TILE_BLOCK
-# Candidate: the op's GPU launch enqueues `_rope_twin_gpu` (the Triton twin's structure, see
-# there) instead of `_rope_tile_gpu`. A GPU session flips it after gpu_launch --check and
-# gpu_bench have said yes.
+# The op's GPU launch enqueues `_rope_twin_gpu` (the Triton twin's structure, see there), not
+# `_rope_tile_gpu`. On the H200 (2026-12-04, benchmarks/results/kernels_h200/session_2026-12-04):
+# 0.61-0.85x the tile kernel's time in gpu_bench (3.83 TB/s at 32768 tokens 32q/8k D 128), and
+# in kt microbench 0.90-1.01x the Triton twin's time, 3.0-3.9 TB/s; kt verify passed with it.
 comptime ROPE_TWIN = True
 # Twin kernel: threads per block, heads each thread rotates with one cos/sin vector (4: 8
 # 16-byte loads, 128 bytes in flight per thread, as a thread of pykernels/rope.py's Triton
