@@ -33,6 +33,10 @@ comptime RMS_NORM_V2 = False
 # per 256 threads of a block before a block takes a second row.
 comptime V2_VECTORS = 4
 comptime V2_MAX_THREADS = 512
+# The fewest threads per row v2 takes a row with: on the H200 (2026-12-04) v2 was 0.94x the
+# shipped kernel's time at N 8192 bf16 (256 threads) and 1.04-1.08x at N 4096 (128 threads), so
+# rows that fit in 128 threads keep the shipped kernels.
+comptime V2_MIN_THREADS = 256
 comptime V2_MAX_ROWS = 8
 comptime V2_BLOCKS_PER_SM_256 = 16
 
@@ -323,14 +327,15 @@ def _rms_norm_gpu_launch[
     register footprint that holds the row (a warp per row up to 4 vectors per thread, else
     a block per row with 1, 2, 4 or 8 vectors per thread) when n is a multiple of the
     16-byte vector width and the pointers are 16-byte aligned; `_rms_norm_gpu` otherwise.
-    With v2 (RMS_NORM_V2 as shipped), aligned rows past a warp's 4 vectors per lane and up to
-    V2_MAX_THREADS * V2_VECTORS vectors take `_rms_norm_rows_v2_gpu` instead."""
+    With v2 (RMS_NORM_V2 as shipped), aligned rows of more than V2_MIN_THREADS / 2 *
+    V2_VECTORS and at most V2_MAX_THREADS * V2_VECTORS vectors take `_rms_norm_rows_v2_gpu`
+    instead."""
     if m == 0 or n == 0:
         return
     comptime W = max(1, 16 // size_of[dtype]())
     var aligned = n % W == 0 and Int(y) % 16 == 0 and Int(x) % 16 == 0 and Int(w) % 16 == 0
     comptime if v2:
-        if aligned and n > WARP * W * 4 and n <= V2_MAX_THREADS * V2_VECTORS * W:
+        if aligned and n > V2_MIN_THREADS // 2 * V2_VECTORS * W and n <= V2_MAX_THREADS * V2_VECTORS * W:
             _rms_norm_v2_launch[dtype](ctx, y, x, w, m, n, eps)
             return
     var rows = Int32(m)
