@@ -204,11 +204,17 @@ def test_gpu_families_are_rope_alone_at_16m_elements_or_more():
                        for s, _ in fam.cases)
 
 
-def test_target_is_stated_in_tb_per_s_on_a_gpu_only():
+def test_targets_are_the_share_of_hbm_and_the_twin_on_a_gpu_only():
+    """Issue 10: at least 85 % of the HBM datasheet bandwidth, and no slower than the Triton
+    twin (a ratio over interleaved rounds, with its interval)."""
     row = {"kernel": "rope", "provider": "kt_graph", "family": "prefill", "label": "S=4096",
-           "status": "ok", "p50": 0.1, "gb_s": 3100.0, "backend": "cuda"}
-    assert target_lines(SPEC, [row]) == [
-        "targets prefill S=4096: kt_graph 3.10 TB/s (target >= 2.9)"]
+           "status": "ok", "p50": 0.1, "gb_s": 4200.0, "pct_peak": 87.5, "backend": "cuda",
+           "ratios": {"triton": {"ratio": 1.02, "lo": 1.01, "hi": 1.03}}}
+    twin = {"kernel": "rope", "provider": "triton", "family": "prefill", "label": "S=4096",
+            "status": "ok", "p50": 0.098, "backend": "cuda"}
+    lines = target_lines(SPEC, [row, twin])
+    assert "targets prefill S=4096: kt_graph 4200 GB/s = 87.5% of HBM (target >= 85%)" in lines
+    assert any("kt/triton 1.020 [1.010, 1.030] (no slower than the Triton twin missed)" in ln for ln in lines)
     assert target_lines(SPEC, [dict(row, backend="cpu")]) == []
 
 
