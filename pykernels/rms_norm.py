@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from harness.build import max_dtype, max_model_bound
-from harness.spec import Axis, Bound, Case, KernelSpec, Param, Params, Shape, TensorArg, Tensors
+from harness.spec import (Axis, Bound, Case, KernelSpec, Param, Params, RatioTarget, Shape, TensorArg,
+                          Tensors, ThroughputTarget)
 from pykernels._common import bf16_bits, bf16_rne, block_elems, f32
 
 
@@ -225,6 +226,11 @@ SPEC = KernelSpec(
     flops=flops,
     bytes=nbytes,
     providers=PROVIDERS,
+    # Issue 10: no slower than the best of the Triton twin, stock MAX and F.rms_norm at every
+    # Llama 8B / 70B shape (each ratio with its interval), at least 85 % of HBM
+    targets=tuple(RatioTarget("", peer, ("llama8b", "llama70b"), levels=((1.0, f"no slower than {peer}"),))
+                  for peer in ("triton", "max_rms_norm", "torch_functional"))
+    + (ThroughputTarget(("llama8b", "llama70b"), min_pct_peak=85.0),),
     golden=(
         Case({"M": 1, "N": 1}, {"eps": 1e-6, "input_scale": 1.0},
              "one element: y = w * x / sqrt(x^2 + eps), a mean over 1 divides by 1"),
