@@ -100,17 +100,18 @@ def make_cache(shape: Shape, dtype: torch.dtype, device, gen: torch.Generator,
     # draws on the generator's device (kt microbench's is the GPU's), the cache built on the CPU
     order = (torch.randperm(shape["P"] - 1, generator=gen, device=gen.device) + 1).tolist()
     table = torch.zeros(b, shape["NP"], dtype=torch.int64)
+    def fill(owned: torch.Tensor, pos: torch.Tensor, scale: float) -> None:
+        blocks[owned[pos // page], :, :, pos % page] = scale * torch.randn(
+            (len(pos), *blocks.shape[1:3], *blocks.shape[4:]), generator=gen, device=gen.device).cpu()
+
     for i in range(b):
         owned, order = order[: npages[i]], order[npages[i]:]
-        table[i, : npages[i]] = torch.tensor(owned, dtype=torch.int64)
-        pos = torch.arange(cache[i] + (new[i] if filled else 0))
-        pages = torch.tensor(owned, dtype=torch.int64)[pos // page]
-        blocks[pages, :, :, pos % page] = torch.randn(
-            (len(pos), *blocks.shape[1:3], *blocks.shape[4:]), generator=gen, device=gen.device).cpu()
+        owned = torch.tensor(owned, dtype=torch.int64)
+        table[i, : npages[i]] = owned
+        written = cache[i] + (new[i] if filled else 0)
+        fill(owned, torch.arange(written), 1.0)
         if filled:  # the rest of its pages: loaded under a mask at most, never weighed
-            rest = torch.arange(len(pos), npages[i] * page)
-            blocks[torch.tensor(owned, dtype=torch.int64)[rest // page], :, :, rest % page] = POISON * torch.randn(
-                (len(rest), *blocks.shape[1:3], *blocks.shape[4:]), generator=gen, device=gen.device).cpu()
+            fill(owned, torch.arange(written, npages[i] * page), POISON)
     offsets = torch.tensor([0] + new, dtype=torch.int64).cumsum(0)
     return {"blocks": blocks.to(device=device, dtype=dtype),
             "cache_lengths": _u32(torch.tensor(cache), device),
