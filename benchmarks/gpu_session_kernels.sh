@@ -59,13 +59,17 @@ main() {
   done
   STAGE_ARGS=${STAGE_ARGS:-}
   stage_max=${STAGE_ARGS%% *}  # the MAX bundle's NAME=PARTS: steps 1 and 2 need no other
-  flag() {  # NAME True|False: set the flag in the copy's one kernels/*.mojo that defines it;
-            # fails when no file or several do
+  flag_file() {  # NAME: the copy's one kernels/*.mojo that defines the flag; fails when no
+                 # file or several do
     local files
     mapfile -t files < <(grep -lE "^comptime $1 = (True|False)\$" "$COPY"/kernels/*.mojo)
-    [ ${#files[@]} -eq 1 ] || return 1
-    sed -i "s/^comptime $1 = \(True\|False\)\$/comptime $1 = $2/" "${files[0]}"
-    grep -q "^comptime $1 = $2\$" "${files[0]}"
+    [ ${#files[@]} -eq 1 ] && echo "${files[0]}"
+  }
+  flag() {  # NAME True|False: set the flag in its file
+    local file
+    file=$(flag_file "$1") || return 1
+    sed -i "s/^comptime $1 = \(True\|False\)\$/comptime $1 = $2/" "$file"
+    grep -q "^comptime $1 = $2\$" "$file"
   }
 
   reaches() {  # OP FILE: whether kernels/OP.mojo is FILE or imports it, directly or not
@@ -145,8 +149,7 @@ main() {
         bad="no verify summary"
       else
         for op in $VERIFY_KERNELS; do
-          if reaches "$op" "$(grep -lE "^comptime $name = True\$" "$COPY"/kernels/*.mojo | head -n 1)" \
-             && [[ " ${summary#summary: } " != *" $op:PASS "* ]]; then
+          if reaches "$op" "$(flag_file "$name")" && [[ " ${summary#summary: } " != *" $op:PASS "* ]]; then
             bad="$bad $op"
           fi
         done
