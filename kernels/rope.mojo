@@ -21,6 +21,9 @@ from std.utils import StaticTuple
 
 comptime GPU_BLOCK = 128
 comptime MAX_HALF_DIM = 256
+# Positions below which the GPU kernels take `sincos_f32_fast` (within two fp32 ulps of the
+# fp64-based `sincos_f32_accurate` for angles below 2^17: tests/mojo/sincos_check.mojo).
+comptime FAST_SINCOS_POSITIONS = 131072
 # Fast GPU kernel: threads per block and (q or k) heads handled by each thread, which
 # computes cos/sin for its pairs once and reuses them for all of its heads. Measured on the
 # H100 (tests/mojo/gpu_bench.mojo, 168M bf16 elements): 2 heads 2.09 TB/s, 8 heads 1.92,
@@ -330,7 +333,7 @@ def _rope_fast_gpu[
     # cos/sin while the loads are in flight: fp32 arithmetic below 2^17 (every angle is
     # at most the position), the fp64-based one beyond.
     var angle = Float32(pos) * inv_s.unsafe_load[width=width](i0)
-    var sc = sincos_f32_fast(angle) if pos < 131072 else sincos_f32_accurate(angle)
+    var sc = sincos_f32_fast(angle) if pos < FAST_SINCOS_POSITIONS else sincos_f32_accurate(angle)
     var s = sc[0]
     var c = sc[1]
     comptime for j in range(per_thread):
@@ -460,7 +463,7 @@ def _rope_tile_gpu[
             q_pos = t % Int(q_seq_) + Int(q_pos_offset_)
             k_pos = t % Int(k_seq_) + Int(k_pos_offset_)
         var angle = Float32(q_pos) * inv
-        var sc = sincos_f32_fast(angle) if q_pos < 131072 else sincos_f32_accurate(angle)
+        var sc = sincos_f32_fast(angle) if q_pos < FAST_SINCOS_POSITIONS else sincos_f32_accurate(angle)
         if t < q_tokens:
             _rotate_token_heads[dtype, width, group](
                 q_out, q, t * hq * head_dim + i0, q_h0, q_h1, head_dim, sc[1], sc[0]
@@ -469,7 +472,7 @@ def _rope_tile_gpu[
             comptime if not explicit_positions:
                 if k_pos != q_pos:
                     angle = Float32(k_pos) * inv
-                    sc = sincos_f32_fast(angle) if k_pos < 131072 else sincos_f32_accurate(angle)
+                    sc = sincos_f32_fast(angle) if k_pos < FAST_SINCOS_POSITIONS else sincos_f32_accurate(angle)
             _rotate_token_heads[dtype, width, group](
                 k_out, k, t * hk * head_dim + i0, k_h0, k_h1, head_dim, sc[1], sc[0]
             )
@@ -583,7 +586,7 @@ def _rope_twin_gpu[
     if not active:
         return
     var angle = Float32(pos) * inv_s.unsafe_load[width=width](i0)
-    var sc = sincos_f32_fast(angle) if pos < 131072 else sincos_f32_accurate(angle)
+    var sc = sincos_f32_fast(angle) if pos < FAST_SINCOS_POSITIONS else sincos_f32_accurate(angle)
     var s = sc[0]
     var c = sc[1]
     # Every load before the first store: the compiler cannot prove that src and dst do not
@@ -755,49 +758,60 @@ def _rope_twin_launch[
     # with immediate offsets (with a runtime head_dim each is its own 64-bit register,
     # which pushed the kernel past 64 registers) and the index math divides by constants.
     if aligned and head_dim == 128:
-        ctx.enqueue_function[_rope_twin_gpu[dtype, W, explicit_positions, 128]](
-            q_out, k_out, q, k, positions,
-            Int32(q_tokens if hq > 0 else 0), Int32(k_tokens if hk > 0 else 0),
-            Int32(max(q_seq, 1)), Int32(max(k_seq, 1)),
-            Int32(q_pos_offset), Int32(k_pos_offset), Int32(hq), Int32(hk), Int32(head_dim),
-            freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
-            freqs.original_max_position,
-            grid_dim=blocks,
-            block_dim=TWIN_BLOCK,
+        _rope_twin_enqueue[dtype, W, explicit_positions, 128](
+            ctx, q_out, k_out, q, k, positions, q_tokens, k_tokens, q_seq, k_seq,
+            q_pos_offset, k_pos_offset, hq, hk, head_dim, freqs, blocks,
         )
     elif aligned and head_dim == 64:
-        ctx.enqueue_function[_rope_twin_gpu[dtype, W, explicit_positions, 64]](
-            q_out, k_out, q, k, positions,
-            Int32(q_tokens if hq > 0 else 0), Int32(k_tokens if hk > 0 else 0),
-            Int32(max(q_seq, 1)), Int32(max(k_seq, 1)),
-            Int32(q_pos_offset), Int32(k_pos_offset), Int32(hq), Int32(hk), Int32(head_dim),
-            freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
-            freqs.original_max_position,
-            grid_dim=blocks,
-            block_dim=TWIN_BLOCK,
+        _rope_twin_enqueue[dtype, W, explicit_positions, 64](
+            ctx, q_out, k_out, q, k, positions, q_tokens, k_tokens, q_seq, k_seq,
+            q_pos_offset, k_pos_offset, hq, hk, head_dim, freqs, blocks,
         )
     elif aligned:
-        ctx.enqueue_function[_rope_twin_gpu[dtype, W, explicit_positions]](
-            q_out, k_out, q, k, positions,
-            Int32(q_tokens if hq > 0 else 0), Int32(k_tokens if hk > 0 else 0),
-            Int32(max(q_seq, 1)), Int32(max(k_seq, 1)),
-            Int32(q_pos_offset), Int32(k_pos_offset), Int32(hq), Int32(hk), Int32(head_dim),
-            freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
-            freqs.original_max_position,
-            grid_dim=blocks,
-            block_dim=TWIN_BLOCK,
+        _rope_twin_enqueue[dtype, W, explicit_positions, 0](
+            ctx, q_out, k_out, q, k, positions, q_tokens, k_tokens, q_seq, k_seq,
+            q_pos_offset, k_pos_offset, hq, hk, head_dim, freqs, blocks,
         )
     else:
-        ctx.enqueue_function[_rope_twin_gpu[dtype, 1, explicit_positions]](
-            q_out, k_out, q, k, positions,
-            Int32(q_tokens if hq > 0 else 0), Int32(k_tokens if hk > 0 else 0),
-            Int32(max(q_seq, 1)), Int32(max(k_seq, 1)),
-            Int32(q_pos_offset), Int32(k_pos_offset), Int32(hq), Int32(hk), Int32(head_dim),
-            freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
-            freqs.original_max_position,
-            grid_dim=blocks,
-            block_dim=TWIN_BLOCK,
+        _rope_twin_enqueue[dtype, 1, explicit_positions, 0](
+            ctx, q_out, k_out, q, k, positions, q_tokens, k_tokens, q_seq, k_seq,
+            q_pos_offset, k_pos_offset, hq, hk, head_dim, freqs, blocks,
         )
+
+
+def _rope_twin_enqueue[
+    dtype: DType, width: Int, explicit_positions: Bool, dim: Int
+](
+    ctx: DeviceContext,
+    q_out: Pointer[Scalar[dtype], _],
+    k_out: Pointer[Scalar[dtype], _],
+    q: Pointer[Scalar[dtype], _],
+    k: Pointer[Scalar[dtype], _],
+    positions: Pointer[Int64, _],
+    q_tokens: Int,
+    k_tokens: Int,
+    q_seq: Int,
+    k_seq: Int,
+    q_pos_offset: Int,
+    k_pos_offset: Int,
+    hq: Int,
+    hk: Int,
+    head_dim: Int,
+    freqs: RopeFreqs,
+    blocks: Int,
+) raises:
+    """Enqueues one instantiation of `_rope_twin_gpu` (dim 0: head_dim at run time) on
+    `blocks` blocks of TWIN_BLOCK threads, with the arguments `_rope_twin_launch` takes."""
+    ctx.enqueue_function[_rope_twin_gpu[dtype, width, explicit_positions, dim]](
+        q_out, k_out, q, k, positions,
+        Int32(q_tokens if hq > 0 else 0), Int32(k_tokens if hk > 0 else 0),
+        Int32(max(q_seq, 1)), Int32(max(k_seq, 1)),
+        Int32(q_pos_offset), Int32(k_pos_offset), Int32(hq), Int32(hk), Int32(head_dim),
+        freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
+        freqs.original_max_position,
+        grid_dim=blocks,
+        block_dim=TWIN_BLOCK,
+    )
 
 
 @extensibility.register("kt.rope")
