@@ -167,6 +167,28 @@ def _rms_norm_rows_gpu[
             y.unsafe_store[alignment=align](base + j, out.cast[dtype]())
 
 
+@always_inline
+def _v2_vectors[
+    dtype: DType, width: Int, threads: Int, vectors: Int
+](p: Pointer[Scalar[dtype], MutAnyOrigin], base: Int, n: Int, tid: Int) -> StaticTuple[
+    SIMD[dtype, width], vectors
+]:
+    """A thread's `vectors` 16-byte vectors of the row of n at p + base in
+    `_rms_norm_rows_v2_gpu`'s layout (vector v at (v * threads + tid) * width), zero past n.
+    Loads past the row's end read its first vector instead and are zeroed after: no branch
+    between the loads, which LLVM would otherwise fill with the casts of the vector just
+    loaded (so that a thread waits for each load before it issues the next, as
+    `_rms_norm_rows_gpu`'s PTX shows)."""
+    comptime align = width * size_of[dtype]()
+    var out = StaticTuple[SIMD[dtype, width], vectors](fill=0)
+    comptime for v in range(vectors):
+        var j = (v * threads + tid) * width
+        var at = j if j < n else 0
+        var xv = p.unsafe_load[width=width, alignment=align](base + at)
+        out[v] = xv if j < n else SIMD[dtype, width](0)
+    return out
+
+
 def _rms_norm_rows_v2_gpu[
     dtype: DType, width: Int, threads: Int, vectors: Int
 ](
@@ -200,23 +222,10 @@ def _rms_norm_rows_v2_gpu[
     var tid = thread_idx.x
     var step = grid_dim.x
     var row = block_idx.x
-    var ws = StaticTuple[SIMD[dtype, width], vectors](fill=0)
+    var ws = _v2_vectors[dtype, width, threads, vectors](w, 0, n, tid)
     var cur = StaticTuple[SIMD[dtype, width], vectors](fill=0)
-    # Loads past the row's end read its first vector instead and are zeroed after: no branch
-    # between the loads, which LLVM would otherwise fill with the casts of the vector just
-    # loaded (so that a thread waits for each load before it issues the next, as
-    # `_rms_norm_rows_gpu`'s PTX shows).
-    comptime for v in range(vectors):
-        var j = (v * threads + tid) * width
-        var at = j if j < n else 0
-        var wv = w.unsafe_load[width=width, alignment=align](at)
-        ws[v] = wv if j < n else SIMD[dtype, width](0)
     if row < rows:
-        comptime for v in range(vectors):
-            var j = (v * threads + tid) * width
-            var at = j if j < n else 0
-            var xv = x.unsafe_load[width=width, alignment=align](row * n + at)
-            cur[v] = xv if j < n else SIMD[dtype, width](0)
+        cur = _v2_vectors[dtype, width, threads, vectors](x, row * n, n, tid)
     var partial = unsafe_stack_allocation[2 * warps, Float32, address_space=.SHARED]()
     var slot = 0
     # `row` is the same in every thread of the block: the loop (and its barrier) is uniform.
@@ -224,11 +233,7 @@ def _rms_norm_rows_v2_gpu[
         var following = row + step
         var nxt = StaticTuple[SIMD[dtype, width], vectors](fill=0)
         if following < rows:
-            comptime for v in range(vectors):
-                var j = (v * threads + tid) * width
-                var at = j if j < n else 0
-                var xv = x.unsafe_load[width=width, alignment=align](following * n + at)
-                nxt[v] = xv if j < n else SIMD[dtype, width](0)
+            nxt = _v2_vectors[dtype, width, threads, vectors](x, following * n, n, tid)
         var acc = SIMD[DType.float32, width](0)
         comptime for v in range(vectors):
             var f = cur[v].cast[DType.float32]()
