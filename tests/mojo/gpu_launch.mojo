@@ -493,13 +493,7 @@ def check_rope_case[dtype: DType](
     _fill_random(ctx, qo_ref, nq, 23)
     _fill_random(ctx, ko_ref, nk, 24)
     var pos = ctx.enqueue_create_buffer[DType.int64](max(1, tokens))
-    var hp = ctx.enqueue_create_host_buffer[DType.int64](max(1, tokens))
-    ctx.synchronize()
-    var state = UInt64(tokens * 977 + d)
-    for t in range(max(1, tokens)):
-        state = state * 6364136223846793005 + 1442695040888963407
-        hp[t] = Int64(Int((state >> 33) % UInt64(max_pos)))
-    ctx.enqueue_copy(pos, hp)
+    _fill_positions(ctx, pos, max(1, tokens), max_pos, tokens * 977 + d)
     _rope_gpu_launch[dtype, explicit_positions=True](
         ctx, qo_fast.unsafe_ptr(), ko_fast.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(),
         pos.unsafe_ptr(), tokens, tokens, 1, 1, 0, 0, hq, hk, d, freqs,
@@ -627,6 +621,7 @@ def check_rms_norm_v2_all(ctx: DeviceContext) raises:
 def _fill_positions(
     ctx: DeviceContext, pos: DeviceBuffer[DType.int64], n: Int, max_pos: Int, seed: Int
 ) raises:
+    """n pseudo-random positions in [0, max_pos) from `seed` (a 64-bit LCG), copied to pos."""
     var hp = ctx.enqueue_create_host_buffer[DType.int64](n)
     ctx.synchronize()
     var state = UInt64(seed)
