@@ -47,9 +47,14 @@ def default_tol(dtype: str | None) -> float:
     return HALF_TOL if dtype in ("bfloat16", "float16") else DEFAULT_TOL
 
 
-def probe_prompts(words: list[str], n: int = 4, length: int = 24, seed: int = 1234) -> list[str]:
+PROBE_LENGTHS = (24, 24, 24, 24)  # words (one token each) per probe prompt
+
+
+def probe_prompts(words: list[str], lengths: tuple[int, ...] = PROBE_LENGTHS, seed: int = 1234) -> list[str]:
+    """One prompt of random stable words per entry of `lengths`; prompt i depends only on the
+    lengths up to i (so `--probe-lengths 24,24,24,24,1` keeps the default's four prompts)."""
     rng = random.Random(seed)
-    return ["".join(rng.choice(words) for _ in range(length)) for _ in range(n)]
+    return ["".join(rng.choice(words) for _ in range(length)) for length in lengths]
 
 
 PROBE_TOKENS, PROBE_TOP_K = 16, 5  # greedy steps per prompt, logprobs per step

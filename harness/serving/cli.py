@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from . import metrics
+from . import agreement, metrics
 from .client import LoadPoint
 from .model import PRESETS
 
@@ -145,11 +145,13 @@ def make_model(preset: str, out: Path, seed: int, gen_device: str) -> None:
 @click.option("--cost-per-hour", type=click.FloatRange(0), help="$/hour of the machine, for cost per 1M output tokens.")
 @click.option("--agreement-tol", type=click.FloatRange(0), help="Logprob tolerance (nats) of the max+kt vs max check "
               "[default: 0.01 for float32, 1.0 for 16-bit weights].")
+@click.option("--probe-lengths", help="Words (one token each) per agreement-probe prompt, one prompt per entry, "
+              "e.g. 1,7,24,200 [default: 24,24,24,24].")
 def serve_bench(model, engines, custom_kernel_path, pythons, engine_env, engine_arg, base_url, host, port, device,
                 tensor_parallel, dtype, max_num_seqs, max_model_len, kv_cache_memory, prefix_caching, startup, measure_after,
                 dataset, num_prompts, prompts_per_load, input_len, output_len, max_concurrency, request_rate,
                 rate_max_concurrency, burstiness, duration, num_warmups, goodput, seed, out, startup_timeout,
-                request_timeout, cost_per_hour, agreement_tol) -> None:
+                request_timeout, cost_per_hour, agreement_tol, probe_lengths) -> None:
     """Serve MODEL with each engine, drive the same streaming workloads, compare."""
     from .engines.base import ServingSettings
     from .config import BenchConfig, BenchError, RunFailed, RunInterrupted, parse_engines
@@ -177,6 +179,12 @@ def serve_bench(model, engines, custom_kernel_path, pythons, engine_env, engine_
         raise click.BadParameter("must be positive", param_hint="--duration")
     if not concs and not rates:
         concs = [1]
+    lengths = tuple(_csv(probe_lengths, int, "--probe-lengths")) if probe_lengths else agreement.PROBE_LENGTHS
+    if not lengths or any(n < 1 for n in lengths):
+        raise click.BadParameter("give lengths of at least 1", param_hint="--probe-lengths")
+    if max(lengths) >= max_model_len:
+        raise click.BadParameter(f"the longest probe ({max(lengths)} words) must fit --max-model-len {max_model_len}",
+                                 param_hint="--probe-lengths")
     points = [LoadPoint(max_concurrency=c, duration_s=duration) for c in concs]
     points += [LoadPoint(max_concurrency=rate_max_concurrency if r != float("inf") else (rate_max_concurrency or 1),
                          request_rate=r, burstiness=burstiness, duration_s=duration) for r in rates]
@@ -199,7 +207,7 @@ def serve_bench(model, engines, custom_kernel_path, pythons, engine_env, engine_
             prompts_per_load=prompts_per_load, input_len=input_len, output_len=output_len, points=points,
             num_warmups=num_warmups, goodput=slos, seed=seed, host=host, port=port, startup=startup, measure_after=measure_after,
             startup_timeout_s=startup_timeout, request_timeout_s=request_timeout, cost_per_hour=cost_per_hour,
-            command=shlex.join(["kt", *sys.argv[1:]]), agreement_tol=agreement_tol,
+            command=shlex.join(["kt", *sys.argv[1:]]), agreement_tol=agreement_tol, probe_lengths=lengths,
         )
         run(cfg)
     except BenchError as e:

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import client, workload
+from . import agreement, client, workload
 from .engines import Engine, EngineNotFound, EngineOptions, get_engine
 from .engines.base import ServingSettings
 from .maxkt import check_kernel_path
@@ -63,6 +63,7 @@ class BenchConfig:
     cost_per_hour: float | None = None
     command: str = ""
     probe: bool = True  # greedy top-k logprob probe per engine, compared across max and max+kt
+    probe_lengths: tuple[int, ...] = agreement.PROBE_LENGTHS  # words per probe prompt, a prompt each
     agreement_tol: float | None = None  # None: by dtype (agreement.default_tol)
 
 

@@ -99,7 +99,7 @@ class Bench:
         self.workloads, self.warm = build_workloads(cfg)
         tok = workload.load_tokenizer(cfg.model) if (Path(cfg.model) / "tokenizer.json").exists() else None
         self.count_tokens = (lambda s: workload.count_tokens(tok, s)) if tok else None
-        self.probe_prompts = agreement.probe_prompts(workload.stable_words(tok)) if tok and cfg.probe else []
+        self.probe_prompts = agreement.probe_prompts(workload.stable_words(tok), cfg.probe_lengths) if tok and cfg.probe else []
         if cfg.port is not None and port_in_use(cfg.host, cfg.port):
             raise BenchError(f"port {cfg.port} on {cfg.host} is busy")
         self.lives = engine_lives(cfg)

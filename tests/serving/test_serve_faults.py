@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.serving import metrics, workload
+from harness.serving import agreement, metrics, workload
 from harness.serving.metrics import RequestResult
 from serving_helpers import FAKE_SERVER, pids_of
 
@@ -190,3 +190,29 @@ def test_measure_after_waits_for_its_file_and_records_the_wait(tmp_path, tiny_mo
     row = json.loads((out / "vllm" / "c1.json").read_text())
     held = row["startup"]["measure_after"]
     assert held["found"] is True and held["path"] == str(flag) and held["waited_s"] > 0
+
+
+@pytest.mark.parametrize("lengths, says", [("0,3", "give lengths of at least 1"),
+                                           ("3,4096", "the longest probe (4096 words) must fit --max-model-len 2048"),
+                                           ("a,b", "is not a comma-separated list")])
+def test_bad_probe_lengths_are_one_line(tmp_path, tiny_model, fake_python, lengths, says):
+    r = kt("--model", str(tiny_model), "--engines", "vllm", "--python", f"vllm={fake_python}",
+           "--probe-lengths", lengths, "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    errs = error_lines(r.stderr)
+    assert len(errs) == 1 and says in errs[0], r.stderr[-1000:]
+    assert not (tmp_path / "o").exists()
+
+
+def test_probe_lengths_set_the_probe_prompts(tmp_path, tiny_model, fake_python):
+    """--probe-lengths 1,24,3: three probe prompts of 1, 24 and 3 words (one token each). The
+    words are drawn prompt after prompt, so the 1-word prompt is the default's first word."""
+    out = tmp_path / "o"
+    r = kt("--model", str(tiny_model), "--engines", "vllm", "--python", f"vllm={fake_python}", "--num-prompts", "1",
+           "--probe-lengths", "1,24,3", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    prompts = json.loads((out / "vllm" / "probe.json").read_text())["prompts"]
+    tok = workload.load_tokenizer(tiny_model)
+    assert [workload.count_tokens(tok, p) for p in prompts] == [1, 24, 3]
+    default = agreement.probe_prompts(workload.stable_words(tok))
+    assert prompts[0] == default[0][: len(prompts[0])] and prompts[1] != default[1]
