@@ -17,7 +17,8 @@
 # to fill the on-disk caches (~/.cache/modular, Triton's and Inductor's). Phase 2 then times
 # one kernel at a time on an otherwise idle machine, loading those caches. Every step has a
 # time limit (seconds: WARM_S, and per kernel its file's `time_limit_s`, overridable as
-# LIMIT_<kernel>=S); a timed run that hits its limit gets SIGINT and saves what it measured
+# LIMIT_<kernel>=S; SHAPES_<kernel>=F,F limits a kernel to those shape families in both
+# phases); a timed run that hits its limit gets SIGINT and saves what it measured
 # (the JSON is also rewritten after every shape, so even a killed run leaves its rows). Each
 # phase-2 row line starts with the seconds since its process started and ends with where its
 # time went.
@@ -56,8 +57,13 @@ $PY -c "import flashinfer; print('flashinfer', flashinfer.__version__)" 2>/dev/n
 plan=$($PY -m harness.bench plan --device "$DEVICE" "$@") || exit 1
 
 # --- phase 1: compile everything at once ---------------------------------------------
+shapes() {  # kernel: the --shapes argument its SHAPES_<kernel> names, if set
+  local var="SHAPES_$1"
+  [ -n "${!var:-}" ] && printf '%s\n' --shapes "${!var}"
+}
 warm() {  # kernel provider [--where name=value ...]
-  timeout -k 10 "$WARM_S" $PY -m harness.bench warm "$1" --device "$DEVICE" --providers "$2" "${@:3}" \
+  local sh; mapfile -t sh < <(shapes "$1")
+  timeout -k 10 "$WARM_S" $PY -m harness.bench warm "$1" --device "$DEVICE" --providers "$2" "${sh[@]}" "${@:3}" \
     2>&1 | grep -E "^warm |Error|error" | tail -n 4 | sed "s/^/  [$*] /"
 }
 stamp "phase 1: compiling all providers in parallel (limit ${WARM_S} s)"
@@ -72,8 +78,9 @@ stamp "phase 1 done"
 
 # --- phase 2: time one kernel at a time ----------------------------------------------
 bench() {  # kernel limit_s
-  stamp "phase 2: $1 (limit $2 s)"
-  timeout -s INT -k 30 "$2" $PY -m harness microbench "$1" --device "$DEVICE" \
+  local sh; mapfile -t sh < <(shapes "$1")
+  stamp "phase 2: $1 (limit $2 s)${sh[1]:+, families ${sh[1]}}"
+  timeout -s INT -k 30 "$2" $PY -m harness microbench "$1" --device "$DEVICE" "${sh[@]}" \
     --save "$OUT/$1.json" --plot "$OUT/$1.png"
   local rc=$?
   stamp "$1: exit code $rc"

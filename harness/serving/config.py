@@ -115,14 +115,16 @@ KT_OPS = ("rms_norm", "attention")  # what kt's MAX architecture can swap in (ma
 
 
 def parse_kt_ops(name: str, ops: str) -> tuple[str, ...]:
-    """The kt ops a max+kt variant puts into MAX's graph: all of KT_OPS for 'max+kt', else the
-    '+'-separated list after the colon ('max+kt:attention'), in the order given."""
+    """The kt ops a max+kt variant puts into MAX's graph: all of KT_OPS for 'max+kt', none for
+    'max+kt:none', else the '+'-separated list after the colon ('max+kt:attention'), in order."""
     if not ops:
         return KT_OPS
+    if ops == "none":  # kt's architecture with MAX's own layers (for its KT_CHECK modes)
+        return ()
     chosen = tuple(o for o in ops.split("+"))
     bad = [o for o in chosen if o not in KT_OPS]
     if bad or len(set(chosen)) != len(chosen):
-        raise BenchError(f"{name!r}: kt ops are {', '.join(KT_OPS)}, each at most once, joined by '+'")
+        raise BenchError(f"{name!r}: kt ops are {', '.join(KT_OPS)}, each at most once, joined by '+' (or none)")
     return chosen
 
 

@@ -163,8 +163,8 @@ def test_vllm_kv_cache_sized_as_max_sizes_it():
 
 
 def test_max_kt_op_variants_ablate_kts_ops_and_are_checked_against_max():
-    runs = parse_engines(["max", "max+kt", "max+kt:attention", "max+kt:rms_norm"], None, {}, None, "gpu", 0,
-                         ServingSettings())
+    runs = parse_engines(["max", "max+kt", "max+kt:attention", "max+kt:rms_norm", "max+kt:none"], None, {}, None,
+                         "gpu", 0, ServingSettings())
     e = get_engine("max")
     envs = {r.label: e.environment(r.opts) for r in runs}
     assert "KT_OPS" not in envs["max"] and "KT_CUSTOM_KERNEL_PATH" not in envs["max"]
@@ -172,6 +172,9 @@ def test_max_kt_op_variants_ablate_kts_ops_and_are_checked_against_max():
     assert envs["max+kt:attention"]["KT_OPS"] == "attention" and envs["max+kt:rms_norm"]["KT_OPS"] == "rms_norm"
     assert all(envs[k]["KT_CUSTOM_KERNEL_PATH"] for k in ("max+kt", "max+kt:attention"))
     assert e.settings_record(runs[2].opts)["kt_ops"] == ["attention"]
+    # max+kt:none: kt's architecture with MAX's own layers (for KT_CHECK on stock MAX's graph)
+    assert envs["max+kt:none"]["KT_OPS"] == "none" and e.settings_record(runs[4].opts)["kt_ops"] == []
+    assert e.settings_record(runs[1].opts)["kt_ops"] == ["rms_norm", "attention"]
     for bad in (["max+kt:softmax"], ["max+kt:attention+attention"], ["vllm+kt:attention"], ["max", "max"]):
         with pytest.raises(BenchError):
             parse_engines(bad, None, {}, None, "gpu", 0, ServingSettings())

@@ -58,7 +58,7 @@ class EngineOptions:
     python: str | None = None  # interpreter of the engine's environment
     device: str = "cpu"
     custom_kernel_path: Path | None = None
-    kt_ops: tuple[str, ...] = ()  # with custom_kernel_path: which kt ops go into MAX's graph (none: all)
+    kt_ops: tuple[str, ...] | None = None  # with custom_kernel_path: which kt ops go into MAX's graph (None: all)
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)  # set in the engine's environment, last
     settings: ServingSettings = field(default_factory=ServingSettings)

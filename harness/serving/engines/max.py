@@ -73,8 +73,8 @@ class MaxServe(Engine):
             # --engine-env max+kt:...=KT_CUSTOM_KERNEL_PATH=... serves another package in one run.
             env["KT_CUSTOM_KERNEL_PATH"] = opts.env.get("KT_CUSTOM_KERNEL_PATH") or str(
                 Path(opts.custom_kernel_path).resolve())
-            if opts.kt_ops:
-                env["KT_OPS"] = ",".join(opts.kt_ops)
+            if opts.kt_ops is not None:
+                env["KT_OPS"] = ",".join(opts.kt_ops) or "none"
         return env
 
     def label(self, opts: EngineOptions) -> str:
@@ -86,7 +86,7 @@ class MaxServe(Engine):
         if opts.custom_kernel_path is not None:
             from ..config import KT_OPS
 
-            rec["kt_ops"] = list(opts.kt_ops or KT_OPS)
+            rec["kt_ops"] = list(KT_OPS if opts.kt_ops is None else opts.kt_ops)
         if opts.extra_args:
             rec["extra_args"] = list(opts.extra_args)
         rec["engine_defaults_kept"] = {

@@ -34,6 +34,7 @@ from max.graph import DeviceRef, TensorType, TensorValue, ops
 from max.nn.attention import AttentionWithRope
 from max.nn.attention.attention_with_rope import flash_attention_ragged, rope_split_store_ragged
 from max.nn.norm import RMSNorm
+from max.nn.transformer import TransformerBlock
 from max.pipelines.architectures.llama3.arch import llama_arch
 from max.pipelines.architectures.llama3.model import Llama3Model
 
@@ -41,8 +42,9 @@ KERNELS = Path(os.environ["KT_CUSTOM_KERNEL_PATH"])
 OP = os.environ.get("KT_RMS_NORM_OP", "kt.rms_norm")
 STORE_OP = "kt.paged_rope_store"
 ATTENTION_OP = "kt.paged_rope_attention"
-# Which of kt's ops go into the graph (kt serve-bench's max+kt:OP+OP): all by default.
-KT_OPS = {o for o in os.environ.get("KT_OPS", "rms_norm,attention").split(",") if o}
+# Which of kt's ops go into the graph (kt serve-bench's max+kt:OP+OP): all by default; "none"
+# (max+kt:none) keeps MAX's own layers, for the KT_CHECK modes on stock MAX's graph.
+KT_OPS = {o for o in os.environ.get("KT_OPS", "rms_norm,attention").split(",") if o and o != "none"}
 if not KT_OPS <= {"rms_norm", "attention"}:
     raise ValueError(f"KT_OPS={os.environ['KT_OPS']!r}: kt's ops here are rms_norm and attention")
 # KT_CHECK=1: every kt op also runs MAX's own layer on the same input, and the graph prints, per
@@ -54,10 +56,14 @@ if not KT_OPS <= {"rms_norm", "attention"}:
 # before kt's store does (no prints, no MAX attention); KT_CHECK=sync: no MAX ops, but each
 # attention layer, kt's or MAX's, ends by copying its row offsets and cache lengths to the
 # host and printing them (the host waits for the GPU at every layer, as KT_CHECK=1's prints do).
+# KT_CHECK=hidden: each decoder layer prints its output's last row per sequence (max |h| and the
+# RMS, in fp32), with the layer and the batch's row count, to set beside the fp32 reference's
+# per-layer statistics (hf_reference.py's "hidden"): the first layer that departs names where a
+# served prefill goes wrong.
 CHECK_MODE = {"": None, "0": None, "1": "full", "full": "full", "store": "store",
-              "sync": "sync"}.get(os.environ.get("KT_CHECK", ""), "invalid")
+              "sync": "sync", "hidden": "hidden"}.get(os.environ.get("KT_CHECK", ""), "invalid")
 if CHECK_MODE == "invalid":
-    raise ValueError(f"KT_CHECK={os.environ['KT_CHECK']!r}: use 1 (full), store or sync")
+    raise ValueError(f"KT_CHECK={os.environ['KT_CHECK']!r}: use 1 (full), store, sync or hidden")
 CHECK = CHECK_MODE == "full"
 
 
@@ -208,6 +214,27 @@ class SyncedAttentionWithRope(AttentionWithRope):
         return out
 
 
+class HiddenPrintingBlock(TransformerBlock):
+    """KT_CHECK=hidden: MAX's decoder layer, then `_hidden_print` of its output."""
+
+    def __call__(self, layer_idx, x, kv_collection, freqs_cis, input_row_offsets, *args, **kwargs):
+        h = super().__call__(layer_idx, x, kv_collection, freqs_cis, input_row_offsets, *args, **kwargs)
+        _hidden_print(layer_idx, h, input_row_offsets)
+        return h
+
+
+def _hidden_print(layer_idx, h, input_row_offsets) -> None:
+    """Prints [layer, rows, max |h| and RMS of sequence 0's last row, of sequence 1's, ...]."""
+    last = ops.cast(ops.gather(h, input_row_offsets[1:] - 1, axis=0), DType.float32)
+    peak = ops.max(ops.abs(last), axis=-1)
+    rms = ops.sqrt(ops.mean(last * last, axis=-1))
+    head = [ops.reshape(ops.cast(layer_idx, DType.float32), [1]).to(h.device),
+            ops.cast(input_row_offsets[-1:], DType.float32)]
+    stats = ops.reshape(ops.concat([peak, rms], axis=-1), [-1])
+    ops.print(ops.concat([*head, stats], axis=0).to(DeviceRef.CPU()),
+              label="kt hidden [layer, rows, max|h_last|, rms(h_last), ...]")
+
+
 def _norms(module):
     """Every RMSNorm of the graph's module tree, also the per-device copies that MAX's
     tensor-parallel blocks keep in plain lists (`input_layernorm_shards`, `norm_shards`)."""
@@ -235,8 +262,14 @@ def _with_kt(spec):
             synced += 1
     print(f"kt: {attention} attention layers call {STORE_OP} + {ATTENTION_OP} from {KERNELS}",
           file=sys.stderr, flush=True)
+    blocks = 0
+    for _, module in spec.module.named_modules() if CHECK_MODE == "hidden" else ():
+        if type(module) is TransformerBlock:
+            module.__class__ = HiddenPrintingBlock
+            blocks += 1
     if CHECK_MODE:
-        print(f"kt: KT_CHECK={CHECK_MODE} ({synced} of MAX's attention layers synced)", file=sys.stderr, flush=True)
+        print(f"kt: KT_CHECK={CHECK_MODE} ({synced} of MAX's attention layers synced, {blocks} layers print "
+              "their hidden state)", file=sys.stderr, flush=True)
     return dataclasses.replace(spec, custom_extensions=[*spec.custom_extensions, KERNELS])
 
 
