@@ -31,6 +31,16 @@ class KtError(click.ClickException):
         self.exit_code = exit_code
 
 
+def _saved_run(ctx, param, value):
+    """A saved run's path must name a file: itself, or its .xz beside it (`io.result_path`)."""
+    from harness.io import result_path
+
+    if value is not None and not result_path(value).is_file():
+        nor = "" if str(value).endswith(".xz") else f" (nor {value}.xz)"
+        raise click.BadParameter(f"File {value!r} does not exist{nor}.", ctx, param)
+    return value
+
+
 def case_timeout_option(what: str):
     return click.option(
         "--case-timeout", type=click.FloatRange(0.1, 86400), default=None, metavar="SECONDS",
@@ -110,9 +120,10 @@ def verify(kernels, device, dtypes, examples, seed, package, json_path, profile,
                    "fastest non-kt provider].")
 @click.option("--save", "--json", "save", type=click.Path(dir_okay=False), default=None,
               help="Write every row, with provenance, to this JSON file (also after Ctrl-C).")
-@click.option("--compare", "compare_path", type=click.Path(exists=True, dir_okay=False),
-              default=None, help="Compare with a saved run; exit code 1 if any row regressed "
-                                 "beyond noise (max(2 x combined (p90-p10)/p50, 5%)).")
+@click.option("--compare", "compare_path", type=click.Path(dir_okay=False), callback=_saved_run,
+              default=None, help="Compare with a saved run (FILE.json, or FILE.json.xz as "
+                                 "committed); exit code 1 if any row regressed beyond noise "
+                                 "(max(2 x combined (p90-p10)/p50, 5%)).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="PNG: TFLOP/s (GB/s for memory-bound families) vs sequence length.")
 @click.option("--kernels", "package", type=click.Path(), default=None,

@@ -1,10 +1,12 @@
-"""Result files and where a result came from: the one atomic JSON writer, the git sha and the
+"""Result files and where a result came from: the one atomic JSON writer, the one reader of a
+result file (plain or xz-compressed, as committed under benchmarks/results), the git sha and the
 provenance record that `kt verify`, `kt microbench` and `kt serve-bench` all write."""
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import lzma
 import os
 import platform
 import re
@@ -36,6 +38,36 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def result_path(path: str | Path) -> Path:
+    """The file that holds result `path`: `path` itself when it exists, else `path` + ".xz"
+    when that exists (benchmarks/results commits large results compressed:
+    scripts/compact-results.sh), else `path` (for the caller's "cannot read" error)."""
+    path = Path(path)
+    if not path.exists() and path.suffix != ".xz":
+        packed = path.with_name(path.name + ".xz")
+        if packed.is_file():
+            return packed
+    return path
+
+
+def read_result_text(path: str | Path) -> str:
+    """The text of result file `path` (`result_path`), decompressed when it ends in .xz.
+    OSError when it cannot be read; ValueError when it is not xz data or not UTF-8."""
+    path = result_path(path)
+    if path.suffix != ".xz":
+        return path.read_text()
+    try:
+        return lzma.decompress(path.read_bytes()).decode()
+    except (lzma.LZMAError, EOFError) as e:
+        raise ValueError(f"{path}: not a whole xz file ({e})") from None
+
+
+def read_result_json(path: str | Path) -> Any:
+    """Result file `path` as JSON, plain or .xz (`read_result_text`); ValueError when it is
+    not JSON."""
+    return json.loads(read_result_text(path))
 
 
 def unwritable(path: str | Path, flag: str) -> str | None:

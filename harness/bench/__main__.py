@@ -11,17 +11,19 @@ python -m harness.bench warm KERNEL [--shapes F] [--providers P] [--where K=V]
     per mask and head count);
 python -m harness.bench summary FILE.json...   the short summary it ends with;
 python -m harness.bench plot FILE.json FILE.png   the plot of a saved run.
+A FILE.json may be FILE.json.xz (as committed under benchmarks/results), or name an absent
+FILE.json beside its FILE.json.xz (`harness.io.read_result_json`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 from harness import devices
+from harness.io import read_result_json
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,7 +65,7 @@ def main(argv: list[str]) -> int:
         summary(a.files, Console(width=250))
         return 0
     if a.what == "plot":
-        plot(json.loads(Path(a.file).read_text()), Path(a.png))
+        plot(read_result_json(a.file), Path(a.png))
         return 0
     if a.what == "plan":
         specs = [pykernels.get(k) for k in a.kernels] or list(pykernels.discover().values())

@@ -5,12 +5,12 @@ combined in quadrature."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from harness.bench import MicrobenchError
 from harness.bench.engine import shape_key
+from harness.io import read_result_json
 
 REGRESSION_FLOOR = 0.05
 
@@ -62,7 +62,7 @@ def compare_records(new_rows: list[dict], old_rows: list[dict]) -> dict:
 
 def load_rows(path: Path) -> list[dict]:
     try:
-        doc = json.loads(Path(path).read_text())
+        doc = read_result_json(path)  # FILE.json, FILE.json.xz, or FILE.json.xz for an absent FILE.json
     except (OSError, ValueError) as e:
         raise MicrobenchError(f"cannot read {path}: {e}") from None
     rows = doc.get("rows") if isinstance(doc, dict) else None

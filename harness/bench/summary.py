@@ -4,10 +4,8 @@ and the speed targets of the kernel's spec (`KernelSpec.targets`) stated from th
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pykernels
+from harness.io import read_result_json
 from harness.spec import KernelSpec, RatioTarget, ThroughputTarget
 
 
@@ -125,7 +123,7 @@ def summary(paths: list[str], console) -> None:
     every provider's p50 (fastest first) and speedup; the spec's targets (`target_lines`)."""
     for p in paths:
         try:
-            doc = json.loads(Path(p).read_text())
+            doc = read_result_json(p)  # plain or .xz (harness.io.result_path)
         except (OSError, ValueError) as e:
             console.print(f"{p}: unreadable ({e})", markup=False, highlight=False)
             continue
