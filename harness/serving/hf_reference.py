@@ -17,7 +17,9 @@ token's text is the decoded text of that single token, special tokens skipped, a
 decode alike collapse to the last one listed (the least likely), as MAX and vLLM key completions
 logprobs: byte tokens of partial UTF-8 characters all read '\ufffd', so a step's first key is
 not always the greedy token. `greedy[p][t]` is that token's [text, logprob]; `texts[p]` the
-whole completion decoded at once, special tokens skipped, as the servers' text. Written
+whole completion decoded at once, special tokens skipped, as the servers' text;
+`hidden[p][l]` the [max |h|, RMS] of decoder layer l's output at the prompt's last token in the
+prefill (`prompt_tokens[p]` tokens), to set beside KT_CHECK=hidden's prints. Written
 atomically. Bad input: one line on stderr, exit 2.
 """
 
@@ -50,15 +52,29 @@ def write_json_atomic(path: Path, obj: dict) -> None:
         raise
 
 
+def layer_outputs(model, record: list):
+    """Forward hooks on the decoder layers that append, once per layer and forward, the fp32
+    [max |h|, RMS] of the layer output's last row (kt's KT_CHECK=hidden prints the same of a
+    served prefill); returns the hooks' handles."""
+    def hook(_module, _args, out):
+        h = (out[0] if isinstance(out, tuple) else out)[0, -1].float()
+        record.append([h.abs().max().item(), h.pow(2).mean().sqrt().item()])
+    return [layer.register_forward_hook(hook) for layer in model.model.layers]
+
+
 def decode_greedy(model, tok, prompt: str, max_tokens: int, top_k: int, device: str):
-    """(text, steps, greedy) of one prompt: `max_tokens` greedy steps with a KV cache."""
+    """(text, steps, greedy, hidden) of one prompt: `max_tokens` greedy steps with a KV cache;
+    hidden: `layer_outputs` of the prompt's forward (the prefill)."""
     import torch
 
     ids = tok(prompt, return_tensors="pt").input_ids.to(device)
-    chosen, steps, greedy, past = [], [], [], None
+    chosen, steps, greedy, past, hidden = [], [], [], None, []
     with torch.no_grad():
-        for _ in range(max_tokens):
+        for step in range(max_tokens):
+            hooks = layer_outputs(model, hidden) if step == 0 else []
             out = model(input_ids=ids, past_key_values=past, use_cache=True)
+            for handle in hooks:
+                handle.remove()
             past = out.past_key_values
             logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
             top = torch.topk(logprobs, top_k)  # sorted: the greedy token first
@@ -68,7 +84,7 @@ def decode_greedy(model, tok, prompt: str, max_tokens: int, top_k: int, device: 
             greedy.append([texts[0], top.values[0].item()])
             chosen.append(top.indices[0].item())
             ids = top.indices[:1].view(1, 1)
-    return tok.decode(chosen, skip_special_tokens=True), steps, greedy
+    return tok.decode(chosen, skip_special_tokens=True), steps, greedy, hidden
 
 
 def main() -> None:
@@ -107,13 +123,15 @@ def main() -> None:
     except (OSError, ValueError) as e:
         fail(f"cannot load {args.model}: {str(e).splitlines()[0]}")
     model = model.float().to(args.device).eval()
-    texts, steps, greedy = [], [], []
+    texts, steps, greedy, hidden = [], [], [], []
     for prompt in prompts:
-        text, s, g = decode_greedy(model, tok, prompt, args.max_tokens, args.top_k, args.device)
+        text, s, g, h = decode_greedy(model, tok, prompt, args.max_tokens, args.top_k, args.device)
         texts.append(text)
         steps.append(s)
         greedy.append(g)
+        hidden.append(h)
     write_json_atomic(args.out, {"prompts": prompts, "texts": texts, "steps": steps, "greedy": greedy,
+                                 "hidden": hidden, "prompt_tokens": [len(tok(p).input_ids) for p in prompts],
                                  "device": args.device, "dtype": "float32",
                                  "transformers": transformers.__version__, "torch": torch.__version__})
 
