@@ -19,7 +19,8 @@ logprobs: byte tokens of partial UTF-8 characters all read '\ufffd', so a step's
 not always the greedy token. `greedy[p][t]` is that token's [text, logprob]; `texts[p]` the
 whole completion decoded at once, special tokens skipped, as the servers' text;
 `hidden[p][l]` the [max |h|, RMS] of decoder layer l's output at the prompt's last token in the
-prefill (`prompt_tokens[p]` tokens), to set beside KT_CHECK=hidden's prints. Written
+prefill (`prompt_tokens[p]` tokens), `hidden_attn[p][l]` the same of the residual stream after
+the layer's attention, to set beside KT_CHECK=hidden's prints. Written
 atomically. Bad input: one line on stderr, exit 2.
 """
 
@@ -52,26 +53,37 @@ def write_json_atomic(path: Path, obj: dict) -> None:
         raise
 
 
-def layer_outputs(model, record: list):
-    """Forward hooks on the decoder layers that append, once per layer and forward, the fp32
-    [max |h|, RMS] of the layer output's last row (kt's KT_CHECK=hidden prints the same of a
-    served prefill); returns the hooks' handles."""
-    def hook(_module, _args, out):
-        h = (out[0] if isinstance(out, tuple) else out)[0, -1].float()
-        record.append([h.abs().max().item(), h.pow(2).mean().sqrt().item()])
-    return [layer.register_forward_hook(hook) for layer in model.model.layers]
+def _stats(h) -> list[float]:
+    """[max |h|, RMS] of the last row of a [1, rows, hidden] tensor, in fp32."""
+    h = h[0, -1].float()
+    return [h.abs().max().item(), h.pow(2).mean().sqrt().item()]
+
+
+def layer_outputs(model, record: list, record_attn: list):
+    """Hooks on the decoder layers that append, once per layer and forward, the [max |h|, RMS]
+    of the residual stream's last row after the layer (to `record`) and after its attention
+    (the input of its post-attention norm, to `record_attn`): what kt's KT_CHECK=hidden prints
+    of a served prefill. Returns the hooks' handles."""
+    def after_layer(_module, _args, out):
+        record.append(_stats(out[0] if isinstance(out, tuple) else out))
+
+    def after_attention(_module, args):
+        record_attn.append(_stats(args[0]))
+    return ([layer.register_forward_hook(after_layer) for layer in model.model.layers]
+            + [layer.post_attention_layernorm.register_forward_pre_hook(after_attention)
+               for layer in model.model.layers])
 
 
 def decode_greedy(model, tok, prompt: str, max_tokens: int, top_k: int, device: str):
-    """(text, steps, greedy, hidden) of one prompt: `max_tokens` greedy steps with a KV cache;
-    hidden: `layer_outputs` of the prompt's forward (the prefill)."""
+    """(text, steps, greedy, hidden, hidden_attn) of one prompt: `max_tokens` greedy steps with a
+    KV cache; hidden and hidden_attn: `layer_outputs` of the prompt's forward (the prefill)."""
     import torch
 
     ids = tok(prompt, return_tensors="pt").input_ids.to(device)
-    chosen, steps, greedy, past, hidden = [], [], [], None, []
+    chosen, steps, greedy, past, hidden, hidden_attn = [], [], [], None, [], []
     with torch.no_grad():
         for step in range(max_tokens):
-            hooks = layer_outputs(model, hidden) if step == 0 else []
+            hooks = layer_outputs(model, hidden, hidden_attn) if step == 0 else []
             out = model(input_ids=ids, past_key_values=past, use_cache=True)
             for handle in hooks:
                 handle.remove()
@@ -84,7 +96,7 @@ def decode_greedy(model, tok, prompt: str, max_tokens: int, top_k: int, device: 
             greedy.append([texts[0], top.values[0].item()])
             chosen.append(top.indices[0].item())
             ids = top.indices[:1].view(1, 1)
-    return tok.decode(chosen, skip_special_tokens=True), steps, greedy, hidden
+    return tok.decode(chosen, skip_special_tokens=True), steps, greedy, hidden, hidden_attn
 
 
 def main() -> None:
@@ -123,15 +135,17 @@ def main() -> None:
     except (OSError, ValueError) as e:
         fail(f"cannot load {args.model}: {str(e).splitlines()[0]}")
     model = model.float().to(args.device).eval()
-    texts, steps, greedy, hidden = [], [], [], []
+    texts, steps, greedy, hidden, hidden_attn = [], [], [], [], []
     for prompt in prompts:
-        text, s, g, h = decode_greedy(model, tok, prompt, args.max_tokens, args.top_k, args.device)
+        text, s, g, h, ha = decode_greedy(model, tok, prompt, args.max_tokens, args.top_k, args.device)
         texts.append(text)
         steps.append(s)
         greedy.append(g)
         hidden.append(h)
+        hidden_attn.append(ha)
     write_json_atomic(args.out, {"prompts": prompts, "texts": texts, "steps": steps, "greedy": greedy,
-                                 "hidden": hidden, "prompt_tokens": [len(tok(p).input_ids) for p in prompts],
+                                 "hidden": hidden, "hidden_attn": hidden_attn,
+                                 "prompt_tokens": [len(tok(p).input_ids) for p in prompts],
                                  "device": args.device, "dtype": "float32",
                                  "transformers": transformers.__version__, "torch": torch.__version__})
 

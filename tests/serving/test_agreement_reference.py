@@ -178,9 +178,9 @@ def test_a_broken_reference_is_a_warning_not_a_failed_run(tmp_path, tiny_model, 
 
 @pytest.mark.slow
 def test_the_reference_records_each_layers_last_row_at_prefill(tmp_path, tiny_model):
-    """hidden[p][l]: [max |h|, RMS] of decoder layer l's output at prompt p's last token, one
-    entry per layer (what KT_CHECK=hidden prints of a served prefill), and it depends on the
-    prompt."""
+    """hidden[p][l] / hidden_attn[p][l]: [max |h|, RMS] of the residual stream at prompt p's last
+    token after decoder layer l / after its attention, one entry per layer (what KT_CHECK=hidden
+    prints of a served prefill), and it depends on the prompt."""
     python = engine_python("max")
     (tmp_path / "prompts.json").write_text(json.dumps(["hello there", "a longer prompt than that one"]))
     r = subprocess.run([str(python), str(REFERENCE), "--model", str(tiny_model), "--prompts",
@@ -189,7 +189,7 @@ def test_the_reference_records_each_layers_last_row_at_prefill(tmp_path, tiny_mo
     assert r.returncode == 0, r.stderr[-2000:]
     probe = json.loads((tmp_path / "probe.json").read_text())
     layers = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
-    assert [len(h) for h in probe["hidden"]] == [layers, layers]
-    assert all(0 < rms <= peak for h in probe["hidden"] for peak, rms in h)
+    assert [len(h) for h in probe["hidden"]] == [len(h) for h in probe["hidden_attn"]] == [layers, layers]
+    assert all(0 < rms <= peak for h in probe["hidden"] + probe["hidden_attn"] for peak, rms in h)
     assert probe["hidden"][0] != probe["hidden"][1]
     assert probe["prompt_tokens"][1] > probe["prompt_tokens"][0] >= 2  # BOS and the words

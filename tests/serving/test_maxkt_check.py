@@ -90,7 +90,7 @@ h = TensorType(DType.float32, [5, 2], DeviceRef.CPU())
 offsets = TensorType(DType.uint32, [3], DeviceRef.CPU())
 with Graph("hidden", input_types=[h, offsets]) as g:
     x, rows = (v.tensor for v in g.inputs)
-    kt._hidden_print(ops.constant(7, DType.uint32, device=DeviceRef.CPU()), x, rows)
+    kt._hidden_print(ops.constant(7, DType.uint32, device=DeviceRef.CPU()), x, rows, "kt hidden")
     g.output(x)
 model = InferenceSession(devices=[CPU()]).load(g)
 model.execute(Buffer.from_numpy(np.array([[9, 9], [3, -4], [9, 9], [9, 9], [0, -2]], np.float32)),

@@ -56,10 +56,10 @@ if not KT_OPS <= {"rms_norm", "attention"}:
 # before kt's store does (no prints, no MAX attention); KT_CHECK=sync: no MAX ops, but each
 # attention layer, kt's or MAX's, ends by copying its row offsets and cache lengths to the
 # host and printing them (the host waits for the GPU at every layer, as KT_CHECK=1's prints do).
-# KT_CHECK=hidden: each decoder layer prints its output's last row per sequence (max |h| and the
-# RMS, in fp32), with the layer and the batch's row count, to set beside the fp32 reference's
-# per-layer statistics (hf_reference.py's "hidden"): the first layer that departs names where a
-# served prefill goes wrong.
+# KT_CHECK=hidden: each decoder layer prints the residual stream's last row per sequence after
+# its attention and after its MLP (max |h| and the RMS, in fp32), with the layer and the batch's
+# row count, to set beside the fp32 reference's (hf_reference.py's "hidden", "hidden_attn"): the
+# first that departs names where a served prefill goes wrong.
 CHECK_MODE = {"": None, "0": None, "1": "full", "full": "full", "store": "store",
               "sync": "sync", "hidden": "hidden"}.get(os.environ.get("KT_CHECK", ""), "invalid")
 if CHECK_MODE == "invalid":
@@ -215,15 +215,22 @@ class SyncedAttentionWithRope(AttentionWithRope):
 
 
 class HiddenPrintingBlock(TransformerBlock):
-    """KT_CHECK=hidden: MAX's decoder layer, then `_hidden_print` of its output."""
+    """KT_CHECK=hidden: MAX's decoder layer (`TransformerBlock.__call__`'s steps, as MAX 26.7
+    writes them) with `_hidden_print` of the residual stream after attention and after the MLP."""
 
-    def __call__(self, layer_idx, x, kv_collection, freqs_cis, input_row_offsets, *args, **kwargs):
-        h = super().__call__(layer_idx, x, kv_collection, freqs_cis, input_row_offsets, *args, **kwargs)
-        _hidden_print(layer_idx, h, input_row_offsets)
-        return h
+    def __call__(self, layer_idx, x, kv_collection, freqs_cis, input_row_offsets):
+        scale = self.residual_multiplier
+        attn = self.self_attn(layer_idx, self.input_layernorm(x), kv_collection, freqs_cis=freqs_cis,
+                              input_row_offsets=input_row_offsets)
+        h = x + (attn * ops.constant(scale, x.dtype, device=x.device) if scale != 1.0 else attn)
+        _hidden_print(layer_idx, h, input_row_offsets, "kt hidden attn")
+        mlp = self.mlp(self.post_attention_layernorm(h))
+        out = h + (mlp * ops.constant(scale, x.dtype, device=x.device) if scale != 1.0 else mlp)
+        _hidden_print(layer_idx, out, input_row_offsets, "kt hidden")
+        return out
 
 
-def _hidden_print(layer_idx, h, input_row_offsets) -> None:
+def _hidden_print(layer_idx, h, input_row_offsets, what: str) -> None:
     """Prints [layer, rows, max |h| and RMS of sequence 0's last row, of sequence 1's, ...]."""
     last = ops.cast(ops.gather(h, input_row_offsets[1:] - 1, axis=0), DType.float32)
     peak = ops.max(ops.abs(last), axis=-1)
@@ -232,7 +239,7 @@ def _hidden_print(layer_idx, h, input_row_offsets) -> None:
             ops.cast(input_row_offsets[-1:], DType.float32)]
     stats = ops.reshape(ops.concat([peak, rms], axis=-1), [-1])
     ops.print(ops.concat([*head, stats], axis=0).to(DeviceRef.CPU()),
-              label="kt hidden [layer, rows, max|h_last|, rms(h_last), ...]")
+              label=f"{what} [layer, rows, max|h_last|, rms(h_last), ...]")
 
 
 def _norms(module):
