@@ -13,7 +13,9 @@
 # run only (e.g. KV_SHARE=0.05). Each run serves MAX's default mode (device graph capture, overlap
 # scheduler) unless its arguments say otherwise, sends the reference's 4 greedy probe prompts
 # and one small load point (2 prompts of 512 + 32 tokens), and compares each engine's text with
-# the fp32 reference (and max+kt variants with max when max is in the run). The engines of one
+# the fp32 reference (and max+kt variants with max when max is in the run). An engine served with
+# KT_CHECK=hidden also gets `python -m harness.serving.layers` (LOG.layers.txt beside its log):
+# the first layer step where each probe prompt's prefill departs from the reference. The engines of one
 # run start together (STARTUP, default concurrent). Every other variable goes to gpu_serve.sh
 # (STAGE_ARGS, START_AFTER, SERVE_KERNELS, KT_GIT_SHA, ...); RUN_LIMIT_S (600) is each run's
 # SERVE_LIMIT_S. WAIT_MODEL=1: first wait (up to 600 s) for another job to have made the model
@@ -53,6 +55,14 @@ main() {
       CONCURRENCY=1 RATES= DATASETS=random NUM_PROMPTS=2 PER_LOAD=0 DURATION=4 IN_LEN="${IN_LEN:-512}" OUT_LEN="${OUT_LEN:-32}" \
       SERVE_LIMIT_S="${RUN_LIMIT_S:-600}" bash "${GPU_SERVE:-$SRC/benchmarks/serving/gpu_serve.sh}" >"$ROOT/$name.out" 2>&1
     grep -hE "vs reference|vs max" "$ROOT/$name/serve/serve-bench.log" 2>/dev/null | sed "s/^/  $name: /" >>"$STATUS"
+    # KT_CHECK=hidden runs: where each probe prompt's prefill departs from the reference.
+    local log
+    for log in "$ROOT/$name"/serve/logs/*.log; do
+      grep -q "^kt hidden" "$log" 2>/dev/null || continue
+      (cd "$SRC" && "${PYTHON:-python3}" -m harness.serving.layers "$log" "$ROOT/$name/serve/reference/probe.json") \
+        >"${log%.log}.layers.txt" 2>&1
+      grep "^prompt" "${log%.log}.layers.txt" | sed "s/^/  $name $(basename "$log" .log): /" >>"$STATUS"
+    done
     stamp "$name: done ($(cat "$ROOT/$name/DONE" 2>/dev/null || echo 'no DONE'))"
   done <<<"$DIAG_RUNS"
 }

@@ -39,6 +39,31 @@ def test_each_line_is_one_run_with_its_own_settings(tmp_path):
     assert (root / "DONE").read_text().strip() == "done" and (tmp_path / "diag.tar.xz").is_file()
 
 
+HIDDEN_STAND_IN = """#!/usr/bin/env bash
+mkdir -p "$RESULTS/serve/logs" "$RESULTS/serve/reference"
+echo '{"prompt_tokens": [2], "hidden_attn": [[[1.0, 0.5]]], "hidden": [[[1.0, 0.6]]]}' >"$RESULTS/serve/reference/probe.json"
+{ echo "kt hidden attn [layer, rows, max|h_last|, rms(h_last), ...] = tensor([[0.0000, 2.0000, 1.0000, 0.5000]], dtype=f32, shape=[4])"
+  echo "kt hidden [layer, rows, max|h_last|, rms(h_last), ...] = tensor([[0.0000, 2.0000, 7.0000, 3.0000]], dtype=f32, shape=[4])"
+} >"$RESULTS/serve/logs/max_kt_none.log"
+echo "plain log" >"$RESULTS/serve/logs/max.log"
+echo "max+kt:none vs reference: DISAGREE (stand-in)" >"$RESULTS/serve/serve-bench.log"
+echo 0 >"$RESULTS/DONE"
+"""
+
+
+def test_a_hidden_run_says_where_each_prefill_departs(tmp_path):
+    stand_in = tmp_path / "gpu_serve.sh"
+    stand_in.write_text(HIDDEN_STAND_IN)
+    e = dict(os.environ, ROOT=str(tmp_path / "diag"), GPU_SERVE=str(stand_in),
+             DIAG_RUNS="hid|max+kt:none|--engine-env max+kt:none=KT_CHECK=hidden\n")
+    r = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=120, env=e)
+    assert r.returncode == 0, r.stderr
+    status = (tmp_path / "diag" / "status.txt").read_text()
+    assert "hid max_kt_none: prompt 0 (2 tokens): first off at layer 0's mlp" in status, status
+    assert (tmp_path / "diag" / "hid" / "serve" / "logs" / "max_kt_none.layers.txt").is_file()
+    assert not (tmp_path / "diag" / "hid" / "serve" / "logs" / "max.layers.txt").exists()
+
+
 def test_no_runs_is_one_line_and_an_error(tmp_path):
     r = run(tmp_path, "")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "DIAG_RUNS" in r.stderr
