@@ -13,7 +13,8 @@
 # rotation (MAX_PREFILL) with `_attention_gpu` on prefill batches (bf16 and fp16, every
 # (Hq, Hk, D) it instantiates), and kt.fused_rope_attention's tiled dense decode
 # (DENSE_TILED_DECODE) with `_attention_gpu` on decode batches (bf16 and fp16, D 64 and 128,
-# GQA 1/2/4/8), and its wave decode (DENSE_WAVE_DECODE) the same way (GQA 1/2/3/4/8, B 1..32), kt.rms_norm's candidate row kernel (RMS_NORM_V2) with `_rms_norm_gpu` (every
+# GQA 1/2/4/8), and its wave decode (DENSE_WAVE_DECODE) the same way (GQA 1/2/3/4/8, B 1 to
+# 32), kt.rms_norm's candidate row kernel (RMS_NORM_V2) with `_rms_norm_gpu` (every
 # dtype, as the op would launch it and with each threads-per-row and rows per block forced),
 # and kt.rope's candidate kernel (ROPE_TWIN) with `_rope_gpu` and the tile kernel (bf16 and
 # fp16, D 64 and 128 among others, positions to 40000 and past 2^17):
