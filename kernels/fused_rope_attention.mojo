@@ -14,7 +14,7 @@ from extensibility import InputTensor, OutputTensor
 from max.algorithm import sync_parallelize
 from max.gpu import MAX_THREADS_PER_BLOCK_METADATA, block_idx, thread_idx
 from max.gpu.primitives.warp import shuffle_xor
-from max.gpu.host import DeviceContext
+from max.gpu.host import DeviceAttribute, DeviceContext
 from max.gpu.host.info import is_cpu
 from max.gpu.sync import barrier
 from layout import Idx, TileTensor, row_major
@@ -22,7 +22,8 @@ from nn.attention.gpu.mha import flash_attention
 from nn.attention.mha_mask import CausalMask, NullMask
 from std.math import ceildiv, cos, exp, exp2, floor, inf, sin, sqrt
 from std.memory import alloc, unsafe_stack_allocation
-from std.sys import size_of
+from std.sys import inlined_assembly, size_of
+from std.sys.info import is_nvidia_gpu
 from std.utils import StaticTuple
 
 from .decode_tile import _merge_scale, tile_finish, tile_pick, tile_reduce_scatter, tile_softmax
@@ -219,6 +220,19 @@ comptime DENSE_TILE_KEYS = 2
 # (2026-12-04) "dense tiled decode check: all PASS", 0.56-0.69x its time in gpu_bench (3.36 TB/s
 # at B 8, Skv 32768, D 128, against 1.88), and kt verify passed with it.
 comptime DENSE_TILED_DECODE = True
+# `_dense_wave_decode_gpu`'s L2 prefetch distance (block steps ahead) and a block's fixed cost
+# in keys streamed (`_wave_chunk`).
+comptime DENSE_WAVE_PREFETCH = 3
+comptime DENSE_WAVE_BLOCK_KEYS = 128
+# The dense decode over about one wave of long blocks with L2 prefetch
+# (`_dense_wave_decode_launch`) in place of the tiled kernel's launch: candidate. Static
+# numbers (sm_90a, bf16, D 128, GB 4): 255 registers, so 2 blocks (8 warps) an SM; the tiled
+# loop is ~740 SASS instructions a warp step of 8 keys (~92 a key: 128 FMAs a key-lane for the
+# 4 heads' dots and values, ~80 for the keys' sincos), so 100 % of HBM would need ~3.3
+# instructions a clock an SM: long contexts are near the loop's issue ceiling; what this
+# variant removes is the short-context cost of 4 waves of short blocks (1024 at 16 splits)
+# and the one-step lead of the register loads.
+comptime DENSE_WAVE_DECODE = False
 
 
 def _decode_heads_per_block(group: Int) -> Int:
@@ -694,6 +708,272 @@ def _dense_tiled_decode_gpu[
     )
 
 
+@always_inline
+def _prefetch_l2[dtype: DType](p: Pointer[Scalar[dtype], MutAnyOrigin]):
+    """Asks L2 for the 128-byte line holding p and returns at once, no register waiting on it
+    (`prefetch.global.L2`, one a lane; sm_90's bulk prefetch takes a warp-uniform address, so
+    per-lane addresses would loop over the lanes). Nothing on other GPUs."""
+    comptime if is_nvidia_gpu():
+        inlined_assembly[
+            "prefetch.global.L2 [$0];", NoneType, constraints="l", has_side_effect=True
+        ](p)
+
+
+@always_inline
+def _dense_prefetch_tile[
+    dtype: DType, D: Int, U: Int
+](
+    k: Pointer[Scalar[dtype], MutAnyOrigin],
+    v: Pointer[Scalar[dtype], MutAnyOrigin],
+    kv_row0: Int,
+    kv_stride: Int,
+    j0: Int,
+    end: Int,
+    t: Int,
+):
+    """Lane t of a lane group (TPK = D / 2 / W lanes) prefetches into L2 its share of the
+    128-byte lines of the tile at j0 (K rows of keys j0 .. j0 + U - 1, then their V rows;
+    element kv_row0 of key 0 a row's first): lines t, t + TPK, ... of them; none for keys at or
+    past end."""
+    comptime W = 16 // size_of[dtype]()
+    comptime TPK = D // 2 // W
+    comptime ROW_LINES = max(1, D * size_of[dtype]() // 128)
+    comptime LINE = 128 // size_of[dtype]()
+    comptime TILE_LINES = 2 * U * ROW_LINES
+    comptime for p in range(ceildiv(TILE_LINES, TPK)):
+        var line = t + p * TPK
+        var j = j0 + (line // ROW_LINES) % U
+        if line < TILE_LINES and j < end:
+            var at = kv_row0 + j * kv_stride + (line % ROW_LINES) * LINE
+            _prefetch_l2[dtype]((v if line >= U * ROW_LINES else k).unsafe_offset(at))
+
+
+@always_inline
+def _decode_write_merged[
+    dtype: DType, D: Int, GB: Int, W: Int
+](
+    m_in: StaticTuple[Float32, GB],
+    l_in: StaticTuple[Float32, GB],
+    acc_in: StaticTuple[SIMD[DType.float32, W], GB],
+    hx: Int,
+    o: Pointer[Scalar[dtype], MutAnyOrigin],
+    m_part: Pointer[Float32, MutAnyOrigin],
+    l_part: Pointer[Float32, MutAnyOrigin],
+    acc_part: Pointer[Float32, MutAnyOrigin],
+    row0: Int,
+    split: Int,
+    splits: Int,
+):
+    """`_decode_write_partial` (the same merges), for q heads row0 .. row0 + GB - 1 (rows of
+    o, b * hq + h): with one split the block's state is the whole softmax, and head row0 + g's
+    output acc / l goes to o's row; with more, the state goes to part (row0 + g) * splits +
+    split of m_part, l_part and acc_part for `_decode_combine_gpu`."""
+    comptime TPK = D // W
+    comptime NEG_INF = -inf[DType.float32]()
+    var m = m_in
+    var l = l_in
+    var acc = acc_in
+    var tid = thread_idx.x
+    var lane = tid % 32
+    var warp = tid // 32
+    var i0 = (lane % TPK) * W
+    comptime for step in range(5):
+        comptime off = TPK << step
+        comptime if off < 32:
+            comptime for g in range(GB):
+                var m_o = shuffle_xor(m[g], UInt32(off))
+                var l_o = shuffle_xor(l[g], UInt32(off))
+                var m_new = max(m[g], m_o)
+                var a = _merge_scale(m[g], m_new)
+                var c = _merge_scale(m_o, m_new)
+                l[g] = l[g] * a + l_o * c
+                comptime for e in range(W):
+                    acc[g][e] = acc[g][e] * a + shuffle_xor(acc[g][e], UInt32(off)) * c
+                m[g] = m_new
+
+    var m_s = unsafe_stack_allocation[DECODE_WARPS * GB, Float32, address_space=.SHARED]()
+    var l_s = unsafe_stack_allocation[DECODE_WARPS * GB, Float32, address_space=.SHARED]()
+    var acc_s = unsafe_stack_allocation[DECODE_WARPS * GB * D, Float32, address_space=.SHARED]()
+    if lane < TPK:
+        comptime for g in range(GB):
+            var slot = warp * GB + (g ^ hx)
+            comptime for e in range(W):
+                acc_s[unsafe_offset=slot * D + i0 + e] = acc[g][e]
+            if lane == 0:
+                m_s[unsafe_offset=slot] = m[g]
+                l_s[unsafe_offset=slot] = l[g]
+    barrier()
+    for idx in range(tid, GB * D, DECODE_THREADS):
+        var g = idx // D
+        var d = idx % D
+        var m_all = NEG_INF
+        comptime for w in range(DECODE_WARPS):
+            m_all = max(m_all, m_s[unsafe_offset=w * GB + g])
+        var l_all = Float32(0)
+        var a_all = Float32(0)
+        comptime for w in range(DECODE_WARPS):
+            var c = _merge_scale(m_s[unsafe_offset=w * GB + g], m_all)
+            l_all += l_s[unsafe_offset=w * GB + g] * c
+            a_all += acc_s[unsafe_offset=(w * GB + g) * D + d] * c
+        if splits == 1:
+            o[unsafe_offset=(row0 + g) * D + d] = (a_all / l_all).cast[dtype]()
+        else:
+            var part = (row0 + g) * splits + split
+            acc_part[unsafe_offset=part * D + d] = a_all
+            if d == 0:
+                m_part[unsafe_offset=part] = m_all
+                l_part[unsafe_offset=part] = l_all
+
+
+@__llvm_metadata(
+    MAX_THREADS_PER_BLOCK_METADATA=StaticTuple[Int32, 1](Int32(DECODE_THREADS)),
+)
+def _dense_wave_decode_gpu[
+    dtype: DType, D: Int, GB: Int, U: Int = DENSE_TILE_KEYS, PF: Int = DENSE_WAVE_PREFETCH
+](
+    o: Pointer[Scalar[dtype], MutAnyOrigin],
+    m_part: Pointer[Float32, MutAnyOrigin],
+    l_part: Pointer[Float32, MutAnyOrigin],
+    acc_part: Pointer[Float32, MutAnyOrigin],
+    q: Pointer[Scalar[dtype], MutAnyOrigin],
+    k: Pointer[Scalar[dtype], MutAnyOrigin],
+    v: Pointer[Scalar[dtype], MutAnyOrigin],
+    skv_: Int32,
+    hq_: Int32,
+    hk_: Int32,
+    chunk_: Int32,
+    scale_log2: Float32,
+    theta: Float32,
+    factor: Float32,
+    low_freq_factor: Float32,
+    high_freq_factor: Float32,
+    original_max_position: Float32,
+):
+    """`_dense_tiled_decode_gpu` (the same grid, lanes, tiles, scores, softmax and values) with
+    two changes for the long chunks of `_dense_wave_decode_launch`'s one wave of blocks:
+
+    - L2 prefetch PF block steps ahead: while a lane group works on its tile at j0, its
+      lanes ask L2 for the lines of its tile at j0 + PF STEP (`_dense_prefetch_tile`: one
+      128-byte line a lane at D 64 and 128, 16-bit). The
+      kernel holds 255 registers at GB 4, so 2 blocks an SM and one tile a lane (16 KB a
+      block) loaded ahead in registers: about one loop step (~0.6 us) of lead, less than
+      HBM's loaded latency. The prefetches take no registers, so the register loads of each
+      step mostly hit L2.
+    - With one split the block writes o itself (`_decode_write_merged`): no partials and no
+      `_decode_combine_gpu`."""
+    comptime W = 16 // size_of[dtype]()
+    comptime HALF = D // 2
+    comptime TPK = HALF // W
+    comptime KPW = 32 // TPK
+    comptime STREAMS = DECODE_WARPS * KPW
+    comptime N = U * GB
+    comptime R = max(1, N // TPK)
+    comptime DUP = max(1, TPK // N)
+    comptime F = SIMD[DType.float32, W]
+    comptime F2 = SIMD[DType.float32, 2 * W]
+    comptime NEG_INF = -inf[DType.float32]()
+    comptime STEP = STREAMS * U
+    comptime assert U <= TPK and R <= GB, "a tile's scores must fit the lanes of a key"
+
+    var skv, hq, hk, chunk = Int(skv_), Int(hq_), Int(hk_), Int(chunk_)
+    var group = hq // hk
+    var subs = group // GB
+    var split = block_idx.x
+    var kvh = block_idx.y // subs
+    var h0 = kvh * group + (block_idx.y % subs) * GB
+    var b = block_idx.z
+    var splits = Int(ceildiv(skv, chunk))
+    var tid = thread_idx.x
+    var lane = tid % 32
+    var warp = tid // 32
+    var t = lane % TPK
+    var i0 = t * W
+    var stream = warp * KPW + lane // TPK
+    var f = R * (t // DUP)
+    var fu = f // GB
+    var fg = f % GB
+
+    var start = split * chunk
+    var end = min(start + chunk, skv)
+    var kv_stride = hk * D
+    var kv_row0 = b * skv * kv_stride + kvh * D
+    var k_at = kv_row0 + i0
+    var v_at = kv_row0 + 2 * i0
+    var j0 = start + stream * U
+    # The first tile's loads, then the prefetches of the next PF - 1 steps, before the prologue.
+    var kvn = _dense_load_tile[dtype, D, U](k, v, k_at, v_at, kv_stride, j0, end, fu)
+    comptime for n in range(1, PF):
+        _dense_prefetch_tile[dtype, D, U](k, v, kv_row0, kv_stride, j0 + n * STEP, end, t)
+
+    var freqs = RopeFreqs(theta, factor, low_freq_factor, high_freq_factor, original_max_position)
+    var inv_s = unsafe_stack_allocation[HALF, Float32, address_space=.SHARED]()
+    for i in range(tid, HALF, DECODE_THREADS):
+        inv_s[unsafe_offset=i] = freqs.inv_freq(i, D)
+    barrier()
+    var inv = F()
+    comptime for e in range(W):
+        inv[e] = inv_s[unsafe_offset=i0 + e]
+
+    # The GB queries (entry g: head h0 + (g ^ fg)), rotated at position skv - 1, pre-scaled.
+    var q_lo = StaticTuple[F, GB](fill=0)
+    var q_hi = StaticTuple[F, GB](fill=0)
+    var qsc = sincos_f32_fast(Float32(skv - 1) * inv)
+    comptime for g in range(GB):
+        var row = (b * hq + h0 + (g ^ fg)) * D + i0
+        var x1 = q.unsafe_load[width=W, alignment=16](row).cast[DType.float32]()
+        var x2 = q.unsafe_load[width=W, alignment=16](row + HALF).cast[DType.float32]()
+        q_lo[g] = (x1 * qsc[1] - x2 * qsc[0]) * scale_log2
+        q_hi[g] = (x2 * qsc[1] + x1 * qsc[0]) * scale_log2
+
+    var m = StaticTuple[Float32, R](fill=NEG_INF)
+    var l = StaticTuple[Float32, R](fill=0)
+    var acc = StaticTuple[F2, GB](fill=0)
+    # Warp-uniform trip count (the shuffles need the whole warp).
+    var warp_j0 = start + warp * KPW * U
+    while warp_j0 < end:
+        var kv = kvn
+        kvn = _dense_load_tile[dtype, D, U](k, v, k_at, v_at, kv_stride, j0 + STEP, end, fu)
+        comptime if PF > 1:
+            _dense_prefetch_tile[dtype, D, U](k, v, kv_row0, kv_stride, j0 + PF * STEP, end, t)
+
+        var s = StaticTuple[Float32, N](fill=0)
+        comptime for u in range(U):
+            var sc = _sincos_hw(Float32(min(j0 + (u ^ fu), end - 1)) * inv)
+            var k1 = kv[u].cast[DType.float32]()
+            var k2 = kv[U + u].cast[DType.float32]()
+            var kr1 = k1 * sc[1] - k2 * sc[0]
+            var kr2 = k2 * sc[1] + k1 * sc[0]
+            comptime for g in range(GB):
+                var dot = q_lo[g][0] * kr1[0]
+                comptime for e in range(1, W):
+                    dot = q_lo[g][e].fma(kr1[e], dot)
+                comptime for e in range(W):
+                    dot = q_hi[g][e].fma(kr2[e], dot)
+                s[u * GB + g] = dot
+        tile_reduce_scatter[N, TPK](s)
+        if j0 + fu >= end:
+            comptime for r in range(R):
+                s[r] = NEG_INF
+
+        var sm = tile_softmax[N, TPK, U, R](s, m, l)
+        if sm[0]:
+            comptime for g in range(GB):
+                acc[g] = acc[g] * tile_pick[R, DUP, g](sm[1])
+
+        comptime for u in range(U):
+            var vf = kv[2 * U + u].join(kv[3 * U + u]).cast[DType.float32]()
+            comptime for g in range(GB):
+                acc[g] = vf.fma(F2(tile_pick[R, DUP, u * GB + g](sm[2])), acc[g])
+
+        j0 += STEP
+        warp_j0 += STEP
+
+    var ml = tile_finish[TPK, U, R, DUP, GB](m, l)
+    _decode_write_merged[dtype, D, GB, 2 * W](
+        ml[0], ml[1], acc, fg, o, m_part, l_part, acc_part, b * hq + h0, split, splits
+    )
+
+
 def _decode_combine_gpu[
     dtype: DType
 ](
@@ -775,8 +1055,89 @@ def _decode_launch_static[
     _ = acc_part^
 
 
+def _wave_blocks_per_sm(GB: Int) -> Int:
+    """Blocks of `_dense_wave_decode_gpu[_, D, GB]` an SM holds (128 threads; ptxas for sm_90a,
+    D 64 and 128, bf16 and fp16: 124-127 registers at GB 1, 4 blocks; 237-255 at GB 2 and 4
+    but for D 64's GB 2, 168 (3 blocks, at the edge: counted as 2), 2 blocks)."""
+    return 4 if GB == 1 else 2
+
+
+def _wave_chunk(units: Int, skv: Int, slots: Int, block_step: Int) -> Int:
+    """Keys per split for `_dense_wave_decode_launch`: units blocks a split (batch x kv heads x
+    q-head groups), slots blocks resident on the GPU at once. A split count s makes
+    ceil(units s / slots) waves of blocks of `chunk` keys (whole block steps); the chunk kept
+    is the one of least waves x (chunk + DENSE_WAVE_BLOCK_KEYS) (a block's prologue, epilogue
+    and first loads cost about that many keys' streaming), the fewest splits on a tie, with
+    at least DECODE_MIN_CHUNK keys a split."""
+    var most = max(1, ceildiv(skv, DECODE_MIN_CHUNK))
+    var best = ceildiv(skv, block_step) * block_step
+    var best_cost = ceildiv(units, slots) * (best + DENSE_WAVE_BLOCK_KEYS)
+    for s in range(2, most + 1):
+        var chunk = ceildiv(ceildiv(skv, s), block_step) * block_step
+        var cost = ceildiv(units * ceildiv(skv, chunk), slots) * (chunk + DENSE_WAVE_BLOCK_KEYS)
+        if cost < best_cost:
+            best = chunk
+            best_cost = cost
+    return best
+
+
+def _dense_wave_decode_launch[
+    dtype: DType, D: Int, GB: Int
+](
+    o: Pointer[Scalar[dtype], MutAnyOrigin],
+    q: Pointer[Scalar[dtype], MutAnyOrigin],
+    k: Pointer[Scalar[dtype], MutAnyOrigin],
+    v: Pointer[Scalar[dtype], MutAnyOrigin],
+    batch: Int,
+    skv: Int,
+    hq: Int,
+    hk: Int,
+    sm_scale: Float32,
+    freqs: RopeFreqs,
+    ctx: DeviceContext,
+) raises:
+    """`_dense_wave_decode_gpu` over the splits of `_wave_chunk` (about one wave of blocks,
+    `_wave_blocks_per_sm` an SM), then, with more than one split, `_decode_combine_gpu`;
+    the partials (m, l, acc) in one scratch buffer."""
+    comptime W = 16 // size_of[dtype]()
+    comptime BLOCK_STEP = DECODE_WARPS * (32 // (D // 2 // W)) * DENSE_TILE_KEYS
+    var units = batch * hk * (hq // hk // GB)
+    var sms = ctx.get_attribute(DeviceAttribute.MULTIPROCESSOR_COUNT)
+    var chunk = _wave_chunk(units, skv, sms * _wave_blocks_per_sm(GB), BLOCK_STEP)
+    var splits = ceildiv(skv, chunk)
+    var rows = batch * hq * splits
+    comptime kernel = _dense_wave_decode_gpu[dtype, D, GB]
+    if splits == 1:
+        var none = Pointer[Float32, MutAnyOrigin].unsafe_dangling()
+        ctx.enqueue_function[kernel](
+            o, none, none, none, q, k, v,
+            Int32(skv), Int32(hq), Int32(hk), Int32(chunk), sm_scale * LOG2E,
+            freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
+            freqs.original_max_position,
+            grid_dim=(1, hk * (hq // hk // GB), batch), block_dim=DECODE_THREADS,
+        )
+        return
+    var part = ctx.enqueue_create_buffer[DType.float32](rows * (D + 2))
+    var m_part = part.unsafe_ptr().as_unsafe_any_origin()
+    var l_part = m_part.unsafe_offset(rows)
+    var acc_part = m_part.unsafe_offset(2 * rows)
+    ctx.enqueue_function[kernel](
+        o, m_part, l_part, acc_part, q, k, v,
+        Int32(skv), Int32(hq), Int32(hk), Int32(chunk), sm_scale * LOG2E,
+        freqs.theta, freqs.factor, freqs.low_freq_factor, freqs.high_freq_factor,
+        freqs.original_max_position,
+        grid_dim=(splits, hk * (hq // hk // GB), batch), block_dim=DECODE_THREADS,
+    )
+    ctx.enqueue_function[_decode_combine_gpu[dtype]](
+        o, m_part, l_part, acc_part, Int32(splits), Int32(D),
+        grid_dim=batch * hq, block_dim=DECODE_THREADS,
+    )
+    # Frees are stream-ordered: the buffer outlives the kernels that use it.
+    _ = part^
+
+
 def _decode_dispatch[
-    dtype: DType, tiled: Bool = False
+    dtype: DType, tiled: Bool = False, wave: Bool = False
 ](
     o: Pointer[Scalar[dtype], MutAnyOrigin],
     q: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -791,17 +1152,22 @@ def _decode_dispatch[
     freqs: RopeFreqs,
     ctx: DeviceContext,
 ) raises:
-    """`_decode_launch_static` for the runtime head dim and heads per block; the caller
-    checks `_decode_supported` first."""
+    """`_decode_launch_static` (`_dense_wave_decode_launch` with `wave`) for the runtime head
+    dim and heads per block; the caller checks `_decode_supported` first."""
     comptime if dtype == DType.bfloat16 or dtype == DType.float16:
         var gb = _decode_heads_per_block(hq // hk)
         comptime for D in [64, 128]:
             if head_dim == D:
                 comptime for GB in [1, 2, 4]:
                     if gb == GB:
-                        _decode_launch_static[dtype, D, GB, tiled](
-                            o, q, k, v, batch, skv, hq, hk, sm_scale, freqs, ctx
-                        )
+                        comptime if wave:
+                            _dense_wave_decode_launch[dtype, D, GB](
+                                o, q, k, v, batch, skv, hq, hk, sm_scale, freqs, ctx
+                            )
+                        else:
+                            _decode_launch_static[dtype, D, GB, tiled](
+                                o, q, k, v, batch, skv, hq, hk, sm_scale, freqs, ctx
+                            )
                         return
     raise Error("kt.fused_rope_attention: no decode kernel for this shape")
 
@@ -890,7 +1256,9 @@ def _flash_attention_dispatch[
 
 
 def _fused_rope_attention_gpu[
-    dtype: DType, dense_tiled_decode: Bool = DENSE_TILED_DECODE
+    dtype: DType,
+    dense_tiled_decode: Bool = DENSE_TILED_DECODE,
+    dense_wave_decode: Bool = DENSE_WAVE_DECODE,
 ](
     o: Pointer[Scalar[dtype], _],
     q: Pointer[Scalar[dtype], _],
@@ -912,7 +1280,8 @@ def _fused_rope_attention_gpu[
     Decode (sq = 1, bf16 or fp16, head_dim 64 or 128, 16-byte aligned tensors): a split-KV
     kernel that rotates each key in registers as it streams (`_dense_tiled_decode_gpu` with
     `dense_tiled_decode`, DENSE_TILED_DECODE, else `_decode_partial_gpu`), then
-    `_decode_combine_gpu`.
+    `_decode_combine_gpu`; with `dense_wave_decode` (DENSE_WAVE_DECODE)
+    `_dense_wave_decode_launch` instead.
     Fast path (`_fast_path_supported`: bf16 and a listed (hq, hk, head_dim)):
     rotate q (positions skv - sq + i) and k (positions j) into scratch buffers of dtype
     with the vectorized RoPE kernel, then MAX's flash attention on (q_rot, k_rot, v).
@@ -924,7 +1293,7 @@ def _fused_rope_attention_gpu[
     var vp = v.unsafe_mut_cast[True]().as_unsafe_any_origin()
     var aligned = Int(q) % 16 == 0 and Int(k) % 16 == 0 and Int(v) % 16 == 0
     if sq == 1 and skv <= 131072 and aligned and _decode_supported[dtype](head_dim):
-        _decode_dispatch[dtype, dense_tiled_decode](
+        _decode_dispatch[dtype, dense_tiled_decode, dense_wave_decode](
             op,
             q.unsafe_mut_cast[True]().as_unsafe_any_origin(),
             k.unsafe_mut_cast[True]().as_unsafe_any_origin(),

@@ -1,10 +1,12 @@
 # Raw kernel timings on a GPU, outside MAX graphs, for tuning the kernels' compile-time
 # parameters (each variant is its own instantiation). Not part of CI (it needs a GPU):
 #   mojo run -I <repo> tests/mojo/gpu_bench.mojo [EXACT_LENGTHS] [DENSE_TILED_DECODE] [RMS_NORM_V2] [ROPE_TWIN]
+#     [DENSE_WAVE_DECODE]
 # (the paged kernels come first: kt.paged_rope_attention's prefill and decode kernels at the
 # serving shapes, and each candidate named on the command line beside the kernel it would
 # replace, then "<candidate> faster: yes|no"; then, with DENSE_TILED_DECODE,
-# kt.fused_rope_attention's decode beside its tiled kernel the same way; with RMS_NORM_V2,
+# kt.fused_rope_attention's decode beside its tiled kernel the same way (with DENSE_WAVE_DECODE,
+# the tiled kernel beside the wave launch); with RMS_NORM_V2,
 # kt.rms_norm's launch beside its candidate row kernel the same way; with ROPE_TWIN, kt.rope's
 # tile kernel beside the twin kernel the same way; then RoPE, RMSNorm and
 # the dense decode variants).
@@ -183,12 +185,14 @@ def decode_variant[unroll: Int, warps: Int](
            t0, Float64(2 * batch * skv * hk * 128 * 2))
 
 
-def dense_decode(
+def dense_decode[wave: Bool = False](
     ctx: DeviceContext, batch: Int, skv: Int, hq: Int, hk: Int, d: Int, freqs: RopeFreqs
 ) raises -> Float64:
-    """kt.fused_rope_attention's decode (one query, keys rotated as they stream) as the op runs
-    it, then with `_dense_tiled_decode_gpu` (DENSE_TILED_DECODE); returns the tiled kernel's
-    time over the op's. GB/s: the keys and values read once."""
+    """kt.fused_rope_attention's decode (one query, keys rotated as they stream) with
+    `_decode_partial_gpu`, then with `_dense_tiled_decode_gpu` (DENSE_TILED_DECODE); returns the
+    tiled kernel's time over the first's. With `wave`: with `_dense_tiled_decode_gpu` (the op
+    as shipped), then with `_dense_wave_decode_launch` (DENSE_WAVE_DECODE), its time over the
+    tiled kernel's. GB/s: the keys and values read once."""
     var nq = batch * hq * d
     var nkv = batch * skv * hk * d
     var q = ctx.enqueue_create_buffer[BF16](nq)
@@ -209,12 +213,14 @@ def dense_decode(
                 ctx.synchronize()
                 t0 = perf_counter_ns()
             if variant == 0:
-                _fused_rope_attention_gpu[BF16, dense_tiled_decode=False](
+                _fused_rope_attention_gpu[
+                    BF16, dense_tiled_decode=wave, dense_wave_decode=False
+                ](
                     o.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
                     batch, 1, skv, hq, hk, d, scale, Int32(1), freqs, ctx,
                 )
             else:
-                _fused_rope_attention_gpu[BF16, dense_tiled_decode=True](
+                _fused_rope_attention_gpu[BF16, dense_tiled_decode=True, dense_wave_decode=wave](
                     o.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
                     batch, 1, skv, hq, hk, d, scale, Int32(1), freqs, ctx,
                 )
@@ -223,10 +229,13 @@ def dense_decode(
         var name: String
         if variant == 0:
             first_ms = ms
-            name = "op (default)"
+            name = "tiled (as shipped)" if wave else "op (default)"
         else:
             ratio = ms / first_ms
-            name = String("dense tiled (DENSE_TILED_DECODE) vs op ", ratio)
+            if wave:
+                name = String("dense wave (DENSE_WAVE_DECODE) vs tiled ", ratio)
+            else:
+                name = String("dense tiled (DENSE_TILED_DECODE) vs op ", ratio)
         print(
             String("decode skv=", skv, " B ", batch, " Hq ", hq, " Hk ", hk, " D ", d), name,
             "ms", ms, "GB/s", nbytes / ms / 1e6,
@@ -467,6 +476,7 @@ def main() raises:
     var dense_tiled_decode = False
     var rms_norm_v2_on = False
     var rope_twin = False
+    var dense_wave_decode = False
     for arg in argv():
         if arg == "EXACT_LENGTHS":
             exact_lengths = True
@@ -476,6 +486,8 @@ def main() raises:
             rms_norm_v2_on = True
         elif arg == "ROPE_TWIN":
             rope_twin = True
+        elif arg == "DENSE_WAVE_DECODE":
+            dense_wave_decode = True
 
     # Paged prefill at max+kt's serving shape (Llama 3.2 1B: 32 q / 8 kv heads, D 64, bf16,
     # pages of 128): 8 prompts of 1024 tokens; then D 128 (Llama 3.1 8B), 1024 new tokens
@@ -506,6 +518,14 @@ def main() raises:
         dense.append(dense_decode(ctx, 8, 32768, 32, 8, 128, freqs))
         dense.append(dense_decode(ctx, 32, 4096, 32, 8, 64, freqs))
         verdict("dense tiled decode", dense)
+    # The same shapes and 16k keys with DENSE_WAVE_DECODE, beside the tiled kernel as shipped.
+    if dense_wave_decode:
+        var wave = List[Float64]()
+        wave.append(dense_decode[True](ctx, 8, 4096, 32, 8, 128, freqs))
+        wave.append(dense_decode[True](ctx, 8, 16384, 32, 8, 128, freqs))
+        wave.append(dense_decode[True](ctx, 8, 32768, 32, 8, 128, freqs))
+        wave.append(dense_decode[True](ctx, 32, 4096, 32, 8, 64, freqs))
+        verdict("dense wave decode", wave)
     # RMSNorm (kt.rms_norm): Llama 8B's hidden size 4096 and 70B's 8192 over 4k..32k tokens
     # (bf16, 64..256 MiB each way).
     if rms_norm_v2_on:

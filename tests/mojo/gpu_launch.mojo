@@ -13,7 +13,8 @@
 # rotation (MAX_PREFILL) with `_attention_gpu` on prefill batches (bf16 and fp16, every
 # (Hq, Hk, D) it instantiates), and kt.fused_rope_attention's tiled dense decode
 # (DENSE_TILED_DECODE) with `_attention_gpu` on decode batches (bf16 and fp16, D 64 and 128,
-# GQA 1/2/4/8), kt.rms_norm's candidate row kernel (RMS_NORM_V2) with `_rms_norm_gpu` (every
+# GQA 1/2/4/8), and its wave decode (DENSE_WAVE_DECODE) the same way (GQA 1/2/3/4/8, B 1 to
+# 32), kt.rms_norm's candidate row kernel (RMS_NORM_V2) with `_rms_norm_gpu` (every
 # dtype, as the op would launch it and with each threads-per-row and rows per block forced),
 # and kt.rope's candidate kernel (ROPE_TWIN) with `_rope_gpu` and the tile kernel (bf16 and
 # fp16, D 64 and 128 among others, positions to 40000 and past 2^17):
@@ -141,6 +142,11 @@ def fused_attention_all[dtype: DType](ctx: DeviceContext) raises:
     for heads in [(32, 32), (4, 2), (32, 8)]:
         for d in [64, 128]:
             _fused_rope_attention_gpu[dtype, dense_tiled_decode=True](
+                o.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
+                2, 1, 8, heads[0], heads[1], d, scale, Int32(1), freqs, ctx,
+            )
+            # And over one wave of long blocks with L2 prefetch (DENSE_WAVE_DECODE).
+            _fused_rope_attention_gpu[dtype, dense_wave_decode=True](
                 o.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
                 2, 1, 8, heads[0], heads[1], d, scale, Int32(1), freqs, ctx,
             )
@@ -802,12 +808,12 @@ def check_fast_path(ctx: DeviceContext) raises:
     print("fast path check: all PASS")
 
 
-def dense_decode_case[dtype: DType](
+def dense_decode_case[dtype: DType, wave: Bool = False](
     ctx: DeviceContext, batch: Int, skv: Int, hq: Int, hk: Int, d: Int
 ) raises -> Bool:
     """kt.fused_rope_attention's decode (one query at position skv - 1, keys rotated as they
-    stream) with `_dense_tiled_decode_gpu` vs the simple fused kernel `_attention_gpu` (fp32
-    RoPE and dot products) on random inputs."""
+    stream) with `_dense_tiled_decode_gpu` (with `wave`, `_dense_wave_decode_launch`) vs the
+    simple fused kernel `_attention_gpu` (fp32 RoPE and dot products) on random inputs."""
     var freqs = RopeFreqs(500000.0, 8.0, 1.0, 4.0, 8192.0)
     var scale = Float32(1.0) / Float32(d) ** 0.5
     var nq = batch * hq * d
@@ -820,7 +826,7 @@ def dense_decode_case[dtype: DType](
     _fill_random(ctx, q, nq, 41 + d + hk)
     _fill_random(ctx, k, nkv, 42 + d + hk)
     _fill_random(ctx, v, nkv, 43 + d + hk)
-    _fused_rope_attention_gpu[dtype, dense_tiled_decode=True](
+    _fused_rope_attention_gpu[dtype, dense_tiled_decode=True, dense_wave_decode=wave](
         o_fast.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(),
         batch, 1, skv, hq, hk, d, scale, Int32(1), freqs, ctx,
     )
@@ -833,7 +839,8 @@ def dense_decode_case[dtype: DType](
     )
     var res = _compare[dtype](ctx, o_fast, o_ref, nq)
     print(
-        "dense tiled decode", dtype, "B", batch, "Skv", skv, "Hq", hq, "Hk", hk, "D", d,
+        "dense wave decode" if wave else "dense tiled decode", dtype, "B", batch, "Skv", skv,
+        "Hq", hq, "Hk", hk, "D", d,
         "max|diff|", res[1], "PASS" if res[0] else "FAIL",
     )
     return res[0]
@@ -858,6 +865,31 @@ def check_dense_tiled_decode_all(ctx: DeviceContext) raises:
     if not ok:
         raise Error("dense tiled decode check failed")
     print("dense tiled decode check: all PASS")
+
+
+def check_dense_wave_decode[dtype: DType](ctx: DeviceContext) raises -> Bool:
+    """`_dense_wave_decode_launch` at D 64 and 128: GQA 1, 3 (one head a block), 4 and 8 (4
+    over two blocks a kv head) and 2; one key, shorter than a block step, one short of 4k and
+    past 16k by an odd few (tiles and prefetches past a split's end); batches of 1 (many
+    splits), 3, 8 (4 splits at 4k) and 32 (one split: the blocks write o, no combine)."""
+    var ok = True
+    for d in [64, 128]:
+        for heads in [(4, 4), (6, 2), (8, 2), (16, 2)]:
+            for skv in [1, 37, 4095, 16384 + 5]:
+                ok = dense_decode_case[dtype, True](ctx, 2, skv, heads[0], heads[1], d) and ok
+        ok = dense_decode_case[dtype, True](ctx, 3, 1000 + 3, 4, 2, d) and ok
+        ok = dense_decode_case[dtype, True](ctx, 1, 32768 + 3, 32, 8, d) and ok
+        ok = dense_decode_case[dtype, True](ctx, 8, 4096, 32, 8, d) and ok
+        ok = dense_decode_case[dtype, True](ctx, 32, 4096 - 7, 32, 8, d) and ok
+    return ok
+
+
+def check_dense_wave_decode_all(ctx: DeviceContext) raises:
+    var ok = check_dense_wave_decode[DType.bfloat16](ctx)
+    ok = check_dense_wave_decode[DType.float16](ctx) and ok
+    if not ok:
+        raise Error("dense wave decode check failed")
+    print("dense wave decode check: all PASS")
 
 
 def main() raises:
@@ -903,6 +935,10 @@ def main() raises:
                 failed.append(String(e))
             try:
                 check_dense_tiled_decode_all(ctx)
+            except e:
+                failed.append(String(e))
+            try:
+                check_dense_wave_decode_all(ctx)
             except e:
                 failed.append(String(e))
             try:
