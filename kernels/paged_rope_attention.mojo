@@ -1130,13 +1130,15 @@ comptime DECODE_V2_PREFETCH = 2
 # Blocks an SM `_decode_v2_gpu` is compiled for (registers at most 65536 / (3 x 128) = 170 a
 # thread: `_tiled_decode_gpu` takes 168, so the prefetch's few more must not drop it to 2).
 comptime DECODE_V2_MIN_BLOCKS = 3
-# Bytes of one L2 prefetch (a cache line): the lanes whose 16-byte slice starts a line issue it.
-comptime PREFETCH_LINE = 128
+# Bytes `_decode_v2_gpu` prefetches into L2 a lane: one 32-byte sector (L2's unit of transfer),
+# from the lanes whose 16-byte slice starts one, so each sector of a tile is asked for once
+# whether the hint fetches a sector or a whole line.
+comptime PREFETCH_SECTOR = 32
 
 
 @always_inline
 def _prefetch_l2[dtype: DType](p: Pointer[Scalar[dtype], MutAnyOrigin]):
-    """A hint: fetch the 128-byte line holding p into L2 (no register waits on it)."""
+    """A hint: fetch the sector (or line) holding p into L2 (no register waits on it)."""
     inlined_assembly["prefetch.global.L2 [$0];", NoneType, constraints="l", has_side_effect=True](p)
 
 
@@ -1144,12 +1146,14 @@ def _prefetch_l2[dtype: DType](p: Pointer[Scalar[dtype], MutAnyOrigin]):
 def _prefetch_key_tile[
     dtype: DType, U: Int
 ](blocks: Pointer[Scalar[dtype], MutAnyOrigin], row0: Int, rows_of: KeyRows, v_off: Int):
-    """Prefetches into L2 the lines at the key rows row0 + u slot_stride, u < U (U
+    """Prefetches into L2 the sectors at the key rows row0 + u slot_stride, u < U (U
     consecutive slots of one page from row0), and at their value rows."""
+    var k = blocks.unsafe_offset(row0)
+    var v = k.unsafe_offset(v_off)
+    var stride = Int(rows_of.slot_stride)
     comptime for u in range(U):
-        var r = row0 + Int(UInt32(u) * rows_of.slot_stride)
-        _prefetch_l2(blocks.unsafe_offset(r))
-        _prefetch_l2(blocks.unsafe_offset(r + v_off))
+        _prefetch_l2(k.unsafe_offset(u * stride))
+        _prefetch_l2(v.unsafe_offset(u * stride))
 
 
 @always_inline
@@ -1253,21 +1257,25 @@ def _decode_v2_gpu[
     """`_tiled_decode_gpu`'s grid (splits, kv heads x group / GB, rows), block, queries and
     tiles (scores, softmax and values through `decode_tile.mojo`), with three changes:
 
-    Splits by the row's own length. The row's pos + 1 keys are cut into `splits` chunks of
-    ceil((pos + 1) / splits) keys rounded up to a block step (STREAMS x U keys, so tiles
-    start at multiples of U), split s taking chunk s (possibly empty). The host sizes the
-    split count from its bound on the longest sequence, as before, but the chunks no longer
-    come from that bound: with a padded block table (the bound 4096 for 1088 keys at B 32)
-    `_split_decode_launch`'s chunks leave one split with 1024 keys and the others with 64 or
-    none, where here every split of the row gets about the same share.
+    Splits by the row's own length. The row's pos + 1 keys are cut into chunks of
+    max(ceil((pos + 1) / splits), DECODE_MIN_CHUNK) keys rounded up to a block step
+    (STREAMS x U keys, so tiles start at multiples of U), split s taking chunk s (possibly
+    empty). The host sizes the split count from its bound on the longest sequence, as
+    `_split_decode_launch` does, but the chunks no longer come from that bound: with MAX
+    Serve's padded block table (bound 4096 for 1088 keys, B 32, D 64: 4 splits)
+    `_split_decode_launch`'s chunks give one block of each (row, kv head) 1024 keys and
+    another 64, here each of the four takes 320, 320, 320 and 128; at B 8 x 16k keys (D 128)
+    16 chunks of 1024 instead of 14 of 1152 and one of 256.
 
-    L2 prefetch. The stream's tile PF block steps past the next one (whose K and V it loads
-    into registers, as `_tiled_decode_gpu`) is prefetched into L2 (`prefetch.global.L2`, one
-    lane a 128-byte line): the lines in flight a lane then cover PF + 1 steps instead of one
-    without holding registers (the kernel holds 168 a thread: 3 blocks an SM at D 64 and
-    128, 48 KiB of loads in flight an SM), and the register loads that follow hit L2.
-    Prefetched rows are those `_tile_rows` gives (keys past the end read the last key's row):
-    always inside the cache.
+    L2 prefetch. The stream's tiles 1 .. PF block steps past the next one (whose K and V it
+    loads into registers, as `_tiled_decode_gpu`) are prefetched into L2
+    (`prefetch.global.L2`, one lane a 32-byte sector): the bytes a block has in flight then
+    cover PF + 1 steps instead of one without holding registers (`_tiled_decode_gpu` holds
+    168 a thread: 3 blocks an SM at D 64 and 128, each lane 2 U 16 = 128 bytes ahead, 48 KiB
+    an SM, where the H200's 4.8 TB/s over 132 SMs at ~1-2 us of loaded latency wants
+    ~36-72 KiB), and the register loads that follow hit L2. A tile is prefetched only when
+    it starts before the split's end and lies inside one page (always, for pages a multiple
+    of U): every address is a slot of an owned page.
 
     One split, no scratch. With `direct` (the host launches it when splits == 1: every row's
     keys in one block) the block writes o = acc / l itself (`_decode_write_out`) and the host
@@ -1284,7 +1292,7 @@ def _decode_v2_gpu[
     comptime F = SIMD[DType.float32, W]
     comptime NEG_INF = -inf[DType.float32]()
     comptime STEP = STREAMS * U
-    comptime LINE_LANES = max(1, PREFETCH_LINE // 16)
+    comptime SECTOR_LANES = max(1, PREFETCH_SECTOR // 16)
     comptime assert U <= TPK and R <= GB, "a tile's scores must fit the lanes of a key"
 
     var lay = PagedLayout(
@@ -1308,7 +1316,7 @@ def _decode_v2_gpu[
     var f = R * (t // DUP)
     var fu = f // GB
     var fg = f % GB
-    var issues_prefetch = t % LINE_LANES == 0
+    var issues_prefetch = t % SECTOR_LANES == 0
     var b = seq_of_row(row_offsets, Int(batch_), row)
     var pos = Int(cache_lengths[unsafe_offset=b]) + row - Int(row_offsets[unsafe_offset=b])
 
@@ -1339,20 +1347,18 @@ def _decode_v2_gpu[
     # (its table load has a whole step to land: the prefetch never waits on it). A tile is
     # prefetched when it starts before the end and lies inside one page (its rows then are
     # row0 + u slot_stride: always true for pages a multiple of U), else skipped: a hint.
-    var pf_j0 = j0 + (PF + 1) * STEP
-    var pf_at = rows_of.locate(pf_j0)
-    var pf_row = -1
+    var pf_row = -1  # the row of the tile PF + 1 steps ahead, -1: not prefetched
     comptime if PF > 0:
         if issues_prefetch:
             var ahead = at
-            comptime for p in range(1, PF + 1):
+            comptime for p in range(1, PF + 2):
                 ahead = rows_of.step(ahead[0], ahead[1], UInt32(STEP))
                 if j0 + p * STEP < end and ahead[1] + UInt32(U) <= rows_of.page:
-                    _prefetch_key_tile[dtype, U](
-                        blocks, rows_of.row_at(table, ahead[0], ahead[1]), rows_of, v_off
-                    )
-            if pf_j0 < end and pf_at[1] + UInt32(U) <= rows_of.page:
-                pf_row = rows_of.row_at(table, pf_at[0], pf_at[1])
+                    var r0 = rows_of.row_at(table, ahead[0], ahead[1])
+                    comptime if p <= PF:
+                        _prefetch_key_tile[dtype, U](blocks, r0, rows_of, v_off)
+                    else:
+                        pf_row = r0
     while warp_j0 < end:
         var kv = kvn
         var nxt = rows_of.step(at[0], at[1], UInt32(STEP))
@@ -1363,11 +1369,11 @@ def _decode_v2_gpu[
             if issues_prefetch:
                 if pf_row >= 0:
                     _prefetch_key_tile[dtype, U](blocks, pf_row, rows_of, v_off)
-                pf_j0 += STEP
-                pf_at = rows_of.step(pf_at[0], pf_at[1], UInt32(STEP))
+                # The next step's: the tile PF + 1 steps past the next tile.
+                var pa = rows_of.step(nxt[0], nxt[1], UInt32((PF + 1) * STEP))
                 pf_row = -1
-                if pf_j0 < end and pf_at[1] + UInt32(U) <= rows_of.page:
-                    pf_row = rows_of.row_at(table, pf_at[0], pf_at[1])
+                if j0 + (PF + 2) * STEP < end and pa[1] + UInt32(U) <= rows_of.page:
+                    pf_row = rows_of.row_at(table, pa[0], pa[1])
 
         var s = StaticTuple[Float32, N](fill=0)
         comptime for u in range(U):
