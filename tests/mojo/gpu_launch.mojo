@@ -416,10 +416,11 @@ def check_decode_v2[dtype: DType](ctx: DeviceContext) raises -> Bool:
     """`_decode_v2_gpu` (PAGED_DECODE_V2) against `_attention_gpu` on decode batches: the
     tiled decode's batches (GQA 4 at D 128 and 64, pages of 128, 16, 7 and 3, MHA, GQA 8 and
     2, an empty cache, keys ending on a page boundary, lengths unknown); the serving shape
-    B 128 x ~1k keys at D 64 (one split a row: the direct kernel, no combine) and B 32 with
-    ragged lengths (several splits a row, each cut by the row's own length) on a table padded
-    as MAX Serve's with the lengths known, exact and not; long caches (16k keys at D 128, many
-    splits, prefetches across pages) beside short ones; B 1 (one split) at D 128 and 64."""
+    B 128 x up to 1088 keys at D 64 (one split a row: the direct kernel, no combine); B 32
+    and 16 with ragged lengths (several splits a row, each cut by the row's own length) on a
+    table padded as MAX Serve's, the lengths given and not; 16k keys at D 128 beside short
+    caches (many splits, prefetches across pages); D 128 at B 8 on a padded table; B 1 at
+    D 128 over 3001 keys (12 splits) and over 201 keys at D 64 and 128 (one split: direct)."""
     var ok = True
     var ones = List[Int]()
     for _ in range(128):
@@ -427,6 +428,9 @@ def check_decode_v2[dtype: DType](ctx: DeviceContext) raises -> Bool:
     var ones32 = List[Int]()
     for _ in range(32):
         ones32.append(1)
+    var ones16 = List[Int]()
+    for _ in range(16):
+        ones16.append(1)
     ok = paged_case[dtype, True, True, v2=True](ctx, 128, 32, 8, 128, [1023, 4095, 0, 127], [1, 1, 1, 1], True) and ok
     ok = paged_case[dtype, True, True, v2=True](ctx, 64, 32, 8, 16, [37, 1, 500], [1, 1, 1], True) and ok
     ok = paged_case[dtype, True, True, v2=True](ctx, 128, 8, 8, 7, [100, 3], [1, 1], True) and ok
@@ -435,13 +439,13 @@ def check_decode_v2[dtype: DType](ctx: DeviceContext) raises -> Bool:
     ok = paged_case[dtype, True, True, v2=True](ctx, 64, 16, 8, 3, [5, 0, 70, 11], [1, 1, 1, 1], True) and ok
     ok = paged_case[dtype, True, True, v2=True](ctx, 128, 16, 8, 3, [300, 2], [1, 1], True) and ok
     ok = paged_case[dtype, True, True, v2=True](ctx, 64, 32, 8, 128, _decode_batch(128, 1087, 7), ones, True) and ok
-    ok = paged_case[dtype, True, True, exact=True, v2=True](ctx, 64, 32, 8, 128, _decode_batch(128, 1087, 8), ones, True) and ok
     ok = paged_case[dtype, True, True, exact=True, v2=True](ctx, 64, 32, 8, 128, _decode_batch(32, 1087, 9), ones32, True) and ok
-    ok = paged_case[dtype, True, True, exact=True, v2=True](ctx, 64, 32, 8, 128, _decode_batch(32, 4095, 10), ones32, True, False) and ok
-    ok = paged_case[dtype, True, True, v2=True](ctx, 128, 32, 8, 128, [16383, 5, 4096, 130, 0, 8191, 127, 1000], [1, 1, 1, 1, 1, 1, 1, 1], True) and ok
+    ok = paged_case[dtype, True, True, exact=True, v2=True](ctx, 64, 32, 8, 128, _decode_batch(16, 4095, 10), ones16, True, False) and ok
+    ok = paged_case[dtype, True, True, v2=True](ctx, 128, 32, 8, 128, [16383, 130, 4096], [1, 1, 1], True) and ok
     ok = paged_case[dtype, True, True, exact=True, v2=True](ctx, 128, 32, 8, 128, [1023, 700, 1023, 64, 1000, 1, 999, 512], [1, 1, 1, 1, 1, 1, 1, 1], True) and ok
     ok = paged_case[dtype, True, True, v2=True](ctx, 128, 32, 8, 128, [3000], [1], True) and ok
     ok = paged_case[dtype, True, True, v2=True](ctx, 64, 32, 8, 16, [200], [1], True) and ok
+    ok = paged_case[dtype, True, True, v2=True](ctx, 128, 32, 8, 16, [200], [1], True) and ok
     return ok
 
 
