@@ -13,8 +13,10 @@
 # rotation (MAX_PREFILL) with `_attention_gpu` on prefill batches (bf16 and fp16, every
 # (Hq, Hk, D) it instantiates), and kt.fused_rope_attention's tiled dense decode
 # (DENSE_TILED_DECODE) with `_attention_gpu` on decode batches (bf16 and fp16, D 64 and 128,
-# GQA 1/2/4/8), and its wave decode (DENSE_WAVE_DECODE) the same way (GQA 1/2/3/4/8, B 1 to
-# 32), kt.rms_norm's candidate row kernel (RMS_NORM_V2) with `_rms_norm_gpu` (every
+# GQA 1/2/4/8), its wave decode (DENSE_WAVE_DECODE) the same way (GQA 1/2/3/4/8, B 1 to 32),
+# kt.paged_rope_attention's decode v2 (PAGED_DECODE_V2) with `_attention_gpu` on decode batches
+# (bf16 and fp16, D 64 and 128, GQA 1/2/4/8, batches of 1 to 128), kt.rms_norm's candidate row
+# kernel (RMS_NORM_V2) with `_rms_norm_gpu` (every
 # dtype, as the op would launch it and with each threads-per-row and rows per block forced),
 # and kt.rope's candidate kernel (ROPE_TWIN) with `_rope_gpu` and the tile kernel (bf16 and
 # fp16, D 64 and 128 among others, positions to 40000 and past 2^17):
@@ -34,6 +36,7 @@ from kernels.paged_kv import PagedLayout
 from kernels.paged_max_prefill import MAX_PREFILL_PAGE, _max_prefill_supported
 from kernels.paged_rope_attention import (
     EXACT_LENGTHS,
+    PAGED_DECODE_V2,
     PIPELINED_DECODE,
     TILED_DECODE,
     _attention_gpu_launch,
@@ -167,7 +170,7 @@ def paged_all[dtype: DType](ctx: DeviceContext) raises:
     two sequences (3 new tokens after 2 cached, 1 after 5) in pages of 4 of a 5-page cache,
     2 layers, 2 kv heads, 4 q heads, writing and reading layer 1; then a decode step (one
     token per sequence), which takes the split-KV kernel for 16-bit dtypes at D 64 and 128,
-    as in use and tiled (TILED_DECODE).
+    as in use, tiled (TILED_DECODE) and v2 (PAGED_DECODE_V2).
     """
     var freqs = RopeFreqs(500000.0, 8.0, 1.0, 4.0, 8192.0)
     var cache_lengths = _u32_buffer(ctx, [2, 5])
@@ -204,6 +207,10 @@ def paged_all[dtype: DType](ctx: DeviceContext) raises:
             o.unsafe_ptr().as_unsafe_any_origin(), qp, bp, cl, lt, dro, 2, 2, 1, 6, 4, 8 * d, d,
             Float32(0.25), lay, 5, freqs, ctx,
         )
+        paged_rope_attention_gpu[dtype, decode_v2=True](
+            o.unsafe_ptr().as_unsafe_any_origin(), qp, bp, cl, lt, dro, 2, 2, 1, 6, 4, 8 * d, d,
+            Float32(0.25), lay, 5, freqs, ctx,
+        )
         ctx.synchronize()
     _ = check_prefill[dtype](ctx, False)
     _ = check_max_prefill[dtype](ctx, False)
@@ -215,6 +222,7 @@ def paged_case[
     tiled: Bool = TILED_DECODE,
     max_prefill: Bool = False,
     exact: Bool = EXACT_LENGTHS,
+    v2: Bool = PAGED_DECODE_V2,
 ](
     ctx: DeviceContext, d: Int, hq: Int, hk: Int, page: Int, cached: List[Int], new: List[Int],
     check: Bool, known_lengths: Bool = True,
@@ -222,8 +230,9 @@ def paged_case[
     """The GPU branch of kt.paged_rope_attention on a batch (sequence b: new[b] rows after
     cached[b] cached tokens): a prefill batch takes the tiled `_prefill_gpu`, or with
     max_prefill kt's query rotation and MAX's paged flash attention, a decode batch (one new row
-    each) the split-KV decode, `_tiled_decode_gpu` with `tiled`, else `_split_decode_gpu` with
-    its key loads one step ahead with `pipelined`; with check, compared with `_attention_gpu`
+    each) the split-KV decode, `_decode_v2_gpu` with `v2`, else `_tiled_decode_gpu` with
+    `tiled`, else `_split_decode_gpu` with its key loads one step ahead with `pipelined`; with
+    check, compared with `_attention_gpu`
     (one block per row and q head) on the same inputs. A random cache of 2 layers (layer 1
     read), pages handed out in a scrambled order, q a strided view of a QKV row. With
     max_prefill the block table is laid out as MAX Serve's: its columns rounded up to 8 plus
@@ -278,7 +287,7 @@ def paged_case[
     var scale = Float32(1.0) / Float32(d) ** 0.5
     paged_rope_attention_gpu[
         dtype, tiled_prefill=True, pipelined_decode=pipelined, tiled_decode=tiled,
-        max_prefill=max_prefill, exact_lengths=exact,
+        max_prefill=max_prefill, exact_lengths=exact, decode_v2=v2,
     ](
         o_fast.unsafe_ptr().as_unsafe_any_origin(), qkv.unsafe_ptr().as_unsafe_any_origin(),
         args[0], args[1], args[2], args[3], rows, batch, max_prompt, max_cache, hq, qkv_row, d,
@@ -297,6 +306,8 @@ def paged_case[
     var kind = String("paged decode pipelined=", pipelined)
     if rows > batch:
         kind = "paged prefill"
+    elif v2:
+        kind = "paged decode v2"
     elif tiled:
         kind = "tiled decode"
     if max_prefill:
@@ -391,6 +402,66 @@ def check_tiled_decode_all(ctx: DeviceContext) raises:
     if not ok:
         raise Error("tiled decode check failed")
     print("tiled decode check: all PASS")
+
+
+def _decode_batch(n: Int, longest: Int, seed: Int) -> List[Int]:
+    """Cache lengths of a decode batch of n sequences: pseudo-random in 0 .. longest (an LCG),
+    with an empty cache, one token, and the longest first."""
+    var cached = List[Int]()
+    var x = seed
+    for b in range(n):
+        x = (x * 1103515245 + 12345) % 2147483648
+        cached.append(x % (longest + 1))
+    if n > 2:
+        cached[0] = longest
+        cached[1] = 0
+        cached[2] = 1
+    return cached^
+
+
+def check_decode_v2[dtype: DType](ctx: DeviceContext) raises -> Bool:
+    """`_decode_v2_gpu` (PAGED_DECODE_V2) against `_attention_gpu` on decode batches: the
+    tiled decode's batches (GQA 4 at D 128 and 64, pages of 128, 16, 7 and 3, MHA, GQA 8 and
+    2, an empty cache, keys ending on a page boundary, lengths unknown); the serving shape
+    B 128 x up to 1088 keys at D 64 (one split a row: the direct kernel, no combine); B 32
+    and 16 with ragged lengths (several splits a row, each cut by the row's own length) on a
+    table padded as MAX Serve's, the lengths given and not; 16k keys at D 128 beside short
+    caches (many splits, prefetches across pages); D 128 at B 8 on a padded table; B 1 at
+    D 128 over 3001 keys (12 splits) and over 201 keys at D 64 and 128 (one split: direct)."""
+    var ok = True
+    var ones = List[Int]()
+    for _ in range(128):
+        ones.append(1)
+    var ones32 = List[Int]()
+    for _ in range(32):
+        ones32.append(1)
+    var ones16 = List[Int]()
+    for _ in range(16):
+        ones16.append(1)
+    ok = paged_case[dtype, True, True, v2=True](ctx, 128, 32, 8, 128, [1023, 4095, 0, 127], [1, 1, 1, 1], True) and ok
+    ok = paged_case[dtype, True, True, v2=True](ctx, 64, 32, 8, 16, [37, 1, 500], [1, 1, 1], True) and ok
+    ok = paged_case[dtype, True, True, v2=True](ctx, 128, 8, 8, 7, [100, 3], [1, 1], True) and ok
+    ok = paged_case[dtype, True, True, v2=True](ctx, 64, 16, 2, 128, [2000], [1], True) and ok
+    ok = paged_case[dtype, True, True, v2=True](ctx, 64, 32, 8, 16, [37, 1, 500], [1, 1, 1], True, False) and ok
+    ok = paged_case[dtype, True, True, v2=True](ctx, 64, 16, 8, 3, [5, 0, 70, 11], [1, 1, 1, 1], True) and ok
+    ok = paged_case[dtype, True, True, v2=True](ctx, 128, 16, 8, 3, [300, 2], [1, 1], True) and ok
+    ok = paged_case[dtype, True, True, v2=True](ctx, 64, 32, 8, 128, _decode_batch(128, 1087, 7), ones, True) and ok
+    ok = paged_case[dtype, True, True, exact=True, v2=True](ctx, 64, 32, 8, 128, _decode_batch(32, 1087, 9), ones32, True) and ok
+    ok = paged_case[dtype, True, True, exact=True, v2=True](ctx, 64, 32, 8, 128, _decode_batch(16, 4095, 10), ones16, True, False) and ok
+    ok = paged_case[dtype, True, True, v2=True](ctx, 128, 32, 8, 128, [16383, 130, 4096], [1, 1, 1], True) and ok
+    ok = paged_case[dtype, True, True, exact=True, v2=True](ctx, 128, 32, 8, 128, [1023, 700, 1023, 64, 1000, 1, 999, 512], [1, 1, 1, 1, 1, 1, 1, 1], True) and ok
+    ok = paged_case[dtype, True, True, v2=True](ctx, 128, 32, 8, 128, [3000], [1], True) and ok
+    ok = paged_case[dtype, True, True, v2=True](ctx, 64, 32, 8, 16, [200], [1], True) and ok
+    ok = paged_case[dtype, True, True, v2=True](ctx, 128, 32, 8, 16, [200], [1], True) and ok
+    return ok
+
+
+def check_decode_v2_all(ctx: DeviceContext) raises:
+    var ok = check_decode_v2[DType.bfloat16](ctx)
+    ok = check_decode_v2[DType.float16](ctx) and ok
+    if not ok:
+        raise Error("paged decode v2 check failed")
+    print("paged decode v2 check: all PASS")
 
 
 def check_exact_lengths[dtype: DType](ctx: DeviceContext) raises -> Bool:
@@ -943,6 +1014,10 @@ def main() raises:
                 failed.append(String(e))
             try:
                 check_exact_lengths_all(ctx)
+            except e:
+                failed.append(String(e))
+            try:
+                check_decode_v2_all(ctx)
             except e:
                 failed.append(String(e))
             try:
