@@ -8,13 +8,13 @@ fp32; the result is rounded to the input dtype once, at the end.
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.algorithm import sync_parallelize
-from max.gpu import block_idx, grid_dim, thread_idx
+from max.gpu import MAX_THREADS_PER_BLOCK_METADATA, block_idx, grid_dim, thread_idx
 from max.gpu.host import DeviceAttribute, DeviceContext
 from max.gpu.host.info import is_cpu
 from max.gpu.primitives.warp import shuffle_xor
 from max.gpu.sync import barrier
 from std.math import ceildiv, rsqrt
-from std.memory import unsafe_stack_allocation
+from std.memory import bitcast, unsafe_stack_allocation
 from std.sys import size_of
 from std.utils import StaticTuple
 
@@ -39,6 +39,23 @@ comptime V2_MAX_THREADS = 512
 comptime V2_MIN_THREADS = 256
 comptime V2_MAX_ROWS = 8
 comptime V2_BLOCKS_PER_SM_256 = 16
+# Candidate: `_rms_norm_gpu_launch` takes aligned rows of more than 256 and at most 1024
+# 16-byte vectors (bf16/fp16 N 2056..8192, fp32 N 1028..4096: Llama 8B's and 70B's hidden
+# sizes) with `_rms_norm_rows_lean_gpu` (benchmarks/gpu_session_kernels.sh turns it on when
+# tests/mojo/gpu_launch.mojo --check passes it and tests/mojo/gpu_bench.mojo times it faster).
+comptime RMS_NORM_LEAN = False
+# `_rms_norm_rows_lean_gpu`: 16-byte vectors per thread (threads per row: 128 or 256, the fewer
+# that hold the row).
+comptime LEAN_VECTORS = 4
+
+
+def _lean_threads_per_sm[dtype: DType]() -> Int:
+    """The threads per SM `_rms_norm_rows_lean_gpu` asks ptxas to keep resident (a cap of
+    65536 / that registers a thread): 1280 (48 registers, 5 blocks of 256, 10 of 128) where
+    the kernel fits without spills at 4 vectors (bf16, fp32: 47-48 registers with no cap);
+    1024 for fp16 (64 registers: its widening is a real conversion, which LLVM keeps live in
+    fp32 from the sum of squares to the stores, and at 48 registers ptxas spills)."""
+    return 1024 if dtype == DType.float16 else 1280
 
 
 def _sum_squares[dtype: DType](x: Pointer[Scalar[dtype], MutAnyOrigin], n: Int) -> Float32:
@@ -317,8 +334,135 @@ def _rms_norm_v2_launch[
         _rms_norm_v2_enqueue[dtype, V2_MAX_THREADS](ctx, y, x, w, m, n, eps, per_block)
 
 
+@__llvm_metadata(
+    MAX_THREADS_PER_BLOCK_METADATA=StaticTuple[Int32, 1](Int32(threads)),
+    `nvvm.minctasm`=SIMDLength(_lean_threads_per_sm[dtype]() // threads),
+)
+def _rms_norm_rows_lean_gpu[
+    dtype: DType, width: Int, threads: Int, vectors: Int, exact: Bool
+](
+    y: Pointer[Scalar[dtype], MutAnyOrigin],
+    x: Pointer[Scalar[dtype], MutAnyOrigin],
+    w: Pointer[Scalar[dtype], MutAnyOrigin],
+    n_: Int32,
+    eps: Float32,
+):
+    """RMSNorm of one row of at most threads * vectors * width elements per block (n a
+    multiple of width, 16-byte aligned rows): the Triton twin's launch (a block per row, the
+    x loads issued back to back before any use, then w's, one pass over global memory) in
+    fewer registers, so that more rows are in flight per SM.
+
+    What limits `_rms_norm_rows_gpu` at N 8192 (256 threads, 4 vectors): its per-vector
+    `if valid and j < n` branches let LLVM widen x and w to fp32 right after each load, and
+    the fp32 copies (64 registers) stay live across the barrier to the stores: 82 registers
+    (ptxas, sm_90a), 2 blocks of 256 per SM, 32 KB of x in flight per SM, and two of its w
+    loads wait for the last vector's branch (its x data) before they issue. The twin (Triton
+    3.9, 8 warps, 4 vectors) holds x in fp32 and w raw in 64 registers: 4 blocks per SM,
+    64 KB. Here x and w stay raw (8 + 8 registers per vector pair at 4 vectors: 32) from the
+    loads to the stores; the sum of squares widens each vector where it is used, and the
+    stores widen x again (for bf16 through the bit pattern, so that LLVM cannot merge the two
+    widenings and keep the fp32 copy live): 47-49 registers, and the launch bound
+    (`_lean_threads_per_sm`) holds it to 48 without spills, 5 blocks of 256 per SM (80 KB of x
+    in flight at N 8192) or 10 of 128 (80 KB at N 4096, where the twin's 256 threads of 2
+    vectors in 40 registers keep 6 rows, 48 KB). No branch between the loads: with `exact`
+    (n == threads * vectors * width, the Llama sizes) there is no mask at all; otherwise a
+    load past the row's end reads the row's first vector and is zeroed after (`_v2_vectors`).
+    The warp partials go through shared memory with one barrier, every thread adding them in
+    the same order."""
+    comptime warps = threads // WARP
+    comptime align = width * size_of[dtype]()
+    var n = Int(n_)
+    var tid = thread_idx.x
+    var base = block_idx.x * n
+    var xs: StaticTuple[SIMD[dtype, width], vectors]
+    var ws: StaticTuple[SIMD[dtype, width], vectors]
+    comptime if exact:
+        xs = StaticTuple[SIMD[dtype, width], vectors](fill=0)
+        ws = StaticTuple[SIMD[dtype, width], vectors](fill=0)
+        comptime for v in range(vectors):
+            xs[v] = x.unsafe_load[width=width, alignment=align](base + (v * threads + tid) * width)
+        comptime for v in range(vectors):
+            ws[v] = w.unsafe_load[width=width, alignment=align]((v * threads + tid) * width)
+    else:
+        xs = _v2_vectors[dtype, width, threads, vectors](x, base, n, tid)
+        ws = _v2_vectors[dtype, width, threads, vectors](w, 0, n, tid)
+    var acc = SIMD[DType.float32, width](0)
+    comptime for v in range(vectors):
+        var f = xs[v].cast[DType.float32]()
+        acc += f * f
+    var total = acc.reduce_add()
+    comptime for k in range(5):
+        total += shuffle_xor(total, UInt32(16 >> k))
+    comptime if warps > 1:
+        var partial = unsafe_stack_allocation[warps, Float32, address_space=.SHARED]()
+        if tid % WARP == 0:
+            partial[unsafe_offset=tid // WARP] = total
+        barrier()
+        total = partial[unsafe_offset=0]
+        comptime for k in range(1, warps):
+            total += partial[unsafe_offset=k]
+    var r = rsqrt(total / Float32(n) + eps)
+    comptime for v in range(vectors):
+        var j = (v * threads + tid) * width
+        var out = _widen_again(xs[v]) * r * ws[v].cast[DType.float32]()
+        comptime if exact:
+            y.unsafe_store[alignment=align](base + j, out.cast[dtype]())
+        else:
+            if j < n:
+                y.unsafe_store[alignment=align](base + j, out.cast[dtype]())
+
+
+@always_inline
+def _widen_again[dtype: DType, width: Int](v: SIMD[dtype, width]) -> SIMD[DType.float32, width]:
+    """v in fp32 as `cast` gives it, for bf16 through the bit pattern (bf16 is fp32's upper
+    half): a widening LLVM does not recognize as the `cast` of the sum of squares, so it keeps
+    the raw vector live across the reduction instead of its fp32 copy (twice the registers)."""
+    comptime if dtype == DType.bfloat16:
+        var bits = bitcast[DType.uint16, width](v).cast[DType.uint32]() << 16
+        return bitcast[DType.float32, width](bits)
+    else:
+        return v.cast[DType.float32]()
+
+
+def _rms_norm_lean_launch[
+    dtype: DType
+](
+    ctx: DeviceContext,
+    y: Pointer[Scalar[dtype], _],
+    x: Pointer[Scalar[dtype], _],
+    w: Pointer[Scalar[dtype], _],
+    m: Int,
+    n: Int,
+    eps: Float32,
+) raises:
+    """Enqueues `_rms_norm_rows_lean_gpu` on m blocks of 128 threads when the row fits in 128
+    * LEAN_VECTORS 16-byte vectors (N 4096 bf16: the raw sweep's best block, 4.10 vs 3.99 TB/s
+    for 256 threads of 2 vectors with the shipped kernel), else 256 (N 8192 bf16: the twin's
+    block), without masks when the row fills the block exactly. The caller checked n and the
+    alignment (n a multiple of the width, at most 256 * LEAN_VECTORS vectors)."""
+    comptime W = max(1, 16 // size_of[dtype]())
+    var cols = Int32(n)
+    if n <= 128 * LEAN_VECTORS * W:
+        if n == 128 * LEAN_VECTORS * W:
+            ctx.enqueue_function[_rms_norm_rows_lean_gpu[dtype, W, 128, LEAN_VECTORS, True]](
+                y, x, w, cols, eps, grid_dim=m, block_dim=128
+            )
+        else:
+            ctx.enqueue_function[_rms_norm_rows_lean_gpu[dtype, W, 128, LEAN_VECTORS, False]](
+                y, x, w, cols, eps, grid_dim=m, block_dim=128
+            )
+    elif n == 256 * LEAN_VECTORS * W:
+        ctx.enqueue_function[_rms_norm_rows_lean_gpu[dtype, W, 256, LEAN_VECTORS, True]](
+            y, x, w, cols, eps, grid_dim=m, block_dim=256
+        )
+    else:
+        ctx.enqueue_function[_rms_norm_rows_lean_gpu[dtype, W, 256, LEAN_VECTORS, False]](
+            y, x, w, cols, eps, grid_dim=m, block_dim=256
+        )
+
+
 def _rms_norm_gpu_launch[
-    dtype: DType, v2: Bool = RMS_NORM_V2
+    dtype: DType, v2: Bool = RMS_NORM_V2, lean: Bool = RMS_NORM_LEAN
 ](
     ctx: DeviceContext,
     y: Pointer[Scalar[dtype], _],
@@ -332,13 +476,18 @@ def _rms_norm_gpu_launch[
     register footprint that holds the row (a warp per row up to 4 vectors per thread, else
     a block per row with 1, 2, 4 or 8 vectors per thread) when n is a multiple of the
     16-byte vector width and the pointers are 16-byte aligned; `_rms_norm_gpu` otherwise.
-    With v2 (RMS_NORM_V2 as shipped), aligned rows of more than V2_MIN_THREADS / 2 *
-    V2_VECTORS and at most V2_MAX_THREADS * V2_VECTORS vectors take `_rms_norm_rows_v2_gpu`
-    instead."""
+    With lean (RMS_NORM_LEAN as shipped), aligned rows of more than 64 * LEAN_VECTORS and at
+    most 256 * LEAN_VECTORS vectors take `_rms_norm_rows_lean_gpu` (before v2). With v2
+    (RMS_NORM_V2 as shipped), aligned rows of more than V2_MIN_THREADS / 2 * V2_VECTORS and
+    at most V2_MAX_THREADS * V2_VECTORS vectors take `_rms_norm_rows_v2_gpu` instead."""
     if m == 0 or n == 0:
         return
     comptime W = max(1, 16 // size_of[dtype]())
     var aligned = n % W == 0 and Int(y) % 16 == 0 and Int(x) % 16 == 0 and Int(w) % 16 == 0
+    comptime if lean:
+        if aligned and n > 64 * LEAN_VECTORS * W and n <= 256 * LEAN_VECTORS * W:
+            _rms_norm_lean_launch[dtype](ctx, y, x, w, m, n, eps)
+            return
     comptime if v2:
         if aligned and n > V2_MIN_THREADS // 2 * V2_VECTORS * W and n <= V2_MAX_THREADS * V2_VECTORS * W:
             _rms_norm_v2_launch[dtype](ctx, y, x, w, m, n, eps)

@@ -1,14 +1,15 @@
 # Raw kernel timings on a GPU, outside MAX graphs, for tuning the kernels' compile-time
 # parameters (each variant is its own instantiation). Not part of CI (it needs a GPU):
 #   mojo run -I <repo> tests/mojo/gpu_bench.mojo [EXACT_LENGTHS] [PAGED_DECODE_V2] [DENSE_TILED_DECODE]
-#     [RMS_NORM_V2] [ROPE_TWIN] [DENSE_WAVE_DECODE]
+#     [RMS_NORM_V2] [RMS_NORM_LEAN] [ROPE_TWIN] [DENSE_WAVE_DECODE]
 # (the paged kernels come first: kt.paged_rope_attention's prefill and decode kernels at the
 # serving shapes, and each candidate named on the command line beside the kernel it would
 # replace, then "<candidate> faster: yes|no"; with PAGED_DECODE_V2, the op's decode beside
 # itself with `_decode_v2_gpu` at the same decode shapes the same way; then, with
 # DENSE_TILED_DECODE, kt.fused_rope_attention's decode beside its tiled kernel the same way (with
 # DENSE_WAVE_DECODE, the tiled kernel beside the wave launch); with RMS_NORM_V2,
-# kt.rms_norm's launch beside its candidate row kernel the same way; with ROPE_TWIN, kt.rope's
+# kt.rms_norm's launch beside its candidate row kernel the same way; with RMS_NORM_LEAN, beside
+# its lean row kernel (llama8b and llama70b shapes) the same way; with ROPE_TWIN, kt.rope's
 # tile kernel beside the twin kernel the same way; then RoPE, RMSNorm and
 # the dense decode variants).
 # Each line: a kernel variant, its mean milliseconds over back-to-back launches (the host
@@ -283,6 +284,45 @@ def rms_norm_v2(ctx: DeviceContext, m: Int, n: Int) raises -> Float64:
     return ratio
 
 
+def rms_norm_lean(ctx: DeviceContext, m: Int, n: Int) raises -> Float64:
+    """kt.rms_norm's GPU launch as shipped (v2 and lean off), then with
+    `_rms_norm_rows_lean_gpu` (RMS_NORM_LEAN) on m rows of n (bf16); returns lean's time over
+    the shipped launch's. GB/s: x read and y written once."""
+    var x = ctx.enqueue_create_buffer[BF16](m * n)
+    var y = ctx.enqueue_create_buffer[BF16](m * n)
+    var w = ctx.enqueue_create_buffer[BF16](n)
+    fill(ctx, x, m * n)
+    fill(ctx, w, n)
+    var nbytes = Float64(2 * m * n * 2)
+    var first_ms = Float64(0)
+    var ratio = Float64(0)
+    for variant in range(2):
+        var t0 = perf_counter_ns()
+        for it in range(WARM + ITERS):
+            if it == WARM:
+                ctx.synchronize()
+                t0 = perf_counter_ns()
+            if variant == 0:
+                _rms_norm_gpu_launch[BF16, v2=False, lean=False](
+                    ctx, y.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), m, n, Float32(1e-5)
+                )
+            else:
+                _rms_norm_gpu_launch[BF16, v2=False, lean=True](
+                    ctx, y.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), m, n, Float32(1e-5)
+                )
+        ctx.synchronize()
+        var ms = Float64(perf_counter_ns() - t0) / Float64(ITERS) / 1e6
+        var name: String
+        if variant == 0:
+            first_ms = ms
+            name = "op (default)"
+        else:
+            ratio = ms / first_ms
+            name = String("lean (RMS_NORM_LEAN) vs op ", ratio)
+        print(String("rms_norm M=", m, " N=", n), name, "ms", ms, "GB/s", nbytes / ms / 1e6)
+    return ratio
+
+
 def paged_attention[d: Int](
     ctx: DeviceContext, batch: Int, cached: Int, new: Int, hq: Int, hk: Int, freqs: RopeFreqs,
     candidate: Bool, v2: Bool = False,
@@ -490,6 +530,7 @@ def main() raises:
     var decode_v2 = False
     var dense_tiled_decode = False
     var rms_norm_v2_on = False
+    var rms_norm_lean_on = False
     var rope_twin = False
     var dense_wave_decode = False
     for arg in argv():
@@ -501,6 +542,8 @@ def main() raises:
             dense_tiled_decode = True
         elif arg == "RMS_NORM_V2":
             rms_norm_v2_on = True
+        elif arg == "RMS_NORM_LEAN":
+            rms_norm_lean_on = True
         elif arg == "ROPE_TWIN":
             rope_twin = True
         elif arg == "DENSE_WAVE_DECODE":
@@ -563,6 +606,16 @@ def main() raises:
         for mn in [(16384, 8192), (8192, 8192), (4096, 8192)]:
             norm.append(rms_norm_v2(ctx, mn[0], mn[1]))
         verdict("rms norm v2", norm)
+    # The microbench's llama8b (N 4096, 4k..32k rows) and llama70b (N 8192, 2k..16k rows)
+    # families, every one of them a shape the lean rule takes.
+    if rms_norm_lean_on:
+        var lean = List[Float64]()
+        for mn in [
+            (32768, 4096), (16384, 4096), (8192, 4096), (4096, 4096),
+            (16384, 8192), (8192, 8192), (4096, 8192), (2048, 8192),
+        ]:
+            lean.append(rms_norm_lean(ctx, mn[0], mn[1]))
+        verdict("rms norm lean", lean)
     # kt.rope alone (bf16, explicit positions): B1 S32768 at Llama 3 8B's heads (32 q / 8 k,
     # D 128; the shape of the RoPE variants below), the same at Llama 3.2 1B's D 64, 8192
     # tokens of MHA 32 / 32, and a short prefill of 512 tokens.

@@ -18,6 +18,8 @@
 # (bf16 and fp16, D 64 and 128, GQA 1/2/4/8, batches of 1 to 128), kt.rms_norm's candidate row
 # kernel (RMS_NORM_V2) with `_rms_norm_gpu` (every
 # dtype, as the op would launch it and with each threads-per-row and rows per block forced),
+# kt.rms_norm's lean row kernel (RMS_NORM_LEAN) with `_rms_norm_gpu` (every dtype, every N its
+# rule takes in kind, odd M, and the edges it leaves to the shipped kernels),
 # and kt.rope's candidate kernel (ROPE_TWIN) with `_rope_gpu` and the tile kernel (bf16 and
 # fp16, D 64 and 128 among others, positions to 40000 and past 2^17):
 #   mojo run -I <repo> tests/mojo/gpu_launch.mojo --check
@@ -686,6 +688,64 @@ def check_rms_norm_v2[dtype: DType](ctx: DeviceContext) raises -> Bool:
     return ok
 
 
+def check_rms_norm_lean_case[dtype: DType](ctx: DeviceContext, m: Int, n: Int) raises -> Bool:
+    """kt.rms_norm's GPU launch with RMS_NORM_LEAN on (`_rms_norm_rows_lean_gpu` where its
+    rule takes the row, the shipped kernels elsewhere) vs the scalar two-pass `_rms_norm_gpu`
+    on one shape, the output filled with garbage first (a vector the kernel never writes
+    shows)."""
+    var x = ctx.enqueue_create_buffer[dtype](m * n)
+    var w = ctx.enqueue_create_buffer[dtype](n)
+    var y_lean = ctx.enqueue_create_buffer[dtype](m * n)
+    var y_ref = ctx.enqueue_create_buffer[dtype](m * n)
+    _fill_random(ctx, x, m * n, 41 + n + m)
+    _fill_random(ctx, w, n, 42 + n)
+    _fill_random(ctx, y_lean, m * n, 43)
+    var eps = Float32(1e-5)
+    _rms_norm_gpu_launch[dtype, v2=False, lean=True](
+        ctx, y_lean.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), m, n, eps
+    )
+    ctx.enqueue_function[_rms_norm_gpu[dtype]](
+        y_ref.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), Int32(n), eps,
+        grid_dim=m, block_dim=NORM_BLOCK,
+    )
+    var res = _compare[dtype](ctx, y_lean, y_ref, m * n)
+    print(
+        "rms_norm lean", dtype, "M", m, "N", n, "max|diff|", res[1], "PASS" if res[0] else "FAIL",
+    )
+    return res[0]
+
+
+def check_rms_norm_lean[dtype: DType](ctx: DeviceContext) raises -> Bool:
+    """Every N the lean rule sends to `_rms_norm_rows_lean_gpu` in kind: 128 threads and 256
+    threads per row, each with the row filling the block (no masks: N 4096 and 8192 in 16-bit
+    dtypes, 2048 and 4096 in fp32) and ragged (the last vectors past the row's end), the
+    smallest row it takes (one vector past 64 threads' worth) and the largest, at odd and small
+    M (a single row, 3, 37, 129 rows); then the edges it leaves to the shipped kernels (one
+    vector under its smallest row, one past its largest, N not a multiple of the vector
+    width)."""
+    comptime W = max(1, 16 // size_of[dtype]())
+    var ok = True
+    for m in [1, 3, 37, 129]:
+        for vecs in [512, 1024, 257, 300, 513, 1000, 1023]:
+            ok = check_rms_norm_lean_case[dtype](ctx, m, vecs * W) and ok
+    ok = check_rms_norm_lean_case[dtype](ctx, 1000, 1024 * W) and ok
+    ok = check_rms_norm_lean_case[dtype](ctx, 777, 512 * W) and ok
+    for vecs in [256, 1025]:
+        ok = check_rms_norm_lean_case[dtype](ctx, 37, vecs * W) and ok
+    ok = check_rms_norm_lean_case[dtype](ctx, 37, 1024 * W - 1) and ok
+    ok = check_rms_norm_lean_case[dtype](ctx, 5, 512 * W + 1) and ok
+    return ok
+
+
+def check_rms_norm_lean_all(ctx: DeviceContext) raises:
+    var ok = check_rms_norm_lean[DType.bfloat16](ctx)
+    ok = check_rms_norm_lean[DType.float16](ctx) and ok
+    ok = check_rms_norm_lean[DType.float32](ctx) and ok
+    if not ok:
+        raise Error("rms norm lean check failed")
+    print("rms norm lean check: all PASS")
+
+
 def check_rms_norm_v2_all(ctx: DeviceContext) raises:
     var ok = check_rms_norm_v2[DType.bfloat16](ctx)
     ok = check_rms_norm_v2[DType.float16](ctx) and ok
@@ -1022,6 +1082,10 @@ def main() raises:
                 failed.append(String(e))
             try:
                 check_rms_norm_v2_all(ctx)
+            except e:
+                failed.append(String(e))
+            try:
+                check_rms_norm_lean_all(ctx)
             except e:
                 failed.append(String(e))
             try:
