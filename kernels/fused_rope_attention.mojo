@@ -225,14 +225,17 @@ comptime DENSE_TILED_DECODE = True
 comptime DENSE_WAVE_PREFETCH = 3
 comptime DENSE_WAVE_BLOCK_KEYS = 128
 # The dense decode over about one wave of long blocks with L2 prefetch
-# (`_dense_wave_decode_launch`) in place of the tiled kernel's launch: candidate. Static
+# (`_dense_wave_decode_launch`) in place of the tiled kernel's launch. On since 2026-12-04:
+# checked and verified through MAX on the H200, 0.68x the tiled kernel's time at B 8 Skv 4k,
+# 0.83x at 16k, 0.88x at 32k, 0.82x at B 32 D 64 4k (tests/mojo/gpu_bench.mojo; 2.89, 3.63 and
+# 3.79 TB/s at B 8: 60, 76 and 79 % of HBM). Static
 # numbers (sm_90a, bf16, D 128, GB 4): 255 registers, so 2 blocks (8 warps) an SM; the tiled
 # loop is ~740 SASS instructions a warp step of 8 keys (~92 a key: 128 FMAs a key-lane for the
 # 4 heads' dots and values, ~80 for the keys' sincos), so 100 % of HBM would need ~3.3
 # instructions a clock an SM: long contexts are near the loop's issue ceiling; what this
 # variant removes is the short-context cost of 4 waves of short blocks (1024 at 16 splits)
 # and the one-step lead of the register loads.
-comptime DENSE_WAVE_DECODE = False
+comptime DENSE_WAVE_DECODE = True
 
 
 def _decode_heads_per_block(group: Int) -> Int:

@@ -1649,13 +1649,20 @@ comptime TILED_DECODE = True
 # The host's maximum lengths (the op's max_prompt_length / max_cache_length) tighten the GPU
 # kernels' bounds: MAX's prefill grid and q_max_seq_len, the decode's split sizing. Off until
 # tests/mojo/gpu_launch.mojo --check ("exact lengths check: all PASS") and gpu_bench pick it on
-# a GPU: with False the op ignores them and keeps the shape bounds it was verified with.
+# a GPU: with False the op ignores them and keeps the shape bounds it was verified with. On the
+# H200 it checks, and gpu_bench gives it 0.56-0.99x the shipped time (0.89x at 8 x 1024
+# prefill) but twice refused it on one shape where both paths do the same work (1.065 on
+# 2026-12-04 at 1 x 8192 prefill, 1.053 later at B 8 x 4k decode: single non-interleaved
+# means); it has not been through kt verify on the GPU with the flag on.
 comptime EXACT_LENGTHS = False
 # The decode on `_decode_v2_gpu` in place of `_tiled_decode_gpu`: each row's keys split by its
 # own length (not the host's bound), tiles prefetched into L2 a few steps ahead, and one launch
 # without scratch when every row takes one split (B 128 x 1k keys at D 64, 32 / 8 heads: MAX
 # Serve's decode step at concurrency 128 for Llama 3.2 1B). Off until tests/mojo/gpu_launch.mojo
 # --check ("paged decode v2 check: all PASS") and gpu_bench PAGED_DECODE_V2 pick it on a GPU.
+# On the H200 (2026-12-04) it checks but is slower: 1.04-1.20x the shipped decode's time (1.04x
+# at B 128 x 1087, 1.20x at B 8 x 4k): the L2 prefetch's extra instructions cost more than the
+# bytes in flight it adds; the split by real lengths alone was not timed apart.
 comptime PAGED_DECODE_V2 = False
 
 

@@ -47,17 +47,30 @@ def default_tol(dtype: str | None) -> float:
     return HALF_TOL if dtype in ("bfloat16", "float16") else DEFAULT_TOL
 
 
-PROBE_LENGTHS = (24, 24, 24, 24)  # words (one token each) per probe prompt
+PROBE_TOKENS, PROBE_TOP_K = 16, 5  # greedy steps per prompt, logprobs per step
+# Words (one token each, after the tokenizer's BOS) per probe prompt: under a page of 128 tokens,
+# exactly one, one past it, and several. Not shorter: on the H200, MAX 26.7 serves prompts of up
+# to ~25-64 tokens a wrong first token, with or without kt (its last layer's hidden state at the
+# prompt's last row is not the model's), and from 65 tokens on both engines give the fp32
+# reference's tokens (benchmarks/results/serving_h200/agreement_2026-12-04b/); a probe that
+# fails on stock MAX alone cannot check kt's kernels. `--probe-lengths 1,5,24` asks for them.
+PROBE_LENGTHS = (100, 127, 128, 300)
+
+
+def fitting_lengths(max_model_len: int, lengths: tuple[int, ...] = PROBE_LENGTHS) -> tuple[int, ...]:
+    """The default probe lengths that fit a context of `max_model_len` with BOS and PROBE_TOKENS
+    generated tokens (the longest that fits when none does)."""
+    room = max(1, max_model_len - PROBE_TOKENS - 1)
+    return tuple(n for n in lengths if n <= room) or (room,)
 
 
 def probe_prompts(words: list[str], lengths: tuple[int, ...] = PROBE_LENGTHS, seed: int = 1234) -> list[str]:
     """One prompt of random stable words per entry of `lengths`; prompt i depends only on the
-    lengths up to i (so `--probe-lengths 24,24,24,24,1` keeps the default's four prompts)."""
+    lengths up to i (so `--probe-lengths 100,127,128,300,1` keeps the default's four prompts)."""
     rng = random.Random(seed)
     return ["".join(rng.choice(words) for _ in range(length)) for length in lengths]
 
 
-PROBE_TOKENS, PROBE_TOP_K = 16, 5  # greedy steps per prompt, logprobs per step
 
 
 def _complete(base_url: str, body: dict, timeout_s: float) -> dict:

@@ -146,7 +146,7 @@ def make_model(preset: str, out: Path, seed: int, gen_device: str) -> None:
 @click.option("--agreement-tol", type=click.FloatRange(0), help="Logprob tolerance (nats) of the max+kt vs max check "
               "[default: 0.01 for float32, 1.0 for 16-bit weights].")
 @click.option("--probe-lengths", help="Words (one token each) per agreement-probe prompt, one prompt per entry, "
-              "e.g. 1,7,24,200 [default: 24,24,24,24].")
+              "e.g. 1,7,24,200 [default: 100,127,128,300, those that fit --max-model-len].")
 def serve_bench(model, engines, custom_kernel_path, pythons, engine_env, engine_arg, base_url, host, port, device,
                 tensor_parallel, dtype, max_num_seqs, max_model_len, kv_cache_memory, prefix_caching, startup, measure_after,
                 dataset, num_prompts, prompts_per_load, input_len, output_len, max_concurrency, request_rate,
@@ -179,12 +179,13 @@ def serve_bench(model, engines, custom_kernel_path, pythons, engine_env, engine_
         raise click.BadParameter("must be positive", param_hint="--duration")
     if not concs and not rates:
         concs = [1]
-    lengths = tuple(_csv(probe_lengths, int, "--probe-lengths")) if probe_lengths else agreement.PROBE_LENGTHS
+    lengths = (tuple(_csv(probe_lengths, int, "--probe-lengths")) if probe_lengths
+               else agreement.fitting_lengths(max_model_len))
     if not lengths or any(n < 1 for n in lengths):
         raise click.BadParameter("give lengths of at least 1", param_hint="--probe-lengths")
-    if max(lengths) >= max_model_len:
-        raise click.BadParameter(f"the longest probe ({max(lengths)} words) must fit --max-model-len {max_model_len}",
-                                 param_hint="--probe-lengths")
+    if max(lengths) + agreement.PROBE_TOKENS + 1 > max_model_len:
+        raise click.BadParameter(f"the longest probe ({max(lengths)} words, BOS and {agreement.PROBE_TOKENS} generated "
+                                 f"tokens) must fit --max-model-len {max_model_len}", param_hint="--probe-lengths")
     points = [LoadPoint(max_concurrency=c, duration_s=duration) for c in concs]
     points += [LoadPoint(max_concurrency=rate_max_concurrency if r != float("inf") else (rate_max_concurrency or 1),
                          request_rate=r, burstiness=burstiness, duration_s=duration) for r in rates]

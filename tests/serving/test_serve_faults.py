@@ -193,7 +193,7 @@ def test_measure_after_waits_for_its_file_and_records_the_wait(tmp_path, tiny_mo
 
 
 @pytest.mark.parametrize("lengths, says", [("0,3", "give lengths of at least 1"),
-                                           ("3,4096", "the longest probe (4096 words) must fit --max-model-len 2048"),
+                                           ("3,2040", "the longest probe (2040 words, BOS and 16 generated tokens) must fit --max-model-len 2048"),
                                            ("a,b", "is not a comma-separated list")])
 def test_bad_probe_lengths_are_one_line(tmp_path, tiny_model, fake_python, lengths, says):
     r = kt("--model", str(tiny_model), "--engines", "vllm", "--python", f"vllm={fake_python}",
@@ -216,3 +216,11 @@ def test_probe_lengths_set_the_probe_prompts(tmp_path, tiny_model, fake_python):
     assert [workload.count_tokens(tok, p) for p in prompts] == [1, 24, 3]
     default = agreement.probe_prompts(workload.stable_words(tok))
     assert prompts[0] == default[0][: len(prompts[0])] and prompts[1] != default[1]
+
+
+def test_default_probe_lengths_fit_the_context():
+    """The default probes (100, 127, 128, 300 words) keep those that fit --max-model-len with BOS
+    and the 16 greedy steps; the longest that fits when none does."""
+    assert agreement.fitting_lengths(2048) == (100, 127, 128, 300)
+    assert agreement.fitting_lengths(256) == (100, 127, 128)
+    assert agreement.fitting_lengths(64) == (47,)
