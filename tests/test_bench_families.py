@@ -130,3 +130,32 @@ def test_the_child_restarts_past_families_its_providers_skip():
     pos = [0, 0]
     _skip_idle(pos, order[:2], ["triton"])
     assert pos[0] == 2  # past the end: nothing left to run
+
+
+def test_gpu_run_passes_a_kernels_shape_families_to_both_phases(tmp_path):
+    """SHAPES_<kernel>=F,F: gpu_run.sh's warm jobs and its timed run of that kernel get
+    `--shapes F,F`; another kernel's commands get none. A stand-in Python records each call."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    calls = tmp_path / "calls.txt"
+    py = tmp_path / "python"
+    py.write_text(f"""#!/usr/bin/env bash
+echo "$*" >> {calls}
+if [ "$1 $2" = "-m harness.bench" ] && [ "$3" = plan ]; then
+  printf 'warm rope kt_graph\\nwarm rms_norm triton\\ntime rope 5\\ntime rms_norm 5\\n'
+fi
+exit 0
+""")
+    py.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(py), OUT=str(tmp_path / "out"), DEVICE="cpu", SHAPES_rope="prefill,prefill_mha")
+    r = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_run.sh"), "rope", "rms_norm"], cwd=repo, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    lines = calls.read_text().splitlines()
+    rope = [ln for ln in lines if " rope " in f" {ln} " and ("warm" in ln or "microbench" in ln)]
+    norm = [ln for ln in lines if " rms_norm " in f" {ln} " and ("warm" in ln or "microbench" in ln)]
+    assert len(rope) == 2 and all("--shapes prefill,prefill_mha" in ln for ln in rope), lines
+    assert len(norm) == 2 and not any("--shapes" in ln for ln in norm), lines
