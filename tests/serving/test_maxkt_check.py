@@ -33,13 +33,17 @@ model.execute(Buffer.from_numpy(np.array([[1, -7, 2], [0, 3, 4]], np.float32)),
 """
 
 
-def test_check_prints_the_largest_output_and_difference():
-    python = engine_python("max")
-    env = dict(os.environ, KT_CUSTOM_KERNEL_PATH=str(REPO / "kernels"), PYTHONPATH=str(ARCH_DIR),
-               KT_CHECK="1", KT_OPS="attention")
-    r = subprocess.run([str(python), "-c", SCRIPT], capture_output=True, text=True, timeout=300, env=env)
+def printed(script: str, prefix: str, **env) -> str:
+    """The line starting with `prefix` that `script` prints, run under MAX's Python with kt's
+    architecture importable and `env` set."""
+    e = dict(os.environ, KT_CUSTOM_KERNEL_PATH=str(REPO / "kernels"), PYTHONPATH=str(ARCH_DIR), **env)
+    r = subprocess.run([str(engine_python("max")), "-c", script], capture_output=True, text=True, timeout=300, env=e)
     assert r.returncode == 0, r.stderr[-3000:]
-    line = next(ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("kt check probe"))
+    return next(ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith(prefix))
+
+
+def test_check_prints_the_largest_output_and_difference():
+    line = printed(SCRIPT, "kt check probe", KT_CHECK="1", KT_OPS="attention")
     assert "[7.0000, 0.5000]" in line  # max |a| = 7 (a -7), max |a - b| = 0.5
 
 
@@ -101,11 +105,6 @@ model.execute(Buffer.from_numpy(np.array([[9, 9], [3, -4], [9, 9], [9, 9], [0, -
 def test_hidden_prints_each_sequences_last_row():
     """KT_CHECK=hidden with max+kt:none (KT_OPS=none): the layer, the batch's rows, then max |h|
     and the RMS of each sequence's last row (rows 1 and 4 here, not the 9s around them)."""
-    python = engine_python("max")
-    env = dict(os.environ, KT_CUSTOM_KERNEL_PATH=str(REPO / "kernels"), PYTHONPATH=str(ARCH_DIR),
-               KT_CHECK="hidden", KT_OPS="none")
-    r = subprocess.run([str(python), "-c", HIDDEN], capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    line = next(ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("kt hidden"))
+    line = printed(HIDDEN, "kt hidden", KT_CHECK="hidden", KT_OPS="none")
     # row 1 = (3, -4): max 4, RMS sqrt(12.5) = 3.5355; row 4 = (0, -2): max 2, RMS sqrt(2) = 1.4142
     assert "[7.0000, 5.0000, 4.0000, 3.5355, 2.0000, 1.4142]" in line, line
