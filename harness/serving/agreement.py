@@ -71,8 +71,6 @@ def probe_prompts(words: list[str], lengths: tuple[int, ...] = PROBE_LENGTHS, se
     return ["".join(rng.choice(words) for _ in range(length)) for length in lengths]
 
 
-
-
 def _complete(base_url: str, body: dict, timeout_s: float) -> dict:
     req = urllib.request.Request(base_url + "/v1/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})

@@ -219,13 +219,15 @@ class HiddenPrintingBlock(TransformerBlock):
     writes them) with `_hidden_print` of the residual stream after attention and after the MLP."""
 
     def __call__(self, layer_idx, x, kv_collection, freqs_cis, input_row_offsets):
-        scale = self.residual_multiplier
+        def scaled(v: TensorValue) -> TensorValue:  # a branch's output times residual_multiplier
+            m = self.residual_multiplier
+            return v * ops.constant(m, v.dtype, device=v.device) if m != 1.0 else v
+
         attn = self.self_attn(layer_idx, self.input_layernorm(x), kv_collection, freqs_cis=freqs_cis,
                               input_row_offsets=input_row_offsets)
-        h = x + (attn * ops.constant(scale, x.dtype, device=x.device) if scale != 1.0 else attn)
+        h = x + scaled(attn)
         _hidden_print(layer_idx, h, input_row_offsets, "kt hidden attn")
-        mlp = self.mlp(self.post_attention_layernorm(h))
-        out = h + (mlp * ops.constant(scale, x.dtype, device=x.device) if scale != 1.0 else mlp)
+        out = h + scaled(self.mlp(self.post_attention_layernorm(h)))
         _hidden_print(layer_idx, out, input_row_offsets, "kt hidden")
         return out
 
@@ -259,7 +261,7 @@ def _with_kt(spec):
             module.__class__ = KtRMSNorm
             swapped.add(id(module))
     print(f"kt: {len(swapped)} RMSNorm layers call {OP} from {KERNELS}", file=sys.stderr, flush=True)
-    attention = synced = 0
+    attention = synced = blocks = 0
     for _, module in spec.module.named_modules():
         if type(module) is AttentionWithRope and "attention" in KT_OPS:
             module.__class__ = KtAttentionWithRope
@@ -267,13 +269,11 @@ def _with_kt(spec):
         elif type(module) is AttentionWithRope and CHECK_MODE == "sync":
             module.__class__ = SyncedAttentionWithRope
             synced += 1
-    print(f"kt: {attention} attention layers call {STORE_OP} + {ATTENTION_OP} from {KERNELS}",
-          file=sys.stderr, flush=True)
-    blocks = 0
-    for _, module in spec.module.named_modules() if CHECK_MODE == "hidden" else ():
-        if type(module) is TransformerBlock:
+        elif type(module) is TransformerBlock and CHECK_MODE == "hidden":
             module.__class__ = HiddenPrintingBlock
             blocks += 1
+    print(f"kt: {attention} attention layers call {STORE_OP} + {ATTENTION_OP} from {KERNELS}",
+          file=sys.stderr, flush=True)
     if CHECK_MODE:
         print(f"kt: KT_CHECK={CHECK_MODE} ({synced} of MAX's attention layers synced, {blocks} layers print "
               "their hidden state)", file=sys.stderr, flush=True)
