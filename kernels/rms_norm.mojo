@@ -442,23 +442,33 @@ def _rms_norm_lean_launch[
     block), without masks when the row fills the block exactly. The caller checked n and the
     alignment (n a multiple of the width, at most 256 * LEAN_VECTORS vectors)."""
     comptime W = max(1, 16 // size_of[dtype]())
-    var cols = Int32(n)
     if n <= 128 * LEAN_VECTORS * W:
-        if n == 128 * LEAN_VECTORS * W:
-            ctx.enqueue_function[_rms_norm_rows_lean_gpu[dtype, W, 128, LEAN_VECTORS, True]](
-                y, x, w, cols, eps, grid_dim=m, block_dim=128
-            )
-        else:
-            ctx.enqueue_function[_rms_norm_rows_lean_gpu[dtype, W, 128, LEAN_VECTORS, False]](
-                y, x, w, cols, eps, grid_dim=m, block_dim=128
-            )
-    elif n == 256 * LEAN_VECTORS * W:
-        ctx.enqueue_function[_rms_norm_rows_lean_gpu[dtype, W, 256, LEAN_VECTORS, True]](
-            y, x, w, cols, eps, grid_dim=m, block_dim=256
+        _rms_norm_lean_enqueue[dtype, 128](ctx, y, x, w, m, n, eps)
+    else:
+        _rms_norm_lean_enqueue[dtype, 256](ctx, y, x, w, m, n, eps)
+
+
+def _rms_norm_lean_enqueue[
+    dtype: DType, threads: Int
+](
+    ctx: DeviceContext,
+    y: Pointer[Scalar[dtype], _],
+    x: Pointer[Scalar[dtype], _],
+    w: Pointer[Scalar[dtype], _],
+    m: Int,
+    n: Int,
+    eps: Float32,
+) raises:
+    """Enqueues `_rms_norm_rows_lean_gpu` with `threads` per row on m blocks: its unmasked
+    instantiation when the row fills the block's LEAN_VECTORS vectors a thread exactly."""
+    comptime W = max(1, 16 // size_of[dtype]())
+    if n == threads * LEAN_VECTORS * W:
+        ctx.enqueue_function[_rms_norm_rows_lean_gpu[dtype, W, threads, LEAN_VECTORS, True]](
+            y, x, w, Int32(n), eps, grid_dim=m, block_dim=threads
         )
     else:
-        ctx.enqueue_function[_rms_norm_rows_lean_gpu[dtype, W, 256, LEAN_VECTORS, False]](
-            y, x, w, cols, eps, grid_dim=m, block_dim=256
+        ctx.enqueue_function[_rms_norm_rows_lean_gpu[dtype, W, threads, LEAN_VECTORS, False]](
+            y, x, w, Int32(n), eps, grid_dim=m, block_dim=threads
         )
 
 
