@@ -1,5 +1,6 @@
 """Helpers shared by several kernel specs: fp32 scalars, Triton tile sizes, bf16 rounding
-under Triton's interpreter, and the RoPE frequency math of `rope` and `fused_rope_attention`.
+under Triton's interpreter, the RoPE frequency math of `rope` and `fused_rope_attention`, and
+the copy yardstick of the memory-bound ops.
 
 RoPE (Su et al. 2021) in the GPT-NeoX / HF Llama half-rotation layout with Llama 3 frequency
 scaling (HF transformers `_compute_llama3_parameters`); `pykernels/rope.py` states the math.
@@ -14,7 +15,7 @@ import os
 
 import torch
 
-from harness.spec import Param, Params
+from harness.spec import Bound, Param, Params, Tensors
 
 FREQ_PARAMS = ("theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position")
 
@@ -117,3 +118,26 @@ def _inv_freq_table(dim: int, freqs: tuple[float, ...], device: str) -> torch.Te
     return llama3_inv_freq(dim, *freqs, device=device).contiguous()
 
 
+
+
+def copy_yardstick(*names: str):
+    """The yardstick `copy_alone` of a memory-bound op: the inputs `names` copied (torch
+    `copy_`) into outputs allocated once per case, so the timed call moves the op's own bytes
+    (its row's GB/s and % of peak use the op's byte count) at a plain device copy's rate: the
+    ceiling a "% of HBM" target is read against. Not the op, so not checked."""
+
+    def prepare(device: str, dtype: torch.dtype):
+        def bind(inputs: Tensors, params: Params) -> Bound:
+            src = [inputs[n] for n in names]
+            dst = [torch.empty_like(t) for t in src]
+
+            def run():
+                for d, s in zip(dst, src):
+                    d.copy_(s)
+                return tuple(dst)
+
+            return Bound(run, yardstick=f"a device copy of {', '.join(names)}")
+
+        return bind
+
+    return prepare

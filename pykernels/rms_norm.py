@@ -22,7 +22,7 @@ import triton.language as tl
 from harness.build import max_dtype, max_model_bound
 from harness.spec import (Axis, Bound, Case, KernelSpec, Param, Params, RatioTarget, Shape, TensorArg,
                           Tensors, ThroughputTarget)
-from pykernels._common import bf16_bits, bf16_rne, block_elems, f32
+from pykernels._common import bf16_bits, bf16_rne, block_elems, copy_yardstick, f32
 
 
 # Largest finite fp16: the "fp16_max" inputs reach it in every dtype (bf16 and fp32 models
@@ -196,6 +196,8 @@ PROVIDERS = {
     "torch_eager": _torch_provider("eager"),
     "torch_functional": _torch_provider("functional"),
     "torch_compile": _torch_provider("compile"),
+    # a yardstick: the same bytes moved by a plain copy (the ceiling of the % of HBM target)
+    "copy_alone": copy_yardstick("x"),
 }
 
 

@@ -30,8 +30,8 @@ import triton.language as tl
 from harness.build import buffers_to_torch, max_dtype, max_model_bound
 from harness.spec import (Axis, Bound, Case, KernelSpec, Param, Params, RatioTarget, Shape,
                           TensorArg, ThroughputTarget, Tensors)
-from pykernels._common import (apply_rope, bf16_bits, bf16_rne, block_elems, freq_param_decls,
-                               rope_cos_sin, triton_inv_freq)
+from pykernels._common import (apply_rope, bf16_bits, bf16_rne, block_elems, copy_yardstick,
+                               freq_param_decls, rope_cos_sin, triton_inv_freq)
 from pykernels._flashinfer import rope_provider
 
 # Largest position per `positions` choice: Llama 3's original 8k context and 3.1's 128k.
@@ -302,6 +302,8 @@ PROVIDERS = {
     "torch_compile": _torch_provider(compiled=True),
     # FlashInfer's standalone RoPE (its Llama 3.1 variant where factor != 1)
     "flashinfer": rope_provider,
+    # a yardstick: the same bytes moved by a plain copy (the ceiling of the % of HBM target)
+    "copy_alone": copy_yardstick("q", "k"),
 }
 
 

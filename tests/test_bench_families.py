@@ -85,10 +85,12 @@ def test_warm_split_gives_one_job_per_distinct_value():
     bench = load_bench_file(spec)
     split = [j for j in warm_jobs(spec, bench, "gpu") if len(j) > 1]
     gpu_cases = [c for f in bench.families.values() if f.device == "gpu" for c in f.cases]
-    keys = bench.warm_split[split[0][0]]
-    distinct = {tuple(str(c[1].get(k, c[0].get(k))) for k in keys) for c in gpu_cases}
-    assert len(split) == len(distinct) > 1
-    assert all(j[1::2] == ["--where"] * len(keys) for j in split)
+    assert {j[0] for j in split} == set(bench.warm_split) == {"max_flash", "max_flash_alone"}
+    for provider, keys in bench.warm_split.items():
+        jobs = [j for j in split if j[0] == provider]
+        distinct = {tuple(str(c[1].get(k, c[0].get(k))) for k in keys) for c in gpu_cases}
+        assert len(jobs) == len(distinct) > 1
+        assert all(j[1::2] == ["--where"] * len(keys) for j in jobs)
 
 
 def test_a_family_may_keep_to_a_few_providers(tmp_path):

@@ -7,10 +7,11 @@ import json
 import time
 
 import pytest
+import torch
 
 import pykernels
 from harness.bench.engine import CPU_TIMER_LABEL, Settings, benchmark_families, derive_metrics
-from harness.bench.families import Family
+from harness.bench.families import Family, load_families
 from harness.bench.plots import plot
 from harness.bench.report import row_seconds
 from harness.io import write_json_atomic
@@ -177,6 +178,33 @@ def test_a_yardstick_faster_than_everything_is_still_not_the_baseline():
     derive_metrics(rows, "cpu", None, "memory", None, gpu=False)
     assert {r["baseline"] for r in rows} == {"torch_cudnn"}
     assert rows[0]["speedup"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("kernel", ["rope", "rms_norm"])
+def test_copy_alone_moves_the_ops_own_bytes_unchecked(kernel):
+    """The memory-bound ops' copy yardstick: its row counts the op's bytes (so its GB/s and
+    % of peak read against kt's), copies what it is given, and is never checked nor the
+    baseline."""
+    spec = pykernels.get(kernel)
+    settings = Settings(warmup_ms=1, min_reps=3, max_reps=5, budget_s=0.05)
+    fam = load_families(spec)["cpu"]
+    rec = benchmark_families(spec, "cpu", [fam], ["copy_alone", "torch_eager"], settings=settings)
+    by_case: dict = {}
+    for r in rec["rows"]:
+        by_case.setdefault(r["label"], {})[r["provider"]] = r
+    assert len(by_case) == len(fam.cases)
+    for rows in by_case.values():
+        copy, eager = rows["copy_alone"], rows["torch_eager"]
+        assert copy["status"] == "ok" and copy["yardstick"] is True and "check" not in copy
+        assert copy["bytes"] == eager["bytes"] > 0 and copy["gb_s"] > 0
+        assert copy["baseline"] == "torch_eager"
+    bind = spec.providers["copy_alone"]("cpu", torch.float32)
+    inputs = spec.make_inputs(fam.cases[0][0], fam.cases[0][1], torch.float32, torch.device("cpu"),
+                              torch.Generator().manual_seed(0))
+    bound = bind(inputs, fam.cases[0][1])
+    names = [n for n in ("q", "k", "x") if n in inputs]
+    for out, name in zip(bound.run(), names):
+        assert torch.equal(out, inputs[name]) and out.data_ptr() != inputs[name].data_ptr()
 
 
 def _unseen(device, dtype):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import pykernels
 import twins
 from harness.bench.engine import Settings, benchmark_families
-from harness.bench.families import cases_where, load_families
+from harness.bench.families import cases_where, load_bench_file, load_families
 from harness.bench.summary import summary, target_lines
 from harness.spec import Case
 from kernel_helpers import LLAMA3, fails_rule, golden_case, inputs_for, rope_complex
@@ -255,9 +255,10 @@ def test_warm_jobs_split_a_family_by_param():
     assert len(causal.cases) + len(cases_where(fam, ["causal=0"]).cases) == len(fam.cases)
 
 
-def test_cudnn_alone_is_na_on_cpu():
+@pytest.mark.parametrize("ruler", ["cudnn_alone", "max_flash_alone"])
+def test_attention_yardsticks_are_na_on_cpu(ruler):
     settings = Settings(warmup_ms=1, min_reps=3, max_reps=5, budget_s=0.05)
-    rec = benchmark_families(SPEC, "cpu", [load_families(SPEC)["cpu"]], ["cudnn_alone"],
+    rec = benchmark_families(SPEC, "cpu", [load_families(SPEC)["cpu"]], [ruler],
                              settings=settings)
     assert {r["status"] for r in rec["rows"]} == {"n/a"}
     assert all("n/a on cpu" in r["note"] for r in rec["rows"])
@@ -307,6 +308,17 @@ def test_target_lines_use_the_interleaved_interval_and_keep_out_what_was_timed_o
     assert "goal kt/cudnn_alone 0.965 [0.930, 0.990] (goal met, moonshot within noise)" in prefill
     assert "milestone kt/torch_compile 0.970 [0.960, 1.010] (milestone within noise)" in prefill
     assert "kt/max_flash: max_flash kept out: host-synced timing" in prefill
+
+
+def test_prefill_cases_state_what_the_rope_pass_costs_over_maxs_attention_alone():
+    """kt's GPU prefill is its RoPE pass, then MAX's flash attention: kt_graph over the
+    yardstick max_flash_alone is stated per prefill case (a breakdown, no verdict)."""
+    ratios = {"max_flash_alone": {"ratio": 1.15, "lo": 1.14, "hi": 1.16}}
+    (prefill,) = target_lines(SPEC, [_att("kt_graph", 1.9, ratios=ratios),
+                                     _att("max_flash_alone", 1.65, yardstick=True)])
+    assert prefill.endswith("kt/max_flash_alone 1.150 [1.140, 1.160]")
+    # compiled ahead on a GPU like max_flash: one job per (kv heads, mask)
+    assert load_bench_file(SPEC).warm_split["max_flash_alone"] == ("Hk", "causal")
 
 
 def test_goal_verdicts_at_their_thresholds():

@@ -214,6 +214,12 @@ def test_targets_are_the_share_of_hbm_and_the_twin_on_a_gpu_only():
             "status": "ok", "p50": 0.098, "backend": "cuda"}
     lines = target_lines(SPEC, [row, twin])
     assert "targets prefill S=4096: kt_graph 4200 GB/s = 87.5% of HBM (target >= 85%)" in lines
+    # the copy yardstick of the same case, beside it: the rate this GPU reaches at all
+    copy = dict(twin, provider="copy_alone", yardstick=True, gb_s=4320.0, pct_peak=90.0)
+    elsewhere = dict(copy, label="S=8192", pct_peak=70.0)
+    lines = target_lines(SPEC, [row, twin, copy, elsewhere])
+    assert ("targets prefill S=4096: kt_graph 4200 GB/s = 87.5% of HBM (target >= 85%); "
+            "beside it copy_alone [yardstick] 90.0%") in lines
     assert any("kt/triton 1.020 [1.010, 1.030] (no slower than the Triton twin missed)" in ln for ln in lines)
     assert target_lines(SPEC, [dict(row, backend="cpu")]) == []
 

@@ -77,18 +77,25 @@ def target_changes(spec: KernelSpec, new_rows: list[dict], old_rows: list[dict])
     return out
 
 
-def _throughput_line(target: ThroughputTarget, r: dict) -> str:
+def _throughput_line(target: ThroughputTarget, r: dict, rulers: list[dict]) -> str:
+    """kt_graph's rate against the target, then each yardstick of the same case at the same
+    byte count (a plain copy: the rate this GPU reaches at all; attention without RoPE)."""
     if target.min_pct_peak is not None:
-        return (f"kt_graph {r['gb_s']:.0f} GB/s = {r.get('pct_peak', float('nan')):.1f}% of HBM "
+        line = (f"kt_graph {r['gb_s']:.0f} GB/s = {r.get('pct_peak', float('nan')):.1f}% of HBM "
                 f"(target >= {target.min_pct_peak:g}%)")
-    return f"kt_graph {r['gb_s'] / 1e3:.2f} TB/s (target >= {target.min_tb_s:g})"
+        beside = [f"{y['provider']} [yardstick] {y['pct_peak']:.1f}%" for y in rulers
+                  if "pct_peak" in y]
+    else:
+        line = f"kt_graph {r['gb_s'] / 1e3:.2f} TB/s (target >= {target.min_tb_s:g})"
+        beside = [f"{y['provider']} [yardstick] {y['gb_s'] / 1e3:.2f} TB/s" for y in rulers]
+    return line + (f"; beside it {', '.join(beside)}" if beside else "")
 
 
 def target_lines(spec: KernelSpec, rows: list[dict]) -> list[str]:
     """One line per case a target of `spec` applies to, from one run: the ratio targets of a
     case together (kt_graph against each provider, median and 95 % interval over the
     interleaved rounds, each level met / missed / within noise), then each throughput target
-    of kt_graph (GPU rows only)."""
+    of kt_graph (GPU rows only), with the case's yardsticks' rates beside it."""
     ratios = [t for t in spec.targets if isinstance(t, RatioTarget)]
     timed = [r for r in rows if r.get("kernel", spec.name) == spec.name
              and r["status"] == "ok" and "p50" in r]
@@ -107,7 +114,9 @@ def target_lines(spec: KernelSpec, rows: list[dict]) -> list[str]:
         for r in timed:
             if (r["provider"] == "kt_graph" and "gb_s" in r and r.get("backend") != "cpu"
                     and (not t.families or r["family"] in t.families)):
-                out.append(f"targets {r['family']} {r['label']}: {_throughput_line(t, r)}")
+                rulers = [y for y in timed if y.get("yardstick") and "gb_s" in y
+                          and (y["family"], y["label"]) == (r["family"], r["label"])]
+                out.append(f"targets {r['family']} {r['label']}: {_throughput_line(t, r, rulers)}")
     return out
 
 
