@@ -389,12 +389,12 @@ def _max_flash(rope: bool):
     def prepare(device: str, dtype: torch.dtype):
         if device == "cpu":
             raise Unavailable("n/a on cpu: MAX's flash_attention_gpu has no CPU kernel")
-        return _max_flash_bind(dtype, rope)
+        return _max_flash_bind(device, dtype, rope)
 
     return prepare
 
 
-def _max_flash_bind(dtype: torch.dtype, rope: bool):
+def _max_flash_bind(device: str, dtype: torch.dtype, rope: bool):
     models: dict = {}
 
     def bind(inputs: Tensors, params: Params) -> Bound:
