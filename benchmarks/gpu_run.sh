@@ -32,6 +32,10 @@
 # Budget for the shipped kernels: ~8 s of imports and ~8 s of planning, the limits
 # (150 + 150 + 85 + 85 s), ~5 s of summary: at most ~490 s, inside 520 s (a 540 s device
 # slot less ~20 s of unpacking). Measured H100 runs are in benchmarks/results/README.md.
+# Phase 1 on a machine with cold caches is the risk: on the H200 (2026-12-04c) all four
+# kernels' jobs at once (8 stock-MAX attention graphs among them) did not finish in WARM_S=220,
+# and the kernels whose compile was cut off spent their whole phase-2 limit compiling; one
+# kernel at a time took 109 s (fused_rope_attention) and 75 s (rope).
 set -u
 OUT=${OUT:?set OUT to the folder the results go to}
 PY=${PYTHON:-python3}

@@ -4,6 +4,8 @@ went, one-line CLI errors, and (slow) the CPU run end to end through the CLI."""
 
 import dataclasses
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -111,6 +113,20 @@ def test_plot_writes_a_png(tmp_path):
     rec = _tiny_run({}, ["torch_eager"])
     plot(rec, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_of_a_run_that_timed_nothing_is_one_line(tmp_path):
+    """gpu_run.sh plots a run stopped at its limit: with no provider timed it says so in one
+    line, without a traceback."""
+    rec = _tiny_run({}, ["torch_eager"])
+    rec["rows"] = [{k: v for k, v in r.items() if k not in ("p50", "tflops", "gb_s")}
+                   | {"status": "error", "note": "stopped"} for r in rec["rows"]]
+    write_json_atomic(tmp_path / "r.json", rec)
+    r = subprocess.run([sys.executable, "-m", "harness.bench", "plot", str(tmp_path / "r.json"),
+                        str(tmp_path / "p.png")], capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == "no plot: nothing to plot: no provider was timed"
+    assert not (tmp_path / "p.png").exists()
 
 
 @pytest.mark.slow

@@ -415,7 +415,8 @@ def test_paged_provider_passes_the_gate_on_decode_and_prefill(monkeypatch):
     rows = _paged_rows(monkeypatch, fake, shapes)
     for row in rows:
         assert row["status"] == "ok" and row["check"]["passed"] and "p50" in row, row
-        assert row["note"].endswith(f"; {PAGED_NOTE}; flashinfer 0.0.fake")
+        # (a loaded CPU may append "timings disagree: ..." after it: not what this checks)
+        assert f"; {PAGED_NOTE}; flashinfer 0.0.fake" in row["note"]
     decode = [r for r, f in zip(rows, shapes) if f["S"] == 1]
     assert all(r["note"].startswith("FlashInfer batch decode (tensor cores, FA2)") for r in decode)
     assert "FlashInfer FA3 batch prefill, causal, paged KV (page 3)" in rows[0]["note"]

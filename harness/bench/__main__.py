@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from harness import devices
+from harness.bench import MicrobenchError
 from harness.io import read_result_json
 
 
@@ -65,7 +66,11 @@ def main(argv: list[str]) -> int:
         summary(a.files, Console(width=250))
         return 0
     if a.what == "plot":
-        plot(read_result_json(a.file), Path(a.png))
+        try:
+            plot(read_result_json(a.file), Path(a.png))
+        except MicrobenchError as e:  # e.g. a run stopped before any provider was timed
+            print(f"no plot: {e}", file=sys.stderr)
+            return 1
         return 0
     if a.what == "plan":
         specs = [pykernels.get(k) for k in a.kernels] or list(pykernels.discover().values())
