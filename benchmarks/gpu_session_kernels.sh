@@ -20,10 +20,10 @@
 #   KT_GIT_SHA=<sha> STAGE_ARGS="max=4 flashinfer=1" AFTER=/tmp/kt-serve/DONE \
 #     setsid nohup bash benchmarks/gpu_session_kernels.sh >/tmp/kt-session.out 2>&1 </dev/null &
 #
-# Variables (defaults): RESULTS (/tmp/kt-session), CANDIDATES ("EXACT_LENGTHS=exact lengths
-# PAGED_DECODE_V2=paged decode v2"; none: no step 1 programs; TILED_DECODE and MAX_PREFILL were
-# picked this way on 2026-12-03, DENSE_TILED_DECODE and ROPE_TWIN on 2026-12-04, RMS_NORM_LEAN and
-# DENSE_WAVE_DECODE later that day; a flag on as shipped is left alone),
+# Variables (defaults): RESULTS (/tmp/kt-session), CANDIDATES ("EXACT_LENGTHS=exact lengths";
+# none: no step 1 programs; TILED_DECODE and MAX_PREFILL were picked this way on 2026-12-03,
+# DENSE_TILED_DECODE and ROPE_TWIN on 2026-12-04, RMS_NORM_LEAN and DENSE_WAVE_DECODE later that
+# day; a flag on as shipped is left alone),
 # VERIFY_KERNELS ("paged_rope_attention rms_norm", the ops the candidates are in;
 # none: no step 2), VERIFY_S (360: its time limit),
 # VERIFY_FLAGS ("--no-triton --dtype bfloat16 --dtype float16"),
@@ -38,7 +38,7 @@ set -uo pipefail
 main() {
   SRC=$(cd "$(dirname "$0")/.." && pwd)
   RESULTS=${RESULTS:-/tmp/kt-session}
-  CANDIDATES=${CANDIDATES-EXACT_LENGTHS=exact lengths PAGED_DECODE_V2=paged decode v2}
+  CANDIDATES=${CANDIDATES-EXACT_LENGTHS=exact lengths}
   VERIFY_KERNELS=${VERIFY_KERNELS:-paged_rope_attention rms_norm}
   BENCH_KERNELS=${BENCH_KERNELS:-paged_rope_attention}
   mkdir -p "$RESULTS"

@@ -33,10 +33,9 @@ from max.gpu.memory import AddressSpace, external_memory
 from max.gpu.sync import barrier
 from std.math import ceildiv, cos, exp, exp2, inf, sin, sqrt
 from std.memory import alloc, unsafe_stack_allocation
-from std.sys import inlined_assembly, size_of
+from std.sys import size_of
 from std.utils import StaticTuple
 
-from .decode_tile import tile_finish, tile_pick, tile_reduce_scatter, tile_softmax
 from .fused_rope_attention import (
     DECODE_MIN_CHUNK,
     DECODE_TARGET_BLOCKS,
@@ -1120,400 +1119,6 @@ def _split_decode_dispatch[
     raise Error("kt.paged_rope_attention: no decode kernel for this shape")
 
 
-# Decode v2 (PAGED_DECODE_V2): `_tiled_decode_gpu`'s tiles, with the work split by each row's
-# own length instead of the host's bound, the keys a few block steps ahead prefetched into L2,
-# and no scratch or combine pass when a row has one split.
-
-# Block steps ahead of the one being computed whose keys and values `_decode_v2_gpu` prefetches
-# into L2 (beyond the next step, which it loads into registers).
-comptime DECODE_V2_PREFETCH = 2
-# Blocks an SM `_decode_v2_gpu` is compiled for (registers at most 65536 / (3 x 128) = 170 a
-# thread: `_tiled_decode_gpu` takes 168, so the prefetch's few more must not drop it to 2).
-comptime DECODE_V2_MIN_BLOCKS = 3
-# Bytes `_decode_v2_gpu` prefetches into L2 a lane: one 32-byte sector (L2's unit of transfer),
-# from the lanes whose 16-byte slice starts one, so each sector of a tile is asked for once
-# whether the hint fetches a sector or a whole line.
-comptime PREFETCH_SECTOR = 32
-
-
-@always_inline
-def _prefetch_l2[dtype: DType](p: Pointer[Scalar[dtype], MutAnyOrigin]):
-    """A hint: fetch the sector (or line) holding p into L2 (no register waits on it)."""
-    inlined_assembly["prefetch.global.L2 [$0];", NoneType, constraints="l", has_side_effect=True](p)
-
-
-@always_inline
-def _prefetch_key_tile[
-    dtype: DType, U: Int
-](blocks: Pointer[Scalar[dtype], MutAnyOrigin], row0: Int, rows_of: KeyRows, v_off: Int):
-    """Prefetches into L2 the sectors at the key rows row0 + u slot_stride, u < U (U
-    consecutive slots of one page from row0), and at their value rows."""
-    var k = blocks.unsafe_offset(row0)
-    var v = k.unsafe_offset(v_off)
-    var stride = Int(rows_of.slot_stride)
-    comptime for u in range(U):
-        _prefetch_l2(k.unsafe_offset(u * stride))
-        _prefetch_l2(v.unsafe_offset(u * stride))
-
-
-@always_inline
-def _decode_write_out[
-    dtype: DType, D: Int, GB: Int, W: Int
-](
-    m_in: StaticTuple[Float32, GB],
-    l_in: StaticTuple[Float32, GB],
-    acc_in: StaticTuple[SIMD[DType.float32, W], GB],
-    hx: Int,
-    o: Pointer[Scalar[dtype], MutAnyOrigin],
-    out0: Int,
-):
-    """`_decode_write_partial`'s merge (the lane groups of a warp through xor shuffles, the
-    warps through shared memory; the whole block calls it), for a block that saw all of its
-    row's keys: it writes the normalized output of head h0 + g, acc / l, to
-    o[out0 + g D .. out0 + g D + D - 1] instead of a partial state."""
-    comptime TPK = D // W
-    comptime NEG_INF = -inf[DType.float32]()
-    var m = m_in
-    var l = l_in
-    var acc = acc_in
-    var tid = thread_idx.x
-    var lane = tid % 32
-    var warp = tid // 32
-    var i0 = (lane % TPK) * W
-    comptime for step in range(5):
-        comptime off = TPK << step
-        comptime if off < 32:
-            comptime for g in range(GB):
-                var m_o = shuffle_xor(m[g], UInt32(off))
-                var l_o = shuffle_xor(l[g], UInt32(off))
-                var m_new = max(m[g], m_o)
-                var a = _merge_scale(m[g], m_new)
-                var c = _merge_scale(m_o, m_new)
-                l[g] = l[g] * a + l_o * c
-                comptime for e in range(W):
-                    acc[g][e] = acc[g][e] * a + shuffle_xor(acc[g][e], UInt32(off)) * c
-                m[g] = m_new
-
-    var m_s = unsafe_stack_allocation[DECODE_WARPS * GB, Float32, address_space=.SHARED]()
-    var l_s = unsafe_stack_allocation[DECODE_WARPS * GB, Float32, address_space=.SHARED]()
-    var acc_s = unsafe_stack_allocation[DECODE_WARPS * GB * D, Float32, address_space=.SHARED]()
-    if lane < TPK:
-        comptime for g in range(GB):
-            var slot = warp * GB + (g ^ hx)
-            comptime for e in range(W):
-                acc_s[unsafe_offset=slot * D + i0 + e] = acc[g][e]
-            if lane == 0:
-                m_s[unsafe_offset=slot] = m[g]
-                l_s[unsafe_offset=slot] = l[g]
-    barrier()
-    for idx in range(tid, GB * D, DECODE_THREADS):
-        var g = idx // D
-        var d = idx % D
-        var m_all = NEG_INF
-        comptime for w in range(DECODE_WARPS):
-            m_all = max(m_all, m_s[unsafe_offset=w * GB + g])
-        var l_all = Float32(0)
-        var a_all = Float32(0)
-        comptime for w in range(DECODE_WARPS):
-            var c = _merge_scale(m_s[unsafe_offset=w * GB + g], m_all)
-            l_all += l_s[unsafe_offset=w * GB + g] * c
-            a_all += acc_s[unsafe_offset=(w * GB + g) * D + d] * c
-        o[unsafe_offset=out0 + idx] = (a_all / l_all).cast[dtype]()
-
-
-@__llvm_metadata(
-    MAX_THREADS_PER_BLOCK_METADATA=StaticTuple[Int32, 1](Int32(DECODE_THREADS)),
-    `nvvm.minctasm`=SIMDLength(DECODE_V2_MIN_BLOCKS),
-)
-def _decode_v2_gpu[
-    dtype: DType, D: Int, GB: Int, direct: Bool, U: Int = TILE_KEYS, PF: Int = DECODE_V2_PREFETCH
-](
-    o: Pointer[Scalar[dtype], MutAnyOrigin],
-    m_part: Pointer[Float32, MutAnyOrigin],
-    l_part: Pointer[Float32, MutAnyOrigin],
-    acc_part: Pointer[Float32, MutAnyOrigin],
-    q: Pointer[Scalar[dtype], MutAnyOrigin],
-    blocks: Pointer[Scalar[dtype], MutAnyOrigin],
-    cache_lengths: U32Ptr,
-    table: U32Ptr,
-    row_offsets: U32Ptr,
-    batch_: Int32,
-    q_heads_: Int32,
-    page_size: Int32,
-    layers: Int32,
-    kv_heads: Int32,
-    layer: Int32,
-    table_cols: Int32,
-    q_rs: Int32,
-    q_hs: Int32,
-    splits_: Int32,
-    scale_log2: Float32,
-    theta: Float32,
-    factor: Float32,
-    low_freq_factor: Float32,
-    high_freq_factor: Float32,
-    original_max_position: Float32,
-):
-    """`_tiled_decode_gpu`'s grid (splits, kv heads x group / GB, rows), block, queries and
-    tiles (scores, softmax and values through `decode_tile.mojo`), with three changes:
-
-    Splits by the row's own length. The row's pos + 1 keys are cut into chunks of
-    max(ceil((pos + 1) / splits), DECODE_MIN_CHUNK) keys rounded up to a block step
-    (STREAMS x U keys, so tiles start at multiples of U), split s taking chunk s (possibly
-    empty). The host sizes the split count from its bound on the longest sequence, as
-    `_split_decode_launch` does, but the chunks no longer come from that bound: with MAX
-    Serve's padded block table (bound 4096 for 1088 keys, B 32, D 64: 4 splits)
-    `_split_decode_launch`'s chunks give one block of each (row, kv head) 1024 keys and
-    another 64, here each of the four takes 320, 320, 320 and 128; at B 8 x 16k keys (D 128)
-    16 chunks of 1024 instead of 14 of 1152 and one of 256.
-
-    L2 prefetch. The stream's tiles 1 .. PF block steps past the next one (whose K and V it
-    loads into registers, as `_tiled_decode_gpu`) are prefetched into L2
-    (`prefetch.global.L2`, one lane a 32-byte sector): the bytes a block has in flight then
-    cover PF + 1 steps instead of one without holding registers (`_tiled_decode_gpu` holds
-    168 a thread: 3 blocks an SM at D 64 and 128, each lane 2 U 16 = 128 bytes ahead, 48 KiB
-    an SM, where the H200's 4.8 TB/s over 132 SMs at ~1-2 us of loaded latency wants
-    ~36-72 KiB), and the register loads that follow hit L2. A tile is prefetched only when
-    it starts before the split's end and lies inside one page (always, for pages a multiple
-    of U): every address is a slot of an owned page.
-
-    One split, no scratch. With `direct` (the host launches it when splits == 1: every row's
-    keys in one block) the block writes o = acc / l itself (`_decode_write_out`) and the host
-    allocates no partial buffers and launches no `_decode_combine_gpu`: at B 128 (1024 blocks
-    of one split) the combine pass was a second launch over 4096 rows and 1 MiB written and
-    read back."""
-    comptime W = 16 // size_of[dtype]()
-    comptime TPK = D // W
-    comptime KPW = 32 // TPK
-    comptime STREAMS = DECODE_WARPS * KPW
-    comptime N = U * GB
-    comptime R = max(1, N // TPK)
-    comptime DUP = max(1, TPK // N)
-    comptime F = SIMD[DType.float32, W]
-    comptime NEG_INF = -inf[DType.float32]()
-    comptime STEP = STREAMS * U
-    comptime SECTOR_LANES = max(1, PREFETCH_SECTOR // 16)
-    comptime assert U <= TPK and R <= GB, "a tile's scores must fit the lanes of a key"
-
-    var lay = PagedLayout(
-        Int(page_size), Int(layers), Int(kv_heads), D, Int(layer), Int(table_cols)
-    )
-    var freqs = RopeFreqs(theta, factor, low_freq_factor, high_freq_factor, original_max_position)
-    var q_heads = Int(q_heads_)
-    var group = q_heads // lay.kv_heads
-    var subs = group // GB
-    var split = block_idx.x
-    var kvh = block_idx.y // subs
-    var h0 = kvh * group + (block_idx.y % subs) * GB
-    var row = block_idx.z
-    var splits = Int(splits_)
-    var tid = thread_idx.x
-    var lane = tid % 32
-    var warp = tid // 32
-    var t = lane % TPK
-    var i0 = t * W
-    var stream = warp * KPW + lane // TPK
-    var f = R * (t // DUP)
-    var fu = f // GB
-    var fg = f % GB
-    var issues_prefetch = t % SECTOR_LANES == 0
-    var b = seq_of_row(row_offsets, Int(batch_), row)
-    var pos = Int(cache_lengths[unsafe_offset=b]) + row - Int(row_offsets[unsafe_offset=b])
-
-    var qv = _decode_queries[dtype, D, GB](
-        q, row, Int(q_rs), Int(q_hs), h0, pos, freqs, scale_log2, i0, fg
-    )
-
-    var m = StaticTuple[Float32, R](fill=NEG_INF)
-    var l = StaticTuple[Float32, R](fill=0)
-    var acc = StaticTuple[F, GB](fill=0)
-    var keys = pos + 1
-    var chunk = ceildiv(max(ceildiv(keys, splits), DECODE_MIN_CHUNK), STEP) * STEP
-    var start = split * chunk
-    var end = min(start + chunk, keys)  # an empty split (start >= keys): the loop never runs
-    # Warp-uniform trip count (the shuffles need the whole warp); keys past the end are
-    # masked out.
-    var warp_j0 = start + warp * KPW * U
-    var j0 = start + stream * U
-    var v_off = lay.value_offset()
-    var rows_of = lay.key_rows(b, kvh, i0)
-    var last = rows_of.row(table, end - 1)  # end - 1 is a key: end >= 1, pos >= 0
-    var at = rows_of.locate(j0)
-    var kvn = _load_key_tile[dtype, U](
-        blocks, _tile_rows[U](table, rows_of, at[0], at[1], j0, end, fu, last), v_off
-    )
-    # Prefetch. Tiles 1 .. PF steps ahead are prefetched here; then each step prefetches the
-    # tile PF + 1 steps past the one it computes, from a page row looked up one step earlier
-    # (its table load has a whole step to land: the prefetch never waits on it). A tile is
-    # prefetched when it starts before the end and lies inside one page (its rows then are
-    # row0 + u slot_stride: always true for pages a multiple of U), else skipped: a hint.
-    var pf_row = -1  # the row of the tile PF + 1 steps ahead, -1: not prefetched
-    comptime if PF > 0:
-        if issues_prefetch:
-            var ahead = at
-            comptime for p in range(1, PF + 2):
-                ahead = rows_of.step(ahead[0], ahead[1], UInt32(STEP))
-                if j0 + p * STEP < end and ahead[1] + UInt32(U) <= rows_of.page:
-                    var r0 = rows_of.row_at(table, ahead[0], ahead[1])
-                    comptime if p <= PF:
-                        _prefetch_key_tile[dtype, U](blocks, r0, rows_of, v_off)
-                    else:
-                        pf_row = r0
-    while warp_j0 < end:
-        var kv = kvn
-        var nxt = rows_of.step(at[0], at[1], UInt32(STEP))
-        kvn = _load_key_tile[dtype, U](
-            blocks, _tile_rows[U](table, rows_of, nxt[0], nxt[1], j0 + STEP, end, fu, last), v_off
-        )
-        comptime if PF > 0:
-            if issues_prefetch:
-                if pf_row >= 0:
-                    _prefetch_key_tile[dtype, U](blocks, pf_row, rows_of, v_off)
-                # The next step's: the tile PF + 1 steps past the next tile.
-                var pa = rows_of.step(nxt[0], nxt[1], UInt32((PF + 1) * STEP))
-                pf_row = -1
-                if j0 + (PF + 2) * STEP < end and pa[1] + UInt32(U) <= rows_of.page:
-                    pf_row = rows_of.row_at(table, pa[0], pa[1])
-
-        var s = StaticTuple[Float32, N](fill=0)
-        comptime for u in range(U):
-            var kf = kv[u].cast[DType.float32]()
-            comptime for g in range(GB):
-                var dot = qv[g][0] * kf[0]
-                comptime for e in range(1, W):
-                    dot = qv[g][e].fma(kf[e], dot)
-                s[u * GB + g] = dot
-        tile_reduce_scatter[N, TPK](s)
-        if j0 + fu >= end:
-            comptime for r in range(R):
-                s[r] = NEG_INF
-
-        var sm = tile_softmax[N, TPK, U, R](s, m, l)
-        if sm[0]:
-            comptime for g in range(GB):
-                acc[g] = acc[g] * tile_pick[R, DUP, g](sm[1])
-
-        comptime for u in range(U):
-            var vf = kv[U + u].cast[DType.float32]()
-            comptime for g in range(GB):
-                acc[g] = vf.fma(F(tile_pick[R, DUP, u * GB + g](sm[2])), acc[g])
-
-        j0 += STEP
-        warp_j0 += STEP
-        at = nxt
-
-    var ml = tile_finish[TPK, U, R, DUP, GB](m, l)
-    comptime if direct:
-        _decode_write_out[dtype, D, GB, W](ml[0], ml[1], acc, fg, o, (row * q_heads + h0) * D)
-    else:
-        _decode_write_partial[D, GB, W](
-            ml[0], ml[1], acc, fg, m_part, l_part, acc_part,
-            (row * q_heads + h0) * splits + split, splits,
-        )
-
-
-def _decode_v2_launch[
-    dtype: DType, D: Int, GB: Int
-](
-    o: Pointer[Scalar[dtype], MutAnyOrigin],
-    q: Pointer[Scalar[dtype], MutAnyOrigin],
-    blocks: Pointer[Scalar[dtype], MutAnyOrigin],
-    cache_lengths: U32Ptr,
-    table: U32Ptr,
-    row_offsets: U32Ptr,
-    rows: Int,
-    batch: Int,
-    max_seq: Int,
-    q_heads: Int,
-    q_rs: Int,
-    q_hs: Int,
-    scale: Float32,
-    lay: PagedLayout,
-    freqs: RopeFreqs,
-    ctx: DeviceContext,
-) raises:
-    """`_decode_v2_gpu`: the split count as `_split_decode_launch` sizes it from max_seq (a
-    bound on the longest sequence), each row's chunks from its own length on the device. One
-    split: the `direct` kernel writes o, one launch. Else the partial states in scratch, then
-    `_decode_combine_gpu` (empty splits hold m = -inf, l = 0)."""
-    comptime W = 16 // size_of[dtype]()
-    comptime BLOCK_STEP = DECODE_WARPS * (32 // (D // W)) * TILE_KEYS
-    var bound = max(1, max_seq)
-    var blocks_per_split = rows * lay.kv_heads * (q_heads // lay.kv_heads // GB)
-    var splits = max(
-        1, min(ceildiv(bound, DECODE_MIN_CHUNK), ceildiv(DECODE_TARGET_BLOCKS, blocks_per_split))
-    )
-    splits = ceildiv(bound, ceildiv(ceildiv(bound, splits), BLOCK_STEP) * BLOCK_STEP)
-    var grid = (splits, lay.kv_heads * (q_heads // lay.kv_heads // GB), rows)
-    var log2_scale = scale * LOG2E
-    if splits == 1:
-        # The partial pointers are never read or written by the direct kernel.
-        var none = o.bitcast[Float32]()
-        ctx.enqueue_function[_decode_v2_gpu[dtype, D, GB, True]](
-            o, none, none, none, q, blocks, cache_lengths, table, row_offsets, Int32(batch),
-            Int32(q_heads), Int32(lay.page_size), Int32(lay.layers), Int32(lay.kv_heads),
-            Int32(lay.layer), Int32(lay.table_cols), Int32(q_rs), Int32(q_hs), Int32(1),
-            log2_scale, freqs.theta, freqs.factor, freqs.low_freq_factor,
-            freqs.high_freq_factor, freqs.original_max_position,
-            grid_dim=grid, block_dim=DECODE_THREADS,
-        )
-        return
-    var m_part = ctx.enqueue_create_buffer[DType.float32](rows * q_heads * splits)
-    var l_part = ctx.enqueue_create_buffer[DType.float32](rows * q_heads * splits)
-    var acc_part = ctx.enqueue_create_buffer[DType.float32](rows * q_heads * splits * D)
-    ctx.enqueue_function[_decode_v2_gpu[dtype, D, GB, False]](
-        o, m_part.unsafe_ptr(), l_part.unsafe_ptr(), acc_part.unsafe_ptr(), q, blocks,
-        cache_lengths, table, row_offsets, Int32(batch), Int32(q_heads), Int32(lay.page_size),
-        Int32(lay.layers), Int32(lay.kv_heads), Int32(lay.layer), Int32(lay.table_cols),
-        Int32(q_rs), Int32(q_hs), Int32(splits), log2_scale, freqs.theta, freqs.factor,
-        freqs.low_freq_factor, freqs.high_freq_factor, freqs.original_max_position,
-        grid_dim=grid, block_dim=DECODE_THREADS,
-    )
-    ctx.enqueue_function[_decode_combine_gpu[dtype]](
-        o, m_part.unsafe_ptr(), l_part.unsafe_ptr(), acc_part.unsafe_ptr(),
-        Int32(splits), Int32(D),
-        grid_dim=rows * q_heads, block_dim=DECODE_THREADS,
-    )
-    # Frees are stream-ordered: the buffers outlive the kernels that use them.
-    _ = m_part^
-    _ = l_part^
-    _ = acc_part^
-
-def _decode_v2_dispatch[
-    dtype: DType
-](
-    o: Pointer[Scalar[dtype], MutAnyOrigin],
-    q: Pointer[Scalar[dtype], MutAnyOrigin],
-    blocks: Pointer[Scalar[dtype], MutAnyOrigin],
-    cache_lengths: U32Ptr,
-    table: U32Ptr,
-    row_offsets: U32Ptr,
-    rows: Int,
-    batch: Int,
-    max_seq: Int,
-    q_heads: Int,
-    q_rs: Int,
-    q_hs: Int,
-    scale: Float32,
-    lay: PagedLayout,
-    freqs: RopeFreqs,
-    ctx: DeviceContext,
-) raises:
-    """`_decode_v2_launch` for the runtime head dim and heads per block; the caller checks
-    `_split_decode_supported` first."""
-    comptime if dtype == DType.bfloat16 or dtype == DType.float16:
-        var gb = _decode_heads_per_block(q_heads // lay.kv_heads)
-        comptime for D in [64, 128]:
-            if lay.head_dim == D:
-                comptime for GB in [1, 2, 4]:
-                    if gb == GB:
-                        _decode_v2_launch[dtype, D, GB](
-                            o, q, blocks, cache_lengths, table, row_offsets, rows, batch,
-                            max_seq, q_heads, q_rs, q_hs, scale, lay, freqs, ctx,
-                        )
-                        return
-    raise Error("kt.paged_rope_attention: no decode kernel for this shape")
-
 def _prefill_min_blocks(D: Int) -> Int:
     """`_prefill_gpu`'s MB: 2 at D 64 (128 registers, 70 KiB of shared memory: two blocks
     an SM overlap one's global loads with the other's arithmetic); 1 above (the
@@ -1655,15 +1260,6 @@ comptime TILED_DECODE = True
 # 2026-12-04 at 1 x 8192 prefill, 1.053 later at B 8 x 4k decode: single non-interleaved
 # means); it has not been through kt verify on the GPU with the flag on.
 comptime EXACT_LENGTHS = False
-# The decode on `_decode_v2_gpu` in place of `_tiled_decode_gpu`: each row's keys split by its
-# own length (not the host's bound), tiles prefetched into L2 a few steps ahead, and one launch
-# without scratch when every row takes one split (B 128 x 1k keys at D 64, 32 / 8 heads: MAX
-# Serve's decode step at concurrency 128 for Llama 3.2 1B). Off until tests/mojo/gpu_launch.mojo
-# --check ("paged decode v2 check: all PASS") and gpu_bench PAGED_DECODE_V2 pick it on a GPU.
-# On the H200 (2026-12-04) it checks but is slower: 1.04-1.20x the shipped decode's time (1.04x
-# at B 128 x 1087, 1.20x at B 8 x 4k): the L2 prefetch's extra instructions cost more than the
-# bytes in flight it adds; the split by real lengths alone was not timed apart.
-comptime PAGED_DECODE_V2 = False
 
 
 def paged_rope_attention_gpu[
@@ -1673,7 +1269,6 @@ def paged_rope_attention_gpu[
     max_prefill: Bool = MAX_PREFILL,
     tiled_decode: Bool = TILED_DECODE,
     exact_lengths: Bool = EXACT_LENGTHS,
-    decode_v2: Bool = PAGED_DECODE_V2,
 ](
     o: Pointer[Scalar[dtype], MutAnyOrigin],
     q: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -1701,8 +1296,7 @@ def paged_rope_attention_gpu[
     columns x page size. Decode (one new token per sequence: rows == batch), 16-bit dtypes,
     D 64 or 128, a 16-byte aligned cache: the split-KV kernel (`_tiled_decode_gpu` with
     `tiled_decode`, TILED_DECODE, else `_split_decode_gpu`), its splits sized from the
-    longest sequence, then `_decode_combine_gpu`; with `decode_v2` (PAGED_DECODE_V2)
-    `_decode_v2_gpu` instead (`_decode_v2_launch`: no combine pass for one split). Other decode steps: `_attention_gpu`, one
+    longest sequence, then `_decode_combine_gpu`. Other decode steps: `_attention_gpu`, one
     block per (row, q head). Prefill (rows > batch: some sequence has several new tokens;
     decided from shapes, the host never reads the row offsets): with `max_prefill`
     (MAX_PREFILL), 16-byte aligned o and cache and a shape `_max_prefill_supported` lists,
@@ -1720,16 +1314,10 @@ def paged_rope_attention_gpu[
             max_seq = min(max_seq, max_cache_length)
     var aligned = Int(blocks) % 16 == 0
     if rows == batch and aligned and _split_decode_supported[dtype](lay.head_dim):
-        comptime if decode_v2:
-            _decode_v2_dispatch[dtype](
-                o, q, blocks, cache_lengths, table, row_offsets, rows, batch, max_seq, q_heads,
-                q_rs, q_hs, scale, lay, freqs, ctx,
-            )
-        else:
-            _split_decode_dispatch[dtype, pipelined_decode, tiled_decode](
-                o, q, blocks, cache_lengths, table, row_offsets, rows, batch, max_seq, q_heads,
-                q_rs, q_hs, scale, lay, freqs, ctx,
-            )
+        _split_decode_dispatch[dtype, pipelined_decode, tiled_decode](
+            o, q, blocks, cache_lengths, table, row_offsets, rows, batch, max_seq, q_heads,
+            q_rs, q_hs, scale, lay, freqs, ctx,
+        )
         return
     comptime if max_prefill:
         if (

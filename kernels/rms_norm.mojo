@@ -8,8 +8,8 @@ fp32; the result is rounded to the input dtype once, at the end.
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.algorithm import sync_parallelize
-from max.gpu import MAX_THREADS_PER_BLOCK_METADATA, block_idx, grid_dim, thread_idx
-from max.gpu.host import DeviceAttribute, DeviceContext
+from max.gpu import MAX_THREADS_PER_BLOCK_METADATA, block_idx, thread_idx
+from max.gpu.host import DeviceContext
 from max.gpu.host.info import is_cpu
 from max.gpu.primitives.warp import shuffle_xor
 from max.gpu.sync import barrier
@@ -24,21 +24,6 @@ comptime CPU_CHUNK = 64
 # 16-byte vectors per thread) it keeps in registers; longer rows take `_rms_norm_gpu`.
 comptime ROWS_BLOCK = 256
 comptime WARP = 32
-# Candidate: `_rms_norm_gpu_launch` takes rows longer than a warp's 4 vectors per lane with
-# `_rms_norm_rows_v2_gpu` (benchmarks/gpu_session_kernels.sh turns it on when
-# tests/mojo/gpu_launch.mojo --check passes it and tests/mojo/gpu_bench.mojo times it faster).
-comptime RMS_NORM_V2 = False
-# `_rms_norm_rows_v2_gpu`: 16-byte vectors per thread (threads per row: the fewest of 64..512
-# that hold the row), the most rows one block walks, and the blocks per SM the grid aims at
-# per 256 threads of a block before a block takes a second row.
-comptime V2_VECTORS = 4
-comptime V2_MAX_THREADS = 512
-# The fewest threads per row v2 takes a row with: on the H200 (2026-12-04) v2 was 0.94x the
-# shipped kernel's time at N 8192 bf16 (256 threads) and 1.04-1.08x at N 4096 (128 threads), so
-# rows that fit in 128 threads keep the shipped kernels.
-comptime V2_MIN_THREADS = 256
-comptime V2_MAX_ROWS = 8
-comptime V2_BLOCKS_PER_SM_256 = 16
 # `_rms_norm_gpu_launch` takes aligned rows of more than 256 and at most 1024 16-byte vectors
 # (bf16/fp16 N 2056..8192, fp32 N 1028..4096: Llama 8B's and 70B's hidden sizes) with
 # `_rms_norm_rows_lean_gpu`. On since 2026-12-04: checked and verified through MAX on the H200,
@@ -186,17 +171,16 @@ def _rms_norm_rows_gpu[
 
 
 @always_inline
-def _v2_vectors[
+def _row_vectors[
     dtype: DType, width: Int, threads: Int, vectors: Int
 ](p: Pointer[Scalar[dtype], MutAnyOrigin], base: Int, n: Int, tid: Int) -> StaticTuple[
     SIMD[dtype, width], vectors
 ]:
-    """A thread's `vectors` 16-byte vectors of the row of n at p + base in
-    `_rms_norm_rows_v2_gpu`'s layout (vector v at (v * threads + tid) * width), zero past n.
-    Loads past the row's end read its first vector instead and are zeroed after: no branch
-    between the loads, which LLVM would otherwise fill with the casts of the vector just
-    loaded (so that a thread waits for each load before it issues the next, as
-    `_rms_norm_rows_gpu`'s PTX shows)."""
+    """A thread's `vectors` 16-byte vectors of the row of n at p + base (vector v at
+    (v * threads + tid) * width), zero past n. Loads past the row's end read its first
+    vector instead and are zeroed after: no branch between the loads, which LLVM would
+    otherwise fill with the casts of the vector just loaded (so that a thread waits for each
+    load before it issues the next, as `_rms_norm_rows_gpu`'s PTX shows)."""
     comptime align = width * size_of[dtype]()
     var out = StaticTuple[SIMD[dtype, width], vectors](fill=0)
     comptime for v in range(vectors):
@@ -205,134 +189,6 @@ def _v2_vectors[
         var xv = p.unsafe_load[width=width, alignment=align](base + at)
         out[v] = xv if j < n else SIMD[dtype, width](0)
     return out
-
-
-def _rms_norm_rows_v2_gpu[
-    dtype: DType, width: Int, threads: Int, vectors: Int
-](
-    y: Pointer[Scalar[dtype], MutAnyOrigin],
-    x: Pointer[Scalar[dtype], MutAnyOrigin],
-    w: Pointer[Scalar[dtype], MutAnyOrigin],
-    rows_: Int32,
-    n_: Int32,
-    eps: Float32,
-):
-    """RMSNorm of rows of at most threads * vectors * width elements (n a multiple of width,
-    16-byte aligned rows): a block of `threads` per row that walks rows block_idx.x,
-    + grid_dim.x, ... with the next row's loads in flight while it reduces and stores the
-    current one.
-
-    What `_rms_norm_rows_gpu` (one row per block at N 8192) leaves on the table: a block
-    issues its loads, then every warp waits at the barrier for the slowest of the row's loads,
-    reduces and stores, and only the next block's launch issues loads again; the memory
-    system sees those gaps once per row per block, and w is read again with every row. Here
-    w is loaded into registers once per block, and before the reduction of row r every
-    thread issues its `vectors` 16-byte loads of row r + grid_dim.x, so the barrier and the
-    stores overlap the next row's latency (two rows per block in flight). The warp partials
-    go through two shared-memory slots used in turn, so one barrier per row suffices (a
-    thread that writes slot p again has passed the barrier after everyone's read of it).
-    The sum of squares is fp32, as in `_rms_norm_rows_gpu`, each thread adding its vectors
-    in the same order and every thread adding the warp partials in the same order."""
-    comptime warps = threads // WARP
-    comptime align = width * size_of[dtype]()
-    var n = Int(n_)
-    var rows = Int(rows_)
-    var tid = thread_idx.x
-    var step = grid_dim.x
-    var row = block_idx.x
-    var ws = _v2_vectors[dtype, width, threads, vectors](w, 0, n, tid)
-    var cur = StaticTuple[SIMD[dtype, width], vectors](fill=0)
-    if row < rows:
-        cur = _v2_vectors[dtype, width, threads, vectors](x, row * n, n, tid)
-    var partial = unsafe_stack_allocation[2 * warps, Float32, address_space=.SHARED]()
-    var slot = 0
-    # `row` is the same in every thread of the block: the loop (and its barrier) is uniform.
-    while row < rows:
-        var following = row + step
-        var nxt = StaticTuple[SIMD[dtype, width], vectors](fill=0)
-        if following < rows:
-            nxt = _v2_vectors[dtype, width, threads, vectors](x, following * n, n, tid)
-        var acc = SIMD[DType.float32, width](0)
-        comptime for v in range(vectors):
-            var f = cur[v].cast[DType.float32]()
-            acc += f * f
-        var total = acc.reduce_add()
-        comptime for k in range(5):
-            total += shuffle_xor(total, UInt32(16 >> k))
-        comptime if warps > 1:
-            if tid % WARP == 0:
-                partial[unsafe_offset=slot * warps + tid // WARP] = total
-            barrier()
-            total = partial[unsafe_offset=slot * warps]
-            comptime for k in range(1, warps):
-                total += partial[unsafe_offset=slot * warps + k]
-            slot = 1 - slot
-        var r = rsqrt(total / Float32(n) + eps)
-        comptime for v in range(vectors):
-            var j = (v * threads + tid) * width
-            if j < n:
-                var out = cur[v].cast[DType.float32]() * r * ws[v].cast[DType.float32]()
-                y.unsafe_store[alignment=align](row * n + j, out.cast[dtype]())
-        cur = nxt
-        row = following
-
-
-def _rms_norm_v2_enqueue[
-    dtype: DType, threads: Int
-](
-    ctx: DeviceContext,
-    y: Pointer[Scalar[dtype], _],
-    x: Pointer[Scalar[dtype], _],
-    w: Pointer[Scalar[dtype], _],
-    m: Int,
-    n: Int,
-    eps: Float32,
-    rows_per_block: Int,
-) raises:
-    """Enqueues `_rms_norm_rows_v2_gpu` with `threads` per row on ceildiv(m, rows_per_block)
-    blocks (n a multiple of the 16-byte width, at most threads * V2_VECTORS vectors; 16-byte
-    aligned pointers)."""
-    comptime W = max(1, 16 // size_of[dtype]())
-    ctx.enqueue_function[_rms_norm_rows_v2_gpu[dtype, W, threads, V2_VECTORS]](
-        y, x, w, Int32(m), Int32(n), eps,
-        grid_dim=ceildiv(m, max(1, rows_per_block)), block_dim=threads,
-    )
-
-
-def _rms_norm_v2_launch[
-    dtype: DType
-](
-    ctx: DeviceContext,
-    y: Pointer[Scalar[dtype], _],
-    x: Pointer[Scalar[dtype], _],
-    w: Pointer[Scalar[dtype], _],
-    m: Int,
-    n: Int,
-    eps: Float32,
-) raises:
-    """Enqueues `_rms_norm_rows_v2_gpu` with the fewest threads per row of 64, 128, 256, 512
-    that hold the row in V2_VECTORS 16-byte vectors per thread (N 4096 bf16: 128 threads,
-    the raw sweep's best; N 8192: 256), and as many rows per block (at most V2_MAX_ROWS) as
-    keep the grid at V2_BLOCKS_PER_SM_256 blocks of 256 threads per SM or more, so the last
-    blocks' tail stays a small part of the run whatever the registers allow resident. The
-    caller checked n and the alignment (n a multiple of the width, at most
-    V2_MAX_THREADS * V2_VECTORS vectors)."""
-    comptime W = max(1, 16 // size_of[dtype]())
-    var vecs = ceildiv(n, W)
-    var threads = 64
-    while threads * V2_VECTORS < vecs:
-        threads *= 2
-    var sms = ctx.get_attribute(DeviceAttribute.MULTIPROCESSOR_COUNT)
-    var target = sms * V2_BLOCKS_PER_SM_256 * 256 // threads
-    var per_block = max(1, min(V2_MAX_ROWS, m // max(1, target)))
-    if threads == 64:
-        _rms_norm_v2_enqueue[dtype, 64](ctx, y, x, w, m, n, eps, per_block)
-    elif threads == 128:
-        _rms_norm_v2_enqueue[dtype, 128](ctx, y, x, w, m, n, eps, per_block)
-    elif threads == 256:
-        _rms_norm_v2_enqueue[dtype, 256](ctx, y, x, w, m, n, eps, per_block)
-    else:
-        _rms_norm_v2_enqueue[dtype, V2_MAX_THREADS](ctx, y, x, w, m, n, eps, per_block)
 
 
 @__llvm_metadata(
@@ -367,7 +223,7 @@ def _rms_norm_rows_lean_gpu[
     in flight at N 8192) or 10 of 128 (80 KB at N 4096, where the twin's 256 threads of 2
     vectors in 40 registers keep 6 rows, 48 KB). No branch between the loads: with `exact`
     (n == threads * vectors * width, the Llama sizes) there is no mask at all; otherwise a
-    load past the row's end reads the row's first vector and is zeroed after (`_v2_vectors`).
+    load past the row's end reads the row's first vector and is zeroed after (`_row_vectors`).
     The warp partials go through shared memory with one barrier, every thread adding them in
     the same order."""
     comptime warps = threads // WARP
@@ -385,8 +241,8 @@ def _rms_norm_rows_lean_gpu[
         comptime for v in range(vectors):
             ws[v] = w.unsafe_load[width=width, alignment=align]((v * threads + tid) * width)
     else:
-        xs = _v2_vectors[dtype, width, threads, vectors](x, base, n, tid)
-        ws = _v2_vectors[dtype, width, threads, vectors](w, 0, n, tid)
+        xs = _row_vectors[dtype, width, threads, vectors](x, base, n, tid)
+        ws = _row_vectors[dtype, width, threads, vectors](w, 0, n, tid)
     var acc = SIMD[DType.float32, width](0)
     comptime for v in range(vectors):
         var f = xs[v].cast[DType.float32]()
@@ -473,7 +329,7 @@ def _rms_norm_lean_enqueue[
 
 
 def _rms_norm_gpu_launch[
-    dtype: DType, v2: Bool = RMS_NORM_V2, lean: Bool = RMS_NORM_LEAN
+    dtype: DType, lean: Bool = RMS_NORM_LEAN
 ](
     ctx: DeviceContext,
     y: Pointer[Scalar[dtype], _],
@@ -488,9 +344,7 @@ def _rms_norm_gpu_launch[
     a block per row with 1, 2, 4 or 8 vectors per thread) when n is a multiple of the
     16-byte vector width and the pointers are 16-byte aligned; `_rms_norm_gpu` otherwise.
     With lean (RMS_NORM_LEAN as shipped), aligned rows of more than 64 * LEAN_VECTORS and at
-    most 256 * LEAN_VECTORS vectors take `_rms_norm_rows_lean_gpu` (before v2). With v2
-    (RMS_NORM_V2 as shipped), aligned rows of more than V2_MIN_THREADS / 2 * V2_VECTORS and
-    at most V2_MAX_THREADS * V2_VECTORS vectors take `_rms_norm_rows_v2_gpu` instead."""
+    most 256 * LEAN_VECTORS vectors take `_rms_norm_rows_lean_gpu`."""
     if m == 0 or n == 0:
         return
     comptime W = max(1, 16 // size_of[dtype]())
@@ -498,10 +352,6 @@ def _rms_norm_gpu_launch[
     comptime if lean:
         if aligned and n > 64 * LEAN_VECTORS * W and n <= 256 * LEAN_VECTORS * W:
             _rms_norm_lean_launch[dtype](ctx, y, x, w, m, n, eps)
-            return
-    comptime if v2:
-        if aligned and n > V2_MIN_THREADS // 2 * V2_VECTORS * W and n <= V2_MAX_THREADS * V2_VECTORS * W:
-            _rms_norm_v2_launch[dtype](ctx, y, x, w, m, n, eps)
             return
     var rows = Int32(m)
     var cols = Int32(n)

@@ -1,15 +1,14 @@
 # Raw kernel timings on a GPU, outside MAX graphs, for tuning the kernels' compile-time
 # parameters (each variant is its own instantiation). Not part of CI (it needs a GPU):
-#   mojo run -I <repo> tests/mojo/gpu_bench.mojo [EXACT_LENGTHS] [PAGED_DECODE_V2] [DENSE_TILED_DECODE]
-#     [RMS_NORM_V2] [RMS_NORM_LEAN] [ROPE_TWIN] [DENSE_WAVE_DECODE]
+#   mojo run -I <repo> tests/mojo/gpu_bench.mojo [EXACT_LENGTHS] [DENSE_TILED_DECODE]
+#     [RMS_NORM_LEAN] [ROPE_TWIN] [DENSE_WAVE_DECODE]
 # (the paged kernels come first: kt.paged_rope_attention's prefill and decode kernels at the
 # serving shapes, and each candidate named on the command line beside the kernel it would
-# replace, then "<candidate> faster: yes|no"; with PAGED_DECODE_V2, the op's decode beside
-# itself with `_decode_v2_gpu` at the same decode shapes the same way; then, with
+# replace, then "<candidate> faster: yes|no"; then, with
 # DENSE_TILED_DECODE, kt.fused_rope_attention's decode beside its tiled kernel the same way (with
-# DENSE_WAVE_DECODE, the tiled kernel beside the wave launch); with RMS_NORM_V2,
-# kt.rms_norm's launch beside its candidate row kernel the same way; with RMS_NORM_LEAN, beside
-# its lean row kernel (llama8b and llama70b shapes) the same way; with ROPE_TWIN, kt.rope's
+# DENSE_WAVE_DECODE, the tiled kernel beside the wave launch); with RMS_NORM_LEAN,
+# kt.rms_norm's launch beside its lean row kernel (llama8b and llama70b shapes) the same way;
+# with ROPE_TWIN, kt.rope's
 # tile kernel beside the twin kernel the same way; then RoPE, RMSNorm and
 # the dense decode variants).
 # Each line: a kernel variant, its mean milliseconds over back-to-back launches (the host
@@ -245,47 +244,8 @@ def dense_decode[wave: Bool = False](
     return ratio
 
 
-def rms_norm_v2(ctx: DeviceContext, m: Int, n: Int) raises -> Float64:
-    """kt.rms_norm's GPU launch with the shipped kernels (v2 off), then with
-    `_rms_norm_rows_v2_gpu` (RMS_NORM_V2) on m rows of n (bf16); returns v2's time over the
-    shipped launch's. GB/s: x read and y written once."""
-    var x = ctx.enqueue_create_buffer[BF16](m * n)
-    var y = ctx.enqueue_create_buffer[BF16](m * n)
-    var w = ctx.enqueue_create_buffer[BF16](n)
-    fill(ctx, x, m * n)
-    fill(ctx, w, n)
-    var nbytes = Float64(2 * m * n * 2)
-    var first_ms = Float64(0)
-    var ratio = Float64(0)
-    for variant in range(2):
-        var t0 = perf_counter_ns()
-        for it in range(WARM + ITERS):
-            if it == WARM:
-                ctx.synchronize()
-                t0 = perf_counter_ns()
-            if variant == 0:
-                _rms_norm_gpu_launch[BF16, v2=False](
-                    ctx, y.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), m, n, Float32(1e-5)
-                )
-            else:
-                _rms_norm_gpu_launch[BF16, v2=True](
-                    ctx, y.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), m, n, Float32(1e-5)
-                )
-        ctx.synchronize()
-        var ms = Float64(perf_counter_ns() - t0) / Float64(ITERS) / 1e6
-        var name: String
-        if variant == 0:
-            first_ms = ms
-            name = "op (default)"
-        else:
-            ratio = ms / first_ms
-            name = String("v2 (RMS_NORM_V2) vs op ", ratio)
-        print(String("rms_norm M=", m, " N=", n), name, "ms", ms, "GB/s", nbytes / ms / 1e6)
-    return ratio
-
-
 def rms_norm_lean(ctx: DeviceContext, m: Int, n: Int) raises -> Float64:
-    """kt.rms_norm's GPU launch as shipped (v2 and lean off), then with
+    """kt.rms_norm's GPU launch with lean off, then with
     `_rms_norm_rows_lean_gpu` (RMS_NORM_LEAN) on m rows of n (bf16); returns lean's time over
     the shipped launch's. GB/s: x read and y written once."""
     var x = ctx.enqueue_create_buffer[BF16](m * n)
@@ -303,11 +263,11 @@ def rms_norm_lean(ctx: DeviceContext, m: Int, n: Int) raises -> Float64:
                 ctx.synchronize()
                 t0 = perf_counter_ns()
             if variant == 0:
-                _rms_norm_gpu_launch[BF16, v2=False, lean=False](
+                _rms_norm_gpu_launch[BF16, lean=False](
                     ctx, y.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), m, n, Float32(1e-5)
                 )
             else:
-                _rms_norm_gpu_launch[BF16, v2=False, lean=True](
+                _rms_norm_gpu_launch[BF16, lean=True](
                     ctx, y.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), m, n, Float32(1e-5)
                 )
         ctx.synchronize()
@@ -325,16 +285,15 @@ def rms_norm_lean(ctx: DeviceContext, m: Int, n: Int) raises -> Float64:
 
 def paged_attention[d: Int](
     ctx: DeviceContext, batch: Int, cached: Int, new: Int, hq: Int, hk: Int, freqs: RopeFreqs,
-    candidate: Bool, v2: Bool = False,
+    candidate: Bool,
 ) raises -> Float64:
     """kt.paged_rope_attention on a batch (each sequence: new rows after cached tokens; pages
     of 128, a 2-layer cache, layer 1 read, the block table padded as MAX Serve's): the op as
     shipped, the kernel its flag replaced (prefill: the tiled kernel, MAX_PREFILL off; decode:
     the pipelined split-KV loop, TILED_DECODE off), the per-row `_attention_gpu` (fewer
     launches: it is slow), and with `candidate` the op using the exact longest prompt (new)
-    and sequence (cached + new) it is given (EXACT_LENGTHS). With v2 (a decode batch), the op
-    as shipped and then the op with `_decode_v2_gpu` (PAGED_DECODE_V2) only, and the candidate
-    is v2. Returns the candidate's time over the op's (0 without a candidate). TFLOP/s counts
+    and sequence (cached + new) it is given (EXACT_LENGTHS).
+    Returns the candidate's time over the op's (0 without a candidate). TFLOP/s counts
     the causal work, 4 D flops per visible (query, key) pair; GB/s the keys and values read
     once."""
     comptime page = 128
@@ -382,12 +341,8 @@ def paged_attention[d: Int](
     var decode = new == 1
     var first_ms = Float64(0)
     var ratio = Float64(0)
-    for variant in range(5):
-        if variant == 3 and (not candidate or v2):
-            continue
-        if (variant == 1 or variant == 2) and v2:
-            continue
-        if variant == 4 and not v2:
+    for variant in range(4):
+        if variant == 3 and not candidate:
             continue
         var iters = 3 if variant == 2 else ITERS
         var t0 = perf_counter_ns()
@@ -414,13 +369,8 @@ def paged_attention[d: Int](
                 _attention_gpu_launch[BF16](
                     op, qp, bp, clp, ltp, rop, rows, batch, hq, q_rs, d, scale, lay, freqs, ctx
                 )
-            elif variant == 3:
-                paged_rope_attention_gpu[BF16, exact_lengths=True](
-                    op, qp, bp, clp, ltp, rop, rows, batch, new, cached + new, hq, q_rs, d, scale, lay,
-                    pages, freqs, ctx,
-                )
             else:
-                paged_rope_attention_gpu[BF16, exact_lengths=False, decode_v2=True](
+                paged_rope_attention_gpu[BF16, exact_lengths=True](
                     op, qp, bp, clp, ltp, rop, rows, batch, new, cached + new, hq, q_rs, d, scale, lay,
                     pages, freqs, ctx,
                 )
@@ -436,18 +386,15 @@ def paged_attention[d: Int](
             name = "split-KV pipelined (replaced)" if decode else String("tiled MB=", MB, " (replaced)")
         elif variant == 2:
             name = "per-row _attention_gpu"
-        elif variant == 3:
-            ratio = ms / first_ms
-            name = "op, exact lengths (EXACT_LENGTHS)"
         else:
             ratio = ms / first_ms
-            name = "op, decode v2 (PAGED_DECODE_V2)"
+            name = "op, exact lengths (EXACT_LENGTHS)"
         var kv_bytes = Float64(2 * batch * (cached + new) * hk * d * 2)
         print(
             "paged decode" if decode else "paged prefill", name,
             "B", batch, "cached", cached, "new", new, "Hq", hq, "Hk", hk, "D", d,
             "ms", ms, "TFLOP/s", flops / ms / 1e9, "GB/s", kv_bytes / ms / 1e6,
-            String("vs op ", ratio) if variant >= 3 else String(""),
+            String("vs op ", ratio) if variant == 3 else String(""),
         )
     return ratio
 
@@ -527,21 +474,15 @@ def main() raises:
     var freqs = RopeFreqs(500000.0, 8.0, 1.0, 4.0, 8192.0)
 
     var exact_lengths = False
-    var decode_v2 = False
     var dense_tiled_decode = False
-    var rms_norm_v2_on = False
     var rms_norm_lean_on = False
     var rope_twin = False
     var dense_wave_decode = False
     for arg in argv():
         if arg == "EXACT_LENGTHS":
             exact_lengths = True
-        elif arg == "PAGED_DECODE_V2":
-            decode_v2 = True
         elif arg == "DENSE_TILED_DECODE":
             dense_tiled_decode = True
-        elif arg == "RMS_NORM_V2":
-            rms_norm_v2_on = True
         elif arg == "RMS_NORM_LEAN":
             rms_norm_lean_on = True
         elif arg == "ROPE_TWIN":
@@ -570,17 +511,6 @@ def main() raises:
     if exact_lengths:
         prefill.extend(decode^)
         verdict("exact lengths", prefill)
-    # The same decode shapes, the op as shipped beside the op with `_decode_v2_gpu`.
-    if decode_v2:
-        var v2 = List[Float64]()
-        v2.append(paged_attention[128](ctx, 8, 16383, 1, 32, 8, freqs, False, True))
-        v2.append(paged_attention[128](ctx, 8, 4095, 1, 32, 8, freqs, False, True))
-        v2.append(paged_attention[64](ctx, 32, 4095, 1, 32, 8, freqs, False, True))
-        v2.append(paged_attention[128](ctx, 8, 1023, 1, 32, 8, freqs, False, True))
-        v2.append(paged_attention[64](ctx, 128, 1023, 1, 32, 8, freqs, False, True))
-        v2.append(paged_attention[64](ctx, 32, 1087, 1, 32, 8, freqs, False, True))
-        v2.append(paged_attention[64](ctx, 128, 1087, 1, 32, 8, freqs, False, True))
-        verdict("paged decode v2", v2)
     # Dense decode (kt.fused_rope_attention): the op's decode shapes below (B 8, 32 q / 8 kv
     # heads, D 128, 4k and 32k keys) and decode_1b's (B 32, D 64, 4k keys).
     if dense_tiled_decode:
@@ -597,15 +527,6 @@ def main() raises:
         wave.append(dense_decode[True](ctx, 8, 32768, 32, 8, 128, freqs))
         wave.append(dense_decode[True](ctx, 32, 4096, 32, 8, 64, freqs))
         verdict("dense wave decode", wave)
-    # RMSNorm (kt.rms_norm): Llama 8B's hidden size 4096 and 70B's 8192 over 4k..32k tokens
-    # (bf16, 64..256 MiB each way).
-    if rms_norm_v2_on:
-        var norm = List[Float64]()
-        # The N 8192 shapes only: v2 leaves rows of N 4096 (128 threads) to the shipped kernels
-        # (V2_MIN_THREADS), where it was 1.04-1.08x their time on the H200.
-        for mn in [(16384, 8192), (8192, 8192), (4096, 8192)]:
-            norm.append(rms_norm_v2(ctx, mn[0], mn[1]))
-        verdict("rms norm v2", norm)
     # The microbench's llama8b (N 4096, 4k..32k rows) and llama70b (N 8192, 2k..16k rows)
     # families, every one of them a shape the lean rule takes.
     if rms_norm_lean_on:

@@ -14,10 +14,6 @@
 # (Hq, Hk, D) it instantiates), and kt.fused_rope_attention's tiled dense decode
 # (DENSE_TILED_DECODE) with `_attention_gpu` on decode batches (bf16 and fp16, D 64 and 128,
 # GQA 1/2/4/8), its wave decode (DENSE_WAVE_DECODE) the same way (GQA 1/2/3/4/8, B 1 to 32),
-# kt.paged_rope_attention's decode v2 (PAGED_DECODE_V2) with `_attention_gpu` on decode batches
-# (bf16 and fp16, D 64 and 128, GQA 1/2/4/8, batches of 1 to 128), kt.rms_norm's candidate row
-# kernel (RMS_NORM_V2) with `_rms_norm_gpu` (every
-# dtype, as the op would launch it and with each threads-per-row and rows per block forced),
 # kt.rms_norm's lean row kernel (RMS_NORM_LEAN) with `_rms_norm_gpu` (every dtype, every N its
 # rule takes in kind, odd M, and the edges it leaves to the shipped kernels),
 # and kt.rope's candidate kernel (ROPE_TWIN) with `_rope_gpu` and the tile kernel (bf16 and
@@ -38,7 +34,6 @@ from kernels.paged_kv import PagedLayout
 from kernels.paged_max_prefill import MAX_PREFILL_PAGE, _max_prefill_supported
 from kernels.paged_rope_attention import (
     EXACT_LENGTHS,
-    PAGED_DECODE_V2,
     PIPELINED_DECODE,
     TILED_DECODE,
     _attention_gpu_launch,
@@ -46,7 +41,6 @@ from kernels.paged_rope_attention import (
 )
 from kernels.paged_rope_store import RowStrides, paged_rope_store_gpu
 from kernels.rms_norm import GPU_BLOCK as NORM_BLOCK, _rms_norm_gpu, _rms_norm_gpu_launch
-from kernels.rms_norm import V2_VECTORS, _rms_norm_v2_enqueue
 from kernels.rope import (
     GPU_BLOCK as ROPE_BLOCK,
     RopeFreqs,
@@ -172,7 +166,7 @@ def paged_all[dtype: DType](ctx: DeviceContext) raises:
     two sequences (3 new tokens after 2 cached, 1 after 5) in pages of 4 of a 5-page cache,
     2 layers, 2 kv heads, 4 q heads, writing and reading layer 1; then a decode step (one
     token per sequence), which takes the split-KV kernel for 16-bit dtypes at D 64 and 128,
-    as in use, tiled (TILED_DECODE) and v2 (PAGED_DECODE_V2).
+    as in use and tiled (TILED_DECODE).
     """
     var freqs = RopeFreqs(500000.0, 8.0, 1.0, 4.0, 8192.0)
     var cache_lengths = _u32_buffer(ctx, [2, 5])
@@ -209,10 +203,6 @@ def paged_all[dtype: DType](ctx: DeviceContext) raises:
             o.unsafe_ptr().as_unsafe_any_origin(), qp, bp, cl, lt, dro, 2, 2, 1, 6, 4, 8 * d, d,
             Float32(0.25), lay, 5, freqs, ctx,
         )
-        paged_rope_attention_gpu[dtype, decode_v2=True](
-            o.unsafe_ptr().as_unsafe_any_origin(), qp, bp, cl, lt, dro, 2, 2, 1, 6, 4, 8 * d, d,
-            Float32(0.25), lay, 5, freqs, ctx,
-        )
         ctx.synchronize()
     _ = check_prefill[dtype](ctx, False)
     _ = check_max_prefill[dtype](ctx, False)
@@ -224,7 +214,6 @@ def paged_case[
     tiled: Bool = TILED_DECODE,
     max_prefill: Bool = False,
     exact: Bool = EXACT_LENGTHS,
-    v2: Bool = PAGED_DECODE_V2,
 ](
     ctx: DeviceContext, d: Int, hq: Int, hk: Int, page: Int, cached: List[Int], new: List[Int],
     check: Bool, known_lengths: Bool = True,
@@ -232,9 +221,8 @@ def paged_case[
     """The GPU branch of kt.paged_rope_attention on a batch (sequence b: new[b] rows after
     cached[b] cached tokens): a prefill batch takes the tiled `_prefill_gpu`, or with
     max_prefill kt's query rotation and MAX's paged flash attention, a decode batch (one new row
-    each) the split-KV decode, `_decode_v2_gpu` with `v2`, else `_tiled_decode_gpu` with
-    `tiled`, else `_split_decode_gpu` with its key loads one step ahead with `pipelined`; with
-    check, compared with `_attention_gpu`
+    each) the split-KV decode, `_tiled_decode_gpu` with `tiled`, else `_split_decode_gpu` with
+    its key loads one step ahead with `pipelined`; with check, compared with `_attention_gpu`
     (one block per row and q head) on the same inputs. A random cache of 2 layers (layer 1
     read), pages handed out in a scrambled order, q a strided view of a QKV row. With
     max_prefill the block table is laid out as MAX Serve's: its columns rounded up to 8 plus
@@ -289,7 +277,7 @@ def paged_case[
     var scale = Float32(1.0) / Float32(d) ** 0.5
     paged_rope_attention_gpu[
         dtype, tiled_prefill=True, pipelined_decode=pipelined, tiled_decode=tiled,
-        max_prefill=max_prefill, exact_lengths=exact, decode_v2=v2,
+        max_prefill=max_prefill, exact_lengths=exact,
     ](
         o_fast.unsafe_ptr().as_unsafe_any_origin(), qkv.unsafe_ptr().as_unsafe_any_origin(),
         args[0], args[1], args[2], args[3], rows, batch, max_prompt, max_cache, hq, qkv_row, d,
@@ -308,8 +296,6 @@ def paged_case[
     var kind = String("paged decode pipelined=", pipelined)
     if rows > batch:
         kind = "paged prefill"
-    elif v2:
-        kind = "paged decode v2"
     elif tiled:
         kind = "tiled decode"
     if max_prefill:
@@ -404,66 +390,6 @@ def check_tiled_decode_all(ctx: DeviceContext) raises:
     if not ok:
         raise Error("tiled decode check failed")
     print("tiled decode check: all PASS")
-
-
-def _decode_batch(n: Int, longest: Int, seed: Int) -> List[Int]:
-    """Cache lengths of a decode batch of n sequences: pseudo-random in 0 .. longest (an LCG),
-    with an empty cache, one token, and the longest first."""
-    var cached = List[Int]()
-    var x = seed
-    for b in range(n):
-        x = (x * 1103515245 + 12345) % 2147483648
-        cached.append(x % (longest + 1))
-    if n > 2:
-        cached[0] = longest
-        cached[1] = 0
-        cached[2] = 1
-    return cached^
-
-
-def check_decode_v2[dtype: DType](ctx: DeviceContext) raises -> Bool:
-    """`_decode_v2_gpu` (PAGED_DECODE_V2) against `_attention_gpu` on decode batches: the
-    tiled decode's batches (GQA 4 at D 128 and 64, pages of 128, 16, 7 and 3, MHA, GQA 8 and
-    2, an empty cache, keys ending on a page boundary, lengths unknown); the serving shape
-    B 128 x up to 1088 keys at D 64 (one split a row: the direct kernel, no combine); B 32
-    and 16 with ragged lengths (several splits a row, each cut by the row's own length) on a
-    table padded as MAX Serve's, the lengths given and not; 16k keys at D 128 beside short
-    caches (many splits, prefetches across pages); D 128 at B 8 on a padded table; B 1 at
-    D 128 over 3001 keys (12 splits) and over 201 keys at D 64 and 128 (one split: direct)."""
-    var ok = True
-    var ones = List[Int]()
-    for _ in range(128):
-        ones.append(1)
-    var ones32 = List[Int]()
-    for _ in range(32):
-        ones32.append(1)
-    var ones16 = List[Int]()
-    for _ in range(16):
-        ones16.append(1)
-    ok = paged_case[dtype, True, True, v2=True](ctx, 128, 32, 8, 128, [1023, 4095, 0, 127], [1, 1, 1, 1], True) and ok
-    ok = paged_case[dtype, True, True, v2=True](ctx, 64, 32, 8, 16, [37, 1, 500], [1, 1, 1], True) and ok
-    ok = paged_case[dtype, True, True, v2=True](ctx, 128, 8, 8, 7, [100, 3], [1, 1], True) and ok
-    ok = paged_case[dtype, True, True, v2=True](ctx, 64, 16, 2, 128, [2000], [1], True) and ok
-    ok = paged_case[dtype, True, True, v2=True](ctx, 64, 32, 8, 16, [37, 1, 500], [1, 1, 1], True, False) and ok
-    ok = paged_case[dtype, True, True, v2=True](ctx, 64, 16, 8, 3, [5, 0, 70, 11], [1, 1, 1, 1], True) and ok
-    ok = paged_case[dtype, True, True, v2=True](ctx, 128, 16, 8, 3, [300, 2], [1, 1], True) and ok
-    ok = paged_case[dtype, True, True, v2=True](ctx, 64, 32, 8, 128, _decode_batch(128, 1087, 7), ones, True) and ok
-    ok = paged_case[dtype, True, True, exact=True, v2=True](ctx, 64, 32, 8, 128, _decode_batch(32, 1087, 9), ones32, True) and ok
-    ok = paged_case[dtype, True, True, exact=True, v2=True](ctx, 64, 32, 8, 128, _decode_batch(16, 4095, 10), ones16, True, False) and ok
-    ok = paged_case[dtype, True, True, v2=True](ctx, 128, 32, 8, 128, [16383, 130, 4096], [1, 1, 1], True) and ok
-    ok = paged_case[dtype, True, True, exact=True, v2=True](ctx, 128, 32, 8, 128, [1023, 700, 1023, 64, 1000, 1, 999, 512], [1, 1, 1, 1, 1, 1, 1, 1], True) and ok
-    ok = paged_case[dtype, True, True, v2=True](ctx, 128, 32, 8, 128, [3000], [1], True) and ok
-    ok = paged_case[dtype, True, True, v2=True](ctx, 64, 32, 8, 16, [200], [1], True) and ok
-    ok = paged_case[dtype, True, True, v2=True](ctx, 128, 32, 8, 16, [200], [1], True) and ok
-    return ok
-
-
-def check_decode_v2_all(ctx: DeviceContext) raises:
-    var ok = check_decode_v2[DType.bfloat16](ctx)
-    ok = check_decode_v2[DType.float16](ctx) and ok
-    if not ok:
-        raise Error("paged decode v2 check failed")
-    print("paged decode v2 check: all PASS")
 
 
 def check_exact_lengths[dtype: DType](ctx: DeviceContext) raises -> Bool:
@@ -626,68 +552,6 @@ def check_norm_and_rope_all(ctx: DeviceContext) raises:
     print("rms_norm / rope check: all PASS")
 
 
-def check_rms_norm_v2_case[dtype: DType, threads: Int = 0](
-    ctx: DeviceContext, m: Int, n: Int, rows_per_block: Int = 1
-) raises -> Bool:
-    """`_rms_norm_rows_v2_gpu` (RMS_NORM_V2) vs the scalar two-pass `_rms_norm_gpu` on one
-    shape: threads 0, through the op's launch with v2 on (its own threads per row and rows
-    per block; the shipped kernels where v2 does not take the row); else enqueued with
-    `threads` per row and `rows_per_block` (a shape the block cannot hold is skipped)."""
-    comptime W = max(1, 16 // size_of[dtype]())
-    comptime if threads > 0:
-        if ceildiv(n, W) > threads * V2_VECTORS or n % W != 0:
-            return True
-    var x = ctx.enqueue_create_buffer[dtype](m * n)
-    var w = ctx.enqueue_create_buffer[dtype](n)
-    var y_v2 = ctx.enqueue_create_buffer[dtype](m * n)
-    var y_ref = ctx.enqueue_create_buffer[dtype](m * n)
-    _fill_random(ctx, x, m * n, 31 + n + m)
-    _fill_random(ctx, w, n, 32 + n)
-    # Garbage in the output: a row or a vector v2 never writes shows.
-    _fill_random(ctx, y_v2, m * n, 33)
-    var eps = Float32(1e-5)
-    comptime if threads == 0:
-        _rms_norm_gpu_launch[dtype, v2=True](
-            ctx, y_v2.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), m, n, eps
-        )
-    else:
-        _rms_norm_v2_enqueue[dtype, threads](
-            ctx, y_v2.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), m, n, eps, rows_per_block
-        )
-    ctx.enqueue_function[_rms_norm_gpu[dtype]](
-        y_ref.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), Int32(n), eps,
-        grid_dim=m, block_dim=NORM_BLOCK,
-    )
-    var res = _compare[dtype](ctx, y_v2, y_ref, m * n)
-    print(
-        "rms_norm v2", dtype, "threads", threads, "rows/block", rows_per_block, "M", m, "N", n,
-        "max|diff|", res[1], "PASS" if res[0] else "FAIL",
-    )
-    return res[0]
-
-
-def check_rms_norm_v2[dtype: DType](ctx: DeviceContext) raises -> Bool:
-    """The op's launch with v2 at odd and small M over N 64..16384 (N 1000: not a multiple of
-    a block's vectors; N 1001: not a multiple of the width, the scalar fallback), then the
-    kernel itself at each threads per row, with rows per block that leave the last block
-    short (rows past M) and a single block that walks every row."""
-    var ok = True
-    for m in [1, 3, 37]:
-        for n in [64, 128, 1000, 4096, 8192, 16384]:
-            ok = check_rms_norm_v2_case[dtype](ctx, m, n) and ok
-    ok = check_rms_norm_v2_case[dtype](ctx, 3, 1001) and ok
-    ok = check_rms_norm_v2_case[dtype](ctx, 300, 2048) and ok
-    for mn in [(37, 64, 3), (37, 128, 8), (37, 1000, 2), (5, 2048, 5)]:
-        ok = check_rms_norm_v2_case[dtype, 64](ctx, mn[0], mn[1], mn[2]) and ok
-    for mn in [(37, 1000, 3), (37, 4096, 3), (9, 2056, 4)]:
-        ok = check_rms_norm_v2_case[dtype, 128](ctx, mn[0], mn[1], mn[2]) and ok
-    for mn in [(37, 8192, 5), (1, 8192, 4), (3, 8192, 8), (37, 4104, 2)]:
-        ok = check_rms_norm_v2_case[dtype, 256](ctx, mn[0], mn[1], mn[2]) and ok
-    for mn in [(37, 16384, 2), (3, 8200, 3)]:
-        ok = check_rms_norm_v2_case[dtype, 512](ctx, mn[0], mn[1], mn[2]) and ok
-    return ok
-
-
 def check_rms_norm_lean_case[dtype: DType](ctx: DeviceContext, m: Int, n: Int) raises -> Bool:
     """kt.rms_norm's GPU launch with RMS_NORM_LEAN on (`_rms_norm_rows_lean_gpu` where its
     rule takes the row, the shipped kernels elsewhere) vs the scalar two-pass `_rms_norm_gpu`
@@ -701,7 +565,7 @@ def check_rms_norm_lean_case[dtype: DType](ctx: DeviceContext, m: Int, n: Int) r
     _fill_random(ctx, w, n, 42 + n)
     _fill_random(ctx, y_lean, m * n, 43)
     var eps = Float32(1e-5)
-    _rms_norm_gpu_launch[dtype, v2=False, lean=True](
+    _rms_norm_gpu_launch[dtype, lean=True](
         ctx, y_lean.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), m, n, eps
     )
     ctx.enqueue_function[_rms_norm_gpu[dtype]](
@@ -744,15 +608,6 @@ def check_rms_norm_lean_all(ctx: DeviceContext) raises:
     if not ok:
         raise Error("rms norm lean check failed")
     print("rms norm lean check: all PASS")
-
-
-def check_rms_norm_v2_all(ctx: DeviceContext) raises:
-    var ok = check_rms_norm_v2[DType.bfloat16](ctx)
-    ok = check_rms_norm_v2[DType.float16](ctx) and ok
-    ok = check_rms_norm_v2[DType.float32](ctx) and ok
-    if not ok:
-        raise Error("rms norm v2 check failed")
-    print("rms norm v2 check: all PASS")
 
 
 def _fill_positions(
@@ -1074,14 +929,6 @@ def main() raises:
                 failed.append(String(e))
             try:
                 check_exact_lengths_all(ctx)
-            except e:
-                failed.append(String(e))
-            try:
-                check_decode_v2_all(ctx)
-            except e:
-                failed.append(String(e))
-            try:
-                check_rms_norm_v2_all(ctx)
             except e:
                 failed.append(String(e))
             try:
