@@ -118,8 +118,6 @@ def _inv_freq_table(dim: int, freqs: tuple[float, ...], device: str) -> torch.Te
     return llama3_inv_freq(dim, *freqs, device=device).contiguous()
 
 
-
-
 def copy_yardstick(*names: str):
     """The yardstick `copy_alone` of a memory-bound op: the inputs `names` copied (torch
     `copy_`) into outputs allocated once per case, so the timed call moves the op's own bytes

@@ -389,46 +389,41 @@ def _max_flash(rope: bool):
     def prepare(device: str, dtype: torch.dtype):
         if device == "cpu":
             raise Unavailable("n/a on cpu: MAX's flash_attention_gpu has no CPU kernel")
-        return _max_flash_bind(device, dtype, rope)
+        models: dict = {}
+
+        def bind(inputs: Tensors, params: Params) -> Bound:
+            from max import driver
+
+            q, k, v = inputs["q"], inputs["k"], inputs["v"]
+            b, sq, hq, d = q.shape
+            skv, hk = k.shape[1], k.shape[2]
+            causal, scale = bool(params["causal"]), softmax_scale(params, d)
+            key = (hq, hk, d, causal, scale)
+            if key not in models:
+                models[key] = _max_attention_graph(dtype, hq, hk, d, causal, scale, rope)
+            model, accel = models[key]
+            keep = [q.contiguous(), k.contiguous(), v.contiguous()]
+            ragged = []  # rope_ragged's row offsets and start positions, after the tensors
+            if rope:
+                angle = torch.arange(skv, device=q.device, dtype=torch.float32)[:, None] * \
+                    triton_inv_freq(d, params, q.device)
+                keep.append(torch.stack((angle.cos(), angle.sin()), dim=-1).reshape(skv, d)
+                            .contiguous())
+
+                def u32(a):
+                    return driver.Buffer.from_numpy(np.asarray(a, dtype=np.uint32)).to(accel)
+
+                ragged = [u32(np.arange(b + 1) * sq), u32(np.full(b, skv - sq)),
+                          u32(np.arange(b + 1) * skv), u32(np.zeros(b))]
+            args = [driver.Buffer.from_dlpack(x) for x in keep] + ragged
+            bound = max_model_bound(model, accel, args, keep, device)
+            if not rope:
+                bound.yardstick = "MAX's flash attention without RoPE"
+            return bound
+
+        return bind
 
     return prepare
-
-
-def _max_flash_bind(device: str, dtype: torch.dtype, rope: bool):
-    models: dict = {}
-
-    def bind(inputs: Tensors, params: Params) -> Bound:
-        from max import driver
-
-        q, k, v = inputs["q"], inputs["k"], inputs["v"]
-        b, sq, hq, d = q.shape
-        skv, hk = k.shape[1], k.shape[2]
-        causal, scale = bool(params["causal"]), softmax_scale(params, d)
-        key = (hq, hk, d, causal, scale)
-        if key not in models:
-            models[key] = _max_attention_graph(dtype, hq, hk, d, causal, scale, rope)
-        model, accel = models[key]
-        if not rope:
-            keep = [q.contiguous(), k.contiguous(), v.contiguous()]
-            bound = max_model_bound(model, accel, [driver.Buffer.from_dlpack(x) for x in keep],
-                                    keep, device)
-            bound.yardstick = "MAX's flash attention without RoPE"
-            return bound
-        angle = torch.arange(skv, device=q.device, dtype=torch.float32)[:, None] * \
-            triton_inv_freq(d, params, q.device)
-        freqs = torch.stack((angle.cos(), angle.sin()), dim=-1).reshape(skv, d).contiguous()
-
-        def u32(a):
-            return driver.Buffer.from_numpy(np.asarray(a, dtype=np.uint32)).to(accel)
-
-        keep = [q.contiguous(), k.contiguous(), v.contiguous(), freqs]
-        args = [driver.Buffer.from_dlpack(x) for x in keep]
-        args += [u32(np.arange(b + 1) * sq), u32(np.full(b, skv - sq)),
-                 u32(np.arange(b + 1) * skv), u32(np.zeros(b))]
-
-        return max_model_bound(model, accel, args, keep, device)
-
-    return bind
 
 
 PROVIDERS = {
@@ -450,8 +445,8 @@ _PREFILL = ("prefill", "prefill_gqa")
 # yardstick's, round by round (goal: fused RoPE + attention no slower than cuDNN SDPA without
 # RoPE; moonshot 5% faster), over torch.compile'd RoPE + cuDNN SDPA (milestone < 1.00) and
 # over stock MAX (and decode at every batch size), each met / missed / within noise by its
-# 95% interval; decode at >= 80% of
-# the GPU's HBM bandwidth; and over FlashInfer on the plain-RoPE families.
+# 95% interval; decode at >= 80% of the GPU's HBM bandwidth; and over FlashInfer on the
+# plain-RoPE families.
 TARGETS = (
     RatioTarget("goal", "cudnn_alone", _PREFILL, levels=((1.0, "goal"), (0.95, "moonshot"))),
     RatioTarget("milestone", "torch_compile", _PREFILL, levels=((1.0, "milestone"),)),
